@@ -1,0 +1,2 @@
+//! The servicekit orchestrator.
+pub mod store;

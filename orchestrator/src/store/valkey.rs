@@ -1,0 +1,1 @@
+//! Valkey store (being written).
