@@ -1,2 +1,27 @@
-//! The servicekit orchestrator.
+//! The servicekit orchestrator: a service registry over HTTP.
+//!
+//! Services register with `POST /services/$register`, keep their entry alive with
+//! `PUT /services/{id}/$ping` inside a TTL, and are discovered with `GET /services`. The
+//! registry lives in a [`store`]: Valkey for deployments with several orchestrators, or this
+//! process's memory as the zero-setup default.
+//!
+//! - [`config`]: flags and environment variables.
+//! - [`server`]: the accept loop, the index sweeper and graceful shutdown.
+//! - [`api`]: routing, validation and JSON answers.
+//! - [`problem`]: RFC 9457 errors.
+//! - [`store`]: the storage contract and its two implementations.
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), servicekit_orchestrator::server::StartError> {
+//! use servicekit_orchestrator::{config::Config, server};
+//! let running = server::start(Config::for_tests()).await?;
+//! println!("listening on {}", running.base_url());
+//! running.shutdown().await;
+//! # Ok(()) }
+//! ```
+
+pub mod api;
+pub mod config;
+pub mod problem;
+pub mod server;
 pub mod store;

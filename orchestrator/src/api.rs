@@ -1,0 +1,484 @@
+//! The HTTP API: routing, request validation and the JSON answers.
+//!
+//! Hand-routed on purpose: six routes do not justify a framework, and owning the routing means
+//! every miss (unknown path, wrong method, bad id) gets a problem+json answer instead of a
+//! framework's default body. Handlers validate everything a client controls before the store
+//! sees it, so a client mistake is a 4xx and never a 500.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{HeaderValue, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, HOST, LOCATION};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Body;
+use serde::Serialize;
+use serde_json::{json, Map};
+use servicekit::protocol::{
+    DeregisterResponse, HealthResponse, ListResponse, PingResponse, RegisterRequest,
+    RegisterResponse, RegistrationStatus, SERVICE_KEY_HEADER,
+};
+use subtle::ConstantTimeEq;
+use ulid::Ulid;
+use url::Url;
+
+use crate::problem::ApiError;
+use crate::store::{ListFilter, Registration, Store};
+
+/// Upper bound for the health check, so `/health` answers even when the store hangs.
+const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The API over one store. Shared by every connection.
+pub struct Api<S> {
+    store: S,
+    public_url: Option<String>,
+    registration_key: Option<Vec<u8>>,
+    max_body_bytes: usize,
+    local_addr: SocketAddr,
+}
+
+/// The routes, as matched from a path.
+enum Route {
+    Health,
+    Services,
+    Register,
+    Service(String),
+    Ping(String),
+}
+
+impl Route {
+    fn parse(path: &str) -> Option<Route> {
+        let rest = match path {
+            "/health" => return Some(Route::Health),
+            "/services" | "/services/" => return Some(Route::Services),
+            p => p.strip_prefix("/services/")?,
+        };
+        let mut parts = rest.split('/');
+        let first = parts.next()?;
+        let second = parts.next();
+        if parts.next().is_some() || first.is_empty() {
+            return None;
+        }
+        match (first, second) {
+            ("$register" | "%24register", None) => Some(Route::Register),
+            (id, None) => Some(Route::Service(id.to_owned())),
+            (id, Some("$ping" | "%24ping")) => Some(Route::Ping(id.to_owned())),
+            _ => None,
+        }
+    }
+
+    fn allow(&self) -> &'static str {
+        match self {
+            Route::Health | Route::Services => "GET, HEAD",
+            Route::Register => "POST",
+            Route::Service(_) => "GET, HEAD, DELETE",
+            Route::Ping(_) => "PUT",
+        }
+    }
+}
+
+impl<S: Store> Api<S> {
+    /// An API over `store`. `local_addr` is the fallback base URL for requests without a Host.
+    pub fn new(
+        store: S,
+        public_url: Option<String>,
+        registration_key: Option<String>,
+        max_body_bytes: usize,
+        local_addr: SocketAddr,
+    ) -> Self {
+        Api {
+            store,
+            public_url,
+            registration_key: registration_key.map(String::into_bytes),
+            max_body_bytes,
+            local_addr,
+        }
+    }
+
+    /// The store behind the API.
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    /// Answers one request. Never fails: every error becomes a problem+json response.
+    pub async fn handle<B>(&self, req: Request<B>) -> Response<Full<Bytes>>
+    where
+        B: Body<Data = Bytes> + Send,
+        B::Error: std::error::Error + Send + Sync + 'static,
+    {
+        let path = req.uri().path().to_owned();
+        let head = req.method() == Method::HEAD;
+        let mut response = match self.route(req).await {
+            Ok(response) => response,
+            Err(e) => e.into_response(&path),
+        };
+        if head {
+            *response.body_mut() = Full::new(Bytes::new());
+        }
+        response
+    }
+
+    async fn route<B>(&self, req: Request<B>) -> Result<Response<Full<Bytes>>, ApiError>
+    where
+        B: Body<Data = Bytes> + Send,
+        B::Error: std::error::Error + Send + Sync + 'static,
+    {
+        let path = req.uri().path();
+        let Some(route) = Route::parse(path) else {
+            return Err(ApiError::NotFound(format!("no route for {path}")));
+        };
+        let method = req.method().clone();
+        let read = method == Method::GET || method == Method::HEAD;
+        match (&route, method) {
+            (Route::Health, _) if read => self.health().await,
+            (Route::Services, _) if read => self.list(req.uri().query()).await,
+            (Route::Service(id), _) if read => self.get(id).await,
+            (Route::Service(id), Method::DELETE) => {
+                self.authorize(&req)?;
+                self.deregister(id).await
+            }
+            (Route::Register, Method::POST) => {
+                self.authorize(&req)?;
+                self.register(req).await
+            }
+            (Route::Ping(id), Method::PUT) => {
+                self.authorize(&req)?;
+                self.ping(id).await
+            }
+            (route, method) => Err(ApiError::MethodNotAllowed {
+                method: method.to_string(),
+                allow: route.allow(),
+            }),
+        }
+    }
+
+    fn authorize<B>(&self, req: &Request<B>) -> Result<(), ApiError> {
+        let Some(expected) = &self.registration_key else {
+            return Ok(());
+        };
+        let headers = req.headers();
+        let bearer = headers
+            .get(AUTHORIZATION)
+            .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "));
+        let presented = headers
+            .get(SERVICE_KEY_HEADER)
+            .map(HeaderValue::as_bytes)
+            .into_iter()
+            .chain(bearer);
+        let mut ok = false;
+        for key in presented {
+            ok |= bool::from(key.ct_eq(expected));
+        }
+        if ok {
+            Ok(())
+        } else {
+            Err(ApiError::Unauthorized)
+        }
+    }
+
+    async fn register<B>(&self, req: Request<B>) -> Result<Response<Full<Bytes>>, ApiError>
+    where
+        B: Body<Data = Bytes> + Send,
+        B::Error: std::error::Error + Send + Sync + 'static,
+    {
+        let base = self.base_url(&req);
+        let body = self.json_body(req).await?;
+        let request: RegisterRequest = serde_json::from_slice(&body)
+            .map_err(|e| ApiError::BadRequest(format!("invalid registration body: {e}")))?;
+        let registration = validate_registration(request)?;
+        let registered = self.store.register(registration).await?;
+        let record = registered.record;
+        let name = &record.info.display_name;
+        let (status, code, message) = if registered.created {
+            tracing::info!(id = %record.id, url = %record.url, name = %name, "service.registered");
+            let message = format!("{name} registered successfully");
+            (RegistrationStatus::Registered, StatusCode::CREATED, message)
+        } else {
+            tracing::info!(id = %record.id, url = %record.url, name = %name, "service.updated");
+            let message = format!("{name} registration updated");
+            (RegistrationStatus::Updated, StatusCode::OK, message)
+        };
+        let location = format!("{base}/services/{}", record.id);
+        let answer = RegisterResponse {
+            id: record.id,
+            status,
+            service_url: record.url,
+            message,
+            ttl_seconds: self.store.ttl().as_secs(),
+            ping_url: format!("{location}/$ping"),
+        };
+        let mut response = json_response(code, &answer)?;
+        if registered.created {
+            let value = HeaderValue::try_from(location)
+                .map_err(|e| ApiError::Internal(format!("location header: {e}")))?;
+            response.headers_mut().insert(LOCATION, value);
+        }
+        Ok(response)
+    }
+
+    async fn ping(&self, id: &str) -> Result<Response<Full<Bytes>>, ApiError> {
+        let id = parse_id(id)?;
+        let pinged = self.store.ping(id).await?.ok_or_else(|| not_found(id))?;
+        tracing::debug!(id = %id, "service.pinged");
+        json_response(
+            StatusCode::OK,
+            &PingResponse {
+                id,
+                status: "alive".into(),
+                last_ping_at: pinged.last_ping_at,
+                expires_at: pinged.expires_at,
+            },
+        )
+    }
+
+    async fn get(&self, id: &str) -> Result<Response<Full<Bytes>>, ApiError> {
+        let id = parse_id(id)?;
+        let record = self.store.get(id).await?.ok_or_else(|| not_found(id))?;
+        json_response(StatusCode::OK, &record)
+    }
+
+    async fn deregister(&self, id: &str) -> Result<Response<Full<Bytes>>, ApiError> {
+        let id = parse_id(id)?;
+        let record = self.store.deregister(id).await?.ok_or_else(|| not_found(id))?;
+        tracing::info!(id = %id, url = %record.url, "service.deregistered");
+        json_response(
+            StatusCode::OK,
+            &DeregisterResponse {
+                status: "deregistered".into(),
+                service: record,
+            },
+        )
+    }
+
+    async fn list(&self, query: Option<&str>) -> Result<Response<Full<Bytes>>, ApiError> {
+        let filter = parse_filter(query.unwrap_or(""))?;
+        let services = self.store.list(&filter).await?;
+        json_response(
+            StatusCode::OK,
+            &ListResponse {
+                count: services.len(),
+                services,
+            },
+        )
+    }
+
+    async fn health(&self) -> Result<Response<Full<Bytes>>, ApiError> {
+        let outcome = tokio::time::timeout(HEALTH_TIMEOUT, self.store.health()).await;
+        let (healthy, check) = match outcome {
+            Ok(Ok(h)) => (
+                true,
+                json!({
+                    "status": "healthy",
+                    "kind": h.kind,
+                    "latency_ms": h.latency.as_secs_f64() * 1000.0,
+                }),
+            ),
+            Ok(Err(e)) => (
+                false,
+                json!({"status": "unhealthy", "kind": self.store.kind(), "error": e.to_string()}),
+            ),
+            Err(_) => (
+                false,
+                json!({"status": "unhealthy", "kind": self.store.kind(),
+                       "error": format!("no answer within {HEALTH_TIMEOUT:?}")}),
+            ),
+        };
+        let mut checks = Map::new();
+        checks.insert("store".into(), check);
+        let body = HealthResponse {
+            status: if healthy { "healthy" } else { "unhealthy" }.into(),
+            checks,
+        };
+        let code = if healthy {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        };
+        let mut response = json_response(code, &body)?;
+        if !healthy {
+            response
+                .headers_mut()
+                .insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        Ok(response)
+    }
+
+    /// Reads a JSON request body within the size limit.
+    async fn json_body<B>(&self, req: Request<B>) -> Result<Bytes, ApiError>
+    where
+        B: Body<Data = Bytes> + Send,
+        B::Error: std::error::Error + Send + Sync + 'static,
+    {
+        let limit = self.max_body_bytes;
+        let headers = req.headers();
+        if let Some(ct) = headers.get(CONTENT_TYPE) {
+            let ct = ct.to_str().unwrap_or("");
+            let essence = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+            if essence != "application/json" && !essence.ends_with("+json") {
+                return Err(ApiError::UnsupportedMediaType(ct.to_owned()));
+            }
+        }
+        let declared = headers
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > limit as u64) {
+            return Err(ApiError::PayloadTooLarge { limit });
+        }
+        match Limited::new(req.into_body(), limit).collect().await {
+            Ok(collected) => Ok(collected.to_bytes()),
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+                Err(ApiError::PayloadTooLarge { limit })
+            }
+            Err(e) => Err(ApiError::BadRequest(format!("could not read request body: {e}"))),
+        }
+    }
+
+    /// Where clients reach this orchestrator: the configured public URL, else the request's
+    /// authority (HTTP/2) or Host header, else the listening address.
+    fn base_url<B>(&self, req: &Request<B>) -> String {
+        if let Some(public) = &self.public_url {
+            return public.clone();
+        }
+        let host = req
+            .uri()
+            .authority()
+            .map(|a| a.as_str().to_owned())
+            .or_else(|| {
+                req.headers()
+                    .get(HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .filter(|h| h.parse::<http::uri::Authority>().is_ok())
+                    .map(str::to_owned)
+            })
+            .unwrap_or_else(|| self.local_addr.to_string());
+        format!("http://{host}")
+    }
+}
+
+fn not_found(id: Ulid) -> ApiError {
+    ApiError::NotFound(format!("Service with ID {id} not found"))
+}
+
+fn parse_id(text: &str) -> Result<Ulid, ApiError> {
+    Ulid::from_string(text)
+        .map_err(|_| ApiError::BadRequest(format!("service id {text:?} is not a ULID")))
+}
+
+fn json_response<T: Serialize>(code: StatusCode, body: &T) -> Result<Response<Full<Bytes>>, ApiError> {
+    let bytes = serde_json::to_vec(body).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let mut response = Response::new(Full::new(Bytes::from(bytes)));
+    *response.status_mut() = code;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    Ok(response)
+}
+
+/// Checks a registration body and brings its URL into canonical form.
+pub fn validate_registration(request: RegisterRequest) -> Result<Registration, ApiError> {
+    let url = canonical_url(&request.url)
+        .map_err(|why| ApiError::BadRequest(format!("invalid url {:?}: {why}", request.url)))?;
+    let mut info = request.info;
+    let name = info.display_name.trim();
+    if name.is_empty() {
+        return Err(ApiError::BadRequest(
+            "info.display_name must be a non-empty string".into(),
+        ));
+    }
+    if name.len() != info.display_name.len() {
+        info.display_name = name.to_owned();
+    }
+    Ok(Registration {
+        url,
+        info,
+        requested_id: request.id.and_then(|id| Ulid::from_string(&id).ok()),
+    })
+}
+
+/// The canonical form of a service URL: parsed, scheme and host lower-cased, default port
+/// dropped, and no trailing slash on an empty path, so `HTTP://SvcA:80/` and `http://svca`
+/// are one registration.
+pub fn canonical_url(text: &str) -> Result<String, &'static str> {
+    let url = Url::parse(text.trim()).map_err(|_| "must be an absolute http or https URL")?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err("scheme must be http or https");
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err("must have a host");
+    }
+    if url.fragment().is_some() {
+        return Err("must not have a fragment");
+    }
+    let mut s = String::from(url);
+    if s.ends_with('/') && !s.contains('?') && s.matches('/').count() == 3 {
+        s.pop();
+    }
+    Ok(s)
+}
+
+/// Parses `GET /services` query parameters.
+fn parse_filter(query: &str) -> Result<ListFilter, ApiError> {
+    let mut filter = ListFilter::default();
+    for (key, value) in url::form_urlencoded::parse(query.as_bytes()) {
+        match key.as_ref() {
+            "display_name" => filter.display_name = Some(value.into_owned()),
+            "url" => {
+                let url = canonical_url(&value).map_err(|why| {
+                    ApiError::BadRequest(format!("invalid url filter {value:?}: {why}"))
+                })?;
+                filter.url = Some(url);
+            }
+            k => match k.strip_prefix("info.") {
+                Some(field) if !field.is_empty() => {
+                    filter.info.push((field.to_owned(), value.into_owned()));
+                }
+                _ => {
+                    return Err(ApiError::BadRequest(format!(
+                        "unknown query parameter {k:?}; use display_name, url or info.FIELD"
+                    )))
+                }
+            },
+        }
+    }
+    Ok(filter)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_canonical() {
+        assert_eq!(canonical_url("http://svca:8000").unwrap(), "http://svca:8000");
+        assert_eq!(canonical_url("HTTP://SvcA:8000/").unwrap(), "http://svca:8000");
+        assert_eq!(canonical_url("http://svca:80/").unwrap(), "http://svca");
+        assert_eq!(canonical_url("http://[::1]:8000").unwrap(), "http://[::1]:8000");
+        assert_eq!(canonical_url("https://a/b/").unwrap(), "https://a/b/");
+        for bad in ["svca:8000", "ftp://a", "http://", "/relative", "", "http://a#x", "mailto:a@b"] {
+            assert!(canonical_url(bad).is_err(), "{bad} accepted");
+        }
+    }
+
+    #[test]
+    fn routes_parse() {
+        assert!(matches!(Route::parse("/services/$register"), Some(Route::Register)));
+        assert!(matches!(Route::parse("/services/%24register"), Some(Route::Register)));
+        assert!(matches!(Route::parse("/services/X/$ping"), Some(Route::Ping(id)) if id == "X"));
+        assert!(matches!(Route::parse("/services/X"), Some(Route::Service(id)) if id == "X"));
+        assert!(Route::parse("/services/X/other").is_none());
+        assert!(Route::parse("/services/X/$ping/y").is_none());
+        assert!(Route::parse("/nope").is_none());
+    }
+
+    #[test]
+    fn filters_parse() {
+        let f = parse_filter("display_name=A%20B&info.team=data&url=http://x:1/").unwrap();
+        assert_eq!(f.display_name.as_deref(), Some("A B"));
+        assert_eq!(f.url.as_deref(), Some("http://x:1"));
+        assert_eq!(f.info, vec![("team".to_owned(), "data".to_owned())]);
+        assert!(parse_filter("colour=red").is_err());
+        assert!(parse_filter("info.=x").is_err());
+    }
+}

@@ -1,0 +1,105 @@
+//! How the orchestrator is configured: flags, each with an environment fallback.
+//!
+//! The same struct is parsed by the binary and built directly by tests, so what `--help`
+//! documents is exactly what the server reads.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use url::Url;
+
+/// The servicekit orchestrator: a service registry with TTL expiry.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "orchestrator", version, about, long_about = None)]
+pub struct Config {
+    /// Address to listen on (HTTP/1.1 and HTTP/2 cleartext).
+    #[arg(long, env = "ORCHESTRATOR_BIND", default_value = "0.0.0.0:9000")]
+    pub bind: SocketAddr,
+
+    /// Valkey URL (redis://host:port, rediss://..., redis-cluster://...). When unset,
+    /// registrations are kept in this process's memory and lost when it exits.
+    #[arg(long, env = "VALKEY_URL")]
+    pub valkey_url: Option<String>,
+
+    /// Prefix of every Valkey key, so several registries can share one Valkey.
+    #[arg(long, env = "ORCHESTRATOR_KEY_PREFIX", default_value = "servicekit:")]
+    pub key_prefix: String,
+
+    /// Seconds a registration lives after its last registration or ping.
+    #[arg(long, env = "ORCHESTRATOR_TTL_SECONDS", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub ttl_seconds: u64,
+
+    /// Base URL under which clients reach this orchestrator (for `ping_url` and `Location`),
+    /// e.g. http://orchestrator:9000. When unset, it is built from each request's Host header,
+    /// which is wrong behind a proxy that rewrites Host: set it there.
+    #[arg(long, env = "ORCHESTRATOR_PUBLIC_URL", value_parser = parse_public_url)]
+    pub public_url: Option<String>,
+
+    /// Key that every write (register, ping, deregister) must present in X-Service-Key or
+    /// Authorization: Bearer. When unset, writes are open.
+    #[arg(long, env = "ORCHESTRATOR_REGISTRATION_KEY", hide_env_values = true)]
+    pub registration_key: Option<String>,
+
+    /// Largest request body accepted, in bytes.
+    #[arg(long, env = "ORCHESTRATOR_MAX_BODY_BYTES", default_value_t = 65_536)]
+    pub max_body_bytes: usize,
+
+    /// Log output: human-readable or one JSON object per line.
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Pretty)]
+    pub log_format: LogFormat,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+impl Config {
+    /// Defaults for an in-process server: loopback on a free port, in-memory store.
+    pub fn for_tests() -> Self {
+        Config {
+            bind: SocketAddr::from(([127, 0, 0, 1], 0)),
+            valkey_url: None,
+            key_prefix: "servicekit:".into(),
+            ttl_seconds: 30,
+            public_url: None,
+            registration_key: None,
+            max_body_bytes: 65_536,
+            log_format: LogFormat::Pretty,
+        }
+    }
+
+    /// The entry time-to-live.
+    pub fn ttl(&self) -> Duration {
+        Duration::from_secs(self.ttl_seconds)
+    }
+}
+
+/// Accepts an absolute http(s) URL and drops a trailing slash, so paths can be appended.
+fn parse_public_url(s: &str) -> Result<String, String> {
+    let url = Url::parse(s).map_err(|e| format!("not an absolute URL: {e}"))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+        return Err("must be an http or https URL with a host".into());
+    }
+    Ok(s.trim_end_matches('/').to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_parse_and_validate() {
+        let c = Config::try_parse_from(["orchestrator", "--ttl-seconds", "5",
+            "--public-url", "http://orch:9000/"]).unwrap();
+        assert_eq!(c.ttl(), Duration::from_secs(5));
+        assert_eq!(c.public_url.as_deref(), Some("http://orch:9000"));
+        assert!(Config::try_parse_from(["orchestrator", "--ttl-seconds", "0"]).is_err());
+        assert!(Config::try_parse_from(["orchestrator", "--public-url", "ftp://x"]).is_err());
+        assert!(Config::try_parse_from(["orchestrator", "--bind", "nope"]).is_err());
+    }
+}

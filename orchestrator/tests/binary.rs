@@ -1,0 +1,188 @@
+//! The `orchestrator` binary as users run it: flags, logs, serving, and SIGTERM.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use serde_json::Value;
+use support::http::Api;
+
+const VARS: [&str; 8] = [
+    "ORCHESTRATOR_BIND",
+    "VALKEY_URL",
+    "ORCHESTRATOR_KEY_PREFIX",
+    "ORCHESTRATOR_TTL_SECONDS",
+    "ORCHESTRATOR_PUBLIC_URL",
+    "ORCHESTRATOR_REGISTRATION_KEY",
+    "ORCHESTRATOR_MAX_BODY_BYTES",
+    "LOG_FORMAT",
+];
+
+fn orchestrator() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_orchestrator"));
+    for var in VARS {
+        cmd.env_remove(var);
+    }
+    cmd.env_remove("RUST_LOG");
+    cmd
+}
+
+/// A child orchestrator whose JSON log lines arrive on a channel; killed on drop.
+struct Proc {
+    child: Child,
+    lines: mpsc::Receiver<Value>,
+}
+
+impl Proc {
+    fn spawn(mut cmd: Command) -> Proc {
+        let mut child = cmd
+            .env("LOG_FORMAT", "json")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("orchestrator binary starts");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let value = serde_json::from_str(&line)
+                    .unwrap_or_else(|e| panic!("log line is not JSON ({e}): {line}"));
+                if tx.send(value).is_err() {
+                    break;
+                }
+            }
+        });
+        Proc { child, lines }
+    }
+
+    /// Waits for the log event `message`, failing after `within`.
+    fn event(&self, message: &str, within: Duration) -> Value {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(v) if v["message"] == message => return v,
+                Ok(_) => continue,
+                Err(_) => panic!("no {message} log event within {within:?}"),
+            }
+        }
+    }
+
+    fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{sig}"), &self.child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success());
+    }
+
+    fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status;
+            }
+            assert!(std::time::Instant::now() < deadline, "did not exit within {within:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test]
+async fn serves_on_the_memory_store_and_exits_cleanly_on_sigterm() {
+    let mut cmd = orchestrator();
+    cmd.args(["--bind", "127.0.0.1:0", "--ttl-seconds", "7"]);
+    let mut proc = Proc::spawn(cmd);
+    let started = proc.event("orchestrator.starting", Duration::from_secs(20));
+    assert_eq!(started["store"], "memory");
+    assert_eq!(started["ttl_seconds"], 7);
+    let bind = started["bind"].as_str().expect("bind logged").to_owned();
+
+    let api = Api::new(format!("http://{bind}"));
+    assert_eq!(api.get("/health").await.status, 200);
+    let reg = api.register("http://svca:8000", "A").await;
+    assert_eq!(reg["ttl_seconds"], 7);
+    let registered = proc.event("service.registered", Duration::from_secs(5));
+    assert_eq!(registered["url"], "http://svca:8000");
+
+    proc.signal("TERM");
+    let status = proc.wait_exit(Duration::from_secs(15));
+    assert!(status.success(), "exit status {status:?}");
+}
+
+#[tokio::test]
+async fn sigint_also_stops_it_cleanly() {
+    let mut cmd = orchestrator();
+    cmd.args(["--bind", "127.0.0.1:0"]);
+    let mut proc = Proc::spawn(cmd);
+    proc.event("orchestrator.starting", Duration::from_secs(20));
+    proc.signal("INT");
+    assert!(proc.wait_exit(Duration::from_secs(15)).success());
+}
+
+#[test]
+fn environment_variables_configure_it() {
+    let mut cmd = orchestrator();
+    cmd.env("ORCHESTRATOR_BIND", "127.0.0.1:0")
+        .env("ORCHESTRATOR_TTL_SECONDS", "11")
+        .env("ORCHESTRATOR_PUBLIC_URL", "http://orch:9000/");
+    let proc = Proc::spawn(cmd);
+    let started = proc.event("orchestrator.starting", Duration::from_secs(20));
+    assert_eq!(started["ttl_seconds"], 11);
+    assert_eq!(started["public_url"], "http://orch:9000");
+    assert!(started["bind"].as_str().unwrap().starts_with("127.0.0.1:"));
+}
+
+#[test]
+fn help_documents_every_flag_and_variable() {
+    let out = orchestrator().arg("--help").output().expect("runs");
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for needle in [
+        "--bind", "ORCHESTRATOR_BIND", "0.0.0.0:9000", "--valkey-url", "VALKEY_URL",
+        "--ttl-seconds", "ORCHESTRATOR_TTL_SECONDS", "--public-url", "ORCHESTRATOR_PUBLIC_URL",
+        "--registration-key", "ORCHESTRATOR_REGISTRATION_KEY", "--max-body-bytes",
+        "ORCHESTRATOR_MAX_BODY_BYTES", "65536", "--log-format", "LOG_FORMAT",
+    ] {
+        assert!(help.contains(needle), "--help lacks {needle}:\n{help}");
+    }
+}
+
+#[test]
+fn bad_configuration_fails_with_a_clear_message() {
+    for (args, needle) in [
+        (vec!["--ttl-seconds", "0"], "--ttl-seconds"),
+        (vec!["--bind", "nowhere"], "--bind"),
+        (vec!["--public-url", "ftp://x"], "--public-url"),
+        (vec!["--log-format", "xml"], "--log-format"),
+    ] {
+        let out = orchestrator().args(&args).output().expect("runs");
+        assert!(!out.status.success(), "{args:?} accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn a_busy_port_is_reported_and_exits_non_zero() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let out = orchestrator()
+        .args(["--bind", &addr])
+        .env("LOG_FORMAT", "json")
+        .output()
+        .expect("runs");
+    assert!(!out.status.success());
+    let log = String::from_utf8_lossy(&out.stdout);
+    assert!(log.contains("orchestrator.failed") && log.contains(&addr), "{log}");
+}

@@ -1,0 +1,543 @@
+//! The HTTP contract, through real sockets, against an in-process orchestrator on the
+//! in-memory store. The same API over Valkey is covered in `valkey_http.rs`.
+
+mod support;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::Method;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::Frame;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde_json::{json, Value};
+use servicekit::protocol::{problem_type as t, ServiceRecord, Timestamp};
+use servicekit_orchestrator::config::Config;
+use servicekit_orchestrator::server::{self, Running};
+use support::http::Api;
+
+async fn start(config: Config) -> (Running, Api) {
+    let running = server::start(config).await.expect("orchestrator starts");
+    let api = Api::new(running.base_url());
+    (running, api)
+}
+
+async fn start_default() -> (Running, Api) {
+    start(Config::for_tests()).await
+}
+
+#[tokio::test]
+async fn register_creates_then_updates_the_same_id() {
+    let (running, api) = start_default().await;
+    let base = api.base().to_owned();
+
+    let r = api
+        .post_json(
+            "/services/$register",
+            &json!({"url": "HTTP://SvcA:8000/", "info": {"display_name": "Service A", "version": "1.0.0", "team": "x"}}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{r:?}");
+    let body: Value = r.json();
+    let id = body["id"].as_str().expect("id").to_owned();
+    assert!(ulid::Ulid::from_string(&id).is_ok());
+    assert_eq!(body["status"], "registered");
+    assert_eq!(body["service_url"], "http://svca:8000");
+    assert_eq!(body["ttl_seconds"], 30);
+    assert_eq!(body["message"], "Service A registered successfully");
+    assert_eq!(body["ping_url"], format!("{base}/services/{id}/$ping"));
+    assert_eq!(r.header("location"), Some(format!("{base}/services/{id}").as_str()));
+    let first: ServiceRecord = api.get(&format!("/services/{id}")).await.json();
+
+    let r = api
+        .post_json(
+            "/services/$register",
+            &json!({"url": "http://svca:8000", "info": {"display_name": "Service A2"}}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let body: Value = r.json();
+    assert_eq!(body["id"], id.as_str());
+    assert_eq!(body["status"], "updated");
+
+    let r = api.get(&format!("/services/{id}")).await;
+    assert_eq!(r.status, 200);
+    let record: ServiceRecord = r.json();
+    assert_eq!(record.info.display_name, "Service A2");
+    assert!(record.info.extra.is_empty(), "info was replaced, not merged");
+    assert_eq!(record.registered_at, first.registered_at);
+    assert!(record.last_updated >= first.last_updated);
+    assert_eq!(
+        record.expires_at.as_millis() - record.last_ping_at.as_millis(),
+        30_000
+    );
+    let list: Value = api.get("/services").await.json();
+    assert_eq!(list["count"], 1, "no duplicate for one URL: {list}");
+    running.shutdown().await;
+}
+
+#[tokio::test]
+async fn record_has_the_reference_shape() {
+    let (running, api) = start_default().await;
+    let id = api.register("http://svca:8000", "A").await["id"].as_str().unwrap().to_owned();
+    let v: Value = api.get(&format!("/services/{id}")).await.json();
+    let mut keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+    keys.sort_unstable();
+    assert_eq!(
+        keys,
+        ["expires_at", "id", "info", "last_ping_at", "last_updated", "registered_at", "url"]
+    );
+    let stamp = v["registered_at"].as_str().unwrap();
+    assert!(stamp.ends_with('Z') && stamp.len() == 24, "RFC 3339 UTC millis: {stamp}");
+    running.shutdown().await;
+}
+
+#[tokio::test]
+async fn presented_ids_are_kept_only_when_they_fit() {
+    let (running, api) = start_default().await;
+    let id = api.register("http://svca:8000", "A").await["id"].as_str().unwrap().to_owned();
+    assert_eq!(api.delete(&format!("/services/{id}")).await.status, 200);
+
+    // The instance comes back after its entry is gone and keeps its identity.
+    let r = api
+        .post_json(
+            "/services/$register",
+            &json!({"id": id, "url": "http://svca:8000", "info": {"display_name": "A"}}),
+        )
+        .await;
+    assert_eq!(r.status, 201);
+    assert_eq!(r.json::<Value>()["id"], id.as_str());
+
+    // The reference client's slug, and another URL's id, are ignored.
+    for presented in [json!("svc-b"), json!(id), json!(42)] {
+        let r = api
+            .post_json(
+                "/services/$register",
+                &json!({"id": presented, "url": "http://svcb:8000", "info": {"display_name": "B"}}),
+            )
+            .await;
+        assert!(r.status.is_success(), "{r:?}");
+        let got = r.json::<Value>()["id"].as_str().unwrap().to_owned();
+        assert_ne!(got, id);
+        assert!(ulid::Ulid::from_string(&got).is_ok());
+    }
+    let list: Value = api.get("/services").await.json();
+    assert_eq!(list["count"], 2);
+    running.shutdown().await;
+}
+
+#[tokio::test]
+async fn ping_extends_and_reports_times() {
+    let (running, api) = start_default().await;
+    let reg = api.register("http://svca:8000", "A").await;
+    let id = reg["id"].as_str().unwrap();
+    let ping_path = reg["ping_url"].as_str().unwrap().replace(api.base(), "");
+    let r = api.put(&ping_path).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let v: Value = r.json();
+    assert_eq!(v["id"], id);
+    assert_eq!(v["status"], "alive");
+    let last: Timestamp = serde_json::from_value(v["last_ping_at"].clone()).unwrap();
+    let expires: Timestamp = serde_json::from_value(v["expires_at"].clone()).unwrap();
+    assert_eq!(expires.as_millis() - last.as_millis(), 30_000);
+    // `$` may arrive percent-encoded.
+    let r = api.put(&format!("/services/{id}/%24ping")).await;
+    assert_eq!(r.status, 200);
+    running.shutdown().await;
+}
+
+#[tokio::test]
+async fn unknown_ids_are_404_problems() {
+    let (running, api) = start_default().await;
+    let missing = ulid::Ulid::new().to_string();
+    for (method, path) in [
+        (Method::GET, format!("/services/{missing}")),
+        (Method::DELETE, format!("/services/{missing}")),
+        (Method::PUT, format!("/services/{missing}/$ping")),
+    ] {
+        let r = api.send(method, &path, &[], None).await;
+        let p = r.assert_problem(404, t::NOT_FOUND);
+        assert_eq!(p["title"], "Resource Not Found");
+        assert_eq!(p["detail"], format!("Service with ID {missing} not found"));
+        assert_eq!(p["instance"], path);
+    }
+    running.shutdown().await;
+}
+
+#[tokio::test]
+async fn malformed_ids_are_400() {
+    let (running, api) = start_default().await;
+    for (method, path) in [
+        (Method::GET, "/services/nope"),
+        (Method::DELETE, "/services/nope"),
+        (Method::PUT, "/services/nope/$ping"),
+    ] {
+        let r = api.send(method, path, &[], None).await;
+        let p = r.assert_problem(400, t::BAD_REQUEST);
+        assert!(p["detail"].as_str().unwrap().contains("ULID"), "{p}");
+    }
+    running.shutdown().await;
+}
+
+#[tokio::test]
+async fn deregister_returns_the_record_and_removes_it() {
+    let (running, api) = start_default().await;
+    let id = api.register("http://svca:8000", "A").await["id"].as_str().unwrap().to_owned();
+    let keep = api.register("http://svcb:8000", "B").await["id"].as_str().unwrap().to_owned();
+    let r = api.delete(&format!("/services/{id}")).await;
+    assert_eq!(r.status, 200);
+    let v: Value = r.json();
+    assert_eq!(v["status"], "deregistered");
+    assert_eq!(v["service"]["id"], id.as_str());
+    assert_eq!(v["service"]["url"], "http://svca:8000");
+    api.get(&format!("/services/{id}")).await.assert_problem(404, t::NOT_FOUND);
+    api.put(&format!("/services/{id}/$ping")).await.assert_problem(404, t::NOT_FOUND);
+    api.delete(&format!("/services/{id}")).await.assert_problem(404, t::NOT_FOUND);
+    let list: Value = api.get("/services").await.json();
+    assert_eq!(list["count"], 1);
+    assert_eq!(list["services"][0]["id"], keep.as_str());
+    running.shutdown().await;
+}
+
+#[tokio::test]
+async fn list_filters() {
+    let (running, api) = start_default().await;
+    let reg = |url: &'static str, info: Value| {
+        let api = api.clone();
+        async move {
+            let r = api
+                .post_json("/services/$register", &json!({"url": url, "info": info}))
+                .await;
+            assert_eq!(r.status, 201, "{r:?}");
+        }
+    };
+    reg("http://a1:8000", json!({"display_name": "A", "team": "data", "priority": 5, "gpu": true, "capabilities": ["ml", "etl"]})).await;
+    reg("http://a2:8000", json!({"display_name": "A", "team": "web", "priority": 1, "gpu": false, "capabilities": ["web"]})).await;
+    reg("http://b1:8000", json!({"display_name": "B B", "team": "data"})).await;
+
+    let urls = |q: &'static str| {
+        let api = api.clone();
+        async move {
+            let r = api.get(&format!("/services{q}")).await;
+            assert_eq!(r.status, 200, "{q}: {r:?}");
+            let v: Value = r.json();
+            let mut urls: Vec<String> = v["services"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|s| s["url"].as_str().unwrap().to_owned())
+                .collect();
+            assert_eq!(v["count"], urls.len());
+            urls.sort();
+            urls
+        }
+    };
+    assert_eq!(urls("").await, ["http://a1:8000", "http://a2:8000", "http://b1:8000"]);
+    assert_eq!(urls("?display_name=A").await, ["http://a1:8000", "http://a2:8000"]);
+    assert_eq!(urls("?display_name=B%20B").await, ["http://b1:8000"]);
+    assert_eq!(urls("?display_name=C").await, Vec::<String>::new());
+    assert_eq!(urls("?url=http://A2:8000/").await, ["http://a2:8000"]);
+    assert_eq!(urls("?info.team=data").await, ["http://a1:8000", "http://b1:8000"]);
+    assert_eq!(urls("?info.priority=5").await, ["http://a1:8000"]);
+    assert_eq!(urls("?info.gpu=false").await, ["http://a2:8000"]);
+    assert_eq!(urls("?info.capabilities=etl").await, ["http://a1:8000"]);
+    assert_eq!(urls("?display_name=A&info.team=data").await, ["http://a1:8000"]);
+    assert_eq!(urls("?display_name=B%20B&info.team=web").await, Vec::<String>::new());
+
+    api.get("/services?colour=red").await.assert_problem(400, t::BAD_REQUEST);
+    api.get("/services?url=notaurl").await.assert_problem(400, t::BAD_REQUEST);
+    running.shutdown().await;
+}
+
+#[tokio::test]
+async fn health_reports_the_store() {
+    let (running, api) = start_default().await;
+    let r = api.get("/health").await;
+    assert_eq!(r.status, 200);
+    let v: Value = r.json();
+    assert_eq!(v["status"], "healthy");
+    assert_eq!(v["checks"]["store"]["status"], "healthy");
+    assert_eq!(v["checks"]["store"]["kind"], "memory");
+    running.shutdown().await;
+}
+
+#[tokio::test]
+async fn invalid_registrations_are_400_and_lose_nothing() {
+    let (running, api) = start_default().await;
+    let id = api.register("http://svca:8000", "A").await["id"].as_str().unwrap().to_owned();
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("malformed JSON", b"{\"url\": ".to_vec(), "invalid registration body"),
+        ("not an object", b"[1,2]".to_vec(), "invalid registration body"),
+        ("missing url", br#"{"info":{"display_name":"A"}}"#.to_vec(), "url"),
+        ("url not a string", br#"{"url":5,"info":{"display_name":"A"}}"#.to_vec(), "invalid type"),
+        ("relative url", br#"{"url":"svca:8000","info":{"display_name":"A"}}"#.to_vec(), "invalid url"),
+        ("ftp url", br#"{"url":"ftp://svca","info":{"display_name":"A"}}"#.to_vec(), "http or https"),
+        ("no host", br#"{"url":"http://","info":{"display_name":"A"}}"#.to_vec(), "invalid url"),
+        ("missing info", br#"{"url":"http://svca:8000"}"#.to_vec(), "info"),
+        ("missing display_name", br#"{"url":"http://svca:8000","info":{}}"#.to_vec(), "display_name"),
+        ("blank display_name", br#"{"url":"http://svca:8000","info":{"display_name":"  "}}"#.to_vec(), "display_name"),
+        ("display_name not a string", br#"{"url":"http://svca:8000","info":{"display_name":3}}"#.to_vec(), "invalid type"),
+    ];
+    for (what, body, needle) in cases {
+        let r = api
+            .send(Method::POST, "/services/$register", &[("content-type", "application/json")], Some(body))
+            .await;
+        let p = r.assert_problem(400, t::BAD_REQUEST);
+        assert!(
+            p["detail"].as_str().unwrap().contains(needle),
+            "{what}: detail should mention {needle:?}: {p}"
+        );
+        assert_eq!(p["instance"], "/services/$register");
+    }
+    // The earlier registration is untouched and the server still answers.
+    let record: ServiceRecord = api.get(&format!("/services/{id}")).await.json();
+    assert_eq!(record.url, "http://svca:8000");
+    assert_eq!(api.get("/health").await.status, 200);
+    running.shutdown().await;
+}
+
+#[tokio::test]
+async fn non_json_bodies_are_415_and_bodiless_pings_need_no_type() {
+    let (running, api) = start_default().await;
+    let body = br#"{"url":"http://svca:8000","info":{"display_name":"A"}}"#.to_vec();
+    for ct in ["text/plain", "application/x-www-form-urlencoded", "application/xml"] {
+        let r = api
+            .send(Method::POST, "/services/$register", &[("content-type", ct)], Some(body.clone()))
+            .await;
+        r.assert_problem(415, t::UNSUPPORTED_MEDIA_TYPE);
+    }
+    let r = api
+        .send(
+            Method::POST,
+            "/services/$register",
+            &[("content-type", "application/json; charset=utf-8")],
+            Some(body),
+        )
+        .await;
+    assert_eq!(r.status, 201);
+    let id = r.json::<Value>()["id"].as_str().unwrap().to_owned();
+    let r = api.send(Method::PUT, &format!("/services/{id}/$ping"), &[], None).await;
+    assert_eq!(r.status, 200);
+    assert!(r.header("content-type").is_some_and(|c| c.starts_with("application/json")));
+    running.shutdown().await;
+}
+
+#[tokio::test]
+async fn bodies_over_the_limit_are_413() {
+    let mut config = Config::for_tests();
+    config.max_body_bytes = 1024;
+    let (running, api) = start(config).await;
+    let big = json!({"url": "http://svca:8000", "info": {"display_name": "A", "pad": "x".repeat(2000)}});
+    let r = api.post_json("/services/$register", &big).await;
+    r.assert_problem(413, t::PAYLOAD_TOO_LARGE);
+
+    // Without a Content-Length (chunked), the limit holds while streaming.
+    let chunks: Vec<Result<Frame<Bytes>, std::io::Error>> = (0..8)
+        .map(|_| Ok(Frame::data(Bytes::from(vec![b' '; 400]))))
+        .collect();
+    let body = StreamBody::new(futures_lite_stream(chunks));
+    let client = Client::builder(TokioExecutor::new()).build_http();
+    let req = http::Request::post(format!("{}/services/$register", api.base()))
+        .header("content-type", "application/json")
+        .body(body)
+        .unwrap();
+    let res = client.request(req).await.expect("sent");
+    assert_eq!(res.status(), 413);
+
+    // Just under the limit is fine.
+    let ok = json!({"url": "http://svca:8000", "info": {"display_name": "A", "pad": "x".repeat(900)}});
+    assert_eq!(api.post_json("/services/$register", &ok).await.status, 201);
+    running.shutdown().await;
+}
+
+/// A stream over a vector, without pulling in a stream crate.
+fn futures_lite_stream<T: Unpin>(items: Vec<T>) -> impl futures_core::Stream<Item = T> + Unpin {
+    struct Iter<T>(std::vec::IntoIter<T>);
+    impl<T: Unpin> futures_core::Stream for Iter<T> {
+        type Item = T;
+        fn poll_next(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<T>> {
+            std::task::Poll::Ready(self.0.next())
+        }
+    }
+    Iter(items.into_iter())
+}
+
+#[tokio::test]
+async fn wrong_methods_are_405_with_allow_and_unknown_routes_404() {
+    let (running, api) = start_default().await;
+    let id = ulid::Ulid::new();
+    let cases = [
+        (Method::GET, "/services/$register".to_owned(), "POST"),
+        (Method::POST, "/services".to_owned(), "GET, HEAD"),
+        (Method::PATCH, format!("/services/{id}"), "GET, HEAD, DELETE"),
+        (Method::GET, format!("/services/{id}/$ping"), "PUT"),
+        (Method::POST, "/health".to_owned(), "GET, HEAD"),
+    ];
+    for (method, path, allow) in cases {
+        let r = api.send(method, &path, &[], None).await;
+        r.assert_problem(405, t::METHOD_NOT_ALLOWED);
+        assert_eq!(r.header("allow"), Some(allow), "{path}");
+    }
+    for path in ["/", "/nope", "/services/a/b/c", "/services/x/$pong"] {
+        api.get(path).await.assert_problem(404, t::NOT_FOUND);
+    }
+    running.shutdown().await;
+}
+
+#[tokio::test]
+async fn registration_key_guards_writes_only() {
+    let mut config = Config::for_tests();
+    config.registration_key = Some("s3cret".into());
+    let (running, api) = start(config).await;
+    let body = serde_json::to_vec(&json!({"url": "http://svca:8000", "info": {"display_name": "A"}})).unwrap();
+    let json_ct = ("content-type", "application/json");
+
+    for headers in [
+        vec![json_ct],
+        vec![json_ct, ("x-service-key", "wrong")],
+        vec![json_ct, ("x-service-key", "s3cre")],
+        vec![json_ct, ("authorization", "Bearer wrong")],
+        vec![json_ct, ("authorization", "Basic s3cret")],
+    ] {
+        let r = api.send(Method::POST, "/services/$register", &headers, Some(body.clone())).await;
+        let p = r.assert_problem(401, t::UNAUTHORIZED);
+        assert!(p["detail"].as_str().unwrap().contains("X-Service-Key"));
+    }
+    let r = api
+        .send(Method::POST, "/services/$register", &[json_ct, ("x-service-key", "s3cret")], Some(body.clone()))
+        .await;
+    assert_eq!(r.status, 201);
+    let id = r.json::<Value>()["id"].as_str().unwrap().to_owned();
+    let r = api
+        .send(Method::POST, "/services/$register", &[json_ct, ("authorization", "Bearer s3cret")], Some(body))
+        .await;
+    assert_eq!(r.status, 200);
+
+    let ping = format!("/services/{id}/$ping");
+    api.put(&ping).await.assert_problem(401, t::UNAUTHORIZED);
+    let r = api.send(Method::PUT, &ping, &[("x-service-key", "s3cret")], None).await;
+    assert_eq!(r.status, 200);
+
+    // Reads stay open.
+    assert_eq!(api.get("/services").await.status, 200);
+    assert_eq!(api.get(&format!("/services/{id}")).await.status, 200);
+    assert_eq!(api.get("/health").await.status, 200);
+
+    let path = format!("/services/{id}");
+    api.delete(&path).await.assert_problem(401, t::UNAUTHORIZED);
+    assert_eq!(api.get(&path).await.status, 200, "a refused delete deletes nothing");
+    let r = api.send(Method::DELETE, &path, &[("authorization", "Bearer s3cret")], None).await;
+    assert_eq!(r.status, 200);
+    running.shutdown().await;
+}
+
+#[tokio::test]
+async fn urls_come_from_public_url_or_host() {
+    let mut config = Config::for_tests();
+    config.public_url = Some("https://registry.example:443/base".into());
+    let (running, api) = start(config).await;
+    let r = api
+        .post_json("/services/$register", &json!({"url": "http://svca:8000", "info": {"display_name": "A"}}))
+        .await;
+    let v: Value = r.json();
+    let id = v["id"].as_str().unwrap();
+    assert_eq!(v["ping_url"], format!("https://registry.example:443/base/services/{id}/$ping"));
+    assert_eq!(
+        r.header("location"),
+        Some(format!("https://registry.example:443/base/services/{id}").as_str())
+    );
+    running.shutdown().await;
+
+    let (running, api) = start_default().await;
+    let body = serde_json::to_vec(&json!({"url": "http://svcb:8000", "info": {"display_name": "B"}})).unwrap();
+    let r = api
+        .send(
+            Method::POST,
+            "/services/$register",
+            &[("content-type", "application/json"), ("host", "orchestrator:9000")],
+            Some(body),
+        )
+        .await;
+    let v: Value = r.json();
+    let id = v["id"].as_str().unwrap();
+    assert_eq!(v["ping_url"], format!("http://orchestrator:9000/services/{id}/$ping"));
+    running.shutdown().await;
+}
+
+#[tokio::test]
+async fn http2_prior_knowledge_works() {
+    let (running, api) = start_default().await;
+    let client = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<Full<Bytes>>();
+    let req = http::Request::get(format!("{}/health", api.base()))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let res = client.request(req).await.expect("h2 request");
+    assert_eq!(res.version(), http::Version::HTTP_2);
+    assert_eq!(res.status(), 200);
+    running.shutdown().await;
+}
+
+#[tokio::test]
+async fn shutdown_finishes_in_flight_requests() {
+    let (running, api) = start_default().await;
+    // A registration whose body arrives in two parts, with the shutdown in between.
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(2);
+    let body = StreamBody::new(tokio_stream_from(rx));
+    let client = Client::builder(TokioExecutor::new()).build_http();
+    let req = http::Request::post(format!("{}/services/$register", api.base()))
+        .header("content-type", "application/json")
+        .body(body)
+        .unwrap();
+    let in_flight = tokio::spawn(async move { client.request(req).await });
+    tx.send(Ok(Frame::data(Bytes::from_static(br#"{"url":"http://svca:8000","#))))
+        .await
+        .unwrap();
+    // Wait until the server holds the request (the first chunk was consumed).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while tx.capacity() < 2 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let stopping = tokio::spawn(running.shutdown());
+    // New connections are refused once shutdown began.
+    let refused_deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        if tokio::net::TcpStream::connect(api.base().trim_start_matches("http://")).await.is_err() {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < refused_deadline, "still accepting after shutdown");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(!stopping.is_finished(), "shutdown must wait for the in-flight request");
+    tx.send(Ok(Frame::data(Bytes::from_static(br#""info":{"display_name":"A"}}"#))))
+        .await
+        .unwrap();
+    drop(tx);
+    let res = in_flight.await.unwrap().expect("in-flight request answered");
+    assert_eq!(res.status(), 201);
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    assert!(serde_json::from_slice::<Value>(&body).unwrap()["id"].is_string());
+    tokio::time::timeout(Duration::from_secs(10), stopping)
+        .await
+        .expect("shutdown completes after the request")
+        .unwrap();
+}
+
+fn tokio_stream_from<T>(rx: tokio::sync::mpsc::Receiver<T>) -> impl futures_core::Stream<Item = T> {
+    struct Rx<T>(tokio::sync::mpsc::Receiver<T>);
+    impl<T> futures_core::Stream for Rx<T> {
+        type Item = T;
+        fn poll_next(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<T>> {
+            self.0.poll_recv(cx)
+        }
+    }
+    Rx(rx)
+}

@@ -1,0 +1,122 @@
+//! A small HTTP client for the tests: real sockets, raw status, headers and body.
+
+#![allow(dead_code)]
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::TokioExecutor;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+/// What came back.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    /// The body as JSON, panicking with the body text when it is not.
+    pub fn json<T: DeserializeOwned>(&self) -> T {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!("body is not the expected JSON ({e}): {}", String::from_utf8_lossy(&self.body))
+        })
+    }
+
+    /// Asserts a problem+json answer with `status` and `type`, and returns the problem.
+    pub fn assert_problem(&self, status: u16, kind: &str) -> Value {
+        assert_eq!(self.status.as_u16(), status, "body: {}", String::from_utf8_lossy(&self.body));
+        assert_eq!(
+            self.headers.get("content-type").and_then(|v| v.to_str().ok()),
+            Some("application/problem+json")
+        );
+        let p: Value = self.json();
+        assert_eq!(p["type"], kind, "problem: {p}");
+        assert_eq!(p["status"], status, "problem: {p}");
+        assert!(p["title"].as_str().is_some_and(|t| !t.is_empty()), "problem: {p}");
+        assert!(p["detail"].as_str().is_some_and(|t| !t.is_empty()), "problem: {p}");
+        p
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+/// A client bound to one base URL.
+#[derive(Clone)]
+pub struct Api {
+    base: String,
+    client: Client<HttpConnector, Full<Bytes>>,
+}
+
+impl Api {
+    pub fn new(base: impl Into<String>) -> Self {
+        Api {
+            base: base.into(),
+            client: Client::builder(TokioExecutor::new()).build_http(),
+        }
+    }
+
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    /// Sends a request with optional body and headers.
+    pub async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<Vec<u8>>,
+    ) -> Reply {
+        let mut req = Request::builder().method(method).uri(format!("{}{}", self.base, path));
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let req = req
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .expect("valid request");
+        let res = self.client.request(req).await.expect("request sent");
+        let (parts, body) = res.into_parts();
+        let body = body.collect().await.expect("body read").to_bytes();
+        Reply {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+        }
+    }
+
+    pub async fn get(&self, path: &str) -> Reply {
+        self.send(Method::GET, path, &[], None).await
+    }
+
+    pub async fn delete(&self, path: &str) -> Reply {
+        self.send(Method::DELETE, path, &[], None).await
+    }
+
+    pub async fn put(&self, path: &str) -> Reply {
+        self.send(Method::PUT, path, &[], None).await
+    }
+
+    pub async fn post_json(&self, path: &str, body: &Value) -> Reply {
+        let bytes = serde_json::to_vec(body).expect("json");
+        self.send(Method::POST, path, &[("content-type", "application/json")], Some(bytes))
+            .await
+    }
+
+    /// Registers `url` as `name` and returns the answer's JSON (any 2xx).
+    pub async fn register(&self, url: &str, name: &str) -> Value {
+        let r = self
+            .post_json(
+                "/services/$register",
+                &serde_json::json!({"url": url, "info": {"display_name": name}}),
+            )
+            .await;
+        assert!(r.status.is_success(), "register failed: {r:?}");
+        r.json()
+    }
+}
