@@ -240,7 +240,11 @@ impl<S: Store> Api<S> {
 
     async fn deregister(&self, id: &str) -> Result<Response<Full<Bytes>>, ApiError> {
         let id = parse_id(id)?;
-        let record = self.store.deregister(id).await?.ok_or_else(|| not_found(id))?;
+        let record = self
+            .store
+            .deregister(id)
+            .await?
+            .ok_or_else(|| not_found(id))?;
         tracing::info!(id = %id, url = %record.url, "service.deregistered");
         json_response(
             StatusCode::OK,
@@ -314,7 +318,12 @@ impl<S: Store> Api<S> {
         let headers = req.headers();
         if let Some(ct) = headers.get(CONTENT_TYPE) {
             let ct = ct.to_str().unwrap_or("");
-            let essence = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+            let essence = ct
+                .split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase();
             if essence != "application/json" && !essence.ends_with("+json") {
                 return Err(ApiError::UnsupportedMediaType(ct.to_owned()));
             }
@@ -331,7 +340,9 @@ impl<S: Store> Api<S> {
             Err(e) if e.is::<http_body_util::LengthLimitError>() => {
                 Err(ApiError::PayloadTooLarge { limit })
             }
-            Err(e) => Err(ApiError::BadRequest(format!("could not read request body: {e}"))),
+            Err(e) => Err(ApiError::BadRequest(format!(
+                "could not read request body: {e}"
+            ))),
         }
     }
 
@@ -366,7 +377,10 @@ fn parse_id(text: &str) -> Result<Ulid, ApiError> {
         .map_err(|_| ApiError::BadRequest(format!("service id {text:?} is not a ULID")))
 }
 
-fn json_response<T: Serialize>(code: StatusCode, body: &T) -> Result<Response<Full<Bytes>>, ApiError> {
+fn json_response<T: Serialize>(
+    code: StatusCode,
+    body: &T,
+) -> Result<Response<Full<Bytes>>, ApiError> {
     let bytes = serde_json::to_vec(body).map_err(|e| ApiError::Internal(e.to_string()))?;
     let mut response = Response::new(Full::new(Bytes::from(bytes)));
     *response.status_mut() = code;
@@ -451,20 +465,43 @@ mod tests {
 
     #[test]
     fn urls_are_canonical() {
-        assert_eq!(canonical_url("http://svca:8000").unwrap(), "http://svca:8000");
-        assert_eq!(canonical_url("HTTP://SvcA:8000/").unwrap(), "http://svca:8000");
+        assert_eq!(
+            canonical_url("http://svca:8000").unwrap(),
+            "http://svca:8000"
+        );
+        assert_eq!(
+            canonical_url("HTTP://SvcA:8000/").unwrap(),
+            "http://svca:8000"
+        );
         assert_eq!(canonical_url("http://svca:80/").unwrap(), "http://svca");
-        assert_eq!(canonical_url("http://[::1]:8000").unwrap(), "http://[::1]:8000");
+        assert_eq!(
+            canonical_url("http://[::1]:8000").unwrap(),
+            "http://[::1]:8000"
+        );
         assert_eq!(canonical_url("https://a/b/").unwrap(), "https://a/b/");
-        for bad in ["svca:8000", "ftp://a", "http://", "/relative", "", "http://a#x", "mailto:a@b"] {
+        for bad in [
+            "svca:8000",
+            "ftp://a",
+            "http://",
+            "/relative",
+            "",
+            "http://a#x",
+            "mailto:a@b",
+        ] {
             assert!(canonical_url(bad).is_err(), "{bad} accepted");
         }
     }
 
     #[test]
     fn routes_parse() {
-        assert!(matches!(Route::parse("/services/$register"), Some(Route::Register)));
-        assert!(matches!(Route::parse("/services/%24register"), Some(Route::Register)));
+        assert!(matches!(
+            Route::parse("/services/$register"),
+            Some(Route::Register)
+        ));
+        assert!(matches!(
+            Route::parse("/services/%24register"),
+            Some(Route::Register)
+        ));
         assert!(matches!(Route::parse("/services/X/$ping"), Some(Route::Ping(id)) if id == "X"));
         assert!(matches!(Route::parse("/services/X"), Some(Route::Service(id)) if id == "X"));
         assert!(Route::parse("/services/X/other").is_none());

@@ -94,8 +94,14 @@ mod tests {
 
     #[test]
     fn flags_parse_and_validate() {
-        let c = Config::try_parse_from(["orchestrator", "--ttl-seconds", "5",
-            "--public-url", "http://orch:9000/"]).unwrap();
+        let c = Config::try_parse_from([
+            "orchestrator",
+            "--ttl-seconds",
+            "5",
+            "--public-url",
+            "http://orch:9000/",
+        ])
+        .unwrap();
         assert_eq!(c.ttl(), Duration::from_secs(5));
         assert_eq!(c.public_url.as_deref(), Some("http://orch:9000"));
         assert!(Config::try_parse_from(["orchestrator", "--ttl-seconds", "0"]).is_err());

@@ -104,12 +104,18 @@ pub async fn start_with_signal(
         Some(url) => {
             let store = ValkeyStore::connect(url, &config.key_prefix, ttl).await?;
             log_start(&config, local_addr, "valkey");
-            ("valkey", spawn_server(&config, local_addr, listener, store, stop))
+            (
+                "valkey",
+                spawn_server(&config, local_addr, listener, store, stop),
+            )
         }
         None => {
             log_start(&config, local_addr, "memory");
             let store = MemoryStore::new(ttl);
-            ("memory", spawn_server(&config, local_addr, listener, store, stop))
+            (
+                "memory",
+                spawn_server(&config, local_addr, listener, store, stop),
+            )
         }
     };
     Ok(Running {
@@ -130,7 +136,9 @@ fn log_start(config: &Config, local_addr: SocketAddr, store: &str) {
         "orchestrator.starting"
     );
     if store == "memory" {
-        tracing::warn!("registrations are kept in memory and lost on exit; set VALKEY_URL to share them");
+        tracing::warn!(
+            "registrations are kept in memory and lost on exit; set VALKEY_URL to share them"
+        );
     }
 }
 

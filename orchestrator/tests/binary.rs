@@ -85,7 +85,10 @@ impl Proc {
             if let Some(status) = self.child.try_wait().expect("wait") {
                 return status;
             }
-            assert!(std::time::Instant::now() < deadline, "did not exit within {within:?}");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "did not exit within {within:?}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -149,10 +152,22 @@ fn help_documents_every_flag_and_variable() {
     assert!(out.status.success());
     let help = String::from_utf8_lossy(&out.stdout);
     for needle in [
-        "--bind", "ORCHESTRATOR_BIND", "0.0.0.0:9000", "--valkey-url", "VALKEY_URL",
-        "--ttl-seconds", "ORCHESTRATOR_TTL_SECONDS", "--public-url", "ORCHESTRATOR_PUBLIC_URL",
-        "--registration-key", "ORCHESTRATOR_REGISTRATION_KEY", "--max-body-bytes",
-        "ORCHESTRATOR_MAX_BODY_BYTES", "65536", "--log-format", "LOG_FORMAT",
+        "--bind",
+        "ORCHESTRATOR_BIND",
+        "0.0.0.0:9000",
+        "--valkey-url",
+        "VALKEY_URL",
+        "--ttl-seconds",
+        "ORCHESTRATOR_TTL_SECONDS",
+        "--public-url",
+        "ORCHESTRATOR_PUBLIC_URL",
+        "--registration-key",
+        "ORCHESTRATOR_REGISTRATION_KEY",
+        "--max-body-bytes",
+        "ORCHESTRATOR_MAX_BODY_BYTES",
+        "65536",
+        "--log-format",
+        "LOG_FORMAT",
     ] {
         assert!(help.contains(needle), "--help lacks {needle}:\n{help}");
     }
@@ -184,5 +199,8 @@ fn a_busy_port_is_reported_and_exits_non_zero() {
         .expect("runs");
     assert!(!out.status.success());
     let log = String::from_utf8_lossy(&out.stdout);
-    assert!(log.contains("orchestrator.failed") && log.contains(&addr), "{log}");
+    assert!(
+        log.contains("orchestrator.failed") && log.contains(&addr),
+        "{log}"
+    );
 }

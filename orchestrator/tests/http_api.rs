@@ -47,7 +47,10 @@ async fn register_creates_then_updates_the_same_id() {
     assert_eq!(body["ttl_seconds"], 30);
     assert_eq!(body["message"], "Service A registered successfully");
     assert_eq!(body["ping_url"], format!("{base}/services/{id}/$ping"));
-    assert_eq!(r.header("location"), Some(format!("{base}/services/{id}").as_str()));
+    assert_eq!(
+        r.header("location"),
+        Some(format!("{base}/services/{id}").as_str())
+    );
     let first: ServiceRecord = api.get(&format!("/services/{id}")).await.json();
 
     let r = api
@@ -65,7 +68,10 @@ async fn register_creates_then_updates_the_same_id() {
     assert_eq!(r.status, 200);
     let record: ServiceRecord = r.json();
     assert_eq!(record.info.display_name, "Service A2");
-    assert!(record.info.extra.is_empty(), "info was replaced, not merged");
+    assert!(
+        record.info.extra.is_empty(),
+        "info was replaced, not merged"
+    );
     assert_eq!(record.registered_at, first.registered_at);
     assert!(record.last_updated >= first.last_updated);
     assert_eq!(
@@ -80,23 +86,40 @@ async fn register_creates_then_updates_the_same_id() {
 #[tokio::test]
 async fn record_has_the_reference_shape() {
     let (running, api) = start_default().await;
-    let id = api.register("http://svca:8000", "A").await["id"].as_str().unwrap().to_owned();
+    let id = api.register("http://svca:8000", "A").await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     let v: Value = api.get(&format!("/services/{id}")).await.json();
     let mut keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
     keys.sort_unstable();
     assert_eq!(
         keys,
-        ["expires_at", "id", "info", "last_ping_at", "last_updated", "registered_at", "url"]
+        [
+            "expires_at",
+            "id",
+            "info",
+            "last_ping_at",
+            "last_updated",
+            "registered_at",
+            "url"
+        ]
     );
     let stamp = v["registered_at"].as_str().unwrap();
-    assert!(stamp.ends_with('Z') && stamp.len() == 24, "RFC 3339 UTC millis: {stamp}");
+    assert!(
+        stamp.ends_with('Z') && stamp.len() == 24,
+        "RFC 3339 UTC millis: {stamp}"
+    );
     running.shutdown().await;
 }
 
 #[tokio::test]
 async fn presented_ids_are_kept_only_when_they_fit() {
     let (running, api) = start_default().await;
-    let id = api.register("http://svca:8000", "A").await["id"].as_str().unwrap().to_owned();
+    let id = api.register("http://svca:8000", "A").await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     assert_eq!(api.delete(&format!("/services/{id}")).await.status, 200);
 
     // The instance comes back after its entry is gone and keeps its identity.
@@ -183,17 +206,29 @@ async fn malformed_ids_are_400() {
 #[tokio::test]
 async fn deregister_returns_the_record_and_removes_it() {
     let (running, api) = start_default().await;
-    let id = api.register("http://svca:8000", "A").await["id"].as_str().unwrap().to_owned();
-    let keep = api.register("http://svcb:8000", "B").await["id"].as_str().unwrap().to_owned();
+    let id = api.register("http://svca:8000", "A").await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let keep = api.register("http://svcb:8000", "B").await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     let r = api.delete(&format!("/services/{id}")).await;
     assert_eq!(r.status, 200);
     let v: Value = r.json();
     assert_eq!(v["status"], "deregistered");
     assert_eq!(v["service"]["id"], id.as_str());
     assert_eq!(v["service"]["url"], "http://svca:8000");
-    api.get(&format!("/services/{id}")).await.assert_problem(404, t::NOT_FOUND);
-    api.put(&format!("/services/{id}/$ping")).await.assert_problem(404, t::NOT_FOUND);
-    api.delete(&format!("/services/{id}")).await.assert_problem(404, t::NOT_FOUND);
+    api.get(&format!("/services/{id}"))
+        .await
+        .assert_problem(404, t::NOT_FOUND);
+    api.put(&format!("/services/{id}/$ping"))
+        .await
+        .assert_problem(404, t::NOT_FOUND);
+    api.delete(&format!("/services/{id}"))
+        .await
+        .assert_problem(404, t::NOT_FOUND);
     let list: Value = api.get("/services").await.json();
     assert_eq!(list["count"], 1);
     assert_eq!(list["services"][0]["id"], keep.as_str());
@@ -214,7 +249,11 @@ async fn list_filters() {
     };
     reg("http://a1:8000", json!({"display_name": "A", "team": "data", "priority": 5, "gpu": true, "capabilities": ["ml", "etl"]})).await;
     reg("http://a2:8000", json!({"display_name": "A", "team": "web", "priority": 1, "gpu": false, "capabilities": ["web"]})).await;
-    reg("http://b1:8000", json!({"display_name": "B B", "team": "data"})).await;
+    reg(
+        "http://b1:8000",
+        json!({"display_name": "B B", "team": "data"}),
+    )
+    .await;
 
     let urls = |q: &'static str| {
         let api = api.clone();
@@ -233,20 +272,39 @@ async fn list_filters() {
             urls
         }
     };
-    assert_eq!(urls("").await, ["http://a1:8000", "http://a2:8000", "http://b1:8000"]);
-    assert_eq!(urls("?display_name=A").await, ["http://a1:8000", "http://a2:8000"]);
+    assert_eq!(
+        urls("").await,
+        ["http://a1:8000", "http://a2:8000", "http://b1:8000"]
+    );
+    assert_eq!(
+        urls("?display_name=A").await,
+        ["http://a1:8000", "http://a2:8000"]
+    );
     assert_eq!(urls("?display_name=B%20B").await, ["http://b1:8000"]);
     assert_eq!(urls("?display_name=C").await, Vec::<String>::new());
     assert_eq!(urls("?url=http://A2:8000/").await, ["http://a2:8000"]);
-    assert_eq!(urls("?info.team=data").await, ["http://a1:8000", "http://b1:8000"]);
+    assert_eq!(
+        urls("?info.team=data").await,
+        ["http://a1:8000", "http://b1:8000"]
+    );
     assert_eq!(urls("?info.priority=5").await, ["http://a1:8000"]);
     assert_eq!(urls("?info.gpu=false").await, ["http://a2:8000"]);
     assert_eq!(urls("?info.capabilities=etl").await, ["http://a1:8000"]);
-    assert_eq!(urls("?display_name=A&info.team=data").await, ["http://a1:8000"]);
-    assert_eq!(urls("?display_name=B%20B&info.team=web").await, Vec::<String>::new());
+    assert_eq!(
+        urls("?display_name=A&info.team=data").await,
+        ["http://a1:8000"]
+    );
+    assert_eq!(
+        urls("?display_name=B%20B&info.team=web").await,
+        Vec::<String>::new()
+    );
 
-    api.get("/services?colour=red").await.assert_problem(400, t::BAD_REQUEST);
-    api.get("/services?url=notaurl").await.assert_problem(400, t::BAD_REQUEST);
+    api.get("/services?colour=red")
+        .await
+        .assert_problem(400, t::BAD_REQUEST);
+    api.get("/services?url=notaurl")
+        .await
+        .assert_problem(400, t::BAD_REQUEST);
     running.shutdown().await;
 }
 
@@ -265,23 +323,75 @@ async fn health_reports_the_store() {
 #[tokio::test]
 async fn invalid_registrations_are_400_and_lose_nothing() {
     let (running, api) = start_default().await;
-    let id = api.register("http://svca:8000", "A").await["id"].as_str().unwrap().to_owned();
+    let id = api.register("http://svca:8000", "A").await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
-        ("malformed JSON", b"{\"url\": ".to_vec(), "invalid registration body"),
-        ("not an object", b"[1,2]".to_vec(), "invalid registration body"),
-        ("missing url", br#"{"info":{"display_name":"A"}}"#.to_vec(), "url"),
-        ("url not a string", br#"{"url":5,"info":{"display_name":"A"}}"#.to_vec(), "invalid type"),
-        ("relative url", br#"{"url":"svca:8000","info":{"display_name":"A"}}"#.to_vec(), "invalid url"),
-        ("ftp url", br#"{"url":"ftp://svca","info":{"display_name":"A"}}"#.to_vec(), "http or https"),
-        ("no host", br#"{"url":"http://","info":{"display_name":"A"}}"#.to_vec(), "invalid url"),
-        ("missing info", br#"{"url":"http://svca:8000"}"#.to_vec(), "info"),
-        ("missing display_name", br#"{"url":"http://svca:8000","info":{}}"#.to_vec(), "display_name"),
-        ("blank display_name", br#"{"url":"http://svca:8000","info":{"display_name":"  "}}"#.to_vec(), "display_name"),
-        ("display_name not a string", br#"{"url":"http://svca:8000","info":{"display_name":3}}"#.to_vec(), "invalid type"),
+        (
+            "malformed JSON",
+            b"{\"url\": ".to_vec(),
+            "invalid registration body",
+        ),
+        (
+            "not an object",
+            b"[1,2]".to_vec(),
+            "invalid registration body",
+        ),
+        (
+            "missing url",
+            br#"{"info":{"display_name":"A"}}"#.to_vec(),
+            "url",
+        ),
+        (
+            "url not a string",
+            br#"{"url":5,"info":{"display_name":"A"}}"#.to_vec(),
+            "invalid type",
+        ),
+        (
+            "relative url",
+            br#"{"url":"svca:8000","info":{"display_name":"A"}}"#.to_vec(),
+            "invalid url",
+        ),
+        (
+            "ftp url",
+            br#"{"url":"ftp://svca","info":{"display_name":"A"}}"#.to_vec(),
+            "http or https",
+        ),
+        (
+            "no host",
+            br#"{"url":"http://","info":{"display_name":"A"}}"#.to_vec(),
+            "invalid url",
+        ),
+        (
+            "missing info",
+            br#"{"url":"http://svca:8000"}"#.to_vec(),
+            "info",
+        ),
+        (
+            "missing display_name",
+            br#"{"url":"http://svca:8000","info":{}}"#.to_vec(),
+            "display_name",
+        ),
+        (
+            "blank display_name",
+            br#"{"url":"http://svca:8000","info":{"display_name":"  "}}"#.to_vec(),
+            "display_name",
+        ),
+        (
+            "display_name not a string",
+            br#"{"url":"http://svca:8000","info":{"display_name":3}}"#.to_vec(),
+            "invalid type",
+        ),
     ];
     for (what, body, needle) in cases {
         let r = api
-            .send(Method::POST, "/services/$register", &[("content-type", "application/json")], Some(body))
+            .send(
+                Method::POST,
+                "/services/$register",
+                &[("content-type", "application/json")],
+                Some(body),
+            )
             .await;
         let p = r.assert_problem(400, t::BAD_REQUEST);
         assert!(
@@ -301,9 +411,18 @@ async fn invalid_registrations_are_400_and_lose_nothing() {
 async fn non_json_bodies_are_415_and_bodiless_pings_need_no_type() {
     let (running, api) = start_default().await;
     let body = br#"{"url":"http://svca:8000","info":{"display_name":"A"}}"#.to_vec();
-    for ct in ["text/plain", "application/x-www-form-urlencoded", "application/xml"] {
+    for ct in [
+        "text/plain",
+        "application/x-www-form-urlencoded",
+        "application/xml",
+    ] {
         let r = api
-            .send(Method::POST, "/services/$register", &[("content-type", ct)], Some(body.clone()))
+            .send(
+                Method::POST,
+                "/services/$register",
+                &[("content-type", ct)],
+                Some(body.clone()),
+            )
             .await;
         r.assert_problem(415, t::UNSUPPORTED_MEDIA_TYPE);
     }
@@ -317,9 +436,13 @@ async fn non_json_bodies_are_415_and_bodiless_pings_need_no_type() {
         .await;
     assert_eq!(r.status, 201);
     let id = r.json::<Value>()["id"].as_str().unwrap().to_owned();
-    let r = api.send(Method::PUT, &format!("/services/{id}/$ping"), &[], None).await;
+    let r = api
+        .send(Method::PUT, &format!("/services/{id}/$ping"), &[], None)
+        .await;
     assert_eq!(r.status, 200);
-    assert!(r.header("content-type").is_some_and(|c| c.starts_with("application/json")));
+    assert!(r
+        .header("content-type")
+        .is_some_and(|c| c.starts_with("application/json")));
     running.shutdown().await;
 }
 
@@ -328,7 +451,8 @@ async fn bodies_over_the_limit_are_413() {
     let mut config = Config::for_tests();
     config.max_body_bytes = 1024;
     let (running, api) = start(config).await;
-    let big = json!({"url": "http://svca:8000", "info": {"display_name": "A", "pad": "x".repeat(2000)}});
+    let big =
+        json!({"url": "http://svca:8000", "info": {"display_name": "A", "pad": "x".repeat(2000)}});
     let r = api.post_json("/services/$register", &big).await;
     r.assert_problem(413, t::PAYLOAD_TOO_LARGE);
 
@@ -346,7 +470,8 @@ async fn bodies_over_the_limit_are_413() {
     assert_eq!(res.status(), 413);
 
     // Just under the limit is fine.
-    let ok = json!({"url": "http://svca:8000", "info": {"display_name": "A", "pad": "x".repeat(900)}});
+    let ok =
+        json!({"url": "http://svca:8000", "info": {"display_name": "A", "pad": "x".repeat(900)}});
     assert_eq!(api.post_json("/services/$register", &ok).await.status, 201);
     running.shutdown().await;
 }
@@ -373,7 +498,11 @@ async fn wrong_methods_are_405_with_allow_and_unknown_routes_404() {
     let cases = [
         (Method::GET, "/services/$register".to_owned(), "POST"),
         (Method::POST, "/services".to_owned(), "GET, HEAD"),
-        (Method::PATCH, format!("/services/{id}"), "GET, HEAD, DELETE"),
+        (
+            Method::PATCH,
+            format!("/services/{id}"),
+            "GET, HEAD, DELETE",
+        ),
         (Method::GET, format!("/services/{id}/$ping"), "PUT"),
         (Method::POST, "/health".to_owned(), "GET, HEAD"),
     ];
@@ -393,7 +522,9 @@ async fn registration_key_guards_writes_only() {
     let mut config = Config::for_tests();
     config.registration_key = Some("s3cret".into());
     let (running, api) = start(config).await;
-    let body = serde_json::to_vec(&json!({"url": "http://svca:8000", "info": {"display_name": "A"}})).unwrap();
+    let body =
+        serde_json::to_vec(&json!({"url": "http://svca:8000", "info": {"display_name": "A"}}))
+            .unwrap();
     let json_ct = ("content-type", "application/json");
 
     for headers in [
@@ -403,23 +534,42 @@ async fn registration_key_guards_writes_only() {
         vec![json_ct, ("authorization", "Bearer wrong")],
         vec![json_ct, ("authorization", "Basic s3cret")],
     ] {
-        let r = api.send(Method::POST, "/services/$register", &headers, Some(body.clone())).await;
+        let r = api
+            .send(
+                Method::POST,
+                "/services/$register",
+                &headers,
+                Some(body.clone()),
+            )
+            .await;
         let p = r.assert_problem(401, t::UNAUTHORIZED);
         assert!(p["detail"].as_str().unwrap().contains("X-Service-Key"));
     }
     let r = api
-        .send(Method::POST, "/services/$register", &[json_ct, ("x-service-key", "s3cret")], Some(body.clone()))
+        .send(
+            Method::POST,
+            "/services/$register",
+            &[json_ct, ("x-service-key", "s3cret")],
+            Some(body.clone()),
+        )
         .await;
     assert_eq!(r.status, 201);
     let id = r.json::<Value>()["id"].as_str().unwrap().to_owned();
     let r = api
-        .send(Method::POST, "/services/$register", &[json_ct, ("authorization", "Bearer s3cret")], Some(body))
+        .send(
+            Method::POST,
+            "/services/$register",
+            &[json_ct, ("authorization", "Bearer s3cret")],
+            Some(body),
+        )
         .await;
     assert_eq!(r.status, 200);
 
     let ping = format!("/services/{id}/$ping");
     api.put(&ping).await.assert_problem(401, t::UNAUTHORIZED);
-    let r = api.send(Method::PUT, &ping, &[("x-service-key", "s3cret")], None).await;
+    let r = api
+        .send(Method::PUT, &ping, &[("x-service-key", "s3cret")], None)
+        .await;
     assert_eq!(r.status, 200);
 
     // Reads stay open.
@@ -429,8 +579,19 @@ async fn registration_key_guards_writes_only() {
 
     let path = format!("/services/{id}");
     api.delete(&path).await.assert_problem(401, t::UNAUTHORIZED);
-    assert_eq!(api.get(&path).await.status, 200, "a refused delete deletes nothing");
-    let r = api.send(Method::DELETE, &path, &[("authorization", "Bearer s3cret")], None).await;
+    assert_eq!(
+        api.get(&path).await.status,
+        200,
+        "a refused delete deletes nothing"
+    );
+    let r = api
+        .send(
+            Method::DELETE,
+            &path,
+            &[("authorization", "Bearer s3cret")],
+            None,
+        )
+        .await;
     assert_eq!(r.status, 200);
     running.shutdown().await;
 }
@@ -441,11 +602,17 @@ async fn urls_come_from_public_url_or_host() {
     config.public_url = Some("https://registry.example:443/base".into());
     let (running, api) = start(config).await;
     let r = api
-        .post_json("/services/$register", &json!({"url": "http://svca:8000", "info": {"display_name": "A"}}))
+        .post_json(
+            "/services/$register",
+            &json!({"url": "http://svca:8000", "info": {"display_name": "A"}}),
+        )
         .await;
     let v: Value = r.json();
     let id = v["id"].as_str().unwrap();
-    assert_eq!(v["ping_url"], format!("https://registry.example:443/base/services/{id}/$ping"));
+    assert_eq!(
+        v["ping_url"],
+        format!("https://registry.example:443/base/services/{id}/$ping")
+    );
     assert_eq!(
         r.header("location"),
         Some(format!("https://registry.example:443/base/services/{id}").as_str())
@@ -453,18 +620,26 @@ async fn urls_come_from_public_url_or_host() {
     running.shutdown().await;
 
     let (running, api) = start_default().await;
-    let body = serde_json::to_vec(&json!({"url": "http://svcb:8000", "info": {"display_name": "B"}})).unwrap();
+    let body =
+        serde_json::to_vec(&json!({"url": "http://svcb:8000", "info": {"display_name": "B"}}))
+            .unwrap();
     let r = api
         .send(
             Method::POST,
             "/services/$register",
-            &[("content-type", "application/json"), ("host", "orchestrator:9000")],
+            &[
+                ("content-type", "application/json"),
+                ("host", "orchestrator:9000"),
+            ],
             Some(body),
         )
         .await;
     let v: Value = r.json();
     let id = v["id"].as_str().unwrap();
-    assert_eq!(v["ping_url"], format!("http://orchestrator:9000/services/{id}/$ping"));
+    assert_eq!(
+        v["ping_url"],
+        format!("http://orchestrator:9000/services/{id}/$ping")
+    );
     running.shutdown().await;
 }
 
@@ -495,9 +670,11 @@ async fn shutdown_finishes_in_flight_requests() {
         .body(body)
         .unwrap();
     let in_flight = tokio::spawn(async move { client.request(req).await });
-    tx.send(Ok(Frame::data(Bytes::from_static(br#"{"url":"http://svca:8000","#))))
-        .await
-        .unwrap();
+    tx.send(Ok(Frame::data(Bytes::from_static(
+        br#"{"url":"http://svca:8000","#,
+    ))))
+    .await
+    .unwrap();
     // Wait until the server holds the request (the first chunk was consumed).
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     while tx.capacity() < 2 && tokio::time::Instant::now() < deadline {
@@ -507,18 +684,32 @@ async fn shutdown_finishes_in_flight_requests() {
     // New connections are refused once shutdown began.
     let refused_deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     loop {
-        if tokio::net::TcpStream::connect(api.base().trim_start_matches("http://")).await.is_err() {
+        if tokio::net::TcpStream::connect(api.base().trim_start_matches("http://"))
+            .await
+            .is_err()
+        {
             break;
         }
-        assert!(tokio::time::Instant::now() < refused_deadline, "still accepting after shutdown");
+        assert!(
+            tokio::time::Instant::now() < refused_deadline,
+            "still accepting after shutdown"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert!(!stopping.is_finished(), "shutdown must wait for the in-flight request");
-    tx.send(Ok(Frame::data(Bytes::from_static(br#""info":{"display_name":"A"}}"#))))
-        .await
-        .unwrap();
+    assert!(
+        !stopping.is_finished(),
+        "shutdown must wait for the in-flight request"
+    );
+    tx.send(Ok(Frame::data(Bytes::from_static(
+        br#""info":{"display_name":"A"}}"#,
+    ))))
+    .await
+    .unwrap();
     drop(tx);
-    let res = in_flight.await.unwrap().expect("in-flight request answered");
+    let res = in_flight
+        .await
+        .unwrap()
+        .expect("in-flight request answered");
     assert_eq!(res.status(), 201);
     let body = res.into_body().collect().await.unwrap().to_bytes();
     assert!(serde_json::from_slice::<Value>(&body).unwrap()["id"].is_string());

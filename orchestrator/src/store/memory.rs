@@ -50,7 +50,9 @@ impl MemoryStore {
     /// Total entries held in the indexes, live or not yet swept; for tests of index cleanup.
     pub fn index_len(&self) -> usize {
         let inner = self.lock();
-        inner.entries.len() + inner.by_url.len() + inner.by_name.values().map(BTreeSet::len).sum::<usize>()
+        inner.entries.len()
+            + inner.by_url.len()
+            + inner.by_name.values().map(BTreeSet::len).sum::<usize>()
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -103,14 +105,16 @@ impl Store for MemoryStore {
     async fn register(&self, reg: Registration) -> Result<Registered, StoreError> {
         let now = Instant::now();
         let stamp = Timestamp::now();
-        let expires_at = stamp.add(self.ttl);
+        let expires_at = stamp.saturating_add(self.ttl);
         let mut inner = self.lock();
 
         let existing = inner.by_url.get(&reg.url).copied();
         let existing = existing.filter(|id| inner.live(*id, now).is_some());
         if let Some(id) = existing {
             let Some(entry) = inner.entries.get_mut(&id) else {
-                return Err(StoreError::Corrupt(format!("url index points to missing {id}")));
+                return Err(StoreError::Corrupt(format!(
+                    "url index points to missing {id}"
+                )));
             };
             let old_name = std::mem::replace(&mut entry.record.info, reg.info).display_name;
             entry.record.last_updated = stamp;
@@ -172,7 +176,7 @@ impl Store for MemoryStore {
         Ok(inner.live(id, now).map(|entry| {
             entry.deadline = now + ttl;
             entry.record.last_ping_at = stamp;
-            entry.record.expires_at = stamp.add(ttl);
+            entry.record.expires_at = stamp.saturating_add(ttl);
             Pinged {
                 id,
                 last_ping_at: stamp,

@@ -217,7 +217,11 @@ mod tests {
 
     #[test]
     fn minted_ids_carry_the_url_tag() {
-        for url in ["http://svca:8000", "http://svcb:8000", "https://x.example/a"] {
+        for url in [
+            "http://svca:8000",
+            "http://svcb:8000",
+            "https://x.example/a",
+        ] {
             let id = mint_id(url);
             assert!(id_fits_url(id, url));
             assert_eq!(id_tag(id), url_tag(url));

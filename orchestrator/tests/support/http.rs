@@ -22,22 +22,38 @@ impl Reply {
     /// The body as JSON, panicking with the body text when it is not.
     pub fn json<T: DeserializeOwned>(&self) -> T {
         serde_json::from_slice(&self.body).unwrap_or_else(|e| {
-            panic!("body is not the expected JSON ({e}): {}", String::from_utf8_lossy(&self.body))
+            panic!(
+                "body is not the expected JSON ({e}): {}",
+                String::from_utf8_lossy(&self.body)
+            )
         })
     }
 
     /// Asserts a problem+json answer with `status` and `type`, and returns the problem.
     pub fn assert_problem(&self, status: u16, kind: &str) -> Value {
-        assert_eq!(self.status.as_u16(), status, "body: {}", String::from_utf8_lossy(&self.body));
         assert_eq!(
-            self.headers.get("content-type").and_then(|v| v.to_str().ok()),
+            self.status.as_u16(),
+            status,
+            "body: {}",
+            String::from_utf8_lossy(&self.body)
+        );
+        assert_eq!(
+            self.headers
+                .get("content-type")
+                .and_then(|v| v.to_str().ok()),
             Some("application/problem+json")
         );
         let p: Value = self.json();
         assert_eq!(p["type"], kind, "problem: {p}");
         assert_eq!(p["status"], status, "problem: {p}");
-        assert!(p["title"].as_str().is_some_and(|t| !t.is_empty()), "problem: {p}");
-        assert!(p["detail"].as_str().is_some_and(|t| !t.is_empty()), "problem: {p}");
+        assert!(
+            p["title"].as_str().is_some_and(|t| !t.is_empty()),
+            "problem: {p}"
+        );
+        assert!(
+            p["detail"].as_str().is_some_and(|t| !t.is_empty()),
+            "problem: {p}"
+        );
         p
     }
 
@@ -73,7 +89,9 @@ impl Api {
         headers: &[(&str, &str)],
         body: Option<Vec<u8>>,
     ) -> Reply {
-        let mut req = Request::builder().method(method).uri(format!("{}{}", self.base, path));
+        let mut req = Request::builder()
+            .method(method)
+            .uri(format!("{}{}", self.base, path));
         for (k, v) in headers {
             req = req.header(*k, *v);
         }
@@ -104,8 +122,13 @@ impl Api {
 
     pub async fn post_json(&self, path: &str, body: &Value) -> Reply {
         let bytes = serde_json::to_vec(body).expect("json");
-        self.send(Method::POST, path, &[("content-type", "application/json")], Some(bytes))
-            .await
+        self.send(
+            Method::POST,
+            path,
+            &[("content-type", "application/json")],
+            Some(bytes),
+        )
+        .await
     }
 
     /// Registers `url` as `name` and returns the answer's JSON (any 2xx).

@@ -1,0 +1,1260 @@
+//! The storage contract, run against every `Store` implementation.
+//!
+//! Each test body is written once, generic over a [`Harness`], and instantiated by
+//! `contract_tests!` as `memory::<name>` (on `MemoryStore`) and `valkey::<name>` (on
+//! `ValkeyStore` against a real `valkey-server` child process; see `support/valkey.rs`). A few
+//! Valkey-only tests at the end check the documented key layout and connection behaviour.
+
+mod support;
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use fred::interfaces::{HashesInterface, KeysInterface, SetsInterface, SortedSetsInterface};
+use serde_json::json;
+use servicekit::protocol::{ServiceInfo, ServiceRecord, Timestamp};
+use servicekit_orchestrator::store::{
+    id_fits_url, mint_id, url_tag, ListFilter, MemoryStore, Registration, Store, StoreError,
+    ValkeyStore,
+};
+use support::valkey::ValkeyServer;
+use ulid::Ulid;
+
+/// TTL of tests that never wait for expiry.
+const LONG_TTL: Duration = Duration::from_secs(60);
+/// TTL of tests that wait for expiry.
+const SHORT_TTL: Duration = Duration::from_millis(700);
+/// Slack for comparing store timestamps with this process's clock.
+const CLOCK_SLACK_MS: u64 = 1_000;
+
+// ---------------------------------------------------------------------------------------------
+// Harnesses
+
+/// One store under test plus whatever it needs to run.
+trait Harness: Sized + Send + Sync + 'static {
+    type S: Store + Clone;
+    /// What `Store::kind` and `StoreHealth::kind` must say.
+    const KIND: &'static str;
+    /// Index entries that one live registration occupies (see `index_len`).
+    const PER_ENTRY: usize;
+
+    async fn open(ttl: Duration) -> Self;
+    fn store(&self) -> &Self::S;
+    /// Entries held in the store's indexes, live or dead.
+    async fn index_len(&self) -> usize;
+}
+
+struct Memory {
+    store: MemoryStore,
+}
+
+impl Harness for Memory {
+    type S = MemoryStore;
+    const KIND: &'static str = "memory";
+    /// The entry itself, its URL index entry and its name index entry.
+    const PER_ENTRY: usize = 3;
+
+    async fn open(ttl: Duration) -> Self {
+        Memory {
+            store: MemoryStore::new(ttl),
+        }
+    }
+
+    fn store(&self) -> &MemoryStore {
+        &self.store
+    }
+
+    async fn index_len(&self) -> usize {
+        self.store.index_len()
+    }
+}
+
+struct Valkey {
+    store: ValkeyStore,
+    prefix: String,
+    // Dropped last: kills the server.
+    _server: ValkeyServer,
+}
+
+impl Valkey {
+    fn all_idx(&self) -> String {
+        format!("{}{{all}}:idx", self.prefix)
+    }
+    fn names(&self) -> String {
+        format!("{}{{all}}:names", self.prefix)
+    }
+    fn name_idx(&self, name: &str) -> String {
+        format!("{}{{n:{name}}}:idx", self.prefix)
+    }
+    fn tag(id: Ulid) -> String {
+        id.to_string()[23..].to_owned()
+    }
+    fn svc_key(&self, id: Ulid) -> String {
+        format!("{}{{{}}}:svc:{id}", self.prefix, Self::tag(id))
+    }
+    fn url_key(&self, id: Ulid, url: &str) -> String {
+        format!("{}{{{}}}:url:{url}", self.prefix, Self::tag(id))
+    }
+    async fn zcard(&self, key: &str) -> usize {
+        self.store.client().zcard(key).await.expect("ZCARD")
+    }
+}
+
+impl Harness for Valkey {
+    type S = ValkeyStore;
+    const KIND: &'static str = "valkey";
+    /// Its member in `{all}:idx` and in its name index.
+    const PER_ENTRY: usize = 2;
+
+    async fn open(ttl: Duration) -> Self {
+        let server = tokio::task::spawn_blocking(ValkeyServer::new)
+            .await
+            .expect("start valkey-server");
+        let prefix = format!("test:{}:", Ulid::new());
+        let store = ValkeyStore::connect(&server.url(), &prefix, ttl)
+            .await
+            .expect("connect to valkey-server");
+        Valkey {
+            store,
+            prefix,
+            _server: server,
+        }
+    }
+
+    fn store(&self) -> &ValkeyStore {
+        &self.store
+    }
+
+    async fn index_len(&self) -> usize {
+        let names: Vec<String> = self
+            .store
+            .client()
+            .smembers(self.names())
+            .await
+            .expect("SMEMBERS");
+        let mut n = self.zcard(&self.all_idx()).await;
+        for name in names {
+            n += self.zcard(&self.name_idx(&name)).await;
+        }
+        n
+    }
+}
+
+macro_rules! contract_tests {
+    ($($name:ident),* $(,)?) => {
+        mod memory {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name::<super::Memory>().await
+                }
+            )*
+        }
+        mod valkey {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name::<super::Valkey>().await
+                }
+            )*
+        }
+    };
+}
+
+contract_tests!(
+    kind_ttl_and_health,
+    register_creates,
+    register_is_idempotent,
+    reregister_restarts_the_ttl,
+    requested_id_is_kept_after_expiry,
+    requested_id_of_another_url_gets_a_fresh_id,
+    requested_id_not_fitting_the_url_gets_a_fresh_id,
+    unknown_ids_are_none,
+    deregister_returns_the_record_and_hides_it,
+    ping_extends_life,
+    ping_of_expired_is_none_and_stays_gone,
+    ping_and_deregister_race_leaves_nothing,
+    expired_entries_are_never_listed,
+    list_filters,
+    display_name_change_moves_between_indexes,
+    sweep_drops_dead_index_entries,
+);
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+
+fn info(value: serde_json::Value) -> ServiceInfo {
+    serde_json::from_value(value).expect("valid ServiceInfo")
+}
+
+fn reg(url: &str, name: &str) -> Registration {
+    Registration {
+        url: url.to_owned(),
+        info: ServiceInfo::new(name),
+        requested_id: None,
+    }
+}
+
+fn with_id(mut r: Registration, id: Ulid) -> Registration {
+    r.requested_id = Some(id);
+    r
+}
+
+fn all() -> ListFilter {
+    ListFilter::default()
+}
+
+fn by_name(name: &str) -> ListFilter {
+    ListFilter {
+        display_name: Some(name.to_owned()),
+        ..ListFilter::default()
+    }
+}
+
+fn by_url(url: &str) -> ListFilter {
+    ListFilter {
+        url: Some(url.to_owned()),
+        ..ListFilter::default()
+    }
+}
+
+fn by_info(field: &str, value: &str) -> ListFilter {
+    ListFilter {
+        info: vec![(field.to_owned(), value.to_owned())],
+        ..ListFilter::default()
+    }
+}
+
+fn ids(records: &[ServiceRecord]) -> Vec<Ulid> {
+    records.iter().map(|r| r.id).collect()
+}
+
+fn sorted(mut v: Vec<Ulid>) -> Vec<Ulid> {
+    v.sort();
+    v
+}
+
+/// Polls `check` until it holds; panics with `what` after `within`.
+async fn eventually<F, Fut>(what: &str, within: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if check().await {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {within:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits until `id` has expired (its TTL is short), without touching it otherwise.
+async fn wait_gone<S: Store>(store: &S, id: Ulid) {
+    let ttl = store.ttl();
+    eventually(
+        "the entry to expire",
+        ttl + Duration::from_secs(3),
+        move || async move { store.get(id).await.expect("get").is_none() },
+    )
+    .await;
+}
+
+/// Waits until this process's clock is past `t` (store timestamps are ms-granular).
+async fn wait_past(t: Timestamp) {
+    eventually(
+        "the clock to advance",
+        Duration::from_secs(5),
+        move || async move { Timestamp::now() > t },
+    )
+    .await;
+}
+
+/// Some other URL with the same slot tag as `url`.
+fn same_tag_url(url: &str) -> String {
+    let tag = url_tag(url);
+    (0..10_000_000u32)
+        .map(|i| format!("http://twin-{i}.test:8000"))
+        .find(|u| url_tag(u) == tag && u != url)
+        .expect("a URL with the same 15-bit tag")
+}
+
+fn assert_timestamps_sane(r: &ServiceRecord, before: Timestamp, after: Timestamp, ttl: Duration) {
+    let lo = before.as_millis().saturating_sub(CLOCK_SLACK_MS);
+    let hi = after.as_millis() + CLOCK_SLACK_MS;
+    for (what, t) in [
+        ("registered_at", r.registered_at),
+        ("last_updated", r.last_updated),
+        ("last_ping_at", r.last_ping_at),
+    ] {
+        assert!(
+            (lo..=hi).contains(&t.as_millis()),
+            "{what} {t} not between {before} and {after}"
+        );
+    }
+    assert_eq!(
+        r.expires_at,
+        r.last_ping_at.saturating_add(ttl),
+        "expires_at = last_ping_at + ttl"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Contract bodies
+
+async fn kind_ttl_and_health<H: Harness>() {
+    let h = H::open(LONG_TTL).await;
+    let s = h.store();
+    assert_eq!(s.kind(), H::KIND);
+    assert_eq!(s.ttl(), LONG_TTL);
+    let health = s.health().await.expect("health");
+    assert_eq!(health.kind, H::KIND);
+    assert!(
+        health.latency < Duration::from_secs(2),
+        "{:?}",
+        health.latency
+    );
+}
+
+async fn register_creates<H: Harness>() {
+    let h = H::open(LONG_TTL).await;
+    let s = h.store();
+    let url = "http://svc-a:8000";
+    let before = Timestamp::now();
+    let r = s
+        .register(Registration {
+            url: url.into(),
+            info: info(json!({"display_name": "A", "version": "1.2", "team": "data"})),
+            requested_id: None,
+        })
+        .await
+        .expect("register");
+    let after = Timestamp::now();
+    assert!(r.created);
+    assert!(
+        id_fits_url(r.record.id, url),
+        "minted id carries the URL tag"
+    );
+    assert_eq!(r.record.url, url);
+    assert_eq!(r.record.info.display_name, "A");
+    assert_eq!(r.record.info.extra["team"], "data");
+    assert_eq!(r.record.registered_at, r.record.last_updated);
+    assert_eq!(r.record.last_updated, r.record.last_ping_at);
+    assert_timestamps_sane(&r.record, before, after, LONG_TTL);
+
+    let got = s.get(r.record.id).await.expect("get");
+    assert_eq!(got.as_ref(), Some(&r.record));
+    assert_eq!(s.list(&all()).await.expect("list"), vec![r.record.clone()]);
+
+    let other = s
+        .register(reg("http://svc-b:8000", "B"))
+        .await
+        .expect("register");
+    assert!(other.created);
+    assert_ne!(other.record.id, r.record.id);
+}
+
+async fn register_is_idempotent<H: Harness>() {
+    let h = H::open(LONG_TTL).await;
+    let s = h.store();
+    let url = "http://svc-a:8000";
+    let first = s
+        .register(Registration {
+            url: url.into(),
+            info: info(json!({"display_name": "A", "version": "1", "team": "data"})),
+            requested_id: None,
+        })
+        .await
+        .expect("register");
+    wait_past(first.record.last_updated).await;
+
+    let new_info = info(json!({"display_name": "A", "version": "2", "region": "eu"}));
+    let before = Timestamp::now();
+    let again = s
+        .register(Registration {
+            url: url.into(),
+            info: new_info.clone(),
+            requested_id: None,
+        })
+        .await
+        .expect("register again");
+    let after = Timestamp::now();
+    assert!(!again.created);
+    assert_eq!(again.record.id, first.record.id);
+    assert_eq!(again.record.registered_at, first.record.registered_at);
+    assert!(again.record.last_updated > first.record.last_updated);
+    assert_eq!(again.record.last_ping_at, again.record.last_updated);
+    assert!(again.record.expires_at > first.record.expires_at);
+    assert_eq!(again.record.info, new_info, "info replaced, not merged");
+    assert!(!again.record.info.extra.contains_key("team"));
+    let lo = before.as_millis().saturating_sub(CLOCK_SLACK_MS);
+    assert!(
+        (lo..=after.as_millis() + CLOCK_SLACK_MS).contains(&again.record.last_updated.as_millis())
+    );
+    assert_eq!(
+        again.record.expires_at,
+        again.record.last_ping_at.saturating_add(LONG_TTL)
+    );
+
+    assert_eq!(
+        s.get(first.record.id).await.expect("get"),
+        Some(again.record.clone())
+    );
+    assert_eq!(
+        s.list(&all()).await.expect("list"),
+        vec![again.record.clone()]
+    );
+
+    // A requested id is ignored while the URL has a live entry.
+    let third = s
+        .register(with_id(reg(url, "A"), mint_id(url)))
+        .await
+        .expect("register with another id");
+    assert!(!third.created);
+    assert_eq!(third.record.id, first.record.id);
+    assert_eq!(h.index_len().await, H::PER_ENTRY);
+}
+
+async fn reregister_restarts_the_ttl<H: Harness>() {
+    let h = H::open(SHORT_TTL).await;
+    let s = h.store();
+    let url = "http://svc-a:8000";
+    let first = s.register(reg(url, "A")).await.expect("register");
+    // Re-register half way through the TTL...
+    tokio::time::sleep(SHORT_TTL / 2).await;
+    let again = s.register(reg(url, "A")).await.expect("register again");
+    assert_eq!(again.record.id, first.record.id);
+    assert!(again.record.expires_at > first.record.expires_at);
+    // ...and it outlives the first deadline.
+    wait_past(
+        first
+            .record
+            .expires_at
+            .saturating_add(Duration::from_millis(100)),
+    )
+    .await;
+    let got = s.get(first.record.id).await.expect("get");
+    assert!(got.is_some(), "re-registration restarted the TTL");
+    assert_eq!(got.map(|r| r.expires_at), Some(again.record.expires_at));
+    // It still expires in the end.
+    wait_gone(s, first.record.id).await;
+}
+
+async fn requested_id_is_kept_after_expiry<H: Harness>() {
+    let h = H::open(SHORT_TTL).await;
+    let s = h.store();
+    let url = "http://svc-a:8000";
+    let first = s.register(reg(url, "A")).await.expect("register");
+    wait_gone(s, first.record.id).await;
+    assert!(s.list(&by_url(url)).await.expect("list").is_empty());
+
+    let back = s
+        .register(with_id(reg(url, "A"), first.record.id))
+        .await
+        .expect("register with the old id");
+    assert!(back.created, "the old entry had expired");
+    assert_eq!(back.record.id, first.record.id, "requested id kept");
+    assert!(back.record.registered_at > first.record.registered_at);
+    assert_eq!(
+        s.get(first.record.id).await.expect("get"),
+        Some(back.record.clone())
+    );
+    assert_eq!(
+        ids(&s.list(&by_url(url)).await.expect("list")),
+        vec![first.record.id]
+    );
+}
+
+async fn requested_id_of_another_url_gets_a_fresh_id<H: Harness>() {
+    let h = H::open(LONG_TTL).await;
+    let s = h.store();
+    let url_a = "http://svc-a:8000";
+    let url_b = same_tag_url(url_a);
+    let a = s.register(reg(url_a, "A")).await.expect("register A");
+    assert!(
+        id_fits_url(a.record.id, &url_b),
+        "precondition: the id fits both URLs"
+    );
+
+    let b = s
+        .register(with_id(reg(&url_b, "B"), a.record.id))
+        .await
+        .expect("register B with A's id");
+    assert!(b.created);
+    assert_ne!(
+        b.record.id, a.record.id,
+        "an id in use is not handed out twice"
+    );
+    assert!(id_fits_url(b.record.id, &url_b));
+    assert_eq!(b.record.url, url_b);
+
+    let still_a = s.get(a.record.id).await.expect("get A");
+    assert_eq!(still_a.map(|r| r.url), Some(url_a.to_owned()));
+    assert_eq!(
+        s.get(b.record.id).await.expect("get B").map(|r| r.url),
+        Some(url_b.clone())
+    );
+    assert_eq!(s.list(&all()).await.expect("list"), {
+        let mut v = vec![a.record.clone(), b.record.clone()];
+        v.sort_by_key(|r| r.id);
+        v
+    });
+}
+
+async fn requested_id_not_fitting_the_url_gets_a_fresh_id<H: Harness>() {
+    let h = H::open(LONG_TTL).await;
+    let s = h.store();
+    let url = "http://svc-a:8000";
+    let foreign = mint_id("http://elsewhere:9000");
+    assert!(!id_fits_url(foreign, url), "precondition: tags differ");
+    let r = s
+        .register(with_id(reg(url, "A"), foreign))
+        .await
+        .expect("register");
+    assert!(r.created);
+    assert_ne!(r.record.id, foreign);
+    assert!(id_fits_url(r.record.id, url));
+    assert!(s.get(foreign).await.expect("get").is_none());
+}
+
+async fn unknown_ids_are_none<H: Harness>() {
+    let h = H::open(LONG_TTL).await;
+    let s = h.store();
+    let known = s
+        .register(reg("http://svc-a:8000", "A"))
+        .await
+        .expect("register");
+    let unknown = mint_id("http://svc-a:8000");
+    assert_ne!(unknown, known.record.id);
+    assert!(s.get(unknown).await.expect("get").is_none());
+    assert!(s.deregister(unknown).await.expect("deregister").is_none());
+    assert!(s.ping(unknown).await.expect("ping").is_none());
+    assert!(s.get(Ulid::new()).await.expect("get").is_none());
+    // The unknown id did not disturb the known one.
+    assert_eq!(
+        s.get(known.record.id).await.expect("get"),
+        Some(known.record)
+    );
+}
+
+async fn deregister_returns_the_record_and_hides_it<H: Harness>() {
+    let h = H::open(LONG_TTL).await;
+    let s = h.store();
+    let url = "http://svc-a:8000";
+    let a = s
+        .register(Registration {
+            url: url.into(),
+            info: info(json!({"display_name": "A", "team": "data"})),
+            requested_id: None,
+        })
+        .await
+        .expect("register A");
+    let b = s
+        .register(reg("http://svc-b:8000", "B"))
+        .await
+        .expect("register B");
+    let pinged = s.ping(a.record.id).await.expect("ping").expect("alive");
+
+    let gone = s.deregister(a.record.id).await.expect("deregister");
+    let mut expected = a.record.clone();
+    expected.last_ping_at = pinged.last_ping_at;
+    expected.expires_at = pinged.expires_at;
+    assert_eq!(gone, Some(expected), "returns the record as it was");
+
+    assert!(s.get(a.record.id).await.expect("get").is_none());
+    assert!(s.ping(a.record.id).await.expect("ping").is_none());
+    assert!(s
+        .deregister(a.record.id)
+        .await
+        .expect("deregister again")
+        .is_none());
+    assert_eq!(ids(&s.list(&all()).await.expect("list")), vec![b.record.id]);
+    assert!(s.list(&by_url(url)).await.expect("list").is_empty());
+    assert!(s.list(&by_name("A")).await.expect("list").is_empty());
+    assert!(s
+        .list(&by_info("team", "data"))
+        .await
+        .expect("list")
+        .is_empty());
+    assert_eq!(h.index_len().await, H::PER_ENTRY, "only B stays indexed");
+
+    // The URL is free again: a new registration creates a fresh entry.
+    let again = s.register(reg(url, "A")).await.expect("register again");
+    assert!(again.created);
+    assert_ne!(again.record.id, a.record.id);
+}
+
+async fn ping_extends_life<H: Harness>() {
+    let h = H::open(SHORT_TTL).await;
+    let s = h.store();
+    let r = s
+        .register(reg("http://svc-a:8000", "A"))
+        .await
+        .expect("register");
+    let id = r.record.id;
+    let mut last = r.record.last_ping_at;
+    let until = r
+        .record
+        .expires_at
+        .saturating_add(SHORT_TTL + SHORT_TTL / 2);
+    let mut pings = 0;
+    while Timestamp::now() < until {
+        tokio::time::sleep(SHORT_TTL / 4).await;
+        let p = s.ping(id).await.expect("ping").expect("still alive");
+        pings += 1;
+        assert_eq!(p.id, id);
+        assert!(p.last_ping_at >= last);
+        assert_eq!(p.expires_at, p.last_ping_at.saturating_add(SHORT_TTL));
+        last = p.last_ping_at;
+    }
+    assert!(pings >= 8, "pinged {pings} times");
+    let got = s
+        .get(id)
+        .await
+        .expect("get")
+        .expect("alive long past its first deadline");
+    assert!(Timestamp::now() > r.record.expires_at);
+    assert_eq!(got.last_ping_at, last);
+    assert_eq!(got.registered_at, r.record.registered_at);
+    assert_eq!(
+        got.last_updated, r.record.last_updated,
+        "ping is not an update"
+    );
+    assert_eq!(ids(&s.list(&all()).await.expect("list")), vec![id]);
+    assert_eq!(ids(&s.list(&by_name("A")).await.expect("list")), vec![id]);
+    assert_eq!(
+        ids(&s.list(&by_url("http://svc-a:8000")).await.expect("list")),
+        vec![id]
+    );
+    // Re-registering the URL after pings finds the same entry.
+    let again = s
+        .register(reg("http://svc-a:8000", "A"))
+        .await
+        .expect("register");
+    assert!(!again.created);
+    assert_eq!(again.record.id, id);
+}
+
+async fn ping_of_expired_is_none_and_stays_gone<H: Harness>() {
+    let h = H::open(SHORT_TTL).await;
+    let s = h.store();
+    let url = "http://svc-a:8000";
+    let r = s.register(reg(url, "A")).await.expect("register");
+    wait_gone(s, r.record.id).await;
+    assert!(s.ping(r.record.id).await.expect("ping").is_none());
+    assert!(s.get(r.record.id).await.expect("get").is_none());
+    assert!(s.ping(r.record.id).await.expect("ping again").is_none());
+    assert!(s.list(&all()).await.expect("list").is_empty());
+    assert!(s.list(&by_url(url)).await.expect("list").is_empty());
+    // The URL is free: registering it creates an entry.
+    assert!(s.register(reg(url, "A")).await.expect("register").created);
+}
+
+async fn ping_and_deregister_race_leaves_nothing<H: Harness>() {
+    const ROUNDS: usize = 200;
+    let h = H::open(LONG_TTL).await;
+    let s = h.store();
+    let mut seen = Vec::with_capacity(ROUNDS);
+    let mut pings_won = 0;
+    for round in 0..ROUNDS {
+        let url = format!("http://race-{}:8000", round % 7);
+        let r = s.register(reg(&url, "R")).await.expect("register");
+        assert!(
+            r.created,
+            "round {round}: the previous round left {url} behind"
+        );
+        let id = r.record.id;
+        seen.push(id);
+        let pinger = {
+            let s = s.clone();
+            async move { s.ping(id).await }
+        };
+        let deleter = {
+            let s = s.clone();
+            async move { s.deregister(id).await }
+        };
+        let (pinged, deleted) = if round % 2 == 0 {
+            let p = tokio::spawn(pinger);
+            let d = tokio::spawn(deleter);
+            (p.await, d.await)
+        } else {
+            let d = tokio::spawn(deleter);
+            let p = tokio::spawn(pinger);
+            (p.await, d.await)
+        };
+        let pinged = pinged.expect("ping task").expect("ping");
+        let deleted = deleted.expect("deregister task").expect("deregister");
+        assert_eq!(
+            deleted.map(|r| r.id),
+            Some(id),
+            "round {round}: deregister saw the entry"
+        );
+        if pinged.is_some() {
+            pings_won += 1;
+        }
+        assert!(
+            s.get(id).await.expect("get").is_none(),
+            "round {round}: resurrected by ping"
+        );
+        assert!(
+            s.ping(id).await.expect("ping").is_none(),
+            "round {round}: ping after delete"
+        );
+    }
+    let listed = s.list(&all()).await.expect("list");
+    assert!(listed.is_empty(), "left behind: {:?}", ids(&listed));
+    for i in 0..7 {
+        let url = format!("http://race-{i}:8000");
+        assert!(s.list(&by_url(&url)).await.expect("list").is_empty());
+    }
+    assert!(s.list(&by_name("R")).await.expect("list").is_empty());
+    assert_eq!(h.index_len().await, 0, "no index entries left");
+    for id in seen {
+        assert!(s.get(id).await.expect("get").is_none());
+    }
+    // Not an assertion on the outcome of a race, only a hint when reading the output.
+    eprintln!("ping won {pings_won}/{ROUNDS} races");
+}
+
+async fn expired_entries_are_never_listed<H: Harness>() {
+    let h = H::open(SHORT_TTL).await;
+    let s = h.store();
+    let dying = s
+        .register(Registration {
+            url: "http://dying:8000".into(),
+            info: info(json!({"display_name": "D", "team": "data"})),
+            requested_id: None,
+        })
+        .await
+        .expect("register");
+    let living = s
+        .register(Registration {
+            url: "http://living:8000".into(),
+            info: info(json!({"display_name": "L", "team": "data"})),
+            requested_id: None,
+        })
+        .await
+        .expect("register");
+    let dying_id = dying.record.id;
+    let living_id = living.record.id;
+    // Keep one alive by pinging while the other expires; no sweep runs.
+    eventually(
+        "D to expire",
+        SHORT_TTL + Duration::from_secs(3),
+        move || async move {
+            s.ping(living_id).await.expect("ping").expect("L alive");
+            s.get(dying_id).await.expect("get").is_none()
+        },
+    )
+    .await;
+    assert_eq!(ids(&s.list(&all()).await.expect("list")), vec![living_id]);
+    assert!(s.list(&by_name("D")).await.expect("list").is_empty());
+    assert!(s
+        .list(&by_url("http://dying:8000"))
+        .await
+        .expect("list")
+        .is_empty());
+    assert_eq!(
+        ids(&s.list(&by_info("team", "data")).await.expect("list")),
+        vec![living_id]
+    );
+    assert_eq!(
+        ids(&s.list(&by_name("L")).await.expect("list")),
+        vec![living_id]
+    );
+}
+
+async fn list_filters<H: Harness>() {
+    let h = H::open(LONG_TTL).await;
+    let s = h.store();
+    let s1 = s
+        .register(Registration {
+            url: "http://s1:8000".into(),
+            info: info(
+                json!({"display_name": "alpha", "version": "1.0", "team": "data",
+                "priority": 5, "gpu": true, "capabilities": ["ml", "etl"]}),
+            ),
+            requested_id: None,
+        })
+        .await
+        .expect("register s1")
+        .record
+        .id;
+    let s2 = s
+        .register(Registration {
+            url: "http://s2:8000".into(),
+            info: info(
+                json!({"display_name": "alpha", "version": "2.0", "team": "web",
+                "priority": 3, "gpu": false, "capabilities": ["web"]}),
+            ),
+            requested_id: None,
+        })
+        .await
+        .expect("register s2")
+        .record
+        .id;
+    let s3 = s
+        .register(Registration {
+            url: "http://s3:8000".into(),
+            info: info(
+                json!({"display_name": "beta", "team": "data", "priority": 5.0,
+                "capabilities": ["etl"]}),
+            ),
+            requested_id: None,
+        })
+        .await
+        .expect("register s3")
+        .record
+        .id;
+    let list = |f: ListFilter| async move { ids(&s.list(&f).await.expect("list")) };
+
+    assert_eq!(
+        list(all()).await,
+        sorted(vec![s1, s2, s3]),
+        "all, in id order"
+    );
+    assert_eq!(list(by_name("alpha")).await, sorted(vec![s1, s2]));
+    assert_eq!(list(by_name("beta")).await, vec![s3]);
+    assert_eq!(list(by_name("gamma")).await, Vec::<Ulid>::new());
+    assert_eq!(
+        list(by_name("Alpha")).await,
+        Vec::<Ulid>::new(),
+        "names are exact"
+    );
+    assert_eq!(list(by_url("http://s2:8000")).await, vec![s2]);
+    assert_eq!(list(by_url("http://s4:8000")).await, Vec::<Ulid>::new());
+    // Strings.
+    assert_eq!(list(by_info("team", "data")).await, sorted(vec![s1, s3]));
+    assert_eq!(list(by_info("version", "2.0")).await, vec![s2]);
+    assert_eq!(list(by_info("team", "ops")).await, Vec::<Ulid>::new());
+    // Numbers, also across integer and float spellings.
+    assert_eq!(list(by_info("priority", "5")).await, sorted(vec![s1, s3]));
+    assert_eq!(list(by_info("priority", "3")).await, vec![s2]);
+    // Booleans.
+    assert_eq!(list(by_info("gpu", "true")).await, vec![s1]);
+    assert_eq!(list(by_info("gpu", "false")).await, vec![s2]);
+    // Array membership.
+    assert_eq!(
+        list(by_info("capabilities", "etl")).await,
+        sorted(vec![s1, s3])
+    );
+    assert_eq!(list(by_info("capabilities", "web")).await, vec![s2]);
+    assert_eq!(
+        list(by_info("capabilities", "gpu")).await,
+        Vec::<Ulid>::new()
+    );
+    // Missing fields never match.
+    assert_eq!(list(by_info("region", "eu")).await, Vec::<Ulid>::new());
+    // Combined conditions must all hold.
+    let combined = |name: Option<&str>, url: Option<&str>, info: &[(&str, &str)]| ListFilter {
+        display_name: name.map(str::to_owned),
+        url: url.map(str::to_owned),
+        info: info
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect(),
+    };
+    assert_eq!(
+        list(combined(Some("alpha"), None, &[("team", "data")])).await,
+        vec![s1]
+    );
+    assert_eq!(
+        list(combined(
+            None,
+            None,
+            &[("team", "data"), ("capabilities", "ml")]
+        ))
+        .await,
+        vec![s1]
+    );
+    assert_eq!(
+        list(combined(None, None, &[("team", "data"), ("gpu", "false")])).await,
+        Vec::<Ulid>::new()
+    );
+    assert_eq!(
+        list(combined(Some("beta"), Some("http://s3:8000"), &[])).await,
+        vec![s3]
+    );
+    assert_eq!(
+        list(combined(Some("beta"), Some("http://s1:8000"), &[])).await,
+        Vec::<Ulid>::new()
+    );
+    assert_eq!(
+        list(combined(None, Some("http://s1:8000"), &[("priority", "3")])).await,
+        Vec::<Ulid>::new()
+    );
+}
+
+async fn display_name_change_moves_between_indexes<H: Harness>() {
+    let h = H::open(LONG_TTL).await;
+    let s = h.store();
+    let url = "http://svc-a:8000";
+    let first = s.register(reg(url, "old")).await.expect("register");
+    assert_eq!(
+        ids(&s.list(&by_name("old")).await.expect("list")),
+        vec![first.record.id]
+    );
+
+    let moved = s.register(reg(url, "new")).await.expect("re-register");
+    assert!(!moved.created);
+    assert_eq!(moved.record.id, first.record.id);
+    assert!(s.list(&by_name("old")).await.expect("list").is_empty());
+    assert_eq!(
+        ids(&s.list(&by_name("new")).await.expect("list")),
+        vec![first.record.id]
+    );
+    assert_eq!(
+        h.index_len().await,
+        H::PER_ENTRY,
+        "no entry left in the old name's index"
+    );
+
+    // And back again.
+    s.register(reg(url, "old")).await.expect("re-register");
+    assert!(s.list(&by_name("new")).await.expect("list").is_empty());
+    assert_eq!(
+        ids(&s.list(&by_name("old")).await.expect("list")),
+        vec![first.record.id]
+    );
+    assert_eq!(h.index_len().await, H::PER_ENTRY);
+}
+
+async fn sweep_drops_dead_index_entries<H: Harness>() {
+    let h = H::open(SHORT_TTL).await;
+    let s = h.store();
+    let mut dead = Vec::new();
+    let mut dead_deadline = Timestamp::from_millis(0);
+    for (i, name) in ["x", "y", "x"].iter().enumerate() {
+        let r = s
+            .register(reg(&format!("http://dead-{i}:8000"), name))
+            .await
+            .expect("register");
+        dead.push(r.record.id);
+        dead_deadline = dead_deadline.max(r.record.expires_at);
+    }
+    let keeper = s
+        .register(reg("http://keeper:8000", "k"))
+        .await
+        .expect("register")
+        .record
+        .id;
+    assert_eq!(h.index_len().await, 4 * H::PER_ENTRY);
+    assert_eq!(s.sweep().await.expect("sweep"), 0, "nothing expired yet");
+    assert_eq!(
+        h.index_len().await,
+        4 * H::PER_ENTRY,
+        "sweep keeps live entries"
+    );
+
+    // Wait out their TTL by the clock, keeping the keeper alive; nothing reads the dead ones
+    // (a read may clean up on its own, and this test is about the sweeper).
+    let last_deadline = dead_deadline.saturating_add(Duration::from_millis(100));
+    while Timestamp::now() <= last_deadline {
+        s.ping(keeper).await.expect("ping").expect("keeper alive");
+        tokio::time::sleep(SHORT_TTL / 5).await;
+    }
+    let keeper_deadline = s
+        .ping(keeper)
+        .await
+        .expect("ping")
+        .expect("keeper alive")
+        .expires_at;
+    assert_eq!(
+        h.index_len().await,
+        4 * H::PER_ENTRY,
+        "nothing dropped them before the sweep"
+    );
+    let dropped = s.sweep().await.expect("sweep");
+    assert!(dropped >= dead.len(), "dropped {dropped}");
+    assert_eq!(
+        h.index_len().await,
+        H::PER_ENTRY,
+        "only the keeper stays indexed"
+    );
+    for id in &dead {
+        assert!(s.get(*id).await.expect("get").is_none());
+    }
+    assert_eq!(ids(&s.list(&all()).await.expect("list")), vec![keeper]);
+    assert_eq!(
+        ids(&s.list(&by_name("k")).await.expect("list")),
+        vec![keeper]
+    );
+    assert!(s.list(&by_name("x")).await.expect("list").is_empty());
+    assert_eq!(s.sweep().await.expect("sweep again"), 0);
+    assert_eq!(h.index_len().await, H::PER_ENTRY);
+
+    // Once the keeper expires too, everything goes.
+    wait_past(keeper_deadline.saturating_add(Duration::from_millis(100))).await;
+    assert!(s.sweep().await.expect("sweep") >= 1);
+    assert_eq!(h.index_len().await, 0);
+    assert!(s.get(keeper).await.expect("get").is_none());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Valkey only: the documented key layout and connection behaviour.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn valkey_key_layout() {
+    let h = Valkey::open(LONG_TTL).await;
+    let c = h.store.client();
+    let url = "http://svc-a:8000";
+    let r = h
+        .store
+        .register(Registration {
+            url: url.into(),
+            info: info(json!({"display_name": "A", "team": "data"})),
+            requested_id: None,
+        })
+        .await
+        .expect("register")
+        .record;
+    let svc = h.svc_key(r.id);
+    let fields: std::collections::HashMap<String, String> = c.hgetall(&svc).await.expect("HGETALL");
+    assert_eq!(fields.get("url").map(String::as_str), Some(url));
+    assert_eq!(fields.get("name").map(String::as_str), Some("A"));
+    let stored: ServiceInfo =
+        serde_json::from_str(fields.get("info").expect("info field")).expect("info JSON");
+    assert_eq!(stored, r.info);
+    for (field, value) in [
+        ("registered_at", r.registered_at),
+        ("last_updated", r.last_updated),
+        ("last_ping_at", r.last_ping_at),
+        ("expires_at", r.expires_at),
+    ] {
+        assert_eq!(
+            fields.get(field),
+            Some(&value.as_millis().to_string()),
+            "{field}"
+        );
+    }
+    let ttl_ms = LONG_TTL.as_millis() as i64;
+    let svc_pttl: i64 = c.pttl(&svc).await.expect("PTTL");
+    assert!(
+        svc_pttl > ttl_ms - 5_000 && svc_pttl <= ttl_ms,
+        "record PTTL {svc_pttl}"
+    );
+    let url_key = h.url_key(r.id, url);
+    let stored_id: Option<String> = c.get(&url_key).await.expect("GET");
+    assert_eq!(stored_id, Some(r.id.to_string()));
+    let url_pttl: i64 = c.pttl(&url_key).await.expect("PTTL");
+    assert!(
+        url_pttl > ttl_ms - 5_000 && url_pttl <= ttl_ms,
+        "url PTTL {url_pttl}"
+    );
+    let score: Option<f64> = c
+        .zscore(h.all_idx(), r.id.to_string())
+        .await
+        .expect("ZSCORE");
+    assert_eq!(score, Some(r.expires_at.as_millis() as f64));
+    let score: Option<f64> = c
+        .zscore(h.name_idx("A"), r.id.to_string())
+        .await
+        .expect("ZSCORE");
+    assert_eq!(score, Some(r.expires_at.as_millis() as f64));
+    let names: Vec<String> = c.smembers(h.names()).await.expect("SMEMBERS");
+    assert_eq!(names, vec!["A".to_owned()]);
+
+    // Ping refreshes both keys of the registration in one go.
+    wait_past(r.last_ping_at).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let before: i64 = c.pttl(&url_key).await.expect("PTTL");
+    let p = h.store.ping(r.id).await.expect("ping").expect("alive");
+    let fields: std::collections::HashMap<String, String> = c.hgetall(&svc).await.expect("HGETALL");
+    assert_eq!(
+        fields.get("expires_at"),
+        Some(&p.expires_at.as_millis().to_string())
+    );
+    let after: i64 = c.pttl(&url_key).await.expect("PTTL");
+    assert!(
+        after > before,
+        "url key TTL refreshed by ping ({before} -> {after})"
+    );
+
+    // Deregistration removes every key of the registration.
+    h.store
+        .deregister(r.id)
+        .await
+        .expect("deregister")
+        .expect("existed");
+    let left: i64 = c.exists(vec![svc, url_key]).await.expect("EXISTS");
+    assert_eq!(left, 0);
+    assert_eq!(h.zcard(&h.all_idx()).await, 0);
+    assert_eq!(h.zcard(&h.name_idx("A")).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn valkey_list_drops_dead_index_entries_on_read() {
+    let h = Valkey::open(SHORT_TTL).await;
+    let s = &h.store;
+    let a = s
+        .register(reg("http://a:8000", "A"))
+        .await
+        .expect("register")
+        .record
+        .id;
+    let b = s
+        .register(reg("http://b:8000", "B"))
+        .await
+        .expect("register")
+        .record
+        .id;
+    assert_eq!(h.zcard(&h.all_idx()).await, 2);
+    wait_gone(s, a).await;
+    wait_gone(s, b).await;
+    assert_eq!(
+        h.zcard(&h.all_idx()).await,
+        2,
+        "the index still holds them before any read"
+    );
+    assert!(s.list(&all()).await.expect("list").is_empty());
+    assert_eq!(
+        h.zcard(&h.all_idx()).await,
+        0,
+        "list dropped the dead ids it read"
+    );
+    assert_eq!(h.zcard(&h.name_idx("A")).await, 1);
+    assert!(s.list(&by_name("A")).await.expect("list").is_empty());
+    assert_eq!(h.zcard(&h.name_idx("A")).await, 0);
+    // The sweeper finds the remaining name index through the names set, then forgets the names.
+    assert_eq!(s.sweep().await.expect("sweep"), 1);
+    assert_eq!(h.zcard(&h.name_idx("B")).await, 0);
+    let names: Vec<String> = s.client().smembers(h.names()).await.expect("SMEMBERS");
+    assert!(names.is_empty(), "names left: {names:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn valkey_rejects_braces_in_the_prefix() {
+    let server = tokio::task::spawn_blocking(ValkeyServer::new)
+        .await
+        .expect("server");
+    for prefix in ["a{b:", "a}b:", "{x}"] {
+        let r = ValkeyStore::connect(&server.url(), prefix, LONG_TTL).await;
+        assert!(r.is_err(), "prefix {prefix:?} accepted");
+    }
+    assert!(ValkeyStore::connect("not a url", "p:", LONG_TTL)
+        .await
+        .is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn valkey_accepts_the_valkey_scheme() {
+    let server = tokio::task::spawn_blocking(ValkeyServer::new)
+        .await
+        .expect("server");
+    let url = format!("valkey://127.0.0.1:{}", server.port());
+    let store = ValkeyStore::connect(&url, "p:", LONG_TTL)
+        .await
+        .expect("connect");
+    assert_eq!(store.health().await.expect("health").kind, "valkey");
+    let r = store
+        .register(reg("http://a:8000", "A"))
+        .await
+        .expect("register");
+    assert!(store.get(r.record.id).await.expect("get").is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn valkey_outage_fails_fast_and_recovers() {
+    let mut server = tokio::task::spawn_blocking(ValkeyServer::new)
+        .await
+        .expect("server");
+    let store = ValkeyStore::connect(&server.url(), "p:", LONG_TTL)
+        .await
+        .expect("connect");
+    store.health().await.expect("healthy");
+
+    let server = tokio::task::spawn_blocking(move || {
+        server.stop();
+        server
+    })
+    .await
+    .expect("stop");
+    let started = Instant::now();
+    let err = store.get(Ulid::new()).await.expect_err("Valkey is down");
+    assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "took {:?}",
+        started.elapsed()
+    );
+    let started = Instant::now();
+    let err = store
+        .register(reg("http://a:8000", "A"))
+        .await
+        .expect_err("Valkey is down");
+    assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "took {:?}",
+        started.elapsed()
+    );
+
+    let mut server = server;
+    let _server = tokio::task::spawn_blocking(move || {
+        server.start();
+        server
+    })
+    .await
+    .expect("start");
+    let s = &store;
+    eventually(
+        "the store to reconnect",
+        Duration::from_secs(10),
+        move || async move { s.health().await.is_ok() },
+    )
+    .await;
+    let r = store
+        .register(reg("http://a:8000", "A"))
+        .await
+        .expect("register after outage");
+    assert!(r.created, "the restarted server is empty");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn valkey_connect_before_the_server_is_up() {
+    let mut server = tokio::task::spawn_blocking(ValkeyServer::new)
+        .await
+        .expect("server");
+    let url = server.url();
+    let mut server = tokio::task::spawn_blocking(move || {
+        server.stop();
+        server
+    })
+    .await
+    .expect("stop");
+    let started = Instant::now();
+    let store = ValkeyStore::connect(&url, "p:", LONG_TTL)
+        .await
+        .expect("connect returns while Valkey is down");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(store.health().await.is_err(), "nothing to talk to yet");
+
+    let _server = tokio::task::spawn_blocking(move || {
+        server.start();
+        server
+    })
+    .await
+    .expect("start");
+    let s = &store;
+    eventually(
+        "the store to connect",
+        Duration::from_secs(10),
+        move || async move { s.health().await.is_ok() },
+    )
+    .await;
+    assert!(
+        store
+            .register(reg("http://a:8000", "A"))
+            .await
+            .expect("register")
+            .created
+    );
+}

@@ -1,0 +1,5 @@
+//! Helpers shared by the orchestrator's integration tests. Each test binary uses a subset.
+#![allow(dead_code)]
+
+pub mod http;
+pub mod valkey;

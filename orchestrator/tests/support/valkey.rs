@@ -1,0 +1,184 @@
+//! A real `valkey-server` child process for tests.
+//!
+//! Each [`ValkeyServer`] runs its own server on a free loopback port with persistence off and
+//! its own scratch directory, and kills it when dropped. [`ValkeyServer::stop`] and
+//! [`ValkeyServer::start`] take it down and bring it back on the same port, for outage tests.
+//! A missing `valkey-server` binary is a test failure, never a silent skip.
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+/// How long a server may take to answer `PING` after it was started.
+const STARTUP_DEADLINE: Duration = Duration::from_secs(10);
+
+/// The binary to run: `$VALKEY_SERVER` if set, else `valkey-server` from `PATH`.
+fn binary() -> String {
+    std::env::var("VALKEY_SERVER").unwrap_or_else(|_| "valkey-server".to_owned())
+}
+
+/// A running (or deliberately stopped) `valkey-server`.
+#[derive(Debug)]
+pub struct ValkeyServer {
+    port: u16,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl ValkeyServer {
+    /// Starts a server on a free port and waits until it answers.
+    pub fn new() -> ValkeyServer {
+        static SEQ: AtomicUsize = AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "servicekit-valkey-{}-{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::SeqCst),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0)
+        ));
+        std::fs::create_dir_all(&dir)
+            .unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
+        // The port is free when we look; another process could take it before valkey binds,
+        // so try a few ports before giving up.
+        let mut last_error = String::new();
+        for _ in 0..5 {
+            let mut server = ValkeyServer {
+                port: free_port(),
+                dir: dir.clone(),
+                child: None,
+            };
+            match server.try_start() {
+                Ok(()) => return server,
+                Err(e) => last_error = e,
+            }
+        }
+        panic!("valkey-server did not come up: {last_error}");
+    }
+
+    /// `redis://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Whether the server process is running.
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// Kills the server and waits for it to exit. Its data is gone (persistence is off).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same port and waits until it answers.
+    pub fn start(&mut self) {
+        if self.child.is_some() {
+            return;
+        }
+        if let Err(e) = self.try_start() {
+            panic!("valkey-server did not come back on port {}: {e}", self.port);
+        }
+    }
+
+    fn try_start(&mut self) -> Result<(), String> {
+        let log = self.dir.join(format!("valkey-{}.log", self.port));
+        let child = Command::new(binary())
+            .args(["--port", &self.port.to_string()])
+            .args(["--bind", "127.0.0.1"])
+            .args(["--save", ""])
+            .args(["--appendonly", "no"])
+            .args(["--daemonize", "no"])
+            .arg("--dir")
+            .arg(&self.dir)
+            .arg("--logfile")
+            .arg(&log)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn();
+        let child = match child {
+            Ok(child) => child,
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                panic!(
+                    "valkey-server not found: run .ci/install-valkey (or set VALKEY_SERVER) ({e})"
+                )
+            }
+            Err(e) => panic!("cannot start {}: {e}", binary()),
+        };
+        self.child = Some(child);
+        let deadline = Instant::now() + STARTUP_DEADLINE;
+        loop {
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    self.child = None;
+                    let log = std::fs::read_to_string(&log).unwrap_or_default();
+                    return Err(format!("exited with {status}; log:\n{log}"));
+                }
+            }
+            if answers_ping(self.port) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                self.stop();
+                let log = std::fs::read_to_string(&log).unwrap_or_default();
+                return Err(format!("no PONG within {STARTUP_DEADLINE:?}; log:\n{log}"));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Default for ValkeyServer {
+    fn default() -> Self {
+        ValkeyServer::new()
+    }
+}
+
+impl Drop for ValkeyServer {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn free_port() -> u16 {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .unwrap_or_else(|e| panic!("cannot bind a loopback port: {e}"));
+    listener
+        .local_addr()
+        .unwrap_or_else(|e| panic!("no local address: {e}"))
+        .port()
+}
+
+/// Whether something on `port` answers `PING` with `+PONG`.
+fn answers_ping(port: u16) -> bool {
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let Ok(mut stream) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
+    if stream.write_all(b"PING\r\n").is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 16];
+    let mut got = Vec::new();
+    while got.len() < 7 {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    got.starts_with(b"+PONG")
+}

@@ -1,0 +1,187 @@
+//! The orchestrator over a real `valkey-server`: the API end to end, and Valkey outages.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use servicekit::protocol::problem_type as t;
+use servicekit_orchestrator::config::Config;
+use servicekit_orchestrator::server::{self, Running};
+use support::http::{Api, Reply};
+use support::valkey::ValkeyServer;
+
+/// How long a request may take while Valkey is down: the 2 s command bound plus slack for a
+/// loaded machine. This checks that requests are bounded, not how fast they are.
+const OUTAGE_BOUND: Duration = Duration::from_secs(6);
+
+async fn start(valkey: &ValkeyServer) -> (Running, Api) {
+    let mut config = Config::for_tests();
+    config.valkey_url = Some(valkey.url());
+    config.key_prefix = format!("test:{}:", ulid::Ulid::new());
+    let running = server::start(config).await.expect("orchestrator starts");
+    assert_eq!(running.store_kind(), "valkey");
+    let api = Api::new(running.base_url());
+    (running, api)
+}
+
+/// Polls `GET path` until it answers `status`, failing after `within`.
+async fn wait_for_status(api: &Api, path: &str, status: u16, within: Duration) -> Reply {
+    let deadline = Instant::now() + within;
+    loop {
+        let r = api.get(path).await;
+        if r.status == status {
+            return r;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{path} still {} after {within:?}",
+            r.status
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_round_trip_on_valkey() {
+    let valkey = ValkeyServer::new();
+    let (running, api) = start(&valkey).await;
+
+    let health: Value = api.get("/health").await.json();
+    assert_eq!(health["status"], "healthy");
+    assert_eq!(health["checks"]["store"]["kind"], "valkey");
+
+    let r = api
+        .post_json(
+            "/services/$register",
+            &json!({"url": "http://svca:8000/", "info": {"display_name": "A", "team": "data"}}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{r:?}");
+    let id = r.json::<Value>()["id"].as_str().unwrap().to_owned();
+    let r = api
+        .post_json(
+            "/services/$register",
+            &json!({"url": "http://svca:8000", "info": {"display_name": "A", "team": "web"}}),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json::<Value>()["id"], id.as_str());
+    api.register("http://svcb:8000", "B").await;
+
+    assert_eq!(api.put(&format!("/services/{id}/$ping")).await.status, 200);
+    let record: Value = api.get(&format!("/services/{id}")).await.json();
+    assert_eq!(record["info"]["team"], "web");
+    let list: Value = api.get("/services?display_name=A").await.json();
+    assert_eq!(list["count"], 1);
+    let list: Value = api.get("/services?info.team=web").await.json();
+    assert_eq!(list["services"][0]["id"], id.as_str());
+    let list: Value = api.get("/services").await.json();
+    assert_eq!(list["count"], 2);
+
+    let r = api.delete(&format!("/services/{id}")).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json::<Value>()["service"]["url"], "http://svca:8000");
+    api.put(&format!("/services/{id}/$ping"))
+        .await
+        .assert_problem(404, t::NOT_FOUND);
+    let list: Value = api.get("/services").await.json();
+    assert_eq!(list["count"], 1);
+    running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn valkey_outage_gives_bounded_503s_and_recovers_without_restart() {
+    let mut valkey = ValkeyServer::new();
+    let (running, api) = start(&valkey).await;
+    let id = api.register("http://svca:8000", "A").await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    valkey.stop();
+
+    let started = Instant::now();
+    let r = api
+        .post_json(
+            "/services/$register",
+            &json!({"url": "http://svcb:8000", "info": {"display_name": "B"}}),
+        )
+        .await;
+    assert!(
+        started.elapsed() < OUTAGE_BOUND,
+        "register took {:?}",
+        started.elapsed()
+    );
+    let p = r.assert_problem(503, t::STORE_UNAVAILABLE);
+    assert_eq!(p["instance"], "/services/$register");
+    assert_eq!(r.header("retry-after"), Some("1"));
+
+    for path in ["/services".to_owned(), format!("/services/{id}")] {
+        let started = Instant::now();
+        let r = api.get(&path).await;
+        assert!(
+            started.elapsed() < OUTAGE_BOUND,
+            "{path} took {:?}",
+            started.elapsed()
+        );
+        r.assert_problem(503, t::STORE_UNAVAILABLE);
+    }
+    let started = Instant::now();
+    api.put(&format!("/services/{id}/$ping"))
+        .await
+        .assert_problem(503, t::STORE_UNAVAILABLE);
+    assert!(started.elapsed() < OUTAGE_BOUND);
+
+    let started = Instant::now();
+    let r = api.get("/health").await;
+    assert!(
+        started.elapsed() < OUTAGE_BOUND,
+        "health took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(r.status, 503);
+    assert_eq!(r.header("retry-after"), Some("1"));
+    let health: Value = r.json();
+    assert_eq!(health["status"], "unhealthy");
+    assert_eq!(health["checks"]["store"]["status"], "unhealthy");
+    assert!(health["checks"]["store"]["error"].is_string());
+
+    // Valkey comes back empty; the same orchestrator process serves again.
+    valkey.start();
+    wait_for_status(&api, "/health", 200, Duration::from_secs(20)).await;
+    let r = api
+        .post_json(
+            "/services/$register",
+            &json!({"id": id, "url": "http://svca:8000", "info": {"display_name": "A"}}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{r:?}");
+    assert_eq!(
+        r.json::<Value>()["id"],
+        id.as_str(),
+        "the instance keeps its identity"
+    );
+    assert_eq!(api.get(&format!("/services/{id}")).await.status, 200);
+    running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orchestrator_started_before_valkey_serves_once_it_appears() {
+    let mut valkey = ValkeyServer::new();
+    valkey.stop();
+    let (running, api) = start(&valkey).await;
+    let r = api.get("/health").await;
+    assert_eq!(r.status, 503);
+
+    valkey.start();
+    wait_for_status(&api, "/health", 200, Duration::from_secs(20)).await;
+    let r = api
+        .post_json(
+            "/services/$register",
+            &json!({"url": "http://svca:8000", "info": {"display_name": "A"}}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{r:?}");
+    running.shutdown().await;
+}
