@@ -17,7 +17,7 @@ pub struct Config {
     #[arg(long, env = "ORCHESTRATOR_BIND", default_value = "0.0.0.0:9000")]
     pub bind: SocketAddr,
 
-    /// Valkey URL (redis://host:port, rediss://..., redis-cluster://...). When unset,
+    /// Valkey URL (redis://host:port/db, valkey://..., redis-cluster://host:port). When unset,
     /// registrations are kept in this process's memory and lost when it exits.
     #[arg(long, env = "VALKEY_URL")]
     pub valkey_url: Option<String>,

@@ -36,7 +36,7 @@ impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::Unavailable(msg) => ApiError::StoreUnavailable(msg),
-            StoreError::Corrupt(msg) => ApiError::Internal(msg),
+            StoreError::Config(msg) | StoreError::Corrupt(msg) => ApiError::Internal(msg),
         }
     }
 }

@@ -204,3 +204,30 @@ fn a_busy_port_is_reported_and_exits_non_zero() {
         "{log}"
     );
 }
+
+#[test]
+fn unusable_valkey_settings_are_reported_and_exit_non_zero() {
+    for (args, needle) in [
+        (
+            vec!["--valkey-url", "http://valkey:6379"],
+            "the scheme must be one of",
+        ),
+        (
+            vec!["--valkey-url", "redis://127.0.0.1:1", "--key-prefix", "a{b"],
+            "may not contain",
+        ),
+    ] {
+        let out = orchestrator()
+            .args(["--bind", "127.0.0.1:0"])
+            .args(&args)
+            .env("LOG_FORMAT", "json")
+            .output()
+            .expect("runs");
+        assert!(!out.status.success(), "{args:?} accepted");
+        let log = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            log.contains("orchestrator.failed") && log.contains(needle),
+            "{args:?}: {log}"
+        );
+    }
+}

@@ -157,6 +157,9 @@ pub enum StoreError {
     /// The backing service did not answer in time or refused the connection. Retryable.
     #[error("store unavailable: {0}")]
     Unavailable(String),
+    /// The store cannot be used as configured (bad URL, bad prefix). Not retryable.
+    #[error("invalid store configuration: {0}")]
+    Config(String),
     /// The store answered with something this code does not understand.
     #[error("store returned unexpected data: {0}")]
     Corrupt(String),

@@ -77,6 +77,8 @@ use super::{
 
 /// Upper bound of every command (and of the initial connection wait).
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
+/// URL schemes accepted: standalone and Cluster, plain TCP (TLS is not compiled in).
+const SCHEMES: [&str; 4] = ["redis", "valkey", "redis-cluster", "valkey-cluster"];
 /// Delay between reconnection attempts.
 const RECONNECT_DELAY_MS: u32 = 250;
 /// Records fetched per pipelined round trip when listing, candidates per sweep pass.
@@ -294,15 +296,22 @@ impl ValkeyStore {
         ttl: Duration,
     ) -> Result<ValkeyStore, StoreError> {
         if prefix.contains(['{', '}']) {
-            return Err(StoreError::Unavailable(format!(
+            return Err(StoreError::Config(format!(
                 "invalid Valkey key prefix {prefix:?}: it may not contain '{{' or '}}'"
             )));
         }
         if ttl.is_zero() {
-            return Err(StoreError::Unavailable("the TTL must be positive".into()));
+            return Err(StoreError::Config("the TTL must be positive".into()));
+        }
+        let scheme = url.split("://").next().unwrap_or("");
+        if !SCHEMES.contains(&scheme) || !url.contains("://") {
+            return Err(StoreError::Config(format!(
+                "invalid Valkey URL {url:?}: the scheme must be one of {}",
+                SCHEMES.join(", ")
+            )));
         }
         let mut config = Config::from_url(url)
-            .map_err(|e| StoreError::Unavailable(format!("invalid Valkey URL: {e}")))?;
+            .map_err(|e| StoreError::Config(format!("invalid Valkey URL {url:?}: {e}")))?;
         // Retry the first connection like any later one instead of failing at once.
         config.fail_fast = false;
         let connection = ConnectionConfig {
@@ -323,7 +332,7 @@ impl ValkeyStore {
             .set_performance_config(performance)
             .set_policy(ReconnectPolicy::new_constant(0, RECONNECT_DELAY_MS))
             .build()
-            .map_err(|e| StoreError::Unavailable(format!("invalid Valkey configuration: {e}")))?;
+            .map_err(|e| StoreError::Config(format!("invalid Valkey configuration: {e}")))?;
 
         watch_connection(&client);
         let _task = client.connect();
@@ -331,18 +340,17 @@ impl ValkeyStore {
             Ok(Ok(())) => {}
             Ok(Err(e)) if matches!(e.kind(), ErrorKind::Config | ErrorKind::Url) => {
                 let _ = client.quit().await;
-                return Err(StoreError::Unavailable(format!(
+                return Err(StoreError::Config(format!(
                     "cannot use Valkey at {url}: {e}"
                 )));
             }
             Ok(Err(e)) => {
-                tracing::warn!(event = "valkey.disconnected", error = %e,
-                    "Valkey not reachable yet; retrying in the background");
+                tracing::warn!(error = %e, detail = "Valkey not reachable yet; retrying in the background", "valkey.disconnected");
             }
             Err(_) => {
                 tracing::warn!(
-                    event = "valkey.disconnected",
-                    "Valkey not reachable yet; retrying in the background"
+                    detail = "Valkey not reachable yet; retrying in the background",
+                    "valkey.disconnected"
                 );
             }
         }
@@ -560,7 +568,7 @@ fn watch_connection(client: &Client) {
         client.on_reconnect(move |server| {
             if !up.swap(true, AtomicOrdering::SeqCst) {
                 reported.store(false, AtomicOrdering::SeqCst);
-                tracing::info!(event = "valkey.connected", server = %server, "connected to Valkey");
+                tracing::info!(server = %server, detail = "connected to Valkey", "valkey.connected");
             }
             async { Ok(()) }
         });
@@ -573,8 +581,7 @@ fn watch_connection(client: &Client) {
             if was_up || !reported.swap(true, AtomicOrdering::SeqCst) {
                 reported.store(true, AtomicOrdering::SeqCst);
                 let server = server.map(|s| s.to_string()).unwrap_or_default();
-                tracing::warn!(event = "valkey.disconnected", server, error = %error,
-                    "lost the connection to Valkey; reconnecting");
+                tracing::warn!(server, error = %error, detail = "lost the connection to Valkey; reconnecting", "valkey.disconnected");
             } else {
                 tracing::debug!(error = %error, "Valkey reconnection attempt failed");
             }
@@ -584,8 +591,7 @@ fn watch_connection(client: &Client) {
     client.on_unresponsive(move |server| {
         if up.swap(false, AtomicOrdering::SeqCst) {
             reported.store(true, AtomicOrdering::SeqCst);
-            tracing::warn!(event = "valkey.disconnected", server = %server,
-                "Valkey connection unresponsive; reconnecting");
+            tracing::warn!(server = %server, detail = "Valkey connection unresponsive; reconnecting", "valkey.disconnected");
         }
         async { Ok(()) }
     });
