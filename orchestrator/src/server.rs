@@ -204,16 +204,20 @@ async fn accept_loop<S: Store>(
         };
         let _ = stream.set_nodelay(true);
         let api = api.clone();
-        let service = service_fn(move |req| {
+        let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
             let api = api.clone();
             async move {
+                // The per-request line is debug-level; skip its allocations when it is off.
+                if !tracing::enabled!(tracing::Level::DEBUG) {
+                    return Ok::<_, Infallible>(api.handle(req).await);
+                }
                 let started = Instant::now();
                 let method = req.method().clone();
                 let path = req.uri().path().to_owned();
                 let response = api.handle(req).await;
                 tracing::debug!(%peer, %method, %path, status = response.status().as_u16(),
                     micros = started.elapsed().as_micros() as u64, "request");
-                Ok::<_, Infallible>(response)
+                Ok(response)
             }
         });
         let conn = builder.serve_connection(TokioIo::new(stream), service);

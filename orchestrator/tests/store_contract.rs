@@ -165,6 +165,7 @@ contract_tests!(
     kind_ttl_and_health,
     register_creates,
     register_is_idempotent,
+    concurrent_registers_of_one_url_make_one_entry,
     reregister_restarts_the_ttl,
     requested_id_is_kept_after_expiry,
     requested_id_of_another_url_gets_a_fresh_id,
@@ -417,6 +418,40 @@ async fn register_is_idempotent<H: Harness>() {
     assert!(!third.created);
     assert_eq!(third.record.id, first.record.id);
     assert_eq!(h.index_len().await, H::PER_ENTRY);
+}
+
+/// Retried or racing POSTs for one URL (the reference minted a ULID per POST) give one entry.
+async fn concurrent_registers_of_one_url_make_one_entry<H: Harness>() {
+    let h = H::open(LONG_TTL).await;
+    for round in 0..20 {
+        let url = format!("http://race-{round}:8000");
+        let tasks: Vec<_> = (0..8)
+            .map(|_| {
+                let store = h.store().clone();
+                let url = url.clone();
+                tokio::spawn(async move { store.register(reg(&url, "R")).await })
+            })
+            .collect();
+        let mut ids = Vec::new();
+        let mut created = 0;
+        for task in tasks {
+            let r = task.await.expect("task").expect("register");
+            created += usize::from(r.created);
+            ids.push(r.record.id);
+        }
+        ids.dedup();
+        assert_eq!(
+            ids.len(),
+            1,
+            "round {round}: one id for one URL, got {ids:?}"
+        );
+        assert_eq!(
+            created, 1,
+            "round {round}: exactly one registration created the entry"
+        );
+    }
+    assert_eq!(h.store().list(&all()).await.expect("list").len(), 20);
+    assert_eq!(h.index_len().await, 20 * H::PER_ENTRY);
 }
 
 async fn reregister_restarts_the_ttl<H: Harness>() {
