@@ -1,1 +1,47 @@
+//! Self-registration and service discovery for tower-based Rust services.
+//!
+//! Add one layer and the service registers itself with the servicekit orchestrator once it
+//! accepts connections, keeps its entry alive with pings inside the orchestrator's TTL,
+//! registers again (keeping its id) when the orchestrator forgot it, and — with one more line
+//! in the server's graceful-shutdown hook — deregisters before it drains.
+//!
+//! ```no_run
+//! use axum::{routing::get, Router};
+//! use servicekit::RegistrationLayer;
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let registration = RegistrationLayer::from_env();
+//! let app = Router::new()
+//!     .route("/", get(|| async { "hello" }))
+//!     .layer(registration.clone());
+//! let listener = tokio::net::TcpListener::bind("0.0.0.0:8000").await?;
+//! axum::serve(listener, app)
+//!     .with_graceful_shutdown(registration.shutdown_on(async {
+//!         let _ = tokio::signal::ctrl_c().await;
+//!     }))
+//!     .await?;
+//! if let Some(e) = registration.error() {
+//!     return Err(e.into()); // fail_on_error: registration failed for good
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! - [`layer`]: the layer, its builder and the shutdown hook.
+//! - [`config`]: options, environment variables and their resolution.
+//! - [`keepalive`]: the background lifecycle task.
+//! - [`client`]: the orchestrator HTTP client.
+//! - [`handle`]: the registration state, for readiness checks.
+//! - [`protocol`]: the wire types shared with the orchestrator.
+
+pub mod client;
+pub mod config;
+pub mod handle;
+pub mod keepalive;
+pub mod layer;
 pub mod protocol;
+
+pub use config::ConfigError;
+pub use handle::{Phase, RegistrationHandle, Status};
+pub use keepalive::RegistrationError;
+pub use layer::{RegistrationLayer, RegistrationLayerBuilder};
+pub use protocol::ServiceInfo;
