@@ -132,7 +132,8 @@ impl OrchestratorClient {
             info: info.clone(),
         };
         let bytes = serde_json::to_vec(&body).map_err(|e| ClientError::Protocol(e.to_string()))?;
-        self.call(Method::POST, &self.register_url, Some(bytes)).await
+        self.call(Method::POST, &self.register_url, Some(bytes))
+            .await
     }
 
     /// `PUT` a keepalive to the `ping_url` the orchestrator gave.
@@ -143,7 +144,10 @@ impl OrchestratorClient {
     /// `DELETE` the entry at `service_url` (the ping URL without `/$ping`). A 404 means the
     /// entry is already gone, which is what deregistration wants: it is `Ok(false)`.
     pub async fn deregister(&self, entry_url: &str) -> Result<bool, ClientError> {
-        match self.call::<serde_json::Value>(Method::DELETE, entry_url, None).await {
+        match self
+            .call::<serde_json::Value>(Method::DELETE, entry_url, None)
+            .await
+        {
             Ok(_) => Ok(true),
             Err(e) if e.status() == Some(StatusCode::NOT_FOUND) => Ok(false),
             Err(e) => Err(e),
@@ -184,8 +188,9 @@ impl OrchestratorClient {
             .await
             .map_err(|_| ClientError::Network(format!("no answer within {:?}", self.timeout)))??;
         if parts.status.is_success() {
-            return serde_json::from_slice(&bytes)
-                .map_err(|e| ClientError::Protocol(format!("{e} in {}", String::from_utf8_lossy(&bytes))));
+            return serde_json::from_slice(&bytes).map_err(|e| {
+                ClientError::Protocol(format!("{e} in {}", String::from_utf8_lossy(&bytes)))
+            });
         }
         let retry_after = parts
             .headers

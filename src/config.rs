@@ -95,6 +95,8 @@ pub struct Settings {
     pub max_retries: u32,
     /// Base of the exponential backoff.
     pub retry_delay: Duration,
+    /// Cap of the backoff, and the interval of background retries after `max_retries`.
+    pub max_retry_delay: Duration,
     /// Stop the server when registration fails for good.
     pub fail_on_error: bool,
     /// Bound of every orchestrator call.
@@ -124,6 +126,7 @@ pub(crate) struct Options {
     pub info: Option<Result<ServiceInfo, String>>,
     pub max_retries: u32,
     pub retry_delay: Duration,
+    pub max_retry_delay: Duration,
     pub fail_on_error: bool,
     pub timeout: Duration,
     pub enable_keepalive: bool,
@@ -147,6 +150,7 @@ impl Default for Options {
             info: None,
             max_retries: 5,
             retry_delay: Duration::from_secs(2),
+            max_retry_delay: Duration::from_secs(30),
             fail_on_error: false,
             timeout: Duration::from_secs(10),
             enable_keepalive: true,
@@ -270,7 +274,11 @@ impl Options {
                 reason: "must be at least 1 (it counts attempts, not retries)".into(),
             });
         }
-        for (name, d) in [("timeout", self.timeout), ("startup_timeout", self.startup_timeout)] {
+        for (name, d) in [
+            ("timeout", self.timeout),
+            ("startup_timeout", self.startup_timeout),
+            ("max_retry_delay", self.max_retry_delay),
+        ] {
             if d.is_zero() {
                 return Err(ConfigError::InvalidOption {
                     name,
@@ -307,6 +315,7 @@ impl Options {
             info,
             max_retries: self.max_retries,
             retry_delay: self.retry_delay,
+            max_retry_delay: self.max_retry_delay,
             fail_on_error: self.fail_on_error,
             timeout: self.timeout,
             enable_keepalive: self.enable_keepalive,
@@ -396,7 +405,10 @@ mod tests {
     fn host_priority_is_parameter_then_env_then_hostname() {
         let mut opts = Options::default();
         let s = resolve(&opts, &[URL]).unwrap();
-        assert_eq!((s.host.as_str(), &s.host_source), ("machine", &Source::AutoDetected));
+        assert_eq!(
+            (s.host.as_str(), &s.host_source),
+            ("machine", &Source::AutoDetected)
+        );
         assert_eq!(s.service_url, "http://machine:8000");
 
         let s = resolve(&opts, &[URL, (HOST_ENV, "svca")]).unwrap();
@@ -409,7 +421,10 @@ mod tests {
 
         opts.host = Some("param".into());
         let s = resolve(&opts, &[URL, (HOST_ENV, "svca")]).unwrap();
-        assert_eq!((s.host.as_str(), s.host_source.to_string()), ("param", "parameter".into()));
+        assert_eq!(
+            (s.host.as_str(), s.host_source.to_string()),
+            ("param", "parameter".into())
+        );
     }
 
     #[test]
@@ -423,9 +438,15 @@ mod tests {
     fn port_priority_is_parameter_then_env_then_default() {
         let mut opts = Options::default();
         let s = resolve(&opts, &[URL]).unwrap();
-        assert_eq!((s.port, s.port_source.to_string()), (8000, "default".into()));
+        assert_eq!(
+            (s.port, s.port_source.to_string()),
+            (8000, "default".into())
+        );
         let s = resolve(&opts, &[URL, (PORT_ENV, "8001")]).unwrap();
-        assert_eq!((s.port, s.port_source.to_string()), (8001, "env:SERVICEKIT_PORT".into()));
+        assert_eq!(
+            (s.port, s.port_source.to_string()),
+            (8001, "env:SERVICEKIT_PORT".into())
+        );
         opts.port = Some(9);
         let s = resolve(&opts, &[URL, (PORT_ENV, "8001")]).unwrap();
         assert_eq!((s.port, s.port_source.to_string()), (9, "parameter".into()));
@@ -443,19 +464,37 @@ mod tests {
                 }
             );
             let text = err.to_string();
-            assert!(text.contains("SERVICEKIT_PORT") && text.contains(&format!("{bad:?}")), "{text}");
+            assert!(
+                text.contains("SERVICEKIT_PORT") && text.contains(&format!("{bad:?}")),
+                "{text}"
+            );
         }
     }
 
     #[test]
     fn orchestrator_url_is_required_and_must_be_http() {
         let err = resolve(&Options::default(), &[]).unwrap_err();
-        assert!(err.to_string().contains("SERVICEKIT_ORCHESTRATOR_URL"), "{err}");
-        for bad in ["orch:9000", "ftp://orch/x", "https://orch/x", "http://", "not a url"] {
+        assert!(
+            err.to_string().contains("SERVICEKIT_ORCHESTRATOR_URL"),
+            "{err}"
+        );
+        for bad in [
+            "orch:9000",
+            "ftp://orch/x",
+            "https://orch/x",
+            "http://",
+            "not a url",
+        ] {
             let err = resolve(&Options::default(), &[(ORCHESTRATOR_URL_ENV, bad)]).unwrap_err();
             let text = err.to_string();
-            assert!(matches!(err, ConfigError::InvalidOrchestratorUrl { .. }), "{bad}: {text}");
-            assert!(text.contains("SERVICEKIT_ORCHESTRATOR_URL") && text.contains(bad), "{text}");
+            assert!(
+                matches!(err, ConfigError::InvalidOrchestratorUrl { .. }),
+                "{bad}: {text}"
+            );
+            assert!(
+                text.contains("SERVICEKIT_ORCHESTRATOR_URL") && text.contains(bad),
+                "{text}"
+            );
         }
     }
 
@@ -469,7 +508,12 @@ mod tests {
         };
         let s = resolve(
             &opts,
-            &[("MY_URL", "http://o:1/r"), ("MY_HOST", "h"), ("MY_PORT", "7"), URL],
+            &[
+                ("MY_URL", "http://o:1/r"),
+                ("MY_HOST", "h"),
+                ("MY_PORT", "7"),
+                URL,
+            ],
         )
         .unwrap();
         assert_eq!(s.orchestrator_url.as_str(), "http://o:1/r");
@@ -479,17 +523,31 @@ mod tests {
 
     #[test]
     fn ipv6_hosts_are_bracketed_and_bad_hosts_rejected() {
-        let mut opts = Options::default();
-        opts.host = Some("::1".into());
-        assert_eq!(resolve(&opts, &[URL]).unwrap().service_url, "http://[::1]:8000");
+        let mut opts = Options {
+            host: Some("::1".into()),
+            ..Options::default()
+        };
+        assert_eq!(
+            resolve(&opts, &[URL]).unwrap().service_url,
+            "http://[::1]:8000"
+        );
         opts.host = Some("[fd00::2]".into());
-        assert_eq!(resolve(&opts, &[URL]).unwrap().service_url, "http://[fd00::2]:8000");
+        assert_eq!(
+            resolve(&opts, &[URL]).unwrap().service_url,
+            "http://[fd00::2]:8000"
+        );
         opts.host = Some("10.0.0.7".into());
-        assert_eq!(resolve(&opts, &[URL]).unwrap().service_url, "http://10.0.0.7:8000");
+        assert_eq!(
+            resolve(&opts, &[URL]).unwrap().service_url,
+            "http://10.0.0.7:8000"
+        );
         for bad in ["a b", "a/b", "host:80"] {
             opts.host = Some(bad.into());
             let err = resolve(&opts, &[URL]).unwrap_err();
-            assert!(matches!(err, ConfigError::InvalidHost { .. }), "{bad}: {err}");
+            assert!(
+                matches!(err, ConfigError::InvalidHost { .. }),
+                "{bad}: {err}"
+            );
         }
     }
 
@@ -497,7 +555,11 @@ mod tests {
     fn info_defaults_to_the_cargo_package() {
         let s = resolve(
             &Options::default(),
-            &[URL, ("CARGO_PKG_NAME", "svc"), ("CARGO_PKG_VERSION", "1.2.3")],
+            &[
+                URL,
+                ("CARGO_PKG_NAME", "svc"),
+                ("CARGO_PKG_VERSION", "1.2.3"),
+            ],
         )
         .unwrap();
         assert_eq!(s.info.display_name, "svc");
@@ -515,7 +577,10 @@ mod tests {
             info: Some(info_from(&serde_json::json!({"team": "x"}))),
             ..Options::default()
         };
-        assert!(matches!(resolve(&opts, &[URL]), Err(ConfigError::InvalidInfo(_))));
+        assert!(matches!(
+            resolve(&opts, &[URL]),
+            Err(ConfigError::InvalidInfo(_))
+        ));
     }
 
     #[test]
@@ -524,17 +589,26 @@ mod tests {
             max_retries: 0,
             ..Options::default()
         };
-        assert!(resolve(&opts, &[URL]).unwrap_err().to_string().contains("max_retries"));
+        assert!(resolve(&opts, &[URL])
+            .unwrap_err()
+            .to_string()
+            .contains("max_retries"));
         let opts = Options {
             timeout: Duration::ZERO,
             ..Options::default()
         };
-        assert!(resolve(&opts, &[URL]).unwrap_err().to_string().contains("timeout"));
+        assert!(resolve(&opts, &[URL])
+            .unwrap_err()
+            .to_string()
+            .contains("timeout"));
         let opts = Options {
             health_path: Some("health".into()),
             ..Options::default()
         };
-        assert!(resolve(&opts, &[URL]).unwrap_err().to_string().contains("health_path"));
+        assert!(resolve(&opts, &[URL])
+            .unwrap_err()
+            .to_string()
+            .contains("health_path"));
     }
 
     #[test]

@@ -19,9 +19,6 @@ use crate::config::Settings;
 use crate::handle::{Phase, Status};
 use crate::protocol::RegisterResponse;
 
-/// Longest pause between registration attempts, also the background retry interval once
-/// `max_retries` attempts have failed.
-pub(crate) const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// Shortest pause between pings when the orchestrator does not answer.
 const MIN_PING_RETRY: Duration = Duration::from_millis(250);
 
@@ -44,8 +41,15 @@ pub enum RegistrationError {
 
 /// The full-jitter exponential backoff before attempt `attempt + 1`: a random pause between
 /// zero and `base * 2^attempt`, capped at `cap`. A server's `Retry-After` wins when longer.
-pub(crate) fn backoff(base: Duration, attempt: u32, cap: Duration, retry_after: Option<Duration>) -> Duration {
-    let ceiling = base.saturating_mul(1u32.checked_shl(attempt.min(31)).unwrap_or(u32::MAX)).min(cap);
+pub(crate) fn backoff(
+    base: Duration,
+    attempt: u32,
+    cap: Duration,
+    retry_after: Option<Duration>,
+) -> Duration {
+    let ceiling = base
+        .saturating_mul(1u32.checked_shl(attempt.min(31)).unwrap_or(u32::MAX))
+        .min(cap);
     let jittered = ceiling.mul_f64(fastrand::f64());
     match retry_after {
         Some(ra) => jittered.max(ra.min(cap)),
@@ -142,7 +146,11 @@ impl Task {
         tracing::error!(error = %e, fail_on_error = self.settings.fail_on_error, "registration.failed");
         let fatal = self.settings.fail_on_error;
         self.status.send_modify(|s| {
-            s.phase = if fatal { Phase::Failed } else { Phase::Unregistered };
+            s.phase = if fatal {
+                Phase::Failed
+            } else {
+                Phase::Unregistered
+            };
             s.error = Some(e);
         });
     }
@@ -204,9 +212,10 @@ impl Task {
     }
 
     /// Registers, retrying with backoff. After `max_retries` failed attempts it gives up when
-    /// `fail_on_error` is set, and otherwise keeps trying every [`MAX_BACKOFF`] (jittered).
+    /// `fail_on_error` is set, and otherwise keeps trying every `max_retry_delay` (jittered).
     async fn register_until_done(&mut self, previous: Option<Ulid>) -> Outcome<Entry> {
         let max = self.settings.max_retries;
+        let cap = self.settings.max_retry_delay;
         let mut attempt: u32 = 0;
         let mut reported = false;
         loop {
@@ -218,7 +227,8 @@ impl Task {
                 .await;
             match result {
                 Ok(answer) => {
-                    let status = if answer.status == crate::protocol::RegistrationStatus::Registered {
+                    let status = if answer.status == crate::protocol::RegistrationStatus::Registered
+                    {
                         StatusCode::CREATED
                     } else {
                         StatusCode::OK
@@ -247,7 +257,7 @@ impl Task {
                     tracing::warn!(attempt, max_retries = max, error = %e,
                         status_code = e.status().map(|s| s.as_u16()), "registration.attempt_failed");
                     let delay = if attempt < max {
-                        backoff(self.settings.retry_delay, attempt - 1, MAX_BACKOFF, e.retry_after())
+                        backoff(self.settings.retry_delay, attempt - 1, cap, e.retry_after())
                     } else {
                         if self.settings.fail_on_error {
                             return Outcome::Fatal(RegistrationError::Failed {
@@ -258,7 +268,7 @@ impl Task {
                         if !reported {
                             reported = true;
                             tracing::error!(attempts = attempt, error = %e,
-                                retry_every_secs = MAX_BACKOFF.as_secs(), "registration.failed");
+                                retry_every_ms = cap.as_millis() as u64, "registration.failed");
                             self.status.send_modify(|s| {
                                 s.error = Some(RegistrationError::Failed {
                                     attempts: attempt,
@@ -266,10 +276,13 @@ impl Task {
                                 })
                             });
                         }
-                        jitter(MAX_BACKOFF).max(e.retry_after().unwrap_or_default())
+                        jitter(cap).max(e.retry_after().unwrap_or_default().min(cap))
                     };
-                    tracing::info!(attempt = attempt + 1, delay_ms = delay.as_millis() as u64,
-                        "registration.retrying");
+                    tracing::info!(
+                        attempt = attempt + 1,
+                        delay_ms = delay.as_millis() as u64,
+                        "registration.retrying"
+                    );
                     if !self.pause(delay).await {
                         return Outcome::Stopped;
                     }
@@ -316,8 +329,13 @@ impl Task {
                         None if *self.stop.borrow() => break,
                         None => {
                             failures += 1;
-                            next = backoff(self.settings.retry_delay, failures, MAX_BACKOFF, None)
-                                .max(MIN_PING_RETRY);
+                            next = backoff(
+                                self.settings.retry_delay,
+                                failures,
+                                self.settings.max_retry_delay,
+                                None,
+                            )
+                            .max(MIN_PING_RETRY);
                         }
                     }
                 }
@@ -340,7 +358,11 @@ impl Task {
         let sent = Instant::now();
         match self
             .client
-            .register(&self.settings.service_url, &self.settings.info, Some(previous))
+            .register(
+                &self.settings.service_url,
+                &self.settings.info,
+                Some(previous),
+            )
             .await
         {
             Ok(answer) => {
@@ -382,8 +404,7 @@ async fn probe_http(url: &str, bound: Duration) -> bool {
     use http_body_util::Empty;
     use hyper_util::client::legacy::Client;
     use hyper_util::rt::TokioExecutor;
-    let client: Client<_, Empty<bytes::Bytes>> =
-        Client::builder(TokioExecutor::new()).build_http();
+    let client: Client<_, Empty<bytes::Bytes>> = Client::builder(TokioExecutor::new()).build_http();
     let Ok(uri) = url.parse::<http::Uri>() else {
         return false;
     };
@@ -416,7 +437,9 @@ mod tests {
             }
         }
         // Full jitter: the pauses are spread out, not all at the ceiling.
-        let samples: Vec<_> = (0..200).map(|_| backoff(base, 3, Duration::from_secs(30), None)).collect();
+        let samples: Vec<_> = (0..200)
+            .map(|_| backoff(base, 3, Duration::from_secs(30), None))
+            .collect();
         assert!(samples.iter().any(|d| *d < Duration::from_millis(400)));
         assert!(samples.iter().any(|d| *d > Duration::from_millis(400)));
         // Huge attempt counts do not overflow.
@@ -425,9 +448,19 @@ mod tests {
 
     #[test]
     fn retry_after_is_honoured_up_to_the_cap() {
-        let d = backoff(Duration::from_millis(1), 0, Duration::from_secs(30), Some(Duration::from_secs(5)));
+        let d = backoff(
+            Duration::from_millis(1),
+            0,
+            Duration::from_secs(30),
+            Some(Duration::from_secs(5)),
+        );
         assert!(d >= Duration::from_secs(5));
-        let d = backoff(Duration::from_millis(1), 0, Duration::from_secs(30), Some(Duration::from_secs(500)));
+        let d = backoff(
+            Duration::from_millis(1),
+            0,
+            Duration::from_secs(30),
+            Some(Duration::from_secs(500)),
+        );
         assert!(d <= Duration::from_secs(30));
     }
 
@@ -435,7 +468,10 @@ mod tests {
     fn keepalive_jitter_stays_within_ten_percent() {
         for _ in 0..200 {
             let d = jitter(Duration::from_secs(10));
-            assert!(d >= Duration::from_secs(9) && d <= Duration::from_secs(11), "{d:?}");
+            assert!(
+                d >= Duration::from_secs(9) && d <= Duration::from_secs(11),
+                "{d:?}"
+            );
         }
     }
 

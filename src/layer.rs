@@ -110,7 +110,10 @@ impl RegistrationLayer {
             // The task deregisters within `timeout`; this bound only guards against a stuck task.
             let bound = settings.timeout + Duration::from_secs(1);
             let done = status.wait_for(|s| {
-                matches!(s.phase, Phase::Stopped | Phase::Failed | Phase::Unregistered | Phase::NotStarted)
+                matches!(
+                    s.phase,
+                    Phase::Stopped | Phase::Failed | Phase::Unregistered | Phase::NotStarted
+                )
             });
             if tokio::time::timeout(bound, done).await.is_err() {
                 tracing::warn!(waited = ?bound, "deregistration.failed");
@@ -170,7 +173,11 @@ impl RegistrationLayer {
         }
         let err = RegistrationError::Config(e.to_string());
         self.shared.status.send_modify(|s| {
-            s.phase = if fatal { Phase::Failed } else { Phase::Unregistered };
+            s.phase = if fatal {
+                Phase::Failed
+            } else {
+                Phase::Unregistered
+            };
             s.error = Some(err);
         });
         let shared = self.shared.clone();
@@ -270,6 +277,13 @@ impl RegistrationLayerBuilder {
         self
     }
 
+    /// Longest pause between attempts, and the interval of the background retries once
+    /// `max_retries` attempts have failed without `fail_on_error`. Default 30 s.
+    pub fn max_retry_delay(mut self, delay: Duration) -> Self {
+        self.options.max_retry_delay = delay;
+        self
+    }
+
     /// Stop the server when registration fails for good. Default false: keep serving and keep
     /// retrying in the background.
     pub fn fail_on_error(mut self, fail: bool) -> Self {
@@ -323,7 +337,10 @@ impl RegistrationLayerBuilder {
     /// Resolves the configuration against the environment.
     pub fn build(self) -> Result<RegistrationLayer, ConfigError> {
         let settings = self.resolve()?;
-        Ok(RegistrationLayer::with(Ok(settings), self.options.fail_on_error))
+        Ok(RegistrationLayer::with(
+            Ok(settings),
+            self.options.fail_on_error,
+        ))
     }
 
     /// Builds even when the configuration is wrong; the problem is reported when registration
