@@ -100,7 +100,9 @@ impl RegistrationLayer {
                 _ = signal => {}
                 _ = status.wait_for(|s| s.phase == Phase::Failed) => return,
             }
-            let _ = shared.stop.send(true);
+            // `send_replace` stores the value even before the task subscribed, so a task started
+            // after the signal sees it too.
+            shared.stop.send_replace(true);
             if !shared.started.load(Ordering::SeqCst) {
                 return;
             }
