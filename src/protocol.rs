@@ -205,6 +205,7 @@ pub mod problem_type {
     pub const UNAUTHORIZED: &str = "urn:servicekit:error:unauthorized";
     pub const NOT_FOUND: &str = "urn:servicekit:error:not-found";
     pub const METHOD_NOT_ALLOWED: &str = "urn:servicekit:error:method-not-allowed";
+    pub const REQUEST_TIMEOUT: &str = "urn:servicekit:error:request-timeout";
     pub const PAYLOAD_TOO_LARGE: &str = "urn:servicekit:error:payload-too-large";
     pub const UNSUPPORTED_MEDIA_TYPE: &str = "urn:servicekit:error:unsupported-media-type";
     pub const STORE_UNAVAILABLE: &str = "urn:servicekit:error:store-unavailable";

@@ -64,7 +64,10 @@ async fn tonic_lifecycle() {
         .expect("server stops")
         .expect("task")
         .expect("serve");
-    assert!(entries_for(&api, &url).await.is_empty(), "deregistered on shutdown");
+    assert!(
+        entries_for(&api, &url).await.is_empty(),
+        "deregistered on shutdown"
+    );
     assert_eq!(handle.status().phase, Phase::Stopped);
     orch.shutdown().await;
 }

@@ -27,13 +27,18 @@ async fn a_flushed_valkey_is_healed_with_the_same_id() {
     let listener = listener().await;
     let port = listener.local_addr().expect("addr").port();
     let layer = builder(&orch.base_url(), port).build().expect("config");
-    let app = Router::new().route("/", get(|| async { "hi" })).layer(layer.clone());
+    let app = Router::new()
+        .route("/", get(|| async { "hi" }))
+        .layer(layer.clone());
     let served = serve(listener, app, &layer);
     let url = format!("http://127.0.0.1:{port}");
     let first = registered(&api, &url, Duration::from_secs(15)).await;
 
     flushall(valkey.port());
-    assert!(entries_for(&api, &url).await.is_empty(), "FLUSHALL removed the entry");
+    assert!(
+        entries_for(&api, &url).await.is_empty(),
+        "FLUSHALL removed the entry"
+    );
     // One keepalive interval (ttl/3 = 1 s) plus the re-registration round trip.
     let again = registered(&api, &url, Duration::from_secs(5)).await;
     assert_eq!(again["id"], first["id"]);

@@ -28,6 +28,26 @@ use crate::store::{ListFilter, Registration, Store};
 
 /// Upper bound for the health check, so `/health` answers even when the store hangs.
 const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
+/// Upper bound of one store operation on behalf of a request. The Valkey store bounds each
+/// command by 2 s; an operation of several commands could add those up during a stall.
+const STORE_TIMEOUT: Duration = Duration::from_millis(2500);
+/// Listing 100k entries legitimately takes longer than a single-entry operation.
+const LIST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a client may take to send its request body.
+const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Runs a store operation within `limit`, turning a timeout into 503.
+async fn bounded<T>(
+    limit: Duration,
+    op: impl std::future::Future<Output = Result<T, crate::store::StoreError>>,
+) -> Result<T, ApiError> {
+    match tokio::time::timeout(limit, op).await {
+        Ok(result) => result.map_err(ApiError::from),
+        Err(_) => Err(ApiError::StoreUnavailable(format!(
+            "no answer from the store within {limit:?}"
+        ))),
+    }
+}
 
 /// The API over one store. Shared by every connection.
 pub struct Api<S> {
@@ -158,9 +178,11 @@ impl<S: Store> Api<S> {
             return Ok(());
         };
         let headers = req.headers();
-        let bearer = headers
-            .get(AUTHORIZATION)
-            .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "));
+        // The scheme name is case-insensitive (RFC 9110 11.1).
+        let bearer = headers.get(AUTHORIZATION).and_then(|v| {
+            let v = v.as_bytes();
+            (v.len() > 7 && v[..7].eq_ignore_ascii_case(b"bearer ")).then(|| &v[7..])
+        });
         let presented = headers
             .get(SERVICE_KEY_HEADER)
             .map(HeaderValue::as_bytes)
@@ -187,7 +209,7 @@ impl<S: Store> Api<S> {
         let request: RegisterRequest = serde_json::from_slice(&body)
             .map_err(|e| ApiError::BadRequest(format!("invalid registration body: {e}")))?;
         let registration = validate_registration(request)?;
-        let registered = self.store.register(registration).await?;
+        let registered = bounded(STORE_TIMEOUT, self.store.register(registration)).await?;
         let record = registered.record;
         let name = &record.info.display_name;
         let (status, code, message) = if registered.created {
@@ -219,7 +241,9 @@ impl<S: Store> Api<S> {
 
     async fn ping(&self, id: &str) -> Result<Response<Full<Bytes>>, ApiError> {
         let id = parse_id(id)?;
-        let pinged = self.store.ping(id).await?.ok_or_else(|| not_found(id))?;
+        let pinged = bounded(STORE_TIMEOUT, self.store.ping(id))
+            .await?
+            .ok_or_else(|| not_found(id))?;
         tracing::debug!(id = %id, "service.pinged");
         json_response(
             StatusCode::OK,
@@ -234,7 +258,9 @@ impl<S: Store> Api<S> {
 
     async fn get(&self, id: &str) -> Result<Response<Full<Bytes>>, ApiError> {
         let id = parse_id(id)?;
-        let record = self.store.get(id).await?.ok_or_else(|| not_found(id))?;
+        let record = bounded(STORE_TIMEOUT, self.store.get(id))
+            .await?
+            .ok_or_else(|| not_found(id))?;
         json_response(StatusCode::OK, &record)
     }
 
@@ -257,7 +283,7 @@ impl<S: Store> Api<S> {
 
     async fn list(&self, query: Option<&str>) -> Result<Response<Full<Bytes>>, ApiError> {
         let filter = parse_filter(query.unwrap_or(""))?;
-        let services = self.store.list(&filter).await?;
+        let services = bounded(LIST_TIMEOUT, self.store.list(&filter)).await?;
         json_response(
             StatusCode::OK,
             &ListResponse {
@@ -335,7 +361,11 @@ impl<S: Store> Api<S> {
         if declared.is_some_and(|n| n > limit as u64) {
             return Err(ApiError::PayloadTooLarge { limit });
         }
-        match Limited::new(req.into_body(), limit).collect().await {
+        let collect = Limited::new(req.into_body(), limit).collect();
+        let Ok(collected) = tokio::time::timeout(BODY_TIMEOUT, collect).await else {
+            return Err(ApiError::RequestTimeout(BODY_TIMEOUT));
+        };
+        match collected {
             Ok(collected) => Ok(collected.to_bytes()),
             Err(e) if e.is::<http_body_util::LengthLimitError>() => {
                 Err(ApiError::PayloadTooLarge { limit })
@@ -363,7 +393,15 @@ impl<S: Store> Api<S> {
                     .filter(|h| h.parse::<http::uri::Authority>().is_ok())
                     .map(str::to_owned)
             })
-            .unwrap_or_else(|| self.local_addr.to_string());
+            .unwrap_or_else(|| {
+                // No Host (HTTP/1.0): the listening address, which is only useful when it is
+                // a concrete one. --public-url is the real answer here.
+                if self.local_addr.ip().is_unspecified() {
+                    format!("localhost:{}", self.local_addr.port())
+                } else {
+                    self.local_addr.to_string()
+                }
+            });
         format!("http://{host}")
     }
 }
@@ -424,6 +462,10 @@ pub fn canonical_url(text: &str) -> Result<String, &'static str> {
     }
     if url.fragment().is_some() {
         return Err("must not have a fragment");
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        // Every registration is readable by anyone who can list: no credentials in there.
+        return Err("must not contain a user name or password");
     }
     let mut s = String::from(url);
     if s.ends_with('/') && !s.contains('?') && s.matches('/').count() == 3 {

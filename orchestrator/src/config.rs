@@ -38,9 +38,14 @@ pub struct Config {
     pub public_url: Option<String>,
 
     /// Key that every write (register, ping, deregister) must present in X-Service-Key or
-    /// Authorization: Bearer. When unset, writes are open.
+    /// Authorization: Bearer. When unset or empty, writes are open.
     #[arg(long, env = "ORCHESTRATOR_REGISTRATION_KEY", hide_env_values = true)]
     pub registration_key: Option<String>,
+
+    /// Most connections served at once; further clients wait in the listen backlog.
+    #[arg(long, env = "ORCHESTRATOR_MAX_CONNECTIONS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
 
     /// Largest request body accepted, in bytes.
     #[arg(long, env = "ORCHESTRATOR_MAX_BODY_BYTES", default_value_t = 65_536)]
@@ -68,9 +73,16 @@ impl Config {
             ttl_seconds: 30,
             public_url: None,
             registration_key: None,
+            max_connections: 10_000,
             max_body_bytes: 65_536,
             log_format: LogFormat::Pretty,
         }
+    }
+
+    /// The registration key, if one is required. An empty value (as `${KEY:-}` in a compose
+    /// file gives) means none: requiring the empty string would only confuse clients.
+    pub fn required_key(&self) -> Option<&str> {
+        self.registration_key.as_deref().filter(|k| !k.is_empty())
     }
 
     /// The entry time-to-live.

@@ -22,6 +22,8 @@ pub enum ApiError {
     NotFound(String),
     #[error("method {method} is not allowed here; allowed: {allow}")]
     MethodNotAllowed { method: String, allow: &'static str },
+    #[error("the request body did not arrive within {0:?}")]
+    RequestTimeout(std::time::Duration),
     #[error("request body exceeds the limit of {limit} bytes")]
     PayloadTooLarge { limit: usize },
     #[error("content type {0:?} is not supported; send application/json")]
@@ -52,6 +54,11 @@ impl ApiError {
                 StatusCode::METHOD_NOT_ALLOWED,
                 t::METHOD_NOT_ALLOWED,
                 "Method Not Allowed",
+            ),
+            ApiError::RequestTimeout(_) => (
+                StatusCode::REQUEST_TIMEOUT,
+                t::REQUEST_TIMEOUT,
+                "Request Timeout",
             ),
             ApiError::PayloadTooLarge { .. } => (
                 StatusCode::PAYLOAD_TOO_LARGE,

@@ -11,11 +11,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
 
 use crate::api::Api;
@@ -24,6 +24,8 @@ use crate::store::{MemoryStore, Store, StoreError, ValkeyStore};
 
 /// How long shutdown waits for in-flight requests before giving up on them.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a client may take to send request headers (HTTP/1).
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why the orchestrator could not start.
 #[derive(Debug, thiserror::Error)]
@@ -97,7 +99,10 @@ pub async fn start_with_signal(
     let trigger = shutdown.clone();
     tokio::spawn(async move {
         signal.await;
+        // Trigger first: nothing (not even a failing log write) may stand between a signal
+        // and the shutdown it asks for.
         let _ = trigger.send(true);
+        tracing::info!("orchestrator.shutdown_requested");
     });
     let ttl = config.ttl();
     let (store_kind, task) = match &config.valkey_url {
@@ -132,7 +137,7 @@ fn log_start(config: &Config, local_addr: SocketAddr, store: &str) {
         store,
         ttl_seconds = config.ttl_seconds,
         public_url = config.public_url.as_deref().unwrap_or("(from Host header)"),
-        registration_key = config.registration_key.is_some(),
+        registration_key = config.required_key().is_some(),
         "orchestrator.starting"
     );
     if store == "memory" {
@@ -152,13 +157,14 @@ fn spawn_server<S: Store>(
     let api = Arc::new(Api::new(
         store,
         config.public_url.clone(),
-        config.registration_key.clone(),
+        config.required_key().map(str::to_owned),
         config.max_body_bytes,
         local_addr,
     ));
     let sweeper = tokio::spawn(sweep_forever(api.clone(), stop.clone()));
+    let connections = Arc::new(Semaphore::new(config.max_connections as usize));
     tokio::spawn(async move {
-        accept_loop(listener, api, stop).await;
+        accept_loop(listener, api, connections, stop).await;
         sweeper.abort();
     })
 }
@@ -184,11 +190,26 @@ async fn sweep_forever<S: Store>(api: Arc<Api<S>>, mut stop: watch::Receiver<boo
 async fn accept_loop<S: Store>(
     listener: TcpListener,
     api: Arc<Api<S>>,
+    connections: Arc<Semaphore>,
     mut stop: watch::Receiver<bool>,
 ) {
     let graceful = GracefulShutdown::new();
-    let builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT);
+    builder.http2().timer(TokioTimer::new());
     loop {
+        // At the connection limit, stop accepting until a connection ends (backpressure
+        // through the listen backlog instead of accepting and dropping).
+        let permit = tokio::select! {
+            permit = connections.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break,
+            },
+            _ = stop.wait_for(|stopped| *stopped) => break,
+        };
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
             _ = stop.wait_for(|stopped| *stopped) => break,
@@ -226,6 +247,7 @@ async fn accept_loop<S: Store>(
             if let Err(e) = conn.await {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
+            drop(permit);
         });
     }
     drop(listener);

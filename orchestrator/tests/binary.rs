@@ -231,3 +231,46 @@ fn unusable_valkey_settings_are_reported_and_exit_non_zero() {
         );
     }
 }
+
+#[tokio::test]
+async fn keeps_serving_and_obeys_sigterm_after_its_log_reader_goes_away() {
+    let mut child = orchestrator()
+        .args(["--bind", "127.0.0.1:0"])
+        .env("LOG_FORMAT", "json")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starts");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let bind = loop {
+        let line = lines.next().expect("a log line").expect("readable");
+        let v: Value = serde_json::from_str(&line).expect("json log");
+        if v["message"] == "orchestrator.starting" {
+            break v["bind"].as_str().expect("bind").to_owned();
+        }
+    };
+    // Whoever read the logs is gone: both pipes are closed.
+    drop(lines);
+    drop(child.stderr.take());
+    let api = Api::new(format!("http://{bind}"));
+    // Requests that log still work (several, to overflow any buffer).
+    for i in 0..50 {
+        api.register(&format!("http://svc{i}:8000"), "A").await;
+    }
+    assert_eq!(api.get("/health").await.status, 200);
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let exit = loop {
+        if let Some(exit) = child.try_wait().expect("wait") {
+            break exit;
+        }
+        assert!(std::time::Instant::now() < deadline, "SIGTERM was ignored");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(exit.success(), "{exit:?}");
+}

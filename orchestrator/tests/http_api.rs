@@ -132,21 +132,26 @@ async fn presented_ids_are_kept_only_when_they_fit() {
     assert_eq!(r.status, 201);
     assert_eq!(r.json::<Value>()["id"], id.as_str());
 
-    // The reference client's slug, and another URL's id, are ignored.
-    for presented in [json!("svc-b"), json!(id), json!(42)] {
+    // The reference client's slug, a number, and another URL's id are ignored: each of
+    // these is the first registration of its URL, so only the presented id could decide.
+    for (url, presented) in [
+        ("http://svcb:8000", json!("svc-b")),
+        ("http://svcc:8000", json!(42)),
+        ("http://svcd:8000", json!(id)),
+    ] {
         let r = api
             .post_json(
                 "/services/$register",
-                &json!({"id": presented, "url": "http://svcb:8000", "info": {"display_name": "B"}}),
+                &json!({"id": presented, "url": url, "info": {"display_name": "B"}}),
             )
             .await;
-        assert!(r.status.is_success(), "{r:?}");
+        assert_eq!(r.status, 201, "{r:?}");
         let got = r.json::<Value>()["id"].as_str().unwrap().to_owned();
         assert_ne!(got, id);
         assert!(ulid::Ulid::from_string(&got).is_ok());
     }
     let list: Value = api.get("/services").await.json();
-    assert_eq!(list["count"], 2);
+    assert_eq!(list["count"], 4);
     running.shutdown().await;
 }
 
@@ -597,6 +602,51 @@ async fn registration_key_guards_writes_only() {
 }
 
 #[tokio::test]
+async fn an_empty_registration_key_means_none() {
+    let mut config = Config::for_tests();
+    config.registration_key = Some(String::new());
+    let (running, api) = start(config).await;
+    // Not "send an empty key": no key at all is required.
+    api.register("http://svca:8000", "A").await;
+    running.shutdown().await;
+}
+
+#[tokio::test]
+async fn credentials_in_service_urls_are_refused() {
+    let (running, api) = start_default().await;
+    let r = api
+        .post_json(
+            "/services/$register",
+            &json!({"url": "http://user:pw@svca:8000", "info": {"display_name": "A"}}),
+        )
+        .await;
+    let p = r.assert_problem(400, t::BAD_REQUEST);
+    assert!(p["detail"].as_str().unwrap().contains("password"), "{p}");
+    let list: Value = api.get("/services").await.json();
+    assert_eq!(list["count"], 0);
+    running.shutdown().await;
+}
+
+#[tokio::test]
+async fn head_requests_answer_without_a_body() {
+    let (running, api) = start_default().await;
+    let id = api.register("http://svca:8000", "A").await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    for path in [
+        "/health".to_owned(),
+        "/services".to_owned(),
+        format!("/services/{id}"),
+    ] {
+        let r = api.send(Method::HEAD, &path, &[], None).await;
+        assert_eq!(r.status, 200, "{path}");
+        assert!(r.body.is_empty(), "{path}");
+    }
+    running.shutdown().await;
+}
+
+#[tokio::test]
 async fn urls_come_from_public_url_or_host() {
     let mut config = Config::for_tests();
     config.public_url = Some("https://registry.example:443/base".into());
@@ -661,10 +711,20 @@ async fn http2_prior_knowledge_works() {
 #[tokio::test]
 async fn shutdown_finishes_in_flight_requests() {
     let (running, api) = start_default().await;
+    let client = Client::builder(TokioExecutor::new()).build_http::<StreamBody<_>>();
+    // Warm up: the server has accepted this client's (kept-alive) connection before the
+    // request under test starts, so shutdown cannot race the accept.
+    let (warm_tx, warm_rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(1);
+    drop(warm_tx);
+    let warm = http::Request::get(format!("{}/health", api.base()))
+        .body(StreamBody::new(tokio_stream_from(warm_rx)))
+        .unwrap();
+    let warm = client.request(warm).await.expect("warm-up");
+    assert_eq!(warm.status(), 200);
+    warm.into_body().collect().await.expect("warm-up body");
     // A registration whose body arrives in two parts, with the shutdown in between.
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(2);
     let body = StreamBody::new(tokio_stream_from(rx));
-    let client = Client::builder(TokioExecutor::new()).build_http();
     let req = http::Request::post(format!("{}/services/$register", api.base()))
         .header("content-type", "application/json")
         .body(body)
