@@ -231,30 +231,7 @@ impl Options {
             },
         };
 
-        let (port, port_source) = match self.port {
-            Some(0) => {
-                return Err(ConfigError::InvalidPort {
-                    value: "0".into(),
-                    origin: Source::Parameter.to_string(),
-                })
-            }
-            Some(p) => (p, Source::Parameter),
-            None => match env(&self.port_env) {
-                Some(text) => {
-                    let source = Source::Env(self.port_env.clone());
-                    match text.trim().parse::<u16>() {
-                        Ok(p) if p > 0 => (p, source),
-                        _ => {
-                            return Err(ConfigError::InvalidPort {
-                                value: text,
-                                origin: source.to_string(),
-                            })
-                        }
-                    }
-                }
-                None => (DEFAULT_PORT, Source::Default),
-            },
-        };
+        let (port, port_source) = resolve_port(self.port, &self.port_env, env)?;
 
         let service_url = service_url(&host, port).map_err(|reason| ConfigError::InvalidHost {
             value: host.clone(),
@@ -326,6 +303,40 @@ impl Options {
             drain_delay: self.drain_delay,
         })
     }
+}
+
+/// Port: parameter, then the variable `port_env`, then [`DEFAULT_PORT`].
+fn resolve_port(
+    param: Option<u16>,
+    port_env: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<(u16, Source), ConfigError> {
+    match param {
+        Some(0) => Err(ConfigError::InvalidPort {
+            value: "0".into(),
+            origin: Source::Parameter.to_string(),
+        }),
+        Some(p) => Ok((p, Source::Parameter)),
+        None => match env(port_env) {
+            Some(text) => {
+                let source = Source::Env(port_env.to_owned());
+                match text.trim().parse::<u16>() {
+                    Ok(p) if p > 0 => Ok((p, source)),
+                    _ => Err(ConfigError::InvalidPort {
+                        value: text,
+                        origin: source.to_string(),
+                    }),
+                }
+            }
+            None => Ok((DEFAULT_PORT, Source::Default)),
+        },
+    }
+}
+
+/// The port a service should listen on, by the same rules the layer advertises it with:
+/// `SERVICEKIT_PORT`, else 8000. Bind with this and the registered URL matches.
+pub fn port_from_env() -> Result<u16, ConfigError> {
+    resolve_port(None, PORT_ENV, &|name| std::env::var(name).ok()).map(|(p, _)| p)
 }
 
 fn parse_orchestrator_url(text: &str, source: &Source) -> Result<Url, ConfigError> {

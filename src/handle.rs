@@ -16,11 +16,14 @@ pub enum Phase {
     NotStarted,
     /// Waiting for the local server to answer on its port.
     WaitingForServer,
-    /// Registering (first time, or again after the orchestrator forgot the entry).
+    /// Registering (first time, or again after the orchestrator forgot the entry). After
+    /// `max_retries` failed attempts without `fail_on_error`, it stays here with
+    /// [`Status::error`] set while retrying in the background.
     Registering,
     /// Registered and, with keepalive, pinging.
     Registered,
-    /// Gave up without `fail_on_error`: the service runs unregistered (see the error).
+    /// Gave up for good without `fail_on_error` (configuration problem, rejected
+    /// registration, server never answered): the service runs unregistered (see the error).
     Unregistered,
     /// Gave up with `fail_on_error`: the shutdown hook has fired (see the error).
     Failed,
@@ -28,6 +31,34 @@ pub enum Phase {
     Deregistering,
     /// Done: deregistered (or never registered) after shutdown.
     Stopped,
+}
+
+impl Phase {
+    /// The phase in snake_case, e.g. `"waiting_for_server"`, for readiness endpoints and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::NotStarted => "not_started",
+            Phase::WaitingForServer => "waiting_for_server",
+            Phase::Registering => "registering",
+            Phase::Registered => "registered",
+            Phase::Unregistered => "unregistered",
+            Phase::Failed => "failed",
+            Phase::Deregistering => "deregistering",
+            Phase::Stopped => "stopped",
+        }
+    }
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl serde::Serialize for Phase {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
 }
 
 /// A snapshot of the registration.

@@ -210,7 +210,8 @@ impl<S> Layer<S> for RegistrationLayer {
     }
 }
 
-/// Options for a [`RegistrationLayer`]; every one has an environment or default fallback.
+/// Options for a [`RegistrationLayer`]. The orchestrator URL, host, port and registration key
+/// fall back to environment variables; every other option has a default.
 #[derive(Debug, Clone)]
 pub struct RegistrationLayerBuilder {
     options: Options,
@@ -317,8 +318,9 @@ impl RegistrationLayerBuilder {
         self
     }
 
-    /// Path probed with `GET` on `127.0.0.1:<port>` before registering (2xx = ready). Default:
-    /// none, a TCP connection suffices.
+    /// Path probed with an HTTP/1.1 `GET` on `127.0.0.1:<port>` before registering (2xx =
+    /// ready). Default: none, a TCP connection to `127.0.0.1:<port>` suffices (the choice for
+    /// gRPC servers). Either way the server must accept connections on loopback.
     pub fn health_path(mut self, path: impl Into<String>) -> Self {
         self.options.health_path = Some(path.into());
         self

@@ -1,0 +1,350 @@
+//! An axum 0.8 service that registers itself with the servicekit orchestrator: the
+//! reference's example service.
+//!
+//! ```text
+//! cargo run -p servicekit-orchestrator -- --bind 127.0.0.1:9000 &
+//! SERVICEKIT_ORCHESTRATOR_URL='http://127.0.0.1:9000/services/$register' \
+//! SERVICEKIT_HOST=127.0.0.1 SERVICEKIT_PORT=8000 \
+//!     cargo run --example service
+//! curl http://127.0.0.1:9000/services
+//! ```
+//!
+//! Endpoints:
+//!
+//! - `GET /` — a small HTML landing page linking the others;
+//! - `GET /health` — `{"status":"healthy", "registration": {...}}`, always 200; the layer
+//!   probes it and registers only once it answers;
+//! - `GET /api/v1/system` — time (RFC 3339), hostname, OS, architecture and versions;
+//! - `GET /api/v1/info` — the `ServiceInfo` this service registers with;
+//! - `GET /docs/` — Swagger UI (served from the binary, works offline) for
+//!   `GET /api-docs/openapi.json`.
+//!
+//! Environment:
+//!
+//! - `SERVICEKIT_ORCHESTRATOR_URL` — the orchestrator's registration endpoint. Unset: the
+//!   service runs unregistered and logs `registration.skipped`.
+//! - `SERVICEKIT_HOST` — the host advertised to the orchestrator (default: the hostname).
+//! - `SERVICEKIT_PORT` — the port to listen on (on `0.0.0.0`) and to advertise (default 8000).
+//! - `SERVICEKIT_REGISTRATION_KEY` — sent as `X-Service-Key` when the orchestrator wants one.
+//! - `SERVICE_DISPLAY_NAME` — the registered display name (default "Registration Example
+//!   Service").
+//! - `SERVICEKIT_FAIL_ON_ERROR` — `true` (or `1`/`yes`/`on`): stop and exit with status 1 when
+//!   registration fails for good, e.g. after `SERVICEKIT_MAX_RETRIES` failed attempts or with no
+//!   orchestrator URL (default `false`: keep serving, retrying in the background every 30 s).
+//! - `SERVICEKIT_MAX_RETRIES` — registration attempts before giving up (at least 1; default 5).
+//! - `SERVICEKIT_RETRY_DELAY_MS` — base of the exponential backoff in ms (default 2000).
+//! - `RUST_LOG` — log filter (default `info`).
+//!
+//! `SERVICEKIT_FAIL_ON_ERROR`, `SERVICEKIT_MAX_RETRIES` and `SERVICEKIT_RETRY_DELAY_MS` are
+//! read by this example, the other `SERVICEKIT_*` ones by the library (`SERVICEKIT_PORT` by
+//! both). A malformed port or knob stops the example at once with status 1; a missing or
+//! malformed orchestrator URL, host or key is only logged and the service runs unregistered
+//! (unless `SERVICEKIT_FAIL_ON_ERROR` is on).
+//! SIGTERM or Ctrl-C deregisters the service, then drains and exits with status 0.
+
+use std::error::Error;
+use std::future::Future;
+use std::io::IsTerminal;
+use std::process::ExitCode;
+use std::str::FromStr;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::response::Html;
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Serialize;
+use servicekit::protocol::Timestamp;
+use servicekit::{RegistrationHandle, RegistrationLayer, ServiceInfo};
+use tracing_subscriber::EnvFilter;
+use utoipa::{OpenApi, ToSchema};
+use utoipa_swagger_ui::{Config, SwaggerUi};
+
+const DEFAULT_DISPLAY_NAME: &str = "Registration Example Service";
+const SERVICE_VERSION: &str = "1.0.0";
+const OPENAPI_PATH: &str = "/api-docs/openapi.json";
+
+#[derive(Clone)]
+struct AppState {
+    info: ServiceInfo,
+    registration: RegistrationHandle,
+}
+
+/// Liveness, plus where the registration stands.
+#[derive(Serialize, ToSchema)]
+struct Health {
+    /// Always `healthy` while the process serves.
+    #[schema(example = "healthy")]
+    status: &'static str,
+    registration: RegistrationState,
+}
+
+/// A snapshot of the registration with the orchestrator.
+#[derive(Serialize, ToSchema)]
+struct RegistrationState {
+    /// `NotStarted`, `WaitingForServer`, `Registering`, `Registered`, `Unregistered`,
+    /// `Failed`, `Deregistering` or `Stopped`.
+    #[schema(example = "Registered")]
+    phase: String,
+    /// Whether the orchestrator currently lists this service.
+    registered: bool,
+    /// The id the orchestrator assigned (kept across re-registrations).
+    #[schema(example = "01K8H2Z3V4W5X6Y7Z8A9B0C1D2")]
+    id: Option<String>,
+    /// When the last registration or keepalive ping succeeded (RFC 3339).
+    last_ping: Option<String>,
+    /// The last reason registration failed.
+    error: Option<String>,
+}
+
+/// Facts about the machine and the build.
+#[derive(Serialize, ToSchema)]
+struct SystemInfo {
+    /// The current time, RFC 3339 UTC.
+    #[schema(example = "2025-10-27T12:00:30.000Z")]
+    time: String,
+    hostname: String,
+    /// `std::env::consts::OS`, e.g. `linux`.
+    os: &'static str,
+    /// `std::env::consts::ARCH`, e.g. `x86_64`.
+    arch: &'static str,
+    versions: Versions,
+}
+
+#[derive(Serialize, ToSchema)]
+struct Versions {
+    /// This service's version.
+    service: &'static str,
+    /// The servicekit crate version.
+    servicekit: &'static str,
+    /// The minimum Rust version servicekit supports (`rust-version`).
+    rust_required: &'static str,
+}
+
+/// What the service registers with (only the fixed fields; any others are kept as given).
+#[derive(Serialize, ToSchema)]
+#[schema(as = ServiceInfo)]
+#[allow(dead_code)] // documents the schema only
+struct ServiceInfoDoc {
+    display_name: String,
+    version: Option<String>,
+    description: Option<String>,
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Registration Example Service",
+        version = "1.0.0",
+        description = "The servicekit example service: an axum service that registers itself with the orchestrator."
+    ),
+    paths(health, system, service_info),
+    components(schemas(Health, RegistrationState, SystemInfo, Versions, ServiceInfoDoc))
+)]
+struct ApiDoc;
+
+/// Liveness and registration state.
+#[utoipa::path(get, path = "/health", responses((status = 200, body = Health)))]
+async fn health(State(state): State<AppState>) -> Json<Health> {
+    let status = state.registration.status();
+    Json(Health {
+        status: "healthy",
+        registration: RegistrationState {
+            phase: status.phase.to_string(),
+            registered: state.registration.is_registered(),
+            id: status.id.map(|id| id.to_string()),
+            last_ping: status
+                .last_ping
+                .map(|t| humantime::format_rfc3339_millis(t).to_string()),
+            error: status.error.map(|e| e.to_string()),
+        },
+    })
+}
+
+/// Time, host, OS and versions.
+#[utoipa::path(get, path = "/api/v1/system", responses((status = 200, body = SystemInfo)))]
+async fn system() -> Json<SystemInfo> {
+    Json(SystemInfo {
+        time: Timestamp::now().to_string(),
+        hostname: gethostname::gethostname().to_string_lossy().into_owned(),
+        os: std::env::consts::OS,
+        arch: std::env::consts::ARCH,
+        versions: Versions {
+            service: SERVICE_VERSION,
+            servicekit: env!("CARGO_PKG_VERSION"),
+            rust_required: env!("CARGO_PKG_RUST_VERSION"),
+        },
+    })
+}
+
+/// The info this service registers with.
+#[utoipa::path(get, path = "/api/v1/info", responses((status = 200, body = ServiceInfoDoc)))]
+async fn service_info(State(state): State<AppState>) -> Json<ServiceInfo> {
+    Json(state.info)
+}
+
+async fn landing(State(state): State<AppState>) -> Html<String> {
+    let name = escape_html(&state.info.display_name);
+    Html(format!(
+        r#"<!doctype html>
+<html lang="en">
+<head><meta charset="utf-8"><title>{name}</title></head>
+<body>
+<h1>{name}</h1>
+<p>Version {SERVICE_VERSION}; registers itself with the servicekit orchestrator.</p>
+<ul>
+<li><a href="/health">/health</a> — health and registration state</li>
+<li><a href="/api/v1/system">/api/v1/system</a> — system information</li>
+<li><a href="/api/v1/info">/api/v1/info</a> — service info</li>
+<li><a href="/docs/">/docs/</a> — API documentation (Swagger UI)</li>
+</ul>
+</body>
+</html>
+"#
+    ))
+}
+
+fn escape_html(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Parses the variable `name` when it is set.
+fn env_parse<T: FromStr>(name: &str, expected: &str) -> Result<Option<T>, String> {
+    match std::env::var(name) {
+        Ok(text) => text
+            .trim()
+            .parse()
+            .map(Some)
+            .map_err(|_| format!("invalid {name}={text:?}: expected {expected}")),
+        Err(std::env::VarError::NotPresent) => Ok(None),
+        Err(std::env::VarError::NotUnicode(_)) => Err(format!("{name} is not valid UTF-8")),
+    }
+}
+
+fn env_bool(name: &str) -> Result<bool, String> {
+    match env_parse::<String>(name, "")?.as_deref() {
+        None | Some("") => Ok(false),
+        Some(v) => match v.to_ascii_lowercase().as_str() {
+            "true" | "1" | "yes" | "on" => Ok(true),
+            "false" | "0" | "no" | "off" => Ok(false),
+            _ => Err(format!("invalid {name}={v:?}: expected true or false")),
+        },
+    }
+}
+
+/// Completes on SIGTERM or Ctrl-C. The SIGTERM handler is installed right away, so a
+/// SIGTERM that arrives while the server starts is not lost.
+fn shutdown_signal() -> Result<impl Future<Output = ()> + Send + 'static, Box<dyn Error>> {
+    #[cfg(unix)]
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    Ok(async move {
+        #[cfg(unix)]
+        let term = term.recv();
+        #[cfg(not(unix))]
+        let term = std::future::pending::<Option<()>>();
+        tokio::select! {
+            _ = term => tracing::info!("SIGTERM received, shutting down"),
+            r = tokio::signal::ctrl_c() => match r {
+                Ok(()) => tracing::info!("Ctrl-C received, shutting down"),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot listen for Ctrl-C; waiting for SIGTERM");
+                    std::future::pending::<()>().await;
+                }
+            },
+        }
+    })
+}
+
+async fn run() -> Result<(), Box<dyn Error>> {
+    let port = servicekit::config::port_from_env()?;
+    let fail_on_error = env_bool("SERVICEKIT_FAIL_ON_ERROR")?;
+    let max_retries = env_parse::<u32>("SERVICEKIT_MAX_RETRIES", "a number of attempts >= 1")?;
+    if max_retries == Some(0) {
+        return Err(
+            "invalid SERVICEKIT_MAX_RETRIES=\"0\": expected a number of attempts >= 1".into(),
+        );
+    }
+    let retry_delay = env_parse::<u64>("SERVICEKIT_RETRY_DELAY_MS", "milliseconds")?;
+
+    let mut info = ServiceInfo::new(
+        std::env::var("SERVICE_DISPLAY_NAME")
+            .ok()
+            .filter(|n| !n.trim().is_empty())
+            .unwrap_or_else(|| DEFAULT_DISPLAY_NAME.to_owned()),
+    );
+    info.version = Some(SERVICE_VERSION.to_owned());
+    info.description = Some("servicekit example service (axum)".to_owned());
+
+    let mut builder = RegistrationLayer::builder()
+        .info(&info)
+        .health_path("/health")
+        .fail_on_error(fail_on_error);
+    if let Some(attempts) = max_retries {
+        builder = builder.max_retries(attempts);
+    }
+    if let Some(ms) = retry_delay {
+        builder = builder.retry_delay(Duration::from_millis(ms));
+    }
+    // Lenient: a missing or wrong registration setting is logged when registration starts
+    // instead of keeping the service from starting (unless fail_on_error).
+    let registration = builder.build_lenient();
+
+    let state = AppState {
+        info,
+        registration: registration.handle(),
+    };
+    let app = Router::new()
+        .route("/", get(landing))
+        .route("/health", get(health))
+        .route("/api/v1/system", get(system))
+        .route("/api/v1/info", get(service_info))
+        .with_state(state)
+        .merge(
+            SwaggerUi::new("/docs")
+                .url(OPENAPI_PATH, ApiDoc::openapi())
+                // No badge from validator.swagger.io: the page needs nothing from the network.
+                .config(Config::new([OPENAPI_PATH]).validator_url("none")),
+        )
+        .layer(registration.clone());
+
+    let listener = tokio::net::TcpListener::bind(("0.0.0.0", port))
+        .await
+        .map_err(|e| format!("cannot listen on 0.0.0.0:{port}: {e}"))?;
+    tracing::info!(port, "listening on 0.0.0.0:{port}");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(registration.shutdown_on(shutdown_signal()?))
+        .await?;
+
+    if let Some(e) = registration.error() {
+        return Err(e.into());
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stdout().is_terminal())
+        .init();
+    match run().await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
