@@ -71,6 +71,8 @@ pub struct Status {
     pub last_ping: Option<SystemTime>,
     /// The last reason registration failed, if it did.
     pub error: Option<RegistrationError>,
+    /// Keepalive pings that failed in a row (0 while the orchestrator answers).
+    pub ping_failures: u32,
 }
 
 /// Reads the registration's state; clone freely, reads take no lock on the request path.

@@ -312,6 +312,7 @@ impl Task {
                     self.status.send_modify(|s| {
                         s.last_ping = Some(SystemTime::now());
                         s.phase = Phase::Registered;
+                        s.ping_failures = 0;
                     });
                     next = jitter(interval_of(&entry));
                 }
@@ -341,6 +342,7 @@ impl Task {
                 }
                 Err(e) => {
                     failures += 1;
+                    self.status.send_modify(|s| s.ping_failures = failures);
                     // Ping sooner as expiry nears, so a short outage does not cost the entry.
                     let left = entry.expires.saturating_duration_since(Instant::now());
                     next = (left / 3).clamp(MIN_PING_RETRY, interval_of(&entry));

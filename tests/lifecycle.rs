@@ -495,3 +495,62 @@ async fn custom_info_is_registered_as_given() {
     served.shutdown().await;
     orch.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_never_answers_is_reported() {
+    let (orch, api) = orchestrator(30, None).await;
+    let port = free_port(); // nothing will listen here
+    let layer = builder(&orch.base_url(), port)
+        .startup_timeout(Duration::from_millis(300))
+        .build()
+        .expect("config");
+    let handle = layer.handle();
+    // Applying the layer starts the task; the app itself is never served.
+    let _app: Router = app().layer(layer.clone());
+    let status = handle
+        .wait_for(WAIT, |s| s.phase == Phase::Unregistered)
+        .await
+        .expect("gives up");
+    match status.error {
+        Some(RegistrationError::ServerNotReady { port: p, .. }) => assert_eq!(p, port),
+        other => panic!("expected ServerNotReady, got {other:?}"),
+    }
+    let text = status.error.map(|e| e.to_string()).unwrap_or_default();
+    assert!(text.contains(&format!("127.0.0.1:{port}")), "{text}");
+    assert_eq!(api.get("/services").await.json::<Value>()["count"], 0);
+    orch.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_orchestrator_restart_that_lost_everything_is_healed() {
+    let orch_addr: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let (orch, api) = orchestrator_on(orch_addr, 3, None).await;
+    let listener = listener().await;
+    let port = listener.local_addr().unwrap().port();
+    let layer = builder(&orch.base_url(), port)
+        .max_retry_delay(Duration::from_millis(500))
+        .build()
+        .expect("config");
+    let handle = layer.handle();
+    let served = serve(listener, app().layer(layer.clone()), &layer);
+    let url = format!("http://127.0.0.1:{port}");
+    let first = registered(&api, &url, WAIT).await;
+
+    // The orchestrator goes away (pings fail), then comes back on the same address with an
+    // empty in-memory store (pings answer 404): the service registers again, same id.
+    orch.shutdown().await;
+    let failing = handle
+        .wait_for(WAIT, |s| s.ping_failures >= 2)
+        .await
+        .expect("pings fail");
+    assert_eq!(
+        failing.phase,
+        Phase::Registered,
+        "a failed ping alone does not unregister"
+    );
+    let (orch, api) = orchestrator_on(orch_addr, 3, None).await;
+    let again = registered(&api, &url, WAIT).await;
+    assert_eq!(again["id"], first["id"]);
+    served.shutdown().await;
+    orch.shutdown().await;
+}
