@@ -1,0 +1,143 @@
+//! The whole system in one process, with no outside services: an orchestrator on its
+//! embedded in-memory store and two services (`svca`, `svcb`) that register with it through
+//! `RegistrationLayer`, keep their entries alive, and deregister on Ctrl-C.
+//!
+//! ```sh
+//! cargo run --example demo
+//! ```
+//!
+//! It prints the registry once both services are registered, then keeps running so you can
+//! look around (`curl localhost:9000/services`). Ctrl-C (or SIGTERM) shuts the services down
+//! gracefully — each deregisters before it drains — prints the now empty registry, and exits.
+//!
+//! Environment: `DEMO_ORCHESTRATOR_BIND` (default `127.0.0.1:9000`), `RUST_LOG` (default `info`).
+
+use std::error::Error;
+use std::future::Future;
+use std::time::Duration;
+
+use axum::routing::get;
+use axum::{Json, Router};
+use servicekit::{RegistrationLayer, ServiceInfo};
+use servicekit_orchestrator::config::Config;
+use servicekit_orchestrator::server;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tracing_subscriber::EnvFilter;
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn Error>> {
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .init();
+
+    let mut config = Config::for_tests();
+    config.bind = std::env::var("DEMO_ORCHESTRATOR_BIND")
+        .unwrap_or_else(|_| "127.0.0.1:9000".into())
+        .parse()
+        .map_err(|e| format!("DEMO_ORCHESTRATOR_BIND: {e}"))?;
+    config.ttl_seconds = 10;
+    let orchestrator = server::start(config).await?;
+    let base = orchestrator.base_url();
+    println!("orchestrator: {base} (in-memory store, TTL 10 s)");
+
+    let (stop, stopped) = watch::channel(false);
+    let svca = start_service("Service A", &base, stopped.clone()).await?;
+    let svcb = start_service("Service B", &base, stopped).await?;
+    for (name, service) in [("svca", &svca), ("svcb", &svcb)] {
+        let id = service
+            .registration
+            .handle()
+            .wait_registered(Duration::from_secs(30))
+            .await
+            .ok_or_else(|| format!("{name} did not register within 30 s"))?;
+        println!("{name}: {} registered as {id}", service.url);
+    }
+
+    println!("registry: {}", get_json(&format!("{base}/services")).await?);
+    println!("running; try `curl {base}/services`. Ctrl-C to stop.");
+
+    shutdown_signal()?.await;
+    let _ = stop.send(true);
+    for service in [svca, svcb] {
+        service.task.await??;
+    }
+    println!(
+        "registry after shutdown: {}",
+        get_json(&format!("{base}/services")).await?
+    );
+    orchestrator.shutdown().await;
+    Ok(())
+}
+
+struct Service {
+    url: String,
+    registration: RegistrationLayer,
+    task: JoinHandle<std::io::Result<()>>,
+}
+
+/// An axum service on a free loopback port that registers with the orchestrator at `base`.
+async fn start_service(
+    name: &str,
+    base: &str,
+    mut stopped: watch::Receiver<bool>,
+) -> Result<Service, Box<dyn Error>> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let port = listener.local_addr()?.port();
+    let mut info = ServiceInfo::new(name);
+    info.version = Some(env!("CARGO_PKG_VERSION").into());
+    let registration = RegistrationLayer::builder()
+        .orchestrator_url(format!("{base}/services/$register"))
+        .host("127.0.0.1")
+        .port(port)
+        .info(&info)
+        .build()?;
+    let app = Router::new()
+        .route(
+            "/health",
+            get(|| async { Json(serde_json::json!({"status": "healthy"})) }),
+        )
+        .route("/api/v1/info", get(move || async move { Json(info) }))
+        .layer(registration.clone());
+    let hook = registration.shutdown_on(async move {
+        let _ = stopped.wait_for(|stop| *stop).await;
+    });
+    let task = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(hook)
+            .await
+    });
+    Ok(Service {
+        url: format!("http://127.0.0.1:{port}"),
+        registration,
+        task,
+    })
+}
+
+/// GETs a URL and returns the body (the demo's own tiny client).
+async fn get_json(url: &str) -> Result<String, Box<dyn Error>> {
+    use http_body_util::{BodyExt, Empty};
+    use hyper_util::client::legacy::Client;
+    use hyper_util::rt::TokioExecutor;
+    let client: Client<_, Empty<bytes::Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let res = client.get(url.parse()?).await?;
+    let body = res.into_body().collect().await?.to_bytes();
+    Ok(String::from_utf8_lossy(&body).into_owned())
+}
+
+/// Completes on Ctrl-C or SIGTERM; the handlers are installed at once.
+fn shutdown_signal() -> Result<impl Future<Output = ()>, Box<dyn Error>> {
+    #[cfg(unix)]
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    Ok(async move {
+        #[cfg(unix)]
+        let term = term.recv();
+        #[cfg(not(unix))]
+        let term = std::future::pending::<Option<()>>();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term => {}
+        }
+    })
+}

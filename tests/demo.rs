@@ -1,0 +1,80 @@
+//! The README's first command, `cargo run --example demo`, run as the built example binary:
+//! both services register, the registry is printed, Ctrl-C deregisters them and exits 0.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+#[test]
+fn demo_registers_two_services_and_cleans_up_on_ctrl_c() {
+    let exe = std::env::current_exe().expect("test path");
+    let demo = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .map(|profile| profile.join("examples").join("demo"))
+        .expect("target dir");
+    assert!(
+        demo.exists(),
+        "{} is missing: build the examples first (`cargo build --examples`, as scripts/test does)",
+        demo.display()
+    );
+    let mut child = Command::new(demo)
+        .env("DEMO_ORCHESTRATOR_BIND", "127.0.0.1:0")
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("demo starts");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let next_with = |prefix: &str| -> String {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) if line.starts_with(prefix) => return line[prefix.len()..].to_owned(),
+                Ok(_) => continue,
+                Err(_) => panic!("the demo printed no line starting with {prefix:?}"),
+            }
+        }
+    };
+
+    let registry: Value = serde_json::from_str(&next_with("registry: ")).expect("registry JSON");
+    assert_eq!(registry["count"], 2, "{registry}");
+    let mut names: Vec<&str> = registry["services"]
+        .as_array()
+        .expect("services")
+        .iter()
+        .map(|s| s["info"]["display_name"].as_str().unwrap_or(""))
+        .collect();
+    names.sort_unstable();
+    assert_eq!(names, ["Service A", "Service B"]);
+
+    let sent = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(sent.success());
+    let after: Value =
+        serde_json::from_str(&next_with("registry after shutdown: ")).expect("registry JSON");
+    assert_eq!(after["count"], 0, "both services deregistered: {after}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the demo did not exit");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status:?}");
+}
