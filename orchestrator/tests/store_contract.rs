@@ -10,7 +10,9 @@ mod support;
 use std::future::Future;
 use std::time::{Duration, Instant};
 
-use fred::interfaces::{HashesInterface, KeysInterface, SetsInterface, SortedSetsInterface};
+use fred::interfaces::{
+    ClientLike, HashesInterface, KeysInterface, SetsInterface, SortedSetsInterface,
+};
 use serde_json::json;
 use servicekit::protocol::{ServiceInfo, ServiceRecord, Timestamp};
 use servicekit_orchestrator::store::{
@@ -1146,14 +1148,22 @@ async fn valkey_list_drops_dead_index_entries_on_read() {
         "the index still holds them before any read"
     );
     assert!(s.list(&all()).await.expect("list").is_empty());
-    assert_eq!(
-        h.zcard(&h.all_idx()).await,
-        0,
-        "list dropped the dead ids it read"
-    );
+    // The cleanup runs in the background, off the request path.
+    let hr = &h;
+    eventually(
+        "list to drop the dead ids it read",
+        Duration::from_secs(5),
+        move || async move { hr.zcard(&hr.all_idx()).await == 0 },
+    )
+    .await;
     assert_eq!(h.zcard(&h.name_idx("A")).await, 1);
     assert!(s.list(&by_name("A")).await.expect("list").is_empty());
-    assert_eq!(h.zcard(&h.name_idx("A")).await, 0);
+    eventually(
+        "list by name to drop the dead id it read",
+        Duration::from_secs(5),
+        move || async move { hr.zcard(&hr.name_idx("A")).await == 0 },
+    )
+    .await;
     // The sweeper finds the remaining name index through the names set, then forgets the names.
     assert_eq!(s.sweep().await.expect("sweep"), 1);
     assert_eq!(h.zcard(&h.name_idx("B")).await, 0);
@@ -1291,5 +1301,181 @@ async fn valkey_connect_before_the_server_is_up() {
             .await
             .expect("register")
             .created
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Valkey only: index consistency under races and stalls, hung connections.
+
+/// Panics unless a live `id` is listed by `list(all)` and by its display name.
+async fn assert_listed_if_live(s: &ValkeyStore, id: Ulid, what: &str) {
+    let Some(record) = s.get(id).await.expect("get") else {
+        return;
+    };
+    let listed = ids(&s.list(&all()).await.expect("list"));
+    assert!(
+        listed.contains(&id),
+        "{what}: live {id} missing from list(all)"
+    );
+    let name = &record.info.display_name;
+    let listed = ids(&s.list(&by_name(name)).await.expect("list"));
+    assert!(
+        listed.contains(&id),
+        "{what}: live {id} missing from list(display_name={name})"
+    );
+}
+
+/// A second store (its own client and connection) on the same server and prefix: another
+/// orchestrator.
+async fn second_store(h: &Valkey, url: &str, ttl: Duration) -> ValkeyStore {
+    ValkeyStore::connect(url, &h.prefix, ttl)
+        .await
+        .expect("connect the second store")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn valkey_deregister_racing_a_reregistration_keeps_it_indexed() {
+    let server = tokio::task::spawn_blocking(ValkeyServer::new)
+        .await
+        .expect("server");
+    let prefix = format!("test:{}:", Ulid::new());
+    let a = ValkeyStore::connect(&server.url(), &prefix, LONG_TTL)
+        .await
+        .expect("connect");
+    let h = Valkey {
+        store: a.clone(),
+        prefix,
+        _server: server,
+    };
+    let b = second_store(&h, &h._server.url(), LONG_TTL).await;
+    let url = "http://flapping:8000";
+    for round in 0..300 {
+        let id = a.register(reg(url, "A")).await.expect("register").record.id;
+        // Half the rounds also move it to another display name.
+        let name = if round % 2 == 0 { "A" } else { "B" };
+        let (gone, again) = tokio::join!(a.deregister(id), b.register(with_id(reg(url, name), id)));
+        gone.expect("deregister");
+        again.expect("re-register");
+        assert_listed_if_live(&a, id, &format!("round {round}")).await;
+    }
+    b.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn valkey_concurrent_renames_keep_the_entry_indexed() {
+    let h = Valkey::open(LONG_TTL).await;
+    let a = h.store.clone();
+    let b = second_store(&h, &h._server.url(), LONG_TTL).await;
+    let url = "http://renamed:8000";
+    let id = a.register(reg(url, "A")).await.expect("register").record.id;
+    for round in 0..200 {
+        let (x, y) = tokio::join!(a.register(reg(url, "A")), b.register(reg(url, "B")));
+        assert_eq!(x.expect("register A").record.id, id);
+        assert_eq!(y.expect("register B").record.id, id);
+        assert_listed_if_live(&a, id, &format!("round {round}")).await;
+    }
+    b.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn valkey_register_cut_short_by_a_stall_is_still_listed() {
+    let h = Valkey::open(LONG_TTL).await;
+    // Registrations in flight at staggered times while writes are paused for longer than
+    // the command timeout: some time out before, some during, some after their record
+    // script. A paused command still runs once the pause ends.
+    let tasks: Vec<_> = (0..40)
+        .map(|i| {
+            let store = h.store.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(i * 5)).await;
+                store
+                    .register(reg(&format!("http://stalled-{i}:8000"), "S"))
+                    .await
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    let reply = h._server.command(&["CLIENT", "PAUSE", "3000", "WRITE"]);
+    assert_eq!(reply, "+OK");
+    let mut failed = 0;
+    for task in tasks {
+        match task.await.expect("task") {
+            Ok(_) => {}
+            Err(StoreError::Unavailable(_)) => failed += 1,
+            Err(e) => panic!("unexpected error: {e:?}"),
+        }
+    }
+    assert!(failed > 0, "the pause cut no registration short");
+    // Let the paused commands run (the pause may still be on), then look.
+    assert_eq!(h._server.command(&["CLIENT", "UNPAUSE"]), "+OK");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let s = &h.store;
+    eventually(
+        "the store to answer again",
+        Duration::from_secs(10),
+        move || async move { s.health().await.is_ok() },
+    )
+    .await;
+    for i in 0..40 {
+        let url = format!("http://stalled-{i}:8000");
+        for r in h.store.list(&by_url(&url)).await.expect("list by URL") {
+            assert_listed_if_live(&h.store, r.id, &url).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn valkey_hung_connection_is_replaced() {
+    let server = tokio::task::spawn_blocking(ValkeyServer::new)
+        .await
+        .expect("server");
+    let store = ValkeyStore::connect(&server.url(), "p:", LONG_TTL)
+        .await
+        .expect("connect");
+    let client_id = |store: ValkeyStore| async move {
+        let cmd = fred::types::CustomCommand::new_static(
+            "CLIENT",
+            fred::types::ClusterHash::FirstKey,
+            false,
+        );
+        let id: i64 = store
+            .client()
+            .custom(cmd, vec!["ID"])
+            .await
+            .expect("CLIENT ID");
+        id
+    };
+    let before = client_id(store.clone()).await;
+
+    let mut server = server;
+    server.pause();
+    // Steady traffic to a frozen server: every call fails within the command bound.
+    for _ in 0..4 {
+        let started = Instant::now();
+        let err = store.get(Ulid::new()).await.expect_err("Valkey is frozen");
+        assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+        assert!(
+            started.elapsed() < Duration::from_secs(6),
+            "took {:?}",
+            started.elapsed()
+        );
+    }
+    server.resume();
+    let s = &store;
+    eventually(
+        "the store to work again",
+        Duration::from_secs(15),
+        move || async move { s.get(Ulid::new()).await.is_ok() },
+    )
+    .await;
+    let r = store
+        .register(reg("http://a:8000", "A"))
+        .await
+        .expect("register after the freeze");
+    assert!(store.get(r.record.id).await.expect("get").is_some());
+    assert_ne!(
+        client_id(store.clone()).await,
+        before,
+        "the hung connection was replaced by a new one"
     );
 }

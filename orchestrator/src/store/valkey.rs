@@ -17,53 +17,86 @@
 //! |--------------------------|--------|-------------------------------------------------------|
 //! | `P{T}:svc:<ID>`          | HASH   | `url`, `info` (JSON), `name` (display name), `registered_at`, `last_updated`, `last_ping_at`, `expires_at` (ms since epoch); `PEXPIRE ttl` |
 //! | `P{T}:url:<URL>`         | STRING | the id registered for the canonical URL; same `PEXPIRE`, refreshed with the record |
-//! | `P{all}:idx`             | ZSET   | every id, score = `expires_at` as last written by register or sweep |
+//! | `P{T}:gone:<ID>`         | STRING | `expires_at` of the last deregistered record of ID; `PEXPIRE ttl` (see below) |
+//! | `P{all}:idx`             | ZSET   | every id, score = `expires_at` as last written by register or sweep (or a hint, below) |
 //! | `P{n:<NAME>}:idx`        | ZSET   | ids with display name NAME, score likewise (the by-name index) |
 //! | `P{all}:names`           | SET    | display names that have a by-name index, so the sweeper can find them |
 //!
-//! The record key is the truth; the sorted sets are hints that may briefly hold ids whose record
-//! has expired. Readers skip those (and drop them on the way), [`Store::sweep`] drops the rest.
-//! An index entry is only removed when its score is still the one the remover read, so a
-//! concurrent re-registration (which always writes a newer score) is never dropped by mistake.
+//! The record key is the truth; the sorted sets are hints that may hold ids whose record has
+//! expired or moved to another name. Readers skip those (and drop the missing ones on the
+//! way), [`Store::sweep`] drops the rest.
+//!
+//! # Index consistency
+//!
+//! The indexes live in other slots than the record, so they cannot change atomically with it.
+//! The rule instead: *a live record is always in `{all}:idx` and in its name's index*. It holds
+//! because entries are added before the record is written and only removed under conditions
+//! that no later write of the record can meet:
+//! - **register** first adds the id to both indexes with a *hint* score (local time + TTL + one
+//!   hour, above any real `expires_at`), then runs the record script, then replaces its hint
+//!   by the exact `expires_at` the script returned, unless a newer score is there already
+//!   (`INDEX_SETTLE`). If it stops half way (a timeout while Valkey stalls, a crash) the hint
+//!   stays and keeps the record listed; a hint whose record never appeared is dropped by
+//!   readers, or by the sweeper once its score has passed.
+//! - The register script makes every write of an id get a later `expires_at` than any earlier
+//!   version of that id had, even within one millisecond: later than the record it replaces
+//!   and later than the `gone` tombstone a deregistration leaves.
+//! - **deregister**, and register moving an id away from its old display name, remove the id
+//!   from an index only where its score is `≤` the `expires_at` of the record version they
+//!   deleted or replaced. Any later registration has put a hint (higher) or a later
+//!   `expires_at` there, so a racing re-registration, or a concurrent A→B / B→A rename through
+//!   two orchestrators, keeps its entries. (Clocks of orchestrators and Valkey are assumed to
+//!   be within an hour of each other.)
+//! - **readers and the sweeper** drop an entry only when they saw its record missing (or, the
+//!   sweeper, under another name) and the score is still the one they read; a registration
+//!   in between changed it with its hint.
 //!
 //! # Atomicity
 //!
 //! Every operation that must be atomic is one Lua script on one slot:
-//! - **register** compares-and-sets the URL key and writes the record (KEYS = URL key and
-//!   record key, which share the tag `T`);
+//! - **register** compares-and-sets the URL key and writes the record (KEYS = URL key, record
+//!   key and tombstone, which share the tag `T`);
 //! - **ping** touches only an existing record (never resurrects one) and refreshes its URL
 //!   key. The URL key's name is derived *inside* the script from the record's `url` field; it
 //!   is not declared in `KEYS` but lives in the same slot (same tag), so this works in Cluster;
-//! - **deregister** reads and deletes the record and deletes the URL key if it still points at
-//!   this id (same derivation as ping).
-//!
-//! Index maintenance after register and deregister is a separate pipelined round trip (the
-//! indexes live in other slots).
+//! - **deregister** reads and deletes the record, leaves the tombstone, and deletes the URL
+//!   key if it still points at this id (same derivation as ping).
 //!
 //! # Connection behaviour
 //!
 //! The fred client reconnects forever on its own (constant 250 ms delay). Every command is
 //! bounded by [`COMMAND_TIMEOUT`], so while Valkey is unreachable each store call fails within
-//! about two seconds with [`StoreError::Unavailable`] instead of hanging. [`ValkeyStore::connect`]
-//! waits at most [`COMMAND_TIMEOUT`] for the first connection: when Valkey is not up yet it
-//! logs `valkey.disconnected` and still returns the store, which connects in the background as
-//! soon as Valkey appears (so an orchestrator may start before its Valkey). Only errors that
-//! can never heal (a malformed URL, a bad prefix, a cluster URL against a non-cluster server)
-//! fail `connect`. Connection changes are logged as `valkey.connected` (info) and
-//! `valkey.disconnected` (warn).
+//! about two seconds with [`StoreError::Unavailable`] instead of hanging. A connection that
+//! is open but hung (a stopped server, a black-holed network) is replaced after
+//! [`TIMEOUTS_BEFORE_RECONNECT`] commands in a row timed out; TCP keepalive covers idle ones.
+//! [`ValkeyStore::connect`] waits at most [`COMMAND_TIMEOUT`] for the first connection: when
+//! Valkey is not up yet it logs `valkey.disconnected` and still returns the store, which
+//! connects in the background as soon as Valkey appears (so an orchestrator may start before
+//! its Valkey). Only errors that can never heal (a malformed URL, a bad prefix, a cluster URL
+//! against a non-cluster server) fail `connect`. Connection changes are logged as
+//! `valkey.connected` (info) and `valkey.disconnected` (warn).
+//!
+//! A failed write (a 503 from the API) means its outcome is unknown: the command may have
+//! reached Valkey and run later, when a stalled server resumed. The client never re-sends a
+//! command itself (`max_command_attempts = 1`), so nothing runs twice behind the caller's
+//! back; callers retry, and register and deregister are idempotent. Thanks to the index-first
+//! order above, a register that runs late is listed like any other.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering as AtomicOrdering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fred::clients::{Client, Pipeline};
+use fred::clients::Client;
 use fred::error::{Error as FredError, ErrorKind};
 use fred::interfaces::{
     ClientLike, EventInterface, HashesInterface, KeysInterface, LuaInterface, SetsInterface,
     SortedSetsInterface,
 };
-use fred::types::config::{Config, ConnectionConfig, PerformanceConfig, ReconnectPolicy};
+use fred::socket2::TcpKeepalive;
+use fred::types::config::{
+    Config, ConnectionConfig, PerformanceConfig, ReconnectPolicy, TcpConfig, UnresponsiveConfig,
+};
 use fred::types::sorted_sets::Ordering as ZOrdering;
 use fred::types::{Builder, ClusterHash, CustomCommand, SetOptions, Value};
 use servicekit::protocol::{ServiceInfo, ServiceRecord, Timestamp};
@@ -85,6 +118,16 @@ const RECONNECT_DELAY_MS: u32 = 250;
 const BATCH: usize = 1000;
 /// How often register re-reads the URL key when it loses a race.
 const REGISTER_ATTEMPTS: usize = 8;
+/// How far a register's index hint lies beyond the real expiry: longer than any stall a
+/// register could survive, shorter than a dead hint should linger.
+const HINT_MARGIN: Duration = Duration::from_secs(3600);
+/// Commands timing out in a row before the connection is considered hung and replaced.
+pub const TIMEOUTS_BEFORE_RECONNECT: u32 = 3;
+/// How long a forced reconnection may block the next one (the client keeps trying anyway).
+const FORCED_RECONNECT_WAIT: Duration = Duration::from_secs(30);
+/// Idle time before TCP keepalive probes start, and their interval.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(15);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Crockford base32, the ULID text alphabet.
 const CROCKFORD: &[u8; 32] = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ";
@@ -118,6 +161,11 @@ impl Keys {
     /// from the record.
     fn url_prefix_of(&self, id: Ulid) -> String {
         format!("{}{{{}}}:url:", self.prefix, tag_text(id_tag(id)))
+    }
+
+    /// The tombstone of `id`'s last deregistration.
+    fn gone(&self, id: Ulid) -> String {
+        format!("{}{{{}}}:gone:{id}", self.prefix, tag_text(id_tag(id)))
     }
 
     fn all_idx(&self) -> String {
@@ -187,18 +235,28 @@ macro_rules! lua_now {
     };
 }
 
-/// KEYS: url key, record key. ARGV: expected url-key value ('' = absent), id, url, info JSON,
-/// display name, ttl ms.
-static REGISTER: LuaScript = LuaScript::new(concat!(
+/// KEYS: url key, record key, tombstone. ARGV: expected url-key value ('' = absent), id, url,
+/// info JSON, display name, ttl ms.
+/// Returns {'retry'}, {'conflict'} or {status, registered_at, now, expires_at, old name,
+/// old expires_at}.
+static REGISTER: LuaScript = LuaScript::new(
     r#"
 local cur = redis.call('GET', KEYS[1])
 if not cur then cur = '' end
 if cur ~= ARGV[1] then return {'retry'} end
-local old = redis.call('HMGET', KEYS[2], 'url', 'registered_at', 'name')
+local old = redis.call('HMGET', KEYS[2], 'url', 'registered_at', 'name', 'expires_at')
 if old[1] and old[1] ~= ARGV[3] then return {'conflict'} end
-"#,
-    lua_now!(6),
-    r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[6])
+-- Expire later than any earlier version of this id (replaced or deregistered), even in the
+-- same millisecond: index removals compare scores with those versions' expires_at.
+local floor = tonumber(old[4]) or 0
+local gone = tonumber(redis.call('GET', KEYS[3])) or 0
+if gone > floor then floor = gone end
+if now + ttl <= floor then now = floor - ttl + 1 end
+local nows = string.format('%.0f', now)
+local exps = string.format('%.0f', now + ttl)
 local status = 'updated'
 local reg = old[2]
 if (not old[1]) or (not reg) then
@@ -209,9 +267,10 @@ redis.call('HSET', KEYS[2], 'url', ARGV[3], 'info', ARGV[4], 'name', ARGV[5],
   'registered_at', reg, 'last_updated', nows, 'last_ping_at', nows, 'expires_at', exps)
 redis.call('PEXPIRE', KEYS[2], ttl)
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ttl)
-return {status, reg, nows, exps, old[3]}
-"#
-));
+redis.call('DEL', KEYS[3])
+return {status, reg, nows, exps, old[3], old[4]}
+"#,
+);
 
 /// KEYS: record key. ARGV: url key prefix (same slot), id, ttl ms.
 /// Returns nil for a missing record (never resurrects), else {last_ping_at, expires_at}.
@@ -235,7 +294,7 @@ return {nows, exps}
 "#
 ));
 
-/// KEYS: record key. ARGV: url key prefix (same slot), id.
+/// KEYS: record key, tombstone. ARGV: url key prefix (same slot), id, ttl ms.
 /// Returns nil for a missing record, else the record's fields as HGETALL pairs.
 static DEREGISTER: LuaScript = LuaScript::new(
     r#"
@@ -243,9 +302,13 @@ local h = redis.call('HGETALL', KEYS[1])
 if #h == 0 then return false end
 redis.call('DEL', KEYS[1])
 local url = nil
+local exp = nil
 for i = 1, #h, 2 do
   if h[i] == 'url' then url = h[i + 1] end
+  if h[i] == 'expires_at' then exp = h[i + 1] end
 end
+-- A re-registration must expire later than this record did (see REGISTER).
+if exp then redis.call('SET', KEYS[2], exp, 'PX', ARGV[3]) end
 if url then
   local ukey = ARGV[1] .. url
   if redis.call('GET', ukey) == ARGV[2] then redis.call('DEL', ukey) end
@@ -254,21 +317,70 @@ return h
 "#,
 );
 
-/// KEYS: one index. ARGV: id, score, id, score, ... Removes each id whose score is still the
-/// one given (a re-registration in between wrote a newer score and is kept). Returns the count.
+/// KEYS: one index. ARGV: mode, then id, score, id, score, ... Removes each id whose score is
+/// still the one given (mode `eq`), or at most the one given (mode `le`). Returns the count.
 static INDEX_DROP: LuaScript = LuaScript::new(
     r#"
+local le = ARGV[1] == 'le'
 local n = 0
-for i = 1, #ARGV, 2 do
+for i = 2, #ARGV, 2 do
   local s = redis.call('ZSCORE', KEYS[1], ARGV[i])
-  if s and tonumber(s) == tonumber(ARGV[i + 1]) then
-    redis.call('ZREM', KEYS[1], ARGV[i])
-    n = n + 1
+  if s then
+    s = tonumber(s)
+    local limit = tonumber(ARGV[i + 1])
+    if s == limit or (le and s < limit) then
+      redis.call('ZREM', KEYS[1], ARGV[i])
+      n = n + 1
+    end
   end
 end
 return n
 "#,
 );
+
+/// KEYS: one index. ARGV: id, expires_at, the caller's hint score. Sets the id's score to
+/// `expires_at` unless a higher score other than the caller's own hint is there (a newer
+/// registration's hint or expiry), so a late caller never lowers a newer score.
+static INDEX_SETTLE: LuaScript = LuaScript::new(
+    r#"
+local s = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if s then
+  s = tonumber(s)
+  if s ~= tonumber(ARGV[3]) and s >= tonumber(ARGV[2]) then return 0 end
+end
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+return 1
+"#,
+);
+
+/// Whether an index entry is dropped with an exact score match or any score up to it.
+#[derive(Debug, Clone, Copy)]
+enum DropMode {
+    Equal,
+    AtMost,
+}
+
+impl DropMode {
+    fn arg(self) -> &'static str {
+        match self {
+            DropMode::Equal => "eq",
+            DropMode::AtMost => "le",
+        }
+    }
+}
+
+/// Connection bookkeeping shared by all clones of a store and its event handlers.
+#[derive(Debug, Default)]
+struct ConnState {
+    /// Whether the client is connected, as last reported (to log once per outage).
+    up: AtomicBool,
+    /// Whether the current outage was already logged (also covers "down at startup").
+    reported: AtomicBool,
+    /// Commands that timed out in a row; any success resets it.
+    timeouts: AtomicU32,
+    /// Whether a forced reconnection is under way.
+    forcing: AtomicBool,
+}
 
 /// Registrations in Valkey. Cheap to clone: clones share one client and its connections.
 #[derive(Clone)]
@@ -276,6 +388,7 @@ pub struct ValkeyStore {
     client: Client,
     keys: Keys,
     ttl: Duration,
+    conn: Arc<ConnState>,
 }
 
 impl std::fmt::Debug for ValkeyStore {
@@ -288,6 +401,21 @@ impl std::fmt::Debug for ValkeyStore {
 }
 
 impl ValkeyStore {
+    /// The one command a ping sends: the Lua script, its keys and its arguments. Public so
+    /// the load benchmark can drive Valkey with exactly this command, without HTTP, and
+    /// compare (see BENCHMARKS.md).
+    pub fn ping_command(&self, id: Ulid) -> (&'static str, Vec<String>, Vec<String>) {
+        (
+            PING.lua,
+            vec![self.keys.svc(id)],
+            vec![
+                self.keys.url_prefix_of(id),
+                id.to_string(),
+                self.ttl_ms().to_string(),
+            ],
+        )
+    }
+
     /// Connects to `url` (`redis://`, `valkey://`, `redis-cluster://`, `valkey-cluster://` ...)
     /// and keys everything under `prefix`. See the module docs for the connection behaviour.
     pub async fn connect(
@@ -317,9 +445,16 @@ impl ValkeyStore {
         let connection = ConnectionConfig {
             connection_timeout: COMMAND_TIMEOUT,
             internal_command_timeout: COMMAND_TIMEOUT,
-            unresponsive: fred::types::config::UnresponsiveConfig {
+            // Never re-send a command after a reconnection: scripts are not idempotent, and a
+            // caller that got an error must not see the write happen twice.
+            max_command_attempts: 1,
+            unresponsive: UnresponsiveConfig {
                 max_timeout: Some(COMMAND_TIMEOUT * 2),
                 interval: Duration::from_millis(500),
+            },
+            tcp: TcpConfig {
+                keepalive: Some(keepalive()),
+                ..TcpConfig::default()
             },
             ..ConnectionConfig::default()
         };
@@ -334,7 +469,8 @@ impl ValkeyStore {
             .build()
             .map_err(|e| StoreError::Config(format!("invalid Valkey configuration: {e}")))?;
 
-        watch_connection(&client);
+        let conn = Arc::new(ConnState::default());
+        watch_connection(&client, &conn);
         let _task = client.connect();
         match tokio::time::timeout(COMMAND_TIMEOUT, client.wait_for_connect()).await {
             Ok(Ok(())) => {}
@@ -360,6 +496,7 @@ impl ValkeyStore {
                 prefix: Arc::from(prefix),
             },
             ttl,
+            conn,
         })
     }
 
@@ -384,18 +521,133 @@ impl ValkeyStore {
             .max(1)
     }
 
+    /// Maps a command's outcome to the store's, tracking timeouts in a row to replace a hung
+    /// connection: fred's own unresponsiveness check measures from the last write, so steady
+    /// traffic to a stopped or black-holed server would keep it from ever firing.
+    fn note<T>(&self, r: Result<T, FredError>) -> Result<T, StoreError> {
+        match &r {
+            Ok(_) => self.conn.timeouts.store(0, AtomicOrdering::SeqCst),
+            Err(e) if matches!(e.kind(), ErrorKind::Timeout) => self.timed_out(),
+            Err(_) => {}
+        }
+        r.map_err(map_err)
+    }
+
+    fn timed_out(&self) {
+        let n = self.conn.timeouts.fetch_add(1, AtomicOrdering::SeqCst) + 1;
+        // Only a connection the client believes healthy needs forcing; otherwise it is
+        // already reconnecting.
+        if n < TIMEOUTS_BEFORE_RECONNECT
+            || !self.client.is_connected()
+            || self.conn.forcing.swap(true, AtomicOrdering::SeqCst)
+        {
+            return;
+        }
+        if self.conn.up.swap(false, AtomicOrdering::SeqCst) {
+            self.conn.reported.store(true, AtomicOrdering::SeqCst);
+            tracing::warn!(
+                timeouts = n,
+                detail = "Valkey commands keep timing out; replacing the connection",
+                "valkey.disconnected"
+            );
+        }
+        let client = self.client.clone();
+        let conn = self.conn.clone();
+        tokio::spawn(async move {
+            // The outcome does not matter: the client keeps reconnecting on its own.
+            let _ = tokio::time::timeout(FORCED_RECONNECT_WAIT, client.force_reconnection()).await;
+            conn.timeouts.store(0, AtomicOrdering::SeqCst);
+            conn.forcing.store(false, AtomicOrdering::SeqCst);
+        });
+    }
+
     async fn server_now(&self) -> Result<u64, StoreError> {
         let cmd = CustomCommand::new_static("TIME", ClusterHash::Random, false);
-        let parts: Vec<String> = self
-            .client
-            .custom(cmd, Vec::<String>::new())
-            .await
-            .map_err(map_err)?;
+        let parts: Vec<String> = self.note(self.client.custom(cmd, Vec::<String>::new()).await)?;
         let secs = parts.first().and_then(|s| s.parse::<u64>().ok());
         let micros = parts.get(1).and_then(|s| s.parse::<u64>().ok());
         match (secs, micros) {
             (Some(s), Some(us)) => Ok(s * 1000 + us / 1000),
             _ => Err(StoreError::Corrupt(format!("TIME answered {parts:?}"))),
+        }
+    }
+
+    /// The score a register gives its id before writing the record: above any real expiry.
+    fn hint_score(&self) -> u64 {
+        Timestamp::now()
+            .saturating_add(self.ttl + HINT_MARGIN)
+            .as_millis()
+    }
+
+    /// Indexes `id` under `name` with the hint score, before its record is written.
+    async fn add_hint(&self, id: Ulid, name: &str, hint: u64) -> Result<(), StoreError> {
+        let pipeline = self.client.pipeline();
+        let member = id.to_string();
+        let score = hint as f64;
+        for index in [self.keys.all_idx(), self.keys.name_idx(name)] {
+            queue(
+                pipeline
+                    .zadd::<(), _, _>(index, None, None, false, false, (score, member.clone()))
+                    .await,
+            )?;
+        }
+        queue(pipeline.sadd::<(), _, _>(self.keys.names(), name).await)?;
+        let _: Vec<Value> = self.note(pipeline.all().await)?;
+        Ok(())
+    }
+
+    /// Drops `id` from both of its indexes where its score is `score` (mode `Equal`) or at
+    /// most `score` (`AtMost`). Best effort: a failure only leaves a dead entry behind.
+    async fn unindex(&self, id: Ulid, name: &str, score: &str, mode: DropMode) {
+        let entry = [id.to_string(), score.to_owned()];
+        let (all, by_name) = (self.keys.all_idx(), self.keys.name_idx(name));
+        let (a, b) = tokio::join!(
+            self.drop_entries(&all, &entry, mode),
+            self.drop_entries(&by_name, &entry, mode),
+        );
+        if let Err(e) = a.and(b) {
+            tracing::debug!(error = %e, %id, "index cleanup failed; the sweeper will finish it");
+        }
+    }
+
+    /// After the record script: replaces the hint by the record's expiry in both indexes and
+    /// drops the id from its previous name's index (only that version's entry). Best effort:
+    /// the hint already keeps the record listed.
+    async fn settle(
+        &self,
+        id: Ulid,
+        name: &str,
+        expires_at: Timestamp,
+        hint: u64,
+        previous: Option<(String, String)>,
+    ) {
+        let args = vec![
+            id.to_string(),
+            expires_at.as_millis().to_string(),
+            hint.to_string(),
+        ];
+        let settle_in = |index: String| INDEX_SETTLE.run(&self.client, vec![index], args.clone());
+        let old_index = async {
+            match &previous {
+                Some((old_name, old_expires)) => {
+                    let entry = [id.to_string(), old_expires.clone()];
+                    let index = self.keys.name_idx(old_name);
+                    self.drop_entries(&index, &entry, DropMode::AtMost)
+                        .await
+                        .map(|_| ())
+                }
+                None => Ok(()),
+            }
+        };
+        let (a, b, c) = tokio::join!(
+            settle_in(self.keys.all_idx()),
+            settle_in(self.keys.name_idx(name)),
+            old_index,
+        );
+        let (a, b) = (self.note(a), self.note(b));
+        let result = a.and(b).and(c);
+        if let Err(e) = result {
+            tracing::debug!(error = %e, %id, "index update after register failed; the hint stays");
         }
     }
 
@@ -407,7 +659,7 @@ impl ValkeyStore {
             for id in chunk {
                 queue(pipeline.hgetall::<(), _>(self.keys.svc(*id)).await)?;
             }
-            let replies: Vec<Value> = pipeline.all().await.map_err(map_err)?;
+            let replies: Vec<Value> = self.note(pipeline.all().await)?;
             if replies.len() != chunk.len() {
                 return Err(StoreError::Corrupt(format!(
                     "pipeline of {} HGETALL answered {} replies",
@@ -424,10 +676,11 @@ impl ValkeyStore {
 
     /// Reads every member of an index with its score.
     async fn read_index(&self, key: &str) -> Result<Vec<(String, f64)>, StoreError> {
-        self.client
-            .zrange(key, 0, -1, None, false, None, true)
-            .await
-            .map_err(map_err)
+        self.note(
+            self.client
+                .zrange(key, 0, -1, None, false, None, true)
+                .await,
+        )
     }
 
     /// Drops the given (member, score) pairs from `index` unless their score changed meanwhile.
@@ -442,16 +695,30 @@ impl ValkeyStore {
                 .iter()
                 .flat_map(|(member, score)| [member.clone(), score_text(*score)])
                 .collect();
-            let n = INDEX_DROP
-                .run(&self.client, vec![index.to_owned()], args)
-                .await
-                .map_err(map_err)?;
-            dropped += usize::try_from(int_of(&n)?).unwrap_or(0);
+            dropped += self.drop_entries(index, &args, DropMode::Equal).await?;
         }
         Ok(dropped)
     }
 
-    /// Lists the live records of one index, dropping dead members from it on the way.
+    /// Runs [`INDEX_DROP`] on `index` with flat `member, score` pairs.
+    async fn drop_entries(
+        &self,
+        index: &str,
+        pairs: &[String],
+        mode: DropMode,
+    ) -> Result<usize, StoreError> {
+        let mut args = Vec::with_capacity(pairs.len() + 1);
+        args.push(mode.arg().to_owned());
+        args.extend_from_slice(pairs);
+        let n = self.note(
+            INDEX_DROP
+                .run(&self.client, vec![index.to_owned()], args)
+                .await,
+        )?;
+        Ok(usize::try_from(int_of(&n)?).unwrap_or(0))
+    }
+
+    /// Lists the live records of one index, dropping dead members from it in the background.
     async fn list_index(&self, index: &str) -> Result<Vec<ServiceRecord>, StoreError> {
         let entries = self.read_index(index).await?;
         let mut ids = Vec::with_capacity(entries.len());
@@ -473,23 +740,34 @@ impl ValkeyStore {
             }
         }
         if !dead.is_empty() {
-            // Cleanup is best effort: the listing itself is already correct.
-            if let Err(e) = self.drop_from_index(index, &dead).await {
-                tracing::debug!(error = %e, index, "index cleanup on read failed");
-            }
+            // Cleanup is best effort and the listing is already correct: neither wait for it
+            // nor fail because of it.
+            let store = self.clone();
+            let index = index.to_owned();
+            tokio::spawn(async move {
+                if let Err(e) = store.drop_from_index(&index, &dead).await {
+                    tracing::debug!(error = %e, index, "index cleanup on read failed");
+                }
+            });
         }
         Ok(live)
     }
 
-    /// Sweeps one index; returns how many entries were dropped.
-    async fn sweep_index(&self, index: &str, now: u64) -> Result<usize, StoreError> {
+    /// Sweeps one index; returns how many entries were dropped. For a by-name index (`name`
+    /// given) entries whose record now has another display name are dropped too.
+    async fn sweep_index(
+        &self,
+        index: &str,
+        name: Option<&str>,
+        now: u64,
+    ) -> Result<usize, StoreError> {
         let mut dropped = 0;
         loop {
-            let candidates: Vec<(String, f64)> = self
-                .client
-                .zrangebyscore(index, "-inf", now as f64, true, Some((0, BATCH as i64)))
-                .await
-                .map_err(map_err)?;
+            let candidates: Vec<(String, f64)> = self.note(
+                self.client
+                    .zrangebyscore(index, "-inf", now as f64, true, Some((0, BATCH as i64)))
+                    .await,
+            )?;
             if candidates.is_empty() {
                 break;
             }
@@ -501,7 +779,7 @@ impl ValkeyStore {
                     Ok(id) => {
                         queue(
                             pipeline
-                                .hget::<(), _, _>(self.keys.svc(id), "expires_at")
+                                .hmget::<(), _, _>(self.keys.svc(id), vec!["expires_at", "name"])
                                 .await,
                         )?;
                         checked.push((member.clone(), *score));
@@ -509,18 +787,26 @@ impl ValkeyStore {
                     Err(_) => dead.push((member.clone(), *score)),
                 }
             }
-            let expiries: Vec<Option<String>> = if checked.is_empty() {
+            let replies: Vec<Value> = if checked.is_empty() {
                 Vec::new()
             } else {
-                pipeline.all().await.map_err(map_err)?
+                self.note(pipeline.all().await)?
             };
+            if replies.len() != checked.len() {
+                return Err(StoreError::Corrupt(format!(
+                    "pipeline of {} HMGET answered {} replies",
+                    checked.len(),
+                    replies.len()
+                )));
+            }
             let mut progress = 0;
             let rescore = self.client.pipeline();
             let mut rescored = 0;
-            for ((member, score), expires) in checked.into_iter().zip(expiries) {
-                match expires.and_then(|e| e.parse::<u64>().ok()) {
-                    None => dead.push((member, score)),
-                    Some(expires_at) => {
+            for ((member, score), reply) in checked.into_iter().zip(replies) {
+                let (expires, record_name) = expiry_and_name(reply);
+                let moved = matches!((name, &record_name), (Some(n), Some(r)) if n != r);
+                match expires {
+                    Some(expires_at) if !moved => {
                         if expires_at > now {
                             progress += 1;
                         }
@@ -538,10 +824,13 @@ impl ValkeyStore {
                         )?;
                         rescored += 1;
                     }
+                    // Expired or renamed: a registration under this name in between changed
+                    // the score with its hint, so the conditional drop keeps it.
+                    _ => dead.push((member, score)),
                 }
             }
             if rescored > 0 {
-                let _: Vec<Value> = rescore.all().await.map_err(map_err)?;
+                let _: Vec<Value> = self.note(rescore.all().await)?;
             }
             if !dead.is_empty() {
                 let n = self.drop_from_index(index, &dead).await?;
@@ -554,32 +843,120 @@ impl ValkeyStore {
         }
         Ok(dropped)
     }
+
+    /// Sweeps the by-name indexes of `names`: one round trip finds the indexes with expired
+    /// scores, only those are swept, then empty indexes are forgotten.
+    async fn sweep_names(&self, names: &[String], now: u64) -> Result<usize, StoreError> {
+        let pipeline = self.client.pipeline();
+        for name in names {
+            queue(
+                pipeline
+                    .zrangebyscore::<(), _, _, _>(
+                        self.keys.name_idx(name),
+                        "-inf",
+                        now as f64,
+                        false,
+                        Some((0, 1)),
+                    )
+                    .await,
+            )?;
+        }
+        let firsts: Vec<Value> = self.note(pipeline.all().await)?;
+        if firsts.len() != names.len() {
+            return Err(StoreError::Corrupt(format!(
+                "pipeline of {} ZRANGEBYSCORE answered {} replies",
+                names.len(),
+                firsts.len()
+            )));
+        }
+        let mut dropped = 0;
+        for (name, first) in names.iter().zip(firsts) {
+            if !is_empty_reply(&first) {
+                dropped += self
+                    .sweep_index(&self.keys.name_idx(name), Some(name), now)
+                    .await?;
+            }
+        }
+        self.forget_empty_names(names).await?;
+        Ok(dropped)
+    }
+
+    /// Which of `names` have an empty by-name index (one pipelined round trip).
+    async fn empty_names(&self, names: &[String]) -> Result<Vec<String>, StoreError> {
+        let pipeline = self.client.pipeline();
+        for name in names {
+            queue(pipeline.zcard::<(), _>(self.keys.name_idx(name)).await)?;
+        }
+        let counts: Vec<Value> = self.note(pipeline.all().await)?;
+        if counts.len() != names.len() {
+            return Err(StoreError::Corrupt(format!(
+                "pipeline of {} ZCARD answered {} replies",
+                names.len(),
+                counts.len()
+            )));
+        }
+        let mut empty = Vec::new();
+        for (name, count) in names.iter().zip(counts) {
+            if int_of(&count)? == 0 {
+                empty.push(name.clone());
+            }
+        }
+        Ok(empty)
+    }
+
+    /// Removes names with an empty index from the names set.
+    async fn forget_empty_names(&self, names: &[String]) -> Result<(), StoreError> {
+        let empty = self.empty_names(names).await?;
+        if empty.is_empty() {
+            return Ok(());
+        }
+        let _: i64 = self.note(self.client.srem(self.keys.names(), empty.clone()).await)?;
+        // A registration may have indexed a name between ZCARD and SREM: put it back.
+        let still_empty = self.empty_names(&empty).await?;
+        let refilled: Vec<String> = empty
+            .into_iter()
+            .filter(|name| !still_empty.contains(name))
+            .collect();
+        if !refilled.is_empty() {
+            let _: i64 = self.note(self.client.sadd(self.keys.names(), refilled).await)?;
+        }
+        Ok(())
+    }
+}
+
+/// TCP keepalive for the Valkey sockets, so an idle connection to a vanished peer is noticed.
+fn keepalive() -> TcpKeepalive {
+    let keepalive = TcpKeepalive::new().with_time(KEEPALIVE_IDLE);
+    #[cfg(any(
+        target_os = "linux",
+        target_os = "android",
+        target_os = "macos",
+        target_os = "freebsd",
+        target_os = "windows"
+    ))]
+    let keepalive = keepalive.with_interval(KEEPALIVE_INTERVAL);
+    keepalive
 }
 
 /// Logs connection changes: `valkey.connected` once per (re)connection and `valkey.disconnected`
 /// once per outage (not for every failed reconnection attempt).
-fn watch_connection(client: &Client) {
-    let up = Arc::new(AtomicBool::new(false));
-    // Whether an outage was already reported (also covers "down at startup").
-    let reported = Arc::new(AtomicBool::new(false));
+fn watch_connection(client: &Client, conn: &Arc<ConnState>) {
     {
-        let up = up.clone();
-        let reported = reported.clone();
+        let conn = conn.clone();
         client.on_reconnect(move |server| {
-            if !up.swap(true, AtomicOrdering::SeqCst) {
-                reported.store(false, AtomicOrdering::SeqCst);
+            if !conn.up.swap(true, AtomicOrdering::SeqCst) {
+                conn.reported.store(false, AtomicOrdering::SeqCst);
                 tracing::info!(server = %server, detail = "connected to Valkey", "valkey.connected");
             }
             async { Ok(()) }
         });
     }
     {
-        let up = up.clone();
-        let reported = reported.clone();
+        let conn = conn.clone();
         client.on_error(move |(error, server)| {
-            let was_up = up.swap(false, AtomicOrdering::SeqCst);
-            if was_up || !reported.swap(true, AtomicOrdering::SeqCst) {
-                reported.store(true, AtomicOrdering::SeqCst);
+            let was_up = conn.up.swap(false, AtomicOrdering::SeqCst);
+            if was_up || !conn.reported.swap(true, AtomicOrdering::SeqCst) {
+                conn.reported.store(true, AtomicOrdering::SeqCst);
                 let server = server.map(|s| s.to_string()).unwrap_or_default();
                 tracing::warn!(server, error = %error, detail = "lost the connection to Valkey; reconnecting", "valkey.disconnected");
             } else {
@@ -588,9 +965,10 @@ fn watch_connection(client: &Client) {
             async { Ok(()) }
         });
     }
+    let conn = conn.clone();
     client.on_unresponsive(move |server| {
-        if up.swap(false, AtomicOrdering::SeqCst) {
-            reported.store(true, AtomicOrdering::SeqCst);
+        if conn.up.swap(false, AtomicOrdering::SeqCst) {
+            conn.reported.store(true, AtomicOrdering::SeqCst);
             tracing::warn!(server = %server, detail = "Valkey connection unresponsive; reconnecting", "valkey.disconnected");
         }
         async { Ok(()) }
@@ -717,41 +1095,27 @@ fn pairs_to_map(items: Vec<Value>) -> Result<HashMap<String, String>, StoreError
     Ok(map)
 }
 
-/// Queues the commands that index `id` under `name` with score `expires_at`.
-async fn queue_index_add(
-    pipeline: &Pipeline<Client>,
-    keys: &Keys,
-    id: Ulid,
-    name: &str,
-    expires_at: Timestamp,
-) -> Result<(), StoreError> {
-    let score = expires_at.as_millis() as f64;
-    let member = id.to_string();
-    queue(
-        pipeline
-            .zadd::<(), _, _>(
-                keys.all_idx(),
-                None,
-                None,
-                false,
-                false,
-                (score, member.clone()),
-            )
-            .await,
-    )?;
-    queue(
-        pipeline
-            .zadd::<(), _, _>(
-                keys.name_idx(name),
-                None,
-                None,
-                false,
-                false,
-                (score, member),
-            )
-            .await,
-    )?;
-    queue(pipeline.sadd::<(), _, _>(keys.names(), name).await)
+/// A candidate's `expires_at` and display name from its HMGET reply (`None` when missing).
+fn expiry_and_name(reply: Value) -> (Option<u64>, Option<String>) {
+    let mut fields = match reply {
+        Value::Array(items) => items.into_iter(),
+        _ => Vec::new().into_iter(),
+    };
+    let expires = fields
+        .next()
+        .and_then(|v| v.as_string())
+        .and_then(|s| s.parse::<u64>().ok());
+    let name = fields.next().and_then(|v| v.as_string());
+    (expires, name)
+}
+
+/// Whether a reply is an empty (or nil) array.
+fn is_empty_reply(v: &Value) -> bool {
+    match v {
+        Value::Null => true,
+        Value::Array(items) => items.is_empty(),
+        _ => false,
+    }
 }
 
 impl Store for ValkeyStore {
@@ -770,7 +1134,7 @@ impl Store for ValkeyStore {
         let url_key = self.keys.url(&reg.url);
         let mut rejected: Vec<Ulid> = Vec::new();
         for _ in 0..REGISTER_ATTEMPTS {
-            let current: Option<String> = self.client.get(&url_key).await.map_err(map_err)?;
+            let current: Option<String> = self.note(self.client.get(&url_key).await)?;
             let current_id = current
                 .as_deref()
                 .and_then(|s| Ulid::from_string(s).ok())
@@ -778,30 +1142,40 @@ impl Store for ValkeyStore {
             let requested = reg
                 .requested_id
                 .filter(|id| id_fits_url(*id, &reg.url) && !rejected.contains(id));
-            let id = current_id
-                .or(requested)
-                .unwrap_or_else(|| mint_id(&reg.url));
-            let reply = REGISTER
-                .run(
-                    &self.client,
-                    vec![url_key.clone(), self.keys.svc(id)],
-                    vec![
-                        current.clone().unwrap_or_default(),
-                        id.to_string(),
-                        reg.url.clone(),
-                        info_json.clone(),
-                        name.clone(),
-                        self.ttl_ms().to_string(),
-                    ],
-                )
-                .await
-                .map_err(map_err)?;
+            let chosen = current_id.or(requested);
+            let id = chosen.unwrap_or_else(|| mint_id(&reg.url));
+            // Index first, so the record is listed even if this call stops after the script.
+            let hint = self.hint_score();
+            self.add_hint(id, &name, hint).await?;
+            let reply = self.note(
+                REGISTER
+                    .run(
+                        &self.client,
+                        vec![url_key.clone(), self.keys.svc(id), self.keys.gone(id)],
+                        vec![
+                            current.clone().unwrap_or_default(),
+                            id.to_string(),
+                            reg.url.clone(),
+                            info_json.clone(),
+                            name.clone(),
+                            self.ttl_ms().to_string(),
+                        ],
+                    )
+                    .await,
+            )?;
             let items = array_of(reply, "register")?;
             let status = items.first().and_then(Value::as_string).unwrap_or_default();
             match status.as_str() {
-                "retry" => continue,
-                "conflict" => {
-                    rejected.push(id);
+                "retry" | "conflict" => {
+                    if status == "conflict" {
+                        rejected.push(id);
+                    }
+                    // Nobody else knows an id minted here, so its hint can go at once. Hints
+                    // on other ids may be someone else's entry: the sweeper handles those.
+                    if chosen.is_none() {
+                        self.unindex(id, &name, &hint.to_string(), DropMode::Equal)
+                            .await;
+                    }
                     continue;
                 }
                 "created" | "updated" => {}
@@ -818,17 +1192,12 @@ impl Store for ValkeyStore {
             let now = ms_of(&items[2], "last_updated")?;
             let expires_at = ms_of(&items[3], "expires_at")?;
             let old_name = items.get(4).and_then(Value::as_string);
-
-            let pipeline = self.client.pipeline();
-            queue_index_add(&pipeline, &self.keys, id, &name, expires_at).await?;
-            if let Some(old) = old_name.filter(|old| *old != name) {
-                queue(
-                    pipeline
-                        .zrem::<(), _, _>(self.keys.name_idx(&old), id.to_string())
-                        .await,
-                )?;
-            }
-            let _: Vec<Value> = pipeline.all().await.map_err(map_err)?;
+            let old_expires = items.get(5).and_then(Value::as_string);
+            let previous = match (old_name, old_expires) {
+                (Some(old), Some(expires)) if old != name => Some((old, expires)),
+                _ => None,
+            };
+            self.settle(id, &name, expires_at, hint, previous).await;
 
             return Ok(Registered {
                 record: ServiceRecord {
@@ -850,18 +1219,8 @@ impl Store for ValkeyStore {
     }
 
     async fn ping(&self, id: Ulid) -> Result<Option<Pinged>, StoreError> {
-        let reply = PING
-            .run(
-                &self.client,
-                vec![self.keys.svc(id)],
-                vec![
-                    self.keys.url_prefix_of(id),
-                    id.to_string(),
-                    self.ttl_ms().to_string(),
-                ],
-            )
-            .await
-            .map_err(map_err)?;
+        let (_, keys, args) = self.ping_command(id);
+        let reply = self.note(PING.run(&self.client, keys, args).await)?;
         if reply.is_null() {
             return Ok(None);
         }
@@ -877,17 +1236,13 @@ impl Store for ValkeyStore {
     }
 
     async fn get(&self, id: Ulid) -> Result<Option<ServiceRecord>, StoreError> {
-        let reply: Value = self
-            .client
-            .hgetall(self.keys.svc(id))
-            .await
-            .map_err(map_err)?;
+        let reply: Value = self.note(self.client.hgetall(self.keys.svc(id)).await)?;
         record_from_value(id, reply)
     }
 
     async fn list(&self, filter: &ListFilter) -> Result<Vec<ServiceRecord>, StoreError> {
         let mut records = if let Some(url) = &filter.url {
-            let id: Option<String> = self.client.get(self.keys.url(url)).await.map_err(map_err)?;
+            let id: Option<String> = self.note(self.client.get(self.keys.url(url)).await)?;
             match id.as_deref().map(Ulid::from_string) {
                 Some(Ok(id)) => self.get(id).await?.into_iter().collect(),
                 Some(Err(_)) | None => Vec::new(),
@@ -904,73 +1259,50 @@ impl Store for ValkeyStore {
     }
 
     async fn deregister(&self, id: Ulid) -> Result<Option<ServiceRecord>, StoreError> {
-        let reply = DEREGISTER
-            .run(
-                &self.client,
-                vec![self.keys.svc(id)],
-                vec![self.keys.url_prefix_of(id), id.to_string()],
-            )
-            .await
-            .map_err(map_err)?;
+        let reply = self.note(
+            DEREGISTER
+                .run(
+                    &self.client,
+                    vec![self.keys.svc(id), self.keys.gone(id)],
+                    vec![
+                        self.keys.url_prefix_of(id),
+                        id.to_string(),
+                        self.ttl_ms().to_string(),
+                    ],
+                )
+                .await,
+        )?;
         if reply.is_null() {
             return Ok(None);
         }
         let map = pairs_to_map(array_of(reply, "deregister")?)?;
         let name = map.get("name").cloned();
-        let record = record_from_map(id, map)?;
-        let pipeline = self.client.pipeline();
-        queue(
-            pipeline
-                .zrem::<(), _, _>(self.keys.all_idx(), id.to_string())
-                .await,
-        )?;
-        let name = name.or_else(|| record.as_ref().map(|r| r.info.display_name.clone()));
-        if let Some(name) = name {
-            queue(
-                pipeline
-                    .zrem::<(), _, _>(self.keys.name_idx(&name), id.to_string())
-                    .await,
-            )?;
+        let expires = map.get("expires_at").cloned();
+        let record = record_from_map(id, map);
+        let name = name.or_else(|| match &record {
+            Ok(Some(r)) => Some(r.info.display_name.clone()),
+            _ => None,
+        });
+        // Only this version's entries: a re-registration racing with us scored higher.
+        if let (Some(name), Some(expires)) = (name, expires) {
+            self.unindex(id, &name, &expires, DropMode::AtMost).await;
         }
-        let _: Vec<Value> = pipeline.all().await.map_err(map_err)?;
-        Ok(record)
+        record
     }
 
     async fn sweep(&self) -> Result<usize, StoreError> {
         let now = self.server_now().await?;
-        let mut dropped = self.sweep_index(&self.keys.all_idx(), now).await?;
-        let names: Vec<String> = self
-            .client
-            .smembers(self.keys.names())
-            .await
-            .map_err(map_err)?;
-        for name in names {
-            let index = self.keys.name_idx(&name);
-            dropped += self.sweep_index(&index, now).await?;
-            let left: u64 = self.client.zcard(&index).await.map_err(map_err)?;
-            if left == 0 {
-                let _: i64 = self
-                    .client
-                    .srem(self.keys.names(), name.as_str())
-                    .await
-                    .map_err(map_err)?;
-                // A registration may have indexed the name between ZCARD and SREM: put it back.
-                let left: u64 = self.client.zcard(&index).await.map_err(map_err)?;
-                if left > 0 {
-                    let _: i64 = self
-                        .client
-                        .sadd(self.keys.names(), name.as_str())
-                        .await
-                        .map_err(map_err)?;
-                }
-            }
+        let mut dropped = self.sweep_index(&self.keys.all_idx(), None, now).await?;
+        let names: Vec<String> = self.note(self.client.smembers(self.keys.names()).await)?;
+        for chunk in names.chunks(BATCH) {
+            dropped += self.sweep_names(chunk, now).await?;
         }
         Ok(dropped)
     }
 
     async fn health(&self) -> Result<StoreHealth, StoreError> {
         let started = Instant::now();
-        let _: String = self.client.ping(None).await.map_err(map_err)?;
+        let _: String = self.note(self.client.ping(None).await)?;
         Ok(StoreHealth {
             kind: "valkey",
             latency: started.elapsed(),
@@ -1005,6 +1337,7 @@ mod tests {
         assert_eq!(keys.svc(id), format!("p:{{{tag}}}:svc:{id}"));
         assert_eq!(keys.url(url), format!("p:{{{tag}}}:url:{url}"));
         assert_eq!(keys.url_prefix_of(id) + url, keys.url(url));
+        assert_eq!(keys.gone(id), format!("p:{{{tag}}}:gone:{id}"));
         assert_eq!(keys.name_idx("A"), "p:{n:A}:idx");
         assert_eq!(keys.all_idx(), "p:{all}:idx");
         assert_eq!(keys.names(), "p:{all}:names");

@@ -2,7 +2,9 @@
 //!
 //! Each [`ValkeyServer`] runs its own server on a free loopback port with persistence off and
 //! its own scratch directory, and kills it when dropped. [`ValkeyServer::stop`] and
-//! [`ValkeyServer::start`] take it down and bring it back on the same port, for outage tests.
+//! [`ValkeyServer::start`] take it down and bring it back on the same port, for outage tests;
+//! [`ValkeyServer::pause`] and [`ValkeyServer::resume`] freeze and thaw it (`SIGSTOP`,
+//! `SIGCONT`), so its connections stay open but nothing answers: a hung server.
 //! A missing `valkey-server` binary is a test failure, never a silent skip.
 
 use std::io::{ErrorKind, Read, Write};
@@ -26,6 +28,7 @@ pub struct ValkeyServer {
     port: u16,
     dir: PathBuf,
     child: Option<Child>,
+    paused: bool,
 }
 
 impl ValkeyServer {
@@ -51,6 +54,7 @@ impl ValkeyServer {
                 port: free_port(),
                 dir: dir.clone(),
                 child: None,
+                paused: false,
             };
             match server.try_start() {
                 Ok(()) => return server,
@@ -74,8 +78,68 @@ impl ValkeyServer {
         self.child.is_some()
     }
 
+    /// Freezes the server process (`SIGSTOP`): connections stay open, nothing answers.
+    pub fn pause(&mut self) {
+        self.signal("STOP");
+        self.paused = true;
+    }
+
+    /// Thaws a paused server (`SIGCONT`).
+    pub fn resume(&mut self) {
+        if self.paused {
+            self.signal("CONT");
+            self.paused = false;
+        }
+    }
+
+    fn signal(&self, name: &str) {
+        let Some(child) = self.child.as_ref() else {
+            panic!("valkey-server is not running");
+        };
+        let status = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(child.id().to_string())
+            .status()
+            .unwrap_or_else(|e| panic!("cannot run kill -{name}: {e}"));
+        assert!(status.success(), "kill -{name} failed: {status}");
+    }
+
+    /// Sends one command on a fresh connection of its own and returns the first reply line
+    /// (e.g. `+OK`). For commands the store's client should not be involved in.
+    pub fn command(&self, args: &[&str]) -> String {
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, self.port));
+        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+            .unwrap_or_else(|e| panic!("cannot connect to valkey-server: {e}"));
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+        let mut request = format!("*{}\r\n", args.len());
+        for arg in args {
+            request.push_str(&format!("${}\r\n{arg}\r\n", arg.len()));
+        }
+        stream
+            .write_all(request.as_bytes())
+            .unwrap_or_else(|e| panic!("cannot send {args:?}: {e}"));
+        let mut got = Vec::new();
+        let mut buf = [0u8; 256];
+        while !got.ends_with(b"\r\n") {
+            match stream.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) => panic!("no reply to {args:?}: {e}"),
+            }
+        }
+        String::from_utf8_lossy(&got).trim_end().to_owned()
+    }
+
     /// Kills the server and waits for it to exit. Its data is gone (persistence is off).
     pub fn stop(&mut self) {
+        // A stopped process still dies on SIGKILL, but thaw it so nothing is left frozen.
+        if let (true, Some(child)) = (self.paused, self.child.as_ref()) {
+            let _ = Command::new("kill")
+                .arg("-CONT")
+                .arg(child.id().to_string())
+                .status();
+        }
+        self.paused = false;
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
