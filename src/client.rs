@@ -136,9 +136,16 @@ impl OrchestratorClient {
             .await
     }
 
-    /// `PUT` a keepalive to the `ping_url` the orchestrator gave.
-    pub async fn ping(&self, ping_url: &str) -> Result<PingResponse, ClientError> {
-        self.call(Method::PUT, ping_url, None).await
+    /// `PUT` a keepalive to the `ping_url` the orchestrator gave, bounded by `within` (at
+    /// most the client's timeout): a ping stuck on a dead connection must not outlive the
+    /// keepalive interval, or the next ping comes too late.
+    pub async fn ping(
+        &self,
+        ping_url: &str,
+        within: Duration,
+    ) -> Result<PingResponse, ClientError> {
+        self.call_within(Method::PUT, ping_url, None, within.min(self.timeout))
+            .await
     }
 
     /// `DELETE` the entry at `service_url` (the ping URL without `/$ping`). A 404 means the
@@ -159,6 +166,16 @@ impl OrchestratorClient {
         method: Method,
         url: &str,
         body: Option<Vec<u8>>,
+    ) -> Result<T, ClientError> {
+        self.call_within(method, url, body, self.timeout).await
+    }
+
+    async fn call_within<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        url: &str,
+        body: Option<Vec<u8>>,
+        timeout: Duration,
     ) -> Result<T, ClientError> {
         let mut req = Request::builder().method(method).uri(url);
         if body.is_some() {
@@ -184,9 +201,9 @@ impl OrchestratorClient {
                 .to_bytes();
             Ok::<_, ClientError>((parts, bytes))
         };
-        let (parts, bytes) = tokio::time::timeout(self.timeout, exchange)
+        let (parts, bytes) = tokio::time::timeout(timeout, exchange)
             .await
-            .map_err(|_| ClientError::Network(format!("no answer within {:?}", self.timeout)))??;
+            .map_err(|_| ClientError::Network(format!("no answer within {timeout:?}")))??;
         if parts.status.is_success() {
             return serde_json::from_slice(&bytes).map_err(|e| {
                 ClientError::Protocol(format!("{e} in {}", String::from_utf8_lossy(&bytes)))

@@ -304,7 +304,8 @@ impl Task {
                 break;
             }
             let sent = Instant::now();
-            match self.client.ping(&entry.ping_url).await {
+            let within = interval_of(&entry).max(MIN_PING_RETRY);
+            match self.client.ping(&entry.ping_url, within).await {
                 Ok(pong) => {
                     failures = 0;
                     entry.expires = sent + entry.ttl;
