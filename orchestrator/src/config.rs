@@ -3,11 +3,76 @@
 //! The same struct is parsed by the binary and built directly by tests, so what `--help`
 //! documents is exactly what the server reads.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use url::Url;
+
+/// The command line of the `orchestrator` binary: the server's flags, and optionally a
+/// subcommand. Without one it serves, exactly as configured by [`Config`].
+#[derive(Debug, Clone, Parser)]
+#[command(name = "orchestrator", version, about, long_about = None)]
+pub struct Cli {
+    #[command(flatten)]
+    pub config: Config,
+
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// What the binary does instead of serving.
+#[derive(Debug, Clone, Subcommand)]
+pub enum Command {
+    /// Check a running orchestrator's /health: exit 0 when healthy, 1 otherwise.
+    ///
+    /// GETs the URL once and exits 0 when it answers 200 with "status":"healthy", 1 otherwise,
+    /// printing one line that says why. For a container HEALTHCHECK: the image needs no curl.
+    Healthcheck(HealthcheckArgs),
+}
+
+/// Flags of `orchestrator healthcheck`.
+#[derive(Debug, Clone, Args)]
+pub struct HealthcheckArgs {
+    /// URL to GET. Default: /health on the port of --bind (ORCHESTRATOR_BIND), on 127.0.0.1
+    /// when it binds all interfaces, e.g. http://127.0.0.1:9000/health.
+    #[arg(long, env = "ORCHESTRATOR_HEALTHCHECK_URL", value_parser = parse_healthcheck_url)]
+    pub url: Option<String>,
+
+    /// Seconds to wait for the whole answer before reporting unhealthy.
+    #[arg(long, default_value_t = 3,
+          value_parser = clap::value_parser!(u64).range(1..=300))]
+    pub timeout_seconds: u64,
+}
+
+impl HealthcheckArgs {
+    /// The URL to check: `--url`, else `/health` on the address the server binds.
+    pub fn target(&self, bind: SocketAddr) -> Result<String, String> {
+        if let Some(url) = &self.url {
+            return Ok(url.clone());
+        }
+        if bind.port() == 0 {
+            return Err(format!(
+                "cannot derive the health URL from bind address {bind} (port 0): pass --url"
+            ));
+        }
+        // A wildcard bind is reachable on loopback; a specific address only on itself.
+        let ip = match bind.ip() {
+            IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+            ip => ip,
+        };
+        Ok(format!(
+            "http://{}/health",
+            SocketAddr::new(ip, bind.port())
+        ))
+    }
+
+    /// How long the check may take.
+    pub fn timeout(&self) -> Duration {
+        Duration::from_secs(self.timeout_seconds)
+    }
+}
 
 /// The servicekit orchestrator: a service registry with TTL expiry.
 #[derive(Debug, Clone, Parser)]
@@ -91,6 +156,15 @@ impl Config {
     }
 }
 
+/// Accepts an absolute http URL with a host (the check has no TLS).
+fn parse_healthcheck_url(s: &str) -> Result<String, String> {
+    let url = Url::parse(s).map_err(|e| format!("not an absolute URL: {e}"))?;
+    if url.scheme() != "http" || url.host_str().is_none() {
+        return Err("must be an http URL with a host".into());
+    }
+    Ok(s.to_owned())
+}
+
 /// Accepts an absolute http(s) URL and drops a trailing slash, so paths can be appended.
 fn parse_public_url(s: &str) -> Result<String, String> {
     let url = Url::parse(s).map_err(|e| format!("not an absolute URL: {e}"))?;
@@ -119,5 +193,72 @@ mod tests {
         assert!(Config::try_parse_from(["orchestrator", "--ttl-seconds", "0"]).is_err());
         assert!(Config::try_parse_from(["orchestrator", "--public-url", "ftp://x"]).is_err());
         assert!(Config::try_parse_from(["orchestrator", "--bind", "nope"]).is_err());
+    }
+
+    fn healthcheck(args: &[&str]) -> (Config, HealthcheckArgs) {
+        let cli = Cli::try_parse_from(args).unwrap();
+        match cli.command {
+            Some(Command::Healthcheck(h)) => (cli.config, h),
+            None => panic!("no healthcheck subcommand in {args:?}"),
+        }
+    }
+
+    #[test]
+    fn no_subcommand_serves_with_the_same_flags() {
+        let cli = Cli::try_parse_from(["orchestrator", "--ttl-seconds", "5"]).unwrap();
+        assert!(cli.command.is_none());
+        assert_eq!(cli.config.ttl(), Duration::from_secs(5));
+        assert!(Cli::try_parse_from(["orchestrator", "--ttl-seconds", "0"]).is_err());
+        assert!(Cli::try_parse_from(["orchestrator", "nonsense"]).is_err());
+    }
+
+    #[test]
+    fn healthcheck_url_defaults_to_the_bind_port_on_loopback() {
+        let (config, h) = healthcheck(&["orchestrator", "healthcheck"]);
+        assert_eq!(h.timeout(), Duration::from_secs(3));
+        assert_eq!(
+            h.target(config.bind).unwrap(),
+            "http://127.0.0.1:9000/health"
+        );
+        let (config, h) = healthcheck(&["orchestrator", "--bind", "0.0.0.0:9100", "healthcheck"]);
+        assert_eq!(
+            h.target(config.bind).unwrap(),
+            "http://127.0.0.1:9100/health"
+        );
+        let (config, h) = healthcheck(&["orchestrator", "--bind", "[::]:9200", "healthcheck"]);
+        assert_eq!(h.target(config.bind).unwrap(), "http://[::1]:9200/health");
+        let (config, h) = healthcheck(&["orchestrator", "--bind", "10.1.2.3:9300", "healthcheck"]);
+        assert_eq!(
+            h.target(config.bind).unwrap(),
+            "http://10.1.2.3:9300/health"
+        );
+        let (config, h) = healthcheck(&["orchestrator", "--bind", "127.0.0.1:0", "healthcheck"]);
+        assert!(h.target(config.bind).unwrap_err().contains("--url"));
+    }
+
+    #[test]
+    fn healthcheck_flags_parse_and_validate() {
+        let (config, h) = healthcheck(&[
+            "orchestrator",
+            "healthcheck",
+            "--url",
+            "http://orch:9000/health",
+            "--timeout-seconds",
+            "1",
+        ]);
+        assert_eq!(h.target(config.bind).unwrap(), "http://orch:9000/health");
+        assert_eq!(h.timeout(), Duration::from_secs(1));
+        for bad in [
+            vec![
+                "orchestrator",
+                "healthcheck",
+                "--url",
+                "https://orch/health",
+            ],
+            vec!["orchestrator", "healthcheck", "--url", "/health"],
+            vec!["orchestrator", "healthcheck", "--timeout-seconds", "0"],
+        ] {
+            assert!(Cli::try_parse_from(&bad).is_err(), "{bad:?} accepted");
+        }
     }
 }

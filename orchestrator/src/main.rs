@@ -1,27 +1,165 @@
 //! The `orchestrator` binary: parse flags, set up logging, serve until SIGTERM or Ctrl-C.
+//! `orchestrator healthcheck` instead checks a running one's `/health` (for a container
+//! HEALTHCHECK, so the image needs no curl).
 
 use std::process::ExitCode;
 
+use bytes::Bytes;
 use clap::Parser;
-use servicekit_orchestrator::config::{Config, LogFormat};
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use servicekit_orchestrator::config::{Cli, Command, Config, HealthcheckArgs, LogFormat};
 use servicekit_orchestrator::server;
 use tracing_subscriber::EnvFilter;
 
-#[tokio::main]
-async fn main() -> ExitCode {
-    let config = Config::parse();
-    init_logging(config.log_format);
-    let running = match server::start_with_signal(config, shutdown_signal()).await {
-        Ok(running) => running,
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
         Err(e) => {
-            tracing::error!(error = %e, "orchestrator.failed");
+            let _ = e.print();
+            // Container runtimes reserve exit status 2 of a health check (clap's usage error).
+            if e.use_stderr() && std::env::args_os().skip(1).any(|a| a == "healthcheck") {
+                return ExitCode::FAILURE;
+            }
+            return ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2));
+        }
+    };
+    match cli.command {
+        None => serve(cli.config),
+        Some(Command::Healthcheck(args)) => healthcheck(&cli.config, &args),
+    }
+}
+
+fn serve(config: Config) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("orchestrator: cannot start the tokio runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
-    running.wait().await;
-    ExitCode::SUCCESS
+    runtime.block_on(async {
+        init_logging(config.log_format);
+        let running = match server::start_with_signal(config, shutdown_signal()).await {
+            Ok(running) => running,
+            Err(e) => {
+                tracing::error!(error = %e, "orchestrator.failed");
+                return ExitCode::FAILURE;
+            }
+        };
+        running.wait().await;
+        ExitCode::SUCCESS
+    })
 }
 
+/// Largest /health answer read; the real one is a few hundred bytes.
+const HEALTH_BODY_LIMIT: usize = 64 * 1024;
+
+/// `orchestrator healthcheck`: one GET, one line of output, exit 0 (healthy) or 1.
+fn healthcheck(config: &Config, args: &HealthcheckArgs) -> ExitCode {
+    let url = match args.target(config.bind) {
+        Ok(url) => url,
+        Err(e) => {
+            eprintln!("unhealthy: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("unhealthy: cannot start the tokio runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let timeout = args.timeout();
+    let outcome = runtime.block_on(async {
+        tokio::time::timeout(timeout, check_health(&url))
+            .await
+            .unwrap_or_else(|_| Err(format!("no answer within {timeout:?}")))
+    });
+    match outcome {
+        Ok(()) => {
+            println!("healthy: {url}");
+            ExitCode::SUCCESS
+        }
+        Err(why) => {
+            eprintln!("unhealthy: {url}: {why}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// GETs `url` and wants 200 with a JSON body whose `status` is `healthy`.
+async fn check_health(url: &str) -> Result<(), String> {
+    let uri: http::Uri = url.parse().map_err(|e| format!("bad URL: {e}"))?;
+    let client = Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(0)
+        .build_http::<Empty<Bytes>>();
+    let request = http::Request::get(uri)
+        .header(http::header::ACCEPT, "application/json")
+        .header(http::header::USER_AGENT, "orchestrator-healthcheck")
+        .body(Empty::new())
+        .map_err(|e| format!("bad request: {e}"))?;
+    let response = client
+        .request(request)
+        .await
+        .map_err(|e| format!("request failed: {}", error_chain(&e)))?;
+    let status = response.status();
+    let body = Limited::new(response.into_body(), HEALTH_BODY_LIMIT)
+        .collect()
+        .await
+        .map_err(|e| format!("HTTP {status}, body unreadable: {e}"))?
+        .to_bytes();
+    let json: Option<serde_json::Value> = serde_json::from_slice(&body).ok();
+    let reported = json
+        .as_ref()
+        .and_then(|v| v.get("status"))
+        .and_then(|s| s.as_str());
+    if status == http::StatusCode::OK && reported == Some("healthy") {
+        return Ok(());
+    }
+    let mut text = match &json {
+        Some(v) => v.to_string(),
+        None => String::from_utf8_lossy(&body).into_owned(),
+    };
+    text = text.replace(['\n', '\r'], " ");
+    if text.len() > 300 {
+        let mut end = 300;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push('…');
+    }
+    match reported {
+        Some(reported) => Err(format!("HTTP {status}, status \"{reported}\": {text}")),
+        None => Err(format!(
+            "HTTP {status}, no JSON \"status\" in the answer: {text}"
+        )),
+    }
+}
+
+/// An error and its sources on one line ("connection refused" sits a few levels down).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let line = cause.to_string();
+        if !text.contains(&line) {
+            text.push_str(": ");
+            text.push_str(&line);
+        }
+        source = cause.source();
+    }
+    text
+}
 fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()

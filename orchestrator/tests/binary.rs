@@ -274,3 +274,192 @@ async fn keeps_serving_and_obeys_sigterm_after_its_log_reader_goes_away() {
     };
     assert!(exit.success(), "{exit:?}");
 }
+
+/// `orchestrator healthcheck`, with no inherited configuration.
+fn healthcheck() -> Command {
+    let mut cmd = orchestrator();
+    cmd.env_remove("ORCHESTRATOR_HEALTHCHECK_URL")
+        .env_remove("ORCHESTRATOR_MAX_CONNECTIONS")
+        .arg("healthcheck");
+    cmd
+}
+
+/// A port on which nothing listens (just released by the OS).
+fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port()
+}
+
+/// A server that answers every connection with `status` and `body` (None: reads the request,
+/// never answers).
+fn fake_server(answer: Option<(&str, &str)>) -> std::net::SocketAddr {
+    use std::io::{Read, Write};
+    let response = answer.map(|(status, body)| {
+        format!(
+            "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\
+             connection: close\r\n\r\n{body}",
+            body.len()
+        )
+    });
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { break };
+            let mut request = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                match stream.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => request.extend_from_slice(&buf[..n]),
+                }
+            }
+            match &response {
+                Some(response) => {
+                    let _ = stream.write_all(response.as_bytes());
+                }
+                None => held.push(stream),
+            }
+        }
+    });
+    addr
+}
+
+#[test]
+fn healthcheck_exits_0_against_a_healthy_orchestrator() {
+    let mut cmd = orchestrator();
+    cmd.args(["--bind", "127.0.0.1:0"]);
+    let proc = Proc::spawn(cmd);
+    let started = proc.event("orchestrator.starting", Duration::from_secs(20));
+    let bind = started["bind"].as_str().expect("bind logged").to_owned();
+
+    let url = format!("http://{bind}/health");
+    let out = healthcheck().args(["--url", &url]).output().expect("runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(stdout.trim(), format!("healthy: {url}"));
+
+    // Without --url: /health on ORCHESTRATOR_BIND's port, as in the image's HEALTHCHECK.
+    let out = healthcheck()
+        .env("ORCHESTRATOR_BIND", &bind)
+        .output()
+        .expect("runs");
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(&url),
+        "{out:?}"
+    );
+    // ... and from the environment variable.
+    let out = healthcheck()
+        .env("ORCHESTRATOR_HEALTHCHECK_URL", &url)
+        .output()
+        .expect("runs");
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+}
+
+#[test]
+fn healthcheck_exits_1_with_a_clear_message_when_nothing_listens() {
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}/health");
+    for mut cmd in [
+        {
+            let mut c = healthcheck();
+            c.args(["--url", &url]);
+            c
+        },
+        {
+            let mut c = healthcheck();
+            c.env("ORCHESTRATOR_BIND", format!("0.0.0.0:{port}"));
+            c
+        },
+    ] {
+        let out = cmd.output().expect("runs");
+        assert_eq!(out.status.code(), Some(1), "{out:?}");
+        assert!(out.stdout.is_empty(), "{out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+        assert!(
+            err.starts_with(&format!("unhealthy: {url}: ")) && err.contains("onnection refused"),
+            "{err}"
+        );
+    }
+}
+
+#[test]
+fn healthcheck_exits_1_on_an_unhealthy_wrong_or_missing_answer() {
+    let unavailable = fake_server(Some((
+        "503 Service Unavailable",
+        r#"{"status":"unhealthy","checks":{"store":{"status":"unhealthy"}}}"#,
+    )));
+    let ok_but_unhealthy = fake_server(Some(("200 OK", r#"{"status":"unhealthy"}"#)));
+    let not_json = fake_server(Some(("200 OK", "ok")));
+    let silent = fake_server(None);
+    for (addr, timeout, needle) in [
+        (
+            unavailable,
+            "3",
+            "HTTP 503 Service Unavailable, status \"unhealthy\"",
+        ),
+        (ok_but_unhealthy, "3", "HTTP 200 OK, status \"unhealthy\""),
+        (not_json, "3", "no JSON \"status\""),
+        (silent, "1", "no answer within 1s"),
+    ] {
+        let url = format!("http://{addr}/health");
+        let started = std::time::Instant::now();
+        let out = healthcheck()
+            .args(["--url", &url, "--timeout-seconds", timeout])
+            .output()
+            .expect("runs");
+        assert_eq!(out.status.code(), Some(1), "{url}: {out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(needle), "{url}: wanted {needle:?} in {err}");
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{url}: took too long"
+        );
+    }
+}
+
+#[test]
+fn healthcheck_usage_errors_exit_1_not_the_reserved_2() {
+    let out = healthcheck()
+        .args(["--url", "ftp://x"])
+        .output()
+        .expect("runs");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--url"),
+        "{out:?}"
+    );
+    // The server's own usage errors keep clap's status.
+    let out = orchestrator().arg("--nonsense").output().expect("runs");
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+}
+
+#[test]
+fn help_lists_the_healthcheck_subcommand_and_its_flags() {
+    let out = orchestrator().arg("--help").output().expect("runs");
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(help.contains("healthcheck"), "{help}");
+    let out = healthcheck().arg("--help").output().expect("runs");
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for needle in [
+        "--url",
+        "ORCHESTRATOR_HEALTHCHECK_URL",
+        "--timeout-seconds",
+        "[default: 3]",
+    ] {
+        assert!(
+            help.contains(needle),
+            "healthcheck --help lacks {needle}:\n{help}"
+        );
+    }
+}
