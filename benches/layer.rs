@@ -97,20 +97,29 @@ fn main() {
     });
     let base = orch.base_url();
 
-    // axum, in-process.
-    let (plain, layered, probe) = rt.block_on(async {
-        let probe = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let port = probe.local_addr().expect("addr").port();
-        let registration = layer(&base, port);
-        let layered = router().layer(registration.clone());
-        registration
-            .handle()
-            .wait_registered(Duration::from_secs(10))
-            .await
-            .expect("bench layer registers");
-        (router(), layered, probe)
+    // axum, in-process: no layer; tower's Identity layer (what `Router::layer` costs by
+    // itself); the registration layer through `Router::layer`; and through `apply`.
+    let (plain, identity, layered, applied, probes) = rt.block_on(async {
+        let mut probes = Vec::new();
+        let mut registered = Vec::new();
+        for _ in 0..2 {
+            let probe = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            registered.push(layer(&base, probe.local_addr().expect("addr").port()));
+            probes.push(probe);
+        }
+        let layered = router().layer(registered[0].clone());
+        let applied = registered[1].apply(router());
+        for registration in &registered {
+            registration
+                .handle()
+                .wait_registered(Duration::from_secs(10))
+                .await
+                .expect("bench layer registers");
+        }
+        let identity = router().layer(tower::layer::util::Identity::new());
+        (router(), identity, layered, applied, probes)
     });
 
     // tonic, over HTTP/2 on loopback.
@@ -165,8 +174,14 @@ fn main() {
         group.bench_function("without_layer", |b| {
             b.to_async(&rt).iter(|| call_axum(plain.clone()))
         });
+        group.bench_function("identity_layer", |b| {
+            b.to_async(&rt).iter(|| call_axum(identity.clone()))
+        });
         group.bench_function("with_layer", |b| {
             b.to_async(&rt).iter(|| call_axum(layered.clone()))
+        });
+        group.bench_function("with_apply", |b| {
+            b.to_async(&rt).iter(|| call_axum(applied.clone()))
         });
         group.finish();
     }
@@ -190,25 +205,34 @@ fn main() {
 
     // Interleaved with/without ratios.
     let (batches, per_batch) = if quick { (4, 50) } else { (60, 5_000) };
-    let axum_ratio = rt.block_on(async {
-        let (mut with, mut without) = (Vec::new(), Vec::new());
-        for round in 0..batches {
-            for layered_first in [round % 2 == 0, round % 2 != 0] {
-                let app = if layered_first { &layered } else { &plain };
-                let started = Instant::now();
-                for _ in 0..per_batch {
-                    call_axum(app.clone()).await;
-                }
-                let per_call = started.elapsed().as_nanos() as f64 / per_batch as f64;
-                if layered_first {
-                    with.push(per_call)
-                } else {
-                    without.push(per_call)
+    // Each variant against the plain router, in interleaved batches.
+    let mut axum_ratios = Vec::new();
+    for (name, variant) in [
+        ("Router::layer(Identity)", &identity),
+        ("Router::layer(RegistrationLayer)", &layered),
+        ("RegistrationLayer::apply(router)", &applied),
+    ] {
+        let (with, without) = rt.block_on(async {
+            let (mut with, mut without) = (Vec::new(), Vec::new());
+            for round in 0..batches {
+                for variant_first in [round % 2 == 0, round % 2 != 0] {
+                    let app = if variant_first { variant } else { &plain };
+                    let started = Instant::now();
+                    for _ in 0..per_batch {
+                        call_axum(app.clone()).await;
+                    }
+                    let per_call = started.elapsed().as_nanos() as f64 / per_batch as f64;
+                    if variant_first {
+                        with.push(per_call)
+                    } else {
+                        without.push(per_call)
+                    }
                 }
             }
-        }
-        (median(with), median(without))
-    });
+            (median(with), median(without))
+        });
+        axum_ratios.push((name, with, without));
+    }
     let tonic_batches = if quick { (4, 20) } else { (40, 1_000) };
     let tonic_ratio = rt.block_on(async {
         let (mut with, mut without) = (Vec::new(), Vec::new());
@@ -233,12 +257,12 @@ fn main() {
         }
         (median(with), median(without))
     });
-    println!(
-        "layer overhead, axum in-process: with {:.0} ns, without {:.0} ns, ratio with/without = {:.3}",
-        axum_ratio.0,
-        axum_ratio.1,
-        axum_ratio.0 / axum_ratio.1
-    );
+    for (name, with, without) in &axum_ratios {
+        println!(
+            "layer overhead, axum in-process, {name}: {with:.0} ns vs {without:.0} ns without, ratio = {:.3}",
+            with / without
+        );
+    }
     println!(
         "layer overhead, tonic over HTTP/2: with {:.1} µs, without {:.1} µs, ratio with/without = {:.3}",
         tonic_ratio.0 / 1000.0,
@@ -246,6 +270,6 @@ fn main() {
         tonic_ratio.0 / tonic_ratio.1
     );
     c.final_summary();
-    drop(probe);
+    drop(probes);
     rt.block_on(orch.shutdown());
 }

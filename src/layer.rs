@@ -70,6 +70,15 @@ impl RegistrationLayer {
         }
     }
 
+    /// Starts registration for `service` and returns it unchanged: the same as
+    /// `Layer::layer`, for applying the layer to a whole service at once. With axum,
+    /// `registration.apply(router)` skips the per-route re-boxing that `Router::layer` does
+    /// for any layer (see BENCHMARKS.md); the result is the router itself.
+    pub fn apply<S>(&self, service: S) -> S {
+        self.start();
+        service
+    }
+
     /// A handle on the registration's state, e.g. for a readiness endpoint.
     pub fn handle(&self) -> RegistrationHandle {
         RegistrationHandle::new(self.shared.status.subscribe())

@@ -554,3 +554,22 @@ async fn an_orchestrator_restart_that_lost_everything_is_healed() {
     served.shutdown().await;
     orch.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apply_registers_a_whole_router_without_wrapping_it() {
+    let (orch, api) = orchestrator(30, None).await;
+    let listener = listener().await;
+    let port = listener.local_addr().unwrap().port();
+    let layer = builder(&orch.base_url(), port).build().expect("config");
+    let handle = layer.handle();
+    assert_eq!(handle.status().phase, Phase::NotStarted);
+    let app: Router = layer.apply(app());
+    let served = serve(listener, app, &layer);
+    let url = format!("http://127.0.0.1:{port}");
+    registered(&api, &url, WAIT).await;
+    assert!(handle.is_registered());
+    assert_eq!(http::Api::new(url.clone()).get("/").await.status, 200);
+    served.shutdown().await;
+    assert!(entries_for(&api, &url).await.is_empty());
+    orch.shutdown().await;
+}
