@@ -13,7 +13,6 @@
 //! Environment: `DEMO_ORCHESTRATOR_BIND` (default `127.0.0.1:9000`), `RUST_LOG` (default `info`).
 
 use std::error::Error;
-use std::future::Future;
 use std::time::Duration;
 
 use axum::routing::get;
@@ -58,7 +57,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
     println!("registry: {}", get_json(&format!("{base}/services")).await?);
     println!("running; try `curl {base}/services`. Ctrl-C to stop.");
 
-    shutdown_signal()?.await;
+    servicekit::signal::shutdown_signal()?.await;
     let _ = stop.send(true);
     for service in [svca, svcb] {
         service.task.await??;
@@ -124,20 +123,4 @@ async fn get_json(url: &str) -> Result<String, Box<dyn Error>> {
     let res = client.get(url.parse()?).await?;
     let body = res.into_body().collect().await?.to_bytes();
     Ok(String::from_utf8_lossy(&body).into_owned())
-}
-
-/// Completes on Ctrl-C or SIGTERM; the handlers are installed at once.
-fn shutdown_signal() -> Result<impl Future<Output = ()>, Box<dyn Error>> {
-    #[cfg(unix)]
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    Ok(async move {
-        #[cfg(unix)]
-        let term = term.recv();
-        #[cfg(not(unix))]
-        let term = std::future::pending::<Option<()>>();
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term => {}
-        }
-    })
 }

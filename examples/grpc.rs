@@ -28,7 +28,6 @@
 //! SIGTERM or Ctrl-C deregisters the server, then drains and exits with status 0.
 
 use std::error::Error;
-use std::future::Future;
 use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -53,28 +52,6 @@ fn port() -> Result<u16, String> {
         },
         Err(std::env::VarError::NotUnicode(_)) => Err(format!("{PORT_ENV} is not valid UTF-8")),
     }
-}
-
-/// Completes on SIGTERM or Ctrl-C; the SIGTERM handler is installed right away.
-fn shutdown_signal() -> Result<impl Future<Output = ()> + Send + 'static, Box<dyn Error>> {
-    #[cfg(unix)]
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    Ok(async move {
-        #[cfg(unix)]
-        let term = term.recv();
-        #[cfg(not(unix))]
-        let term = std::future::pending::<Option<()>>();
-        tokio::select! {
-            _ = term => tracing::info!("SIGTERM received, shutting down"),
-            r = tokio::signal::ctrl_c() => match r {
-                Ok(()) => tracing::info!("Ctrl-C received, shutting down"),
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot listen for Ctrl-C; waiting for SIGTERM");
-                    std::future::pending::<()>().await;
-                }
-            },
-        }
-    })
 }
 
 /// Marks the service `svc` implements as `SERVING` (its type names it; the health server's
@@ -103,7 +80,10 @@ async fn run() -> Result<(), Box<dyn Error>> {
     tonic::transport::Server::builder()
         .layer(registration.clone())
         .add_service(health_service)
-        .serve_with_shutdown(addr, registration.shutdown_on(shutdown_signal()?))
+        .serve_with_shutdown(
+            addr,
+            registration.shutdown_on(servicekit::signal::shutdown_signal()?),
+        )
         .await
         .map_err(|e| {
             // tonic's error says only "transport error"; the cause is its source.

@@ -43,7 +43,6 @@
 //! SIGTERM or Ctrl-C deregisters the service, then drains and exits with status 0.
 
 use std::error::Error;
-use std::future::Future;
 use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::str::FromStr;
@@ -243,29 +242,6 @@ fn env_bool(name: &str) -> Result<bool, String> {
     }
 }
 
-/// Completes on SIGTERM or Ctrl-C. The SIGTERM handler is installed right away, so a
-/// SIGTERM that arrives while the server starts is not lost.
-fn shutdown_signal() -> Result<impl Future<Output = ()> + Send + 'static, Box<dyn Error>> {
-    #[cfg(unix)]
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    Ok(async move {
-        #[cfg(unix)]
-        let term = term.recv();
-        #[cfg(not(unix))]
-        let term = std::future::pending::<Option<()>>();
-        tokio::select! {
-            _ = term => tracing::info!("SIGTERM received, shutting down"),
-            r = tokio::signal::ctrl_c() => match r {
-                Ok(()) => tracing::info!("Ctrl-C received, shutting down"),
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot listen for Ctrl-C; waiting for SIGTERM");
-                    std::future::pending::<()>().await;
-                }
-            },
-        }
-    })
-}
-
 async fn run() -> Result<(), Box<dyn Error>> {
     let port = servicekit::config::port_from_env()?;
     let fail_on_error = env_bool("SERVICEKIT_FAIL_ON_ERROR")?;
@@ -323,7 +299,7 @@ async fn run() -> Result<(), Box<dyn Error>> {
         .map_err(|e| format!("cannot listen on 0.0.0.0:{port}: {e}"))?;
     tracing::info!(port, "listening on 0.0.0.0:{port}");
     axum::serve(listener, app)
-        .with_graceful_shutdown(registration.shutdown_on(shutdown_signal()?))
+        .with_graceful_shutdown(registration.shutdown_on(servicekit::signal::shutdown_signal()?))
         .await?;
 
     if let Some(e) = registration.error() {

@@ -16,9 +16,7 @@
 //!     .layer(registration.clone());
 //! let listener = tokio::net::TcpListener::bind("0.0.0.0:8000").await?;
 //! axum::serve(listener, app)
-//!     .with_graceful_shutdown(registration.shutdown_on(async {
-//!         let _ = tokio::signal::ctrl_c().await;
-//!     }))
+//!     .with_graceful_shutdown(registration.shutdown_on(servicekit::signal::shutdown_signal()?))
 //!     .await?;
 //! if let Some(e) = registration.error() {
 //!     return Err(e.into()); // fail_on_error: registration failed for good
@@ -32,6 +30,7 @@
 //! - [`client`]: the orchestrator HTTP client.
 //! - [`handle`]: the registration state, for readiness checks.
 //! - [`protocol`]: the wire types shared with the orchestrator.
+//! - [`signal`]: SIGTERM / Ctrl-C for the shutdown hook.
 
 pub mod client;
 pub mod config;
@@ -39,6 +38,7 @@ pub mod handle;
 pub mod keepalive;
 pub mod layer;
 pub mod protocol;
+pub mod signal;
 
 pub use config::ConfigError;
 pub use handle::{Phase, RegistrationHandle, Status};

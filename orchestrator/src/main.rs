@@ -44,7 +44,14 @@ fn serve(config: Config) -> ExitCode {
     };
     runtime.block_on(async {
         init_logging(config.log_format);
-        let running = match server::start_with_signal(config, shutdown_signal()).await {
+        let signal = match servicekit::signal::shutdown_signal() {
+            Ok(signal) => signal,
+            Err(e) => {
+                tracing::error!(error = %e, "orchestrator.failed");
+                return ExitCode::FAILURE;
+            }
+        };
+        let running = match server::start_with_signal(config, signal).await {
             Ok(running) => running,
             Err(e) => {
                 tracing::error!(error = %e, "orchestrator.failed");
@@ -185,33 +192,5 @@ impl std::io::Write for LossyStdout {
     fn flush(&mut self) -> std::io::Result<()> {
         let _ = std::io::stdout().flush();
         Ok(())
-    }
-}
-
-/// Completes on SIGTERM (what Docker and Kubernetes send) or Ctrl-C.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        if let Err(e) = tokio::signal::ctrl_c().await {
-            tracing::warn!(error = %e, "cannot listen for Ctrl-C");
-            std::future::pending::<()>().await;
-        }
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {}
-        _ = term => {}
     }
 }
