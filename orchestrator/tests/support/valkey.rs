@@ -175,9 +175,7 @@ impl ValkeyServer {
         let child = match child {
             Ok(child) => child,
             Err(e) if e.kind() == ErrorKind::NotFound => {
-                panic!(
-                    "valkey-server not found: run .ci/install-valkey (or set VALKEY_SERVER) ({e})"
-                )
+                panic!("valkey-server not found: run .ci/install-deps (or set VALKEY_SERVER) ({e})")
             }
             Err(e) => panic!("cannot start {}: {e}", binary()),
         };

@@ -1,0 +1,163 @@
+//! The README cannot rot: every shell command in it is either run here, against the real
+//! binaries, or named with the test (or CI step) that runs it.
+
+mod support;
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use support::*;
+
+/// Commands run elsewhere, with where.
+const RUN_ELSEWHERE: &[(&str, &str)] = &[
+    (
+        "cargo run --example demo",
+        "tests/demo.rs runs the demo binary and checks its output",
+    ),
+    ("scripts/test", ".ci/run runs it"),
+];
+
+/// The commands of every ```sh block, continuation lines joined.
+fn readme_commands() -> Vec<String> {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+        .expect("README.md");
+    let mut commands = Vec::new();
+    let mut in_sh = false;
+    let mut pending = String::new();
+    for line in text.lines() {
+        if line.starts_with("```") {
+            in_sh = line.trim() == "```sh";
+            continue;
+        }
+        if !in_sh || line.trim().is_empty() || line.trim_start().starts_with('#') {
+            continue;
+        }
+        match line.strip_suffix('\\') {
+            Some(head) => pending.push_str(head),
+            None => {
+                pending.push_str(line);
+                commands.push(std::mem::take(&mut pending).trim().to_owned());
+            }
+        }
+    }
+    commands
+}
+
+fn orchestrator_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("test path");
+    let path = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .map(|profile| profile.join("orchestrator"))
+        .expect("target dir");
+    assert!(
+        path.exists(),
+        "{} is missing: build the binaries first (`cargo build --bins`, as scripts/test does)",
+        path.display()
+    );
+    path
+}
+
+/// `cargo run -p servicekit-orchestrator` without cargo: the built binary, on `bind`.
+struct Orchestrator(Child);
+
+impl Orchestrator {
+    fn start(bind: &str, valkey_url: Option<&str>) -> Orchestrator {
+        let mut cmd = Command::new(orchestrator_binary());
+        cmd.env("ORCHESTRATOR_BIND", bind)
+            .env_remove("VALKEY_URL")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        if let Some(url) = valkey_url {
+            cmd.env("VALKEY_URL", url);
+        }
+        let child = cmd.spawn().expect("orchestrator starts");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(bind).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "orchestrator did not listen on {bind}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Orchestrator(child)
+    }
+}
+
+impl Drop for Orchestrator {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Runs a README command with the README's address replaced by the test's.
+fn sh(command: &str, addr: &str) -> String {
+    let command = command.replace("localhost:9000", addr);
+    let out = Command::new("bash")
+        .args(["-c", &command])
+        .output()
+        .expect("bash runs");
+    assert!(
+        out.status.success(),
+        "{command}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn every_readme_command_is_run_somewhere() {
+    let commands = readme_commands();
+    assert!(commands.len() >= 6, "found {commands:?}");
+    for command in &commands {
+        let here = command.starts_with("curl ")
+            || command == "cargo run -p servicekit-orchestrator &"
+            || command == "VALKEY_URL=redis://127.0.0.1:6379 cargo run -p servicekit-orchestrator";
+        let elsewhere = RUN_ELSEWHERE.iter().any(|(c, _)| c == command);
+        assert!(
+            here || elsewhere,
+            "README command {command:?} is not run by any test: run it in tests/readme.rs or list it in RUN_ELSEWHERE"
+        );
+    }
+}
+
+#[test]
+fn the_try_it_commands_work() {
+    let addr = format!("127.0.0.1:{}", free_port());
+    let _orch = Orchestrator::start(&addr, None);
+    let curls: Vec<String> = readme_commands()
+        .into_iter()
+        .filter(|c| c.starts_with("curl "))
+        .collect();
+    assert_eq!(curls.len(), 2, "{curls:?}");
+    let registered: Value = serde_json::from_str(&sh(&curls[0], &addr)).expect("register JSON");
+    assert_eq!(registered["status"], "registered");
+    assert_eq!(registered["service_url"], "http://svca:8000");
+    let listed: Value = serde_json::from_str(&sh(&curls[1], &addr)).expect("list JSON");
+    assert_eq!(listed["count"], 1);
+    assert_eq!(listed["services"][0]["id"], registered["id"]);
+}
+
+#[test]
+fn the_valkey_command_uses_valkey() {
+    let valkey = valkey::ValkeyServer::new();
+    let command = readme_commands()
+        .into_iter()
+        .find(|c| c.starts_with("VALKEY_URL="))
+        .expect("the README's Valkey command");
+    let url = command
+        .trim_start_matches("VALKEY_URL=")
+        .split_whitespace()
+        .next()
+        .expect("url")
+        .replace("127.0.0.1:6379", &format!("127.0.0.1:{}", valkey.port()));
+    let addr = format!("127.0.0.1:{}", free_port());
+    let _orch = Orchestrator::start(&addr, Some(&url));
+    let health: Value =
+        serde_json::from_str(&sh(&format!("curl -s {addr}/health"), &addr)).expect("health JSON");
+    assert_eq!(health["status"], "healthy");
+    assert_eq!(health["checks"]["store"]["kind"], "valkey");
+}
