@@ -10,9 +10,8 @@ mod support;
 use std::future::Future;
 use std::time::{Duration, Instant};
 
-use fred::interfaces::{
-    ClientLike, HashesInterface, KeysInterface, SetsInterface, SortedSetsInterface,
-};
+use fred::interfaces::{ClientLike, KeysInterface, SetsInterface, SortedSetsInterface};
+use fred::types::{ClusterHash, CustomCommand};
 use serde_json::json;
 use servicekit::protocol::{ServiceInfo, ServiceRecord, Timestamp};
 use servicekit_orchestrator::store::{
@@ -1050,24 +1049,34 @@ async fn valkey_key_layout() {
         .expect("register")
         .record;
     let svc = h.svc_key(r.id);
-    let fields: std::collections::HashMap<String, String> = c.hgetall(&svc).await.expect("HGETALL");
-    assert_eq!(fields.get("url").map(String::as_str), Some(url));
-    assert_eq!(fields.get("name").map(String::as_str), Some("A"));
-    let stored: ServiceInfo =
-        serde_json::from_str(fields.get("info").expect("info field")).expect("info JSON");
+    // One string: four 13-digit timestamps, then `<len>:<url><len>:<name><info JSON>`.
+    let kind: String = c.r#type(&svc).await.expect("TYPE");
+    assert_eq!(kind, "string");
+    let value: String = c.get(&svc).await.expect("GET");
+    let header = format!(
+        "{:013}{:013}{:013}{:013}",
+        r.registered_at.as_millis(),
+        r.last_updated.as_millis(),
+        r.last_ping_at.as_millis(),
+        r.expires_at.as_millis()
+    );
+    assert_eq!(value[..52], header);
+    let body = &value[52..];
+    let prefix = format!("{}:{url}1:A", url.len());
+    assert!(body.starts_with(&prefix), "body {body:?}");
+    let stored: ServiceInfo = serde_json::from_str(&body[prefix.len()..]).expect("info JSON");
     assert_eq!(stored, r.info);
-    for (field, value) in [
-        ("registered_at", r.registered_at),
-        ("last_updated", r.last_updated),
-        ("last_ping_at", r.last_ping_at),
-        ("expires_at", r.expires_at),
-    ] {
-        assert_eq!(
-            fields.get(field),
-            Some(&value.as_millis().to_string()),
-            "{field}"
-        );
-    }
+    let encoding: String = c
+        .custom(
+            CustomCommand::new_static("OBJECT", ClusterHash::Custom(0), false),
+            vec!["ENCODING".to_owned(), svc.clone()],
+        )
+        .await
+        .expect("OBJECT ENCODING");
+    assert!(
+        ["raw", "embstr"].contains(&encoding.as_str()),
+        "a plain string, {encoding}"
+    );
     let ttl_ms = LONG_TTL.as_millis() as i64;
     let svc_pttl: i64 = c.pttl(&svc).await.expect("PTTL");
     assert!(
@@ -1100,10 +1109,26 @@ async fn valkey_key_layout() {
     tokio::time::sleep(Duration::from_millis(50)).await;
     let before: i64 = c.pttl(&url_key).await.expect("PTTL");
     let p = h.store.ping(r.id).await.expect("ping").expect("alive");
-    let fields: std::collections::HashMap<String, String> = c.hgetall(&svc).await.expect("HGETALL");
+    let pinged: String = c.get(&svc).await.expect("GET");
     assert_eq!(
-        fields.get("expires_at"),
-        Some(&p.expires_at.as_millis().to_string())
+        pinged[26..52],
+        format!(
+            "{:013}{:013}",
+            p.last_ping_at.as_millis(),
+            p.expires_at.as_millis()
+        ),
+        "ping rewrites last_ping_at and expires_at in place"
+    );
+    assert_eq!(
+        pinged[..26],
+        value[..26],
+        "registered_at, last_updated kept"
+    );
+    assert_eq!(pinged[52..], value[52..], "body untouched");
+    let svc_pttl: i64 = c.pttl(&svc).await.expect("PTTL");
+    assert!(
+        svc_pttl > ttl_ms - 5_000 && svc_pttl <= ttl_ms,
+        "record PTTL after ping {svc_pttl}"
     );
     let after: i64 = c.pttl(&url_key).await.expect("PTTL");
     assert!(
@@ -1121,6 +1146,114 @@ async fn valkey_key_layout() {
     assert_eq!(left, 0);
     assert_eq!(h.zcard(&h.all_idx()).await, 0);
     assert_eq!(h.zcard(&h.name_idx("A")).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn valkey_record_encoding_survives_any_url_and_name() {
+    let h = Valkey::open(LONG_TTL).await;
+    let s = &h.store;
+    // Colons, digits, separators, quotes and non-ASCII where the layout has lengths.
+    let cases = [
+        ("http://h:1/p?q=12:34|\"x\"", "7:é|☃\"{"),
+        ("http://ü.example:8000/ß?a=1:2", "12:"),
+        ("http://h:2", "plain"),
+    ];
+    let mut registered = Vec::new();
+    for (url, name) in cases {
+        let info = info(json!({"display_name": name, "note": "a:b|c\"d", "n": [1, 2]}));
+        let r = s
+            .register(Registration {
+                url: url.into(),
+                info: info.clone(),
+                requested_id: None,
+            })
+            .await
+            .expect("register");
+        assert!(r.created);
+        assert_eq!(
+            s.get(r.record.id).await.expect("get"),
+            Some(r.record.clone())
+        );
+        assert_eq!(
+            ids(&s.list(&by_name(name)).await.expect("list")),
+            vec![r.record.id]
+        );
+        assert_eq!(
+            ids(&s.list(&by_url(url)).await.expect("list")),
+            vec![r.record.id]
+        );
+        let p = s.ping(r.record.id).await.expect("ping").expect("alive");
+        let got = s.get(r.record.id).await.expect("get").expect("alive");
+        assert_eq!((got.url.as_str(), &got.info), (url, &info));
+        assert_eq!(got.expires_at, p.expires_at);
+        // Re-registering keeps registered_at and sees the same URL (no conflict).
+        let again = s
+            .register(Registration {
+                url: url.into(),
+                info: info.clone(),
+                requested_id: None,
+            })
+            .await
+            .expect("register again");
+        assert!(!again.created);
+        assert_eq!(again.record.id, r.record.id);
+        assert_eq!(again.record.registered_at, r.record.registered_at);
+        registered.push((again.record, name));
+    }
+    // A rename moves the entry between the by-name indexes.
+    let (first, old_name) = registered[0].clone();
+    let renamed = s
+        .register(Registration {
+            url: first.url.clone(),
+            info: ServiceInfo::new("renamed"),
+            requested_id: None,
+        })
+        .await
+        .expect("rename")
+        .record;
+    assert_eq!(renamed.id, first.id);
+    assert!(s.list(&by_name(old_name)).await.expect("list").is_empty());
+    assert_eq!(
+        ids(&s.list(&by_name("renamed")).await.expect("list")),
+        vec![first.id]
+    );
+    for (record, _) in &registered[1..] {
+        let gone = s.deregister(record.id).await.expect("deregister");
+        assert_eq!(gone.map(|r| r.id), Some(record.id));
+        assert!(s.list(&by_url(&record.url)).await.expect("list").is_empty());
+    }
+    assert_eq!(ids(&s.list(&all()).await.expect("list")), vec![first.id]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn valkey_malformed_record_is_corrupt() {
+    let h = Valkey::open(LONG_TTL).await;
+    let s = &h.store;
+    let url = "http://svc-bad:8000";
+    let r = s.register(reg(url, "Bad")).await.expect("register").record;
+    let svc = h.svc_key(r.id);
+    let c = s.client();
+    for bad in ["garbage", "1761566430000:http://svc-bad:8000"] {
+        let _: () = c.set(&svc, bad, None, None, false).await.expect("SET");
+        let corrupt = |what: &str, e: StoreError| {
+            assert!(matches!(e, StoreError::Corrupt(_)), "{what}: {e:?}");
+        };
+        corrupt("get", s.get(r.id).await.expect_err("get"));
+        corrupt("list", s.list(&all()).await.expect_err("list"));
+        corrupt("ping", s.ping(r.id).await.expect_err("ping"));
+        corrupt(
+            "register",
+            s.register(reg(url, "Bad")).await.expect_err("register"),
+        );
+        // Deregistration still removes it, and says what it found.
+        corrupt(
+            "deregister",
+            s.deregister(r.id).await.expect_err("deregister"),
+        );
+        let left: i64 = c.exists(&svc).await.expect("EXISTS");
+        assert_eq!(left, 0, "{bad:?} deleted");
+        assert!(s.get(r.id).await.expect("get").is_none());
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -15,12 +15,34 @@
 //!
 //! | key                      | type   | content                                               |
 //! |--------------------------|--------|-------------------------------------------------------|
-//! | `P{T}:svc:<ID>`          | HASH   | `url`, `info` (JSON), `name` (display name), `registered_at`, `last_updated`, `last_ping_at`, `expires_at` (ms since epoch); `PEXPIRE ttl` |
+//! | `P{T}:svc:<ID>`          | STRING | the record (layout below); `PX ttl`                  |
 //! | `P{T}:url:<URL>`         | STRING | the id registered for the canonical URL; same `PEXPIRE`, refreshed with the record |
 //! | `P{T}:gone:<ID>`         | STRING | `expires_at` of the last deregistered record of ID; `PEXPIRE ttl` (see below) |
 //! | `P{all}:idx`             | ZSET   | every id, score = `expires_at` as last written by register or sweep (or a hint, below) |
 //! | `P{n:<NAME>}:idx`        | ZSET   | ids with display name NAME, score likewise (the by-name index) |
 //! | `P{all}:names`           | SET    | display names that have a by-name index, so the sweeper can find them |
+//!
+//! The record is one string: a fixed-width header of four timestamps, each exactly 13 ASCII
+//! digits of milliseconds since the epoch, zero-padded (13 digits last until the year 2286),
+//! then the URL and the display name, each preceded by its length in bytes (decimal) and a
+//! colon, then the info JSON up to the end:
+//!
+//! | bytes    | content                                                                  |
+//! |----------|--------------------------------------------------------------------------|
+//! | 0..13    | `registered_at`                                                          |
+//! | 13..26   | `last_updated`                                                           |
+//! | 26..39   | `last_ping_at`                                                           |
+//! | 39..52   | `expires_at`                                                             |
+//! | 52..     | `<len>:<url><len>:<name><info JSON>`, e.g. `20:http://10.0.0.7:8000` `11:service-042` `{"display_name":"service-042",...}` (no spaces) |
+//!
+//! The lengths make the URL and the name unambiguous whatever characters they hold (colons,
+//! digits, quotes, non-ASCII), and let the scripts read them with two pattern matches, without
+//! decoding JSON. Ping rewrites `last_ping_at` and `expires_at` in place with one `SETRANGE` at
+//! byte 26. It is a string and not a hash for memory: a hash stays a compact listpack only
+//! while every value is at most `hash-max-listpack-value` (64 bytes by default) long, and the
+//! info JSON is usually longer, which turned each record into a full hashtable of eight
+//! separately allocated fields (`MEMORY USAGE` about 900 bytes per record with a 200-byte
+//! info, against about 420 as a string). Server settings are not ours to change.
 //!
 //! The record key is the truth; the sorted sets are hints that may hold ids whose record has
 //! expired or moved to another name. Readers skip those (and drop the missing ones on the
@@ -55,12 +77,22 @@
 //!
 //! Every operation that must be atomic is one Lua script on one slot:
 //! - **register** compares-and-sets the URL key and writes the record (KEYS = URL key, record
-//!   key and tombstone, which share the tag `T`);
-//! - **ping** touches only an existing record (never resurrects one) and refreshes its URL
-//!   key. The URL key's name is derived *inside* the script from the record's `url` field; it
+//!   key and tombstone, which share the tag `T`). It `GET`s the old record for its
+//!   `registered_at` (kept), its URL (another URL under this id is a conflict), its display
+//!   name and its `expires_at` (for renames and the "strictly later" rule above), then writes
+//!   the new value with one `SET ... PX ttl`: a header it renders from the server clock
+//!   followed by the body the caller encoded;
+//! - **ping** touches only an existing record (never resurrects one): `GET`, then `SETRANGE`
+//!   of `last_ping_at` and `expires_at` at byte 26 and `PEXPIRE`, then it refreshes the URL
+//!   key. The URL key's name is derived *inside* the script from the URL in the record; it
 //!   is not declared in `KEYS` but lives in the same slot (same tag), so this works in Cluster;
-//! - **deregister** reads and deletes the record, leaves the tombstone, and deletes the URL
-//!   key if it still points at this id (same derivation as ping).
+//! - **deregister** reads and deletes the record (returning its value), leaves the
+//!   tombstone, and deletes the URL key if it still points at this id (same derivation as
+//!   ping).
+//!
+//! A record that does not follow the layout makes a script answer `CORRUPT ...` and a read
+//! fail with [`StoreError::Corrupt`]; nothing panics. (Records written as hashes by earlier
+//! versions answer `WRONGTYPE`, also `Corrupt`, until they expire.)
 //!
 //! # Connection behaviour
 //!
@@ -82,7 +114,6 @@
 //! back; callers retry, and register and deregister are idempotent. Thanks to the index-first
 //! order above, a register that runs late is listed like any other.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering as AtomicOrdering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -90,8 +121,7 @@ use std::time::{Duration, Instant};
 use fred::clients::Client;
 use fred::error::{Error as FredError, ErrorKind};
 use fred::interfaces::{
-    ClientLike, EventInterface, HashesInterface, KeysInterface, LuaInterface, SetsInterface,
-    SortedSetsInterface,
+    ClientLike, EventInterface, KeysInterface, LuaInterface, SetsInterface, SortedSetsInterface,
 };
 use fred::socket2::TcpKeepalive;
 use fred::types::config::{
@@ -235,53 +265,114 @@ macro_rules! lua_now {
     };
 }
 
+/// Lua helpers for the record layout (see the module docs):
+/// - `stamp(v, i)`: the `i`-th header timestamp (0 = `registered_at` ... 3 = `expires_at`) as a
+///   number, nil when it is not 13 digits;
+/// - `stamp_text(ms)`: `ms` as exactly 13 zero-padded digits (longer only past the year 2286,
+///   which [`ValkeyStore::connect`] rules out by bounding the TTL; callers still check);
+/// - `field(v, p)`: the length-prefixed text at byte `p` (1-based) and the position after it,
+///   nil when malformed;
+/// - `malformed(key)`: the error reply for a record that does not follow the layout
+///   (`CORRUPT ...`, mapped to [`StoreError::Corrupt`]).
+macro_rules! lua_record {
+    () => {
+        r#"
+local function stamp(v, i)
+  local s = string.sub(v, i * 13 + 1, i * 13 + 13)
+  if not string.find(s, '^%d%d%d%d%d%d%d%d%d%d%d%d%d$') then return nil end
+  return tonumber(s)
+end
+local function stamp_text(ms)
+  return string.format('%013.0f', ms)
+end
+local function field(v, p)
+  local n, s = string.match(v, '^(%d+):()', p)
+  if not n then return nil end
+  local e = s + tonumber(n)
+  if e - 1 > #v then return nil end
+  return string.sub(v, s, e - 1), e
+end
+local function malformed(key)
+  return redis.error_reply('CORRUPT servicekit record ' .. key .. ' does not follow the layout')
+end
+"#
+    };
+}
+
+/// Digits of every header timestamp of a record.
+const STAMP_DIGITS: usize = 13;
+/// Length of a record's header, the four timestamps; its URL starts right after. The Lua
+/// scripts spell these offsets out (a unit test checks they agree).
+const HEADER_LEN: usize = 4 * STAMP_DIGITS;
+/// The longest TTL accepted, so that expiries fit the 13 header digits (see [`lua_record`])
+/// until past the year 2180.
+const MAX_TTL: Duration = Duration::from_secs(100 * 366 * 24 * 3600);
+
 /// KEYS: url key, record key, tombstone. ARGV: expected url-key value ('' = absent), id, url,
-/// info JSON, display name, ttl ms.
+/// record body ([`record_body`]: everything after the header), ttl ms.
 /// Returns {'retry'}, {'conflict'} or {status, registered_at, now, expires_at, old name,
 /// old expires_at}.
-static REGISTER: LuaScript = LuaScript::new(
+static REGISTER: LuaScript = LuaScript::new(concat!(
+    lua_record!(),
     r#"
 local cur = redis.call('GET', KEYS[1])
 if not cur then cur = '' end
 if cur ~= ARGV[1] then return {'retry'} end
-local old = redis.call('HMGET', KEYS[2], 'url', 'registered_at', 'name', 'expires_at')
-if old[1] and old[1] ~= ARGV[3] then return {'conflict'} end
+local old = redis.call('GET', KEYS[2])
+local reg = nil
+local old_name = false
+local old_exp = false
+if old then
+  local url, p = field(old, 53)
+  local name = url and field(old, p)
+  reg = stamp(old, 0)
+  old_exp = stamp(old, 3)
+  if not (name and reg and old_exp) then return malformed(KEYS[2]) end
+  if url ~= ARGV[3] then return {'conflict'} end
+  old_name = name
+end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local ttl = tonumber(ARGV[6])
+local ttl = tonumber(ARGV[5])
 -- Expire later than any earlier version of this id (replaced or deregistered), even in the
 -- same millisecond: index removals compare scores with those versions' expires_at.
-local floor = tonumber(old[4]) or 0
+local floor = old_exp or 0
 local gone = tonumber(redis.call('GET', KEYS[3])) or 0
 if gone > floor then floor = gone end
 if now + ttl <= floor then now = floor - ttl + 1 end
-local nows = string.format('%.0f', now)
-local exps = string.format('%.0f', now + ttl)
 local status = 'updated'
-local reg = old[2]
-if (not old[1]) or (not reg) then
+if not reg then
   status = 'created'
-  reg = nows
+  reg = now
 end
-redis.call('HSET', KEYS[2], 'url', ARGV[3], 'info', ARGV[4], 'name', ARGV[5],
-  'registered_at', reg, 'last_updated', nows, 'last_ping_at', nows, 'expires_at', exps)
-redis.call('PEXPIRE', KEYS[2], ttl)
+local header = stamp_text(reg) .. stamp_text(now) .. stamp_text(now) .. stamp_text(now + ttl)
+if #header ~= 52 then return redis.error_reply('ERR expiry beyond 13 digits') end
+redis.call('SET', KEYS[2], header .. ARGV[4], 'PX', ttl)
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ttl)
 redis.call('DEL', KEYS[3])
-return {status, reg, nows, exps, old[3], old[4]}
-"#,
-);
+local function text(ms) return string.format('%.0f', ms) end
+if old_exp then old_exp = text(old_exp) end
+return {status, text(reg), text(now), text(now + ttl), old_name, old_exp}
+"#
+));
 
 /// KEYS: record key. ARGV: url key prefix (same slot), id, ttl ms.
 /// Returns nil for a missing record (never resurrects), else {last_ping_at, expires_at}.
 static PING: LuaScript = LuaScript::new(concat!(
+    lua_record!(),
     r#"
-local url = redis.call('HGET', KEYS[1], 'url')
-if not url then return false end
+local v = redis.call('GET', KEYS[1])
+if not v then return false end
+local url = field(v, 53)
+if not url then return malformed(KEYS[1]) end
 "#,
     lua_now!(3),
     r#"
-redis.call('HSET', KEYS[1], 'last_ping_at', nows, 'expires_at', exps)
+local stamps = stamp_text(now) .. stamp_text(now + ttl)
+if #stamps ~= 26 then return redis.error_reply('ERR expiry beyond 13 digits') end
+-- The key exists (time stands still inside a script), so SETRANGE cannot create one; it
+-- keeps the TTL, which PEXPIRE then renews.
+redis.call('SETRANGE', KEYS[1], 26, stamps)
 redis.call('PEXPIRE', KEYS[1], ttl)
 local ukey = ARGV[1] .. url
 local cur = redis.call('GET', ukey)
@@ -295,27 +386,25 @@ return {nows, exps}
 ));
 
 /// KEYS: record key, tombstone. ARGV: url key prefix (same slot), id, ttl ms.
-/// Returns nil for a missing record, else the record's fields as HGETALL pairs.
-static DEREGISTER: LuaScript = LuaScript::new(
+/// Returns nil for a missing record, else the record's value. A malformed record is deleted
+/// too (its URL key and tombstone only as far as they can be read from it).
+static DEREGISTER: LuaScript = LuaScript::new(concat!(
+    lua_record!(),
     r#"
-local h = redis.call('HGETALL', KEYS[1])
-if #h == 0 then return false end
+local v = redis.call('GET', KEYS[1])
+if not v then return false end
 redis.call('DEL', KEYS[1])
-local url = nil
-local exp = nil
-for i = 1, #h, 2 do
-  if h[i] == 'url' then url = h[i + 1] end
-  if h[i] == 'expires_at' then exp = h[i + 1] end
-end
 -- A re-registration must expire later than this record did (see REGISTER).
-if exp then redis.call('SET', KEYS[2], exp, 'PX', ARGV[3]) end
+local exp = stamp(v, 3)
+if exp then redis.call('SET', KEYS[2], string.format('%.0f', exp), 'PX', ARGV[3]) end
+local url = field(v, 53)
 if url then
   local ukey = ARGV[1] .. url
   if redis.call('GET', ukey) == ARGV[2] then redis.call('DEL', ukey) end
 end
-return h
-"#,
-);
+return v
+"#
+));
 
 /// KEYS: one index. ARGV: mode, then id, score, id, score, ... Removes each id whose score is
 /// still the one given (mode `eq`), or at most the one given (mode `le`). Returns the count.
@@ -428,8 +517,11 @@ impl ValkeyStore {
                 "invalid Valkey key prefix {prefix:?}: it may not contain '{{' or '}}'"
             )));
         }
-        if ttl.is_zero() {
-            return Err(StoreError::Config("the TTL must be positive".into()));
+        if ttl.is_zero() || ttl > MAX_TTL {
+            return Err(StoreError::Config(format!(
+                "the TTL must be positive and at most {} days",
+                MAX_TTL.as_secs() / 86_400
+            )));
         }
         let scheme = url.split("://").next().unwrap_or("");
         if !SCHEMES.contains(&scheme) || !url.contains("://") {
@@ -657,18 +749,18 @@ impl ValkeyStore {
         for chunk in ids.chunks(BATCH) {
             let pipeline = self.client.pipeline();
             for id in chunk {
-                queue(pipeline.hgetall::<(), _>(self.keys.svc(*id)).await)?;
+                queue(pipeline.get::<(), _>(self.keys.svc(*id)).await)?;
             }
             let replies: Vec<Value> = self.note(pipeline.all().await)?;
             if replies.len() != chunk.len() {
                 return Err(StoreError::Corrupt(format!(
-                    "pipeline of {} HGETALL answered {} replies",
+                    "pipeline of {} GET answered {} replies",
                     chunk.len(),
                     replies.len()
                 )));
             }
             for (id, reply) in chunk.iter().zip(replies) {
-                out.push(record_from_value(*id, reply)?);
+                out.push(record_from_value(*id, &reply)?);
             }
         }
         Ok(out)
@@ -777,11 +869,7 @@ impl ValkeyStore {
             for (member, score) in &candidates {
                 match Ulid::from_string(member) {
                     Ok(id) => {
-                        queue(
-                            pipeline
-                                .hmget::<(), _, _>(self.keys.svc(id), vec!["expires_at", "name"])
-                                .await,
-                        )?;
+                        queue(pipeline.get::<(), _>(self.keys.svc(id)).await)?;
                         checked.push((member.clone(), *score));
                     }
                     Err(_) => dead.push((member.clone(), *score)),
@@ -794,7 +882,7 @@ impl ValkeyStore {
             };
             if replies.len() != checked.len() {
                 return Err(StoreError::Corrupt(format!(
-                    "pipeline of {} HMGET answered {} replies",
+                    "pipeline of {} GET answered {} replies",
                     checked.len(),
                     replies.len()
                 )));
@@ -803,8 +891,8 @@ impl ValkeyStore {
             let rescore = self.client.pipeline();
             let mut rescored = 0;
             for ((member, score), reply) in checked.into_iter().zip(replies) {
-                let (expires, record_name) = expiry_and_name(reply);
-                let moved = matches!((name, &record_name), (Some(n), Some(r)) if n != r);
+                let (expires, record_name) = expiry_and_name(&reply);
+                let moved = matches!((name, record_name), (Some(n), Some(r)) if n != r);
                 match expires {
                     Some(expires_at) if !moved => {
                         if expires_at > now {
@@ -985,6 +1073,8 @@ fn map_err(e: FredError) -> StoreError {
         ErrorKind::InvalidArgument if e.details().starts_with("WRONGTYPE") => {
             StoreError::Corrupt(e.to_string())
         }
+        // A script's verdict on a record that does not follow the layout.
+        _ if e.details().starts_with("CORRUPT") => StoreError::Corrupt(e.to_string()),
         _ => StoreError::Unavailable(e.to_string()),
     }
 }
@@ -1028,85 +1118,129 @@ fn array_of(v: Value, what: &str) -> Result<Vec<Value>, StoreError> {
     }
 }
 
-/// A record from its HGETALL reply; `None` for a missing (expired or deleted) key.
-fn record_from_value(id: Ulid, v: Value) -> Result<Option<ServiceRecord>, StoreError> {
-    let map: HashMap<String, String> = match v {
-        Value::Null => return Ok(None),
-        other => other
-            .convert()
-            .map_err(|e| StoreError::Corrupt(format!("record {id}: not a field map: {e}")))?,
-    };
-    record_from_map(id, map)
+/// The body of a record value, everything after the header (see the module docs): the URL
+/// and the display name with their byte lengths, then the info JSON.
+fn record_body(url: &str, name: &str, info_json: &str) -> String {
+    format!("{}:{url}{}:{name}{info_json}", url.len(), name.len())
 }
 
-fn record_from_map(
-    id: Ulid,
-    mut map: HashMap<String, String>,
-) -> Result<Option<ServiceRecord>, StoreError> {
-    if map.is_empty() {
-        return Ok(None);
+/// A record value split into its parts, borrowing from the value.
+#[derive(Debug, Clone, PartialEq)]
+struct RawRecord<'a> {
+    registered_at: u64,
+    last_updated: u64,
+    last_ping_at: u64,
+    expires_at: u64,
+    url: &'a str,
+    name: &'a str,
+    info_json: &'a str,
+}
+
+impl<'a> RawRecord<'a> {
+    /// Splits a record value; the error says what does not follow the layout. Never panics.
+    fn parse(v: &'a [u8]) -> Result<RawRecord<'a>, String> {
+        if v.len() < HEADER_LEN {
+            return Err(format!(
+                "{} bytes, shorter than the {HEADER_LEN}-byte header",
+                v.len()
+            ));
+        }
+        let (header, body) = v.split_at(HEADER_LEN);
+        let mut stamps = [0u64; 4];
+        for (i, (stamp, digits)) in stamps
+            .iter_mut()
+            .zip(header.chunks_exact(STAMP_DIGITS))
+            .enumerate()
+        {
+            if !digits.iter().all(u8::is_ascii_digit) {
+                return Err(format!(
+                    "header timestamp {i} is not {STAMP_DIGITS} digits: {:?}",
+                    String::from_utf8_lossy(digits)
+                ));
+            }
+            *stamp = digits.iter().fold(0, |n, d| n * 10 + u64::from(d - b'0'));
+        }
+        let (url, rest) = length_prefixed(body, "url")?;
+        let (name, info) = length_prefixed(rest, "display name")?;
+        let info_json = std::str::from_utf8(info).map_err(|e| format!("info is not UTF-8: {e}"))?;
+        let [registered_at, last_updated, last_ping_at, expires_at] = stamps;
+        Ok(RawRecord {
+            registered_at,
+            last_updated,
+            last_ping_at,
+            expires_at,
+            url,
+            name,
+            info_json,
+        })
     }
-    let mut field = |name: &str| {
-        map.remove(name)
-            .ok_or_else(|| StoreError::Corrupt(format!("record {id}: missing field {name}")))
-    };
-    let ms = |text: String, name: &str| {
-        text.parse::<u64>()
-            .map(Timestamp::from_millis)
-            .map_err(|_| StoreError::Corrupt(format!("record {id}: bad {name}: {text:?}")))
-    };
-    let url = field("url")?;
-    let info_json = field("info")?;
-    let info: ServiceInfo = serde_json::from_str(&info_json)
-        .map_err(|e| StoreError::Corrupt(format!("record {id}: bad info JSON: {e}")))?;
-    let registered_at = ms(field("registered_at")?, "registered_at")?;
-    let last_updated = ms(field("last_updated")?, "last_updated")?;
-    let last_ping_at = ms(field("last_ping_at")?, "last_ping_at")?;
-    let expires_at = ms(field("expires_at")?, "expires_at")?;
-    Ok(Some(ServiceRecord {
-        id,
-        url,
-        info,
-        registered_at,
-        last_updated,
-        last_ping_at,
-        expires_at,
-    }))
+
+    fn into_record(self, id: Ulid) -> Result<ServiceRecord, StoreError> {
+        let info: ServiceInfo = serde_json::from_str(self.info_json)
+            .map_err(|e| StoreError::Corrupt(format!("record {id}: bad info JSON: {e}")))?;
+        Ok(ServiceRecord {
+            id,
+            url: self.url.to_owned(),
+            info,
+            registered_at: Timestamp::from_millis(self.registered_at),
+            last_updated: Timestamp::from_millis(self.last_updated),
+            last_ping_at: Timestamp::from_millis(self.last_ping_at),
+            expires_at: Timestamp::from_millis(self.expires_at),
+        })
+    }
 }
 
-/// Flat `field, value, ...` pairs (a script's HGETALL) into a map.
-fn pairs_to_map(items: Vec<Value>) -> Result<HashMap<String, String>, StoreError> {
-    if items.len() % 2 != 0 {
-        return Err(StoreError::Corrupt(
-            "odd number of hash reply elements".into(),
+/// The `<len>:<text>` at the start of `v` and what follows it.
+fn length_prefixed<'a>(v: &'a [u8], what: &str) -> Result<(&'a str, &'a [u8]), String> {
+    // Ten digits are more than any Valkey string can hold (512 MB).
+    let colon = v
+        .iter()
+        .take(11)
+        .position(|&b| b == b':')
+        .ok_or_else(|| format!("no length before the {what}"))?;
+    let digits = &v[..colon];
+    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+        return Err(format!(
+            "bad length before the {what}: {:?}",
+            String::from_utf8_lossy(digits)
         ));
     }
-    let mut map = HashMap::with_capacity(items.len() / 2);
-    let mut it = items.into_iter();
-    while let (Some(k), Some(v)) = (it.next(), it.next()) {
-        let k = k
-            .as_string()
-            .ok_or_else(|| StoreError::Corrupt(format!("hash field name {k:?}")))?;
-        let v = v
-            .as_string()
-            .ok_or_else(|| StoreError::Corrupt(format!("hash field value {v:?}")))?;
-        map.insert(k, v);
+    let len = digits.iter().fold(0usize, |n, d| {
+        n.saturating_mul(10).saturating_add(usize::from(d - b'0'))
+    });
+    let rest = &v[colon + 1..];
+    if len > rest.len() {
+        return Err(format!(
+            "the {what} is {len} bytes long but only {} follow",
+            rest.len()
+        ));
     }
-    Ok(map)
+    let (text, rest) = rest.split_at(len);
+    let text = std::str::from_utf8(text).map_err(|e| format!("the {what} is not UTF-8: {e}"))?;
+    Ok((text, rest))
 }
 
-/// A candidate's `expires_at` and display name from its HMGET reply (`None` when missing).
-fn expiry_and_name(reply: Value) -> (Option<u64>, Option<String>) {
-    let mut fields = match reply {
-        Value::Array(items) => items.into_iter(),
-        _ => Vec::new().into_iter(),
-    };
-    let expires = fields
-        .next()
-        .and_then(|v| v.as_string())
-        .and_then(|s| s.parse::<u64>().ok());
-    let name = fields.next().and_then(|v| v.as_string());
-    (expires, name)
+/// A record from a `GET` reply: `None` for a missing (expired or deleted) key,
+/// [`StoreError::Corrupt`] for a value that does not follow the layout.
+fn record_from_value(id: Ulid, v: &Value) -> Result<Option<ServiceRecord>, StoreError> {
+    if v.is_null() {
+        return Ok(None);
+    }
+    let bytes = v
+        .as_bytes()
+        .ok_or_else(|| StoreError::Corrupt(format!("record {id}: not a string: {v:?}")))?;
+    let raw =
+        RawRecord::parse(bytes).map_err(|e| StoreError::Corrupt(format!("record {id}: {e}")))?;
+    raw.into_record(id).map(Some)
+}
+
+/// A candidate's `expires_at` and display name from its `GET` reply (`None` when missing or
+/// malformed: the sweeper treats both as dead).
+fn expiry_and_name(reply: &Value) -> (Option<u64>, Option<&str>) {
+    match reply.as_bytes().map(RawRecord::parse) {
+        Some(Ok(raw)) => (Some(raw.expires_at), Some(raw.name)),
+        _ => (None, None),
+    }
 }
 
 /// Whether a reply is an empty (or nil) array.
@@ -1131,6 +1265,7 @@ impl Store for ValkeyStore {
         let info_json = serde_json::to_string(&reg.info)
             .map_err(|e| StoreError::Corrupt(format!("cannot encode info: {e}")))?;
         let name = reg.info.display_name.clone();
+        let body = record_body(&reg.url, &name, &info_json);
         let url_key = self.keys.url(&reg.url);
         let mut rejected: Vec<Ulid> = Vec::new();
         for _ in 0..REGISTER_ATTEMPTS {
@@ -1156,8 +1291,7 @@ impl Store for ValkeyStore {
                             current.clone().unwrap_or_default(),
                             id.to_string(),
                             reg.url.clone(),
-                            info_json.clone(),
-                            name.clone(),
+                            body.clone(),
                             self.ttl_ms().to_string(),
                         ],
                     )
@@ -1236,8 +1370,8 @@ impl Store for ValkeyStore {
     }
 
     async fn get(&self, id: Ulid) -> Result<Option<ServiceRecord>, StoreError> {
-        let reply: Value = self.note(self.client.hgetall(self.keys.svc(id)).await)?;
-        record_from_value(id, reply)
+        let reply: Value = self.note(self.client.get(self.keys.svc(id)).await)?;
+        record_from_value(id, &reply)
     }
 
     async fn list(&self, filter: &ListFilter) -> Result<Vec<ServiceRecord>, StoreError> {
@@ -1275,19 +1409,16 @@ impl Store for ValkeyStore {
         if reply.is_null() {
             return Ok(None);
         }
-        let map = pairs_to_map(array_of(reply, "deregister")?)?;
-        let name = map.get("name").cloned();
-        let expires = map.get("expires_at").cloned();
-        let record = record_from_map(id, map);
-        let name = name.or_else(|| match &record {
-            Ok(Some(r)) => Some(r.info.display_name.clone()),
-            _ => None,
-        });
+        let bytes = reply
+            .as_bytes()
+            .ok_or_else(|| StoreError::Corrupt(format!("deregister of {id} answered {reply:?}")))?;
+        // A malformed record is gone now too; the sweeper drops its index entries.
+        let raw = RawRecord::parse(bytes)
+            .map_err(|e| StoreError::Corrupt(format!("record {id}: {e}")))?;
         // Only this version's entries: a re-registration racing with us scored higher.
-        if let (Some(name), Some(expires)) = (name, expires) {
-            self.unindex(id, &name, &expires, DropMode::AtMost).await;
-        }
-        record
+        self.unindex(id, raw.name, &raw.expires_at.to_string(), DropMode::AtMost)
+            .await;
+        raw.into_record(id).map(Some)
     }
 
     async fn sweep(&self) -> Result<usize, StoreError> {
@@ -1341,6 +1472,126 @@ mod tests {
         assert_eq!(keys.name_idx("A"), "p:{n:A}:idx");
         assert_eq!(keys.all_idx(), "p:{all}:idx");
         assert_eq!(keys.names(), "p:{all}:names");
+    }
+
+    /// A whole record value as the register script writes it.
+    fn value(stamps: [u64; 4], url: &str, name: &str, info_json: &str) -> Vec<u8> {
+        let header: String = stamps.iter().map(|ms| format!("{ms:013}")).collect();
+        format!("{header}{}", record_body(url, name, info_json)).into_bytes()
+    }
+
+    #[test]
+    fn record_values_round_trip_whatever_the_url_and_name_hold() {
+        let info_json = r#"{"display_name":"x","team":"a:b|c"}"#;
+        let stamps = [1, 1_761_566_430_000, 1_761_566_430_001, 9_999_999_999_999];
+        for (url, name) in [
+            ("http://10.0.0.7:8000", "service-042"),
+            ("http://h:1/p?q=12:34|\"x\"", "7:é|☃\"{"),
+            ("http://h:1", ""),
+            ("http://ü.example/ß", "0:"),
+        ] {
+            let v = value(stamps, url, name, info_json);
+            assert_eq!(&v[..13], b"0000000000001");
+            assert_eq!(
+                v[HEADER_LEN..].first(),
+                Some(&url.len().to_string().as_bytes()[0])
+            );
+            let raw = RawRecord::parse(&v).expect("parses");
+            assert_eq!(
+                raw,
+                RawRecord {
+                    registered_at: stamps[0],
+                    last_updated: stamps[1],
+                    last_ping_at: stamps[2],
+                    expires_at: stamps[3],
+                    url,
+                    name,
+                    info_json,
+                }
+            );
+            let bytes = Value::Bytes(v.into());
+            let record = record_from_value(Ulid(7), &bytes)
+                .expect("ok")
+                .expect("some");
+            assert_eq!(record.url, url);
+            assert_eq!(record.info.extra["team"], "a:b|c");
+            assert_eq!(record.expires_at.as_millis(), stamps[3]);
+            assert_eq!(expiry_and_name(&bytes), (Some(stamps[3]), Some(name)));
+        }
+        assert_eq!(record_from_value(Ulid(7), &Value::Null).expect("ok"), None);
+        assert_eq!(expiry_and_name(&Value::Null), (None, None));
+    }
+
+    #[test]
+    fn malformed_record_values_are_corrupt_never_a_panic() {
+        let good = value([1, 2, 3, 4], "http://h:1", "né", r#"{"display_name":"né"}"#);
+        // Every truncation, and every byte replaced by a few troublemakers.
+        for end in 0..good.len() {
+            let v = Value::Bytes(good[..end].to_vec().into());
+            assert!(
+                matches!(record_from_value(Ulid(1), &v), Err(StoreError::Corrupt(_))),
+                "truncated at {end}"
+            );
+        }
+        for i in 0..good.len() {
+            for b in [b':', b'9', b'x', 0xff] {
+                let mut v = good.clone();
+                v[i] = b;
+                let _ = record_from_value(Ulid(1), &Value::Bytes(v.into()));
+            }
+        }
+        for bad in [
+            &b""[..],
+            b"garbage",
+            &[b'1'; 60][..],
+            b"0000000000001000000000000200000000000030000000000004x:http",
+            b"000000000000100000000000020000000000003000000000000499999999999:x",
+        ] {
+            let v = Value::Bytes(bad.to_vec().into());
+            assert!(
+                matches!(record_from_value(Ulid(1), &v), Err(StoreError::Corrupt(_))),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+            assert_eq!(expiry_and_name(&v), (None, None));
+        }
+        // The layout holds but the info is not a ServiceInfo: only decoding the record fails.
+        let v = Value::Bytes(
+            b"00000000000010000000000002000000000000300000000000042:ab2:cd{}"[..].into(),
+        );
+        assert!(matches!(
+            record_from_value(Ulid(1), &v),
+            Err(StoreError::Corrupt(_))
+        ));
+        assert_eq!(expiry_and_name(&v), (Some(4), Some("cd")));
+        let not_a_string = Value::Array(vec![]);
+        assert!(matches!(
+            record_from_value(Ulid(1), &not_a_string),
+            Err(StoreError::Corrupt(_))
+        ));
+    }
+
+    #[test]
+    fn scripts_use_the_documented_offsets() {
+        // Lua is 1-based: the URL's length starts at byte HEADER_LEN + 1; ping rewrites
+        // last_ping_at and expires_at from 0-based offset 2 * 13.
+        let url_at = format!("field(v, {})", HEADER_LEN + 1);
+        let old_url_at = format!("field(old, {})", HEADER_LEN + 1);
+        assert!(REGISTER.lua.contains(&old_url_at));
+        assert!(PING.lua.contains(&url_at));
+        assert!(DEREGISTER.lua.contains(&url_at));
+        assert!(PING.lua.contains(&format!(
+            "redis.call('SETRANGE', KEYS[1], {}, stamps)",
+            2 * STAMP_DIGITS
+        )));
+        assert!(PING
+            .lua
+            .contains(&format!("#stamps ~= {}", 2 * STAMP_DIGITS)));
+        assert!(REGISTER.lua.contains(&format!("#header ~= {HEADER_LEN}")));
+        assert!(REGISTER.lua.contains("string.format('%013.0f', ms)"));
+        // Expiry must fit 13 digits for a long time with the longest TTL accepted.
+        let latest = 9_999_999_999_999u64 - MAX_TTL.as_millis() as u64;
+        assert!(latest > 4_000_000_000_000, "year 2096 at least");
     }
 
     #[test]
