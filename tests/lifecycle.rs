@@ -66,12 +66,8 @@ async fn registration_appears_once_the_service_listens_multi_thread() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keepalive_keeps_the_entry_alive_past_the_ttl() {
     let (orch, api) = orchestrator(1, None).await;
-    let listener = listener().await;
-    let port = listener.local_addr().unwrap().port();
-    let layer = builder(&orch.base_url(), port).build().expect("config");
+    let (layer, served, url) = serve_app(&orch.base_url(), |b| b).await;
     let handle = layer.handle();
-    let served = serve(listener, app().layer(layer.clone()), &layer);
-    let url = format!("http://127.0.0.1:{port}");
     let first = registered(&api, &url, WAIT).await;
     // Watch for three TTLs: the entry must be there every time we look, with the same id
     // and a moving last_ping_at.
@@ -97,11 +93,7 @@ async fn keepalive_keeps_the_entry_alive_past_the_ttl() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forgotten_entry_is_registered_again_with_the_same_id() {
     let (orch, api) = orchestrator(3, None).await;
-    let listener = listener().await;
-    let port = listener.local_addr().unwrap().port();
-    let layer = builder(&orch.base_url(), port).build().expect("config");
-    let served = serve(listener, app().layer(layer.clone()), &layer);
-    let url = format!("http://127.0.0.1:{port}");
+    let (_layer, served, url) = serve_app(&orch.base_url(), |b| b).await;
     let first = registered(&api, &url, WAIT).await;
     let id = first["id"].as_str().unwrap().to_owned();
 
@@ -281,14 +273,7 @@ async fn the_registration_key_is_sent() {
         .await
         .unwrap();
     let api = http::Api::new(orch.base_url());
-    let listener = listener().await;
-    let port = listener.local_addr().unwrap().port();
-    let layer = builder(&orch.base_url(), port)
-        .registration_key("k3y")
-        .build()
-        .expect("config");
-    let served = serve(listener, app().layer(layer.clone()), &layer);
-    let url = format!("http://127.0.0.1:{port}");
+    let (_layer, served, url) = serve_app(&orch.base_url(), |b| b.registration_key("k3y")).await;
     registered(&api, &url, WAIT).await;
     served.shutdown().await;
     // Deregistration carried the key too.
@@ -391,14 +376,7 @@ async fn the_health_path_gates_registration() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_auto_deregister_the_entry_outlives_the_process_until_its_ttl() {
     let (orch, api) = orchestrator(30, None).await;
-    let listener = listener().await;
-    let port = listener.local_addr().unwrap().port();
-    let layer = builder(&orch.base_url(), port)
-        .auto_deregister(false)
-        .build()
-        .expect("config");
-    let served = serve(listener, app().layer(layer.clone()), &layer);
-    let url = format!("http://127.0.0.1:{port}");
+    let (_layer, served, url) = serve_app(&orch.base_url(), |b| b.auto_deregister(false)).await;
     registered(&api, &url, WAIT).await;
     served.shutdown().await;
     assert_eq!(entries_for(&api, &url).await.len(), 1);
@@ -434,14 +412,7 @@ async fn a_missing_orchestrator_url_skips_registration_and_keeps_serving() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keepalive_can_be_disabled() {
     let (orch, api) = orchestrator(1, None).await;
-    let listener = listener().await;
-    let port = listener.local_addr().unwrap().port();
-    let layer = builder(&orch.base_url(), port)
-        .enable_keepalive(false)
-        .build()
-        .expect("config");
-    let served = serve(listener, app().layer(layer.clone()), &layer);
-    let url = format!("http://127.0.0.1:{port}");
+    let (_layer, served, url) = serve_app(&orch.base_url(), |b| b.enable_keepalive(false)).await;
     registered(&api, &url, WAIT).await;
     // Without pings the entry expires after its TTL.
     eventually(
@@ -471,14 +442,7 @@ async fn custom_info_is_registered_as_given() {
         priority: 5,
     };
     let (orch, api) = orchestrator(30, None).await;
-    let listener = listener().await;
-    let port = listener.local_addr().unwrap().port();
-    let layer = builder(&orch.base_url(), port)
-        .info(&info)
-        .build()
-        .expect("config");
-    let served = serve(listener, app().layer(layer.clone()), &layer);
-    let url = format!("http://127.0.0.1:{port}");
+    let (_layer, served, url) = serve_app(&orch.base_url(), |b| b.info(&info)).await;
     let entry = registered(&api, &url, WAIT).await;
     assert_eq!(entry["info"]["display_name"], "Custom Service");
     assert_eq!(entry["info"]["team"], "data-science");
@@ -525,15 +489,11 @@ async fn a_server_that_never_answers_is_reported() {
 async fn an_orchestrator_restart_that_lost_everything_is_healed() {
     let orch_addr: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let (orch, api) = orchestrator_on(orch_addr, 3, None).await;
-    let listener = listener().await;
-    let port = listener.local_addr().unwrap().port();
-    let layer = builder(&orch.base_url(), port)
-        .max_retry_delay(Duration::from_millis(500))
-        .build()
-        .expect("config");
+    let (layer, served, url) = serve_app(&orch.base_url(), |b| {
+        b.max_retry_delay(Duration::from_millis(500))
+    })
+    .await;
     let handle = layer.handle();
-    let served = serve(listener, app().layer(layer.clone()), &layer);
-    let url = format!("http://127.0.0.1:{port}");
     let first = registered(&api, &url, WAIT).await;
 
     // The orchestrator goes away (pings fail), then comes back on the same address with an

@@ -119,6 +119,22 @@ pub fn serve(listener: TcpListener, app: Router, layer: &servicekit::Registratio
     }
 }
 
+/// The plain test app (`GET /`) served on a free port with a registration layer from
+/// `builder(base, port)` adjusted by `configure`; returns the layer, the server and its URL.
+pub async fn serve_app(
+    base: &str,
+    configure: impl FnOnce(RegistrationLayerBuilder) -> RegistrationLayerBuilder,
+) -> (servicekit::RegistrationLayer, Served, String) {
+    let listener = listener().await;
+    let port = listener.local_addr().expect("addr").port();
+    let layer = configure(builder(base, port)).build().expect("config");
+    let app = Router::new()
+        .route("/", axum::routing::get(|| async { "hello" }))
+        .layer(layer.clone());
+    let served = serve(listener, app, &layer);
+    (layer, served, format!("http://127.0.0.1:{port}"))
+}
+
 /// Binds a loopback listener on a free port.
 pub async fn listener() -> TcpListener {
     TcpListener::bind("127.0.0.1:0").await.expect("bind")
