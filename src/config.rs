@@ -285,10 +285,7 @@ impl Options {
             host_source,
             port,
             port_source,
-            registration_key: self
-                .registration_key
-                .clone()
-                .or_else(|| env(REGISTRATION_KEY_ENV).filter(|k| !k.is_empty())),
+            registration_key: registration_key(self.registration_key.as_deref(), env)?,
             info,
             max_retries: self.max_retries,
             retry_delay: self.retry_delay,
@@ -317,7 +314,8 @@ fn resolve_port(
             origin: Source::Parameter.to_string(),
         }),
         Some(p) => Ok((p, Source::Parameter)),
-        None => match env(port_env) {
+        // An empty value counts as unset, as for the host and the URL.
+        None => match env(port_env).filter(|v| !v.trim().is_empty()) {
             Some(text) => {
                 let source = Source::Env(port_env.to_owned());
                 match text.trim().parse::<u16>() {
@@ -331,6 +329,35 @@ fn resolve_port(
             None => Ok((DEFAULT_PORT, Source::Default)),
         },
     }
+}
+
+/// The registration key: parameter, else `SERVICEKIT_REGISTRATION_KEY`. A trailing newline
+/// (as secret files often have) is dropped; anything else that cannot travel in an HTTP header
+/// is an error naming the source, never the secret itself.
+fn registration_key(
+    param: Option<&str>,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Option<String>, ConfigError> {
+    let (key, origin) = match param {
+        Some(k) => (k.to_owned(), Source::Parameter),
+        None => match env(REGISTRATION_KEY_ENV) {
+            Some(k) => (k, Source::Env(REGISTRATION_KEY_ENV.into())),
+            None => return Ok(None),
+        },
+    };
+    let key = key.trim_end_matches(['\r', '\n']).to_owned();
+    if key.is_empty() {
+        return Ok(None);
+    }
+    if http::HeaderValue::from_str(&key).is_err() {
+        return Err(ConfigError::InvalidOption {
+            name: "registration_key",
+            reason: format!(
+                "the key from {origin} contains characters not allowed in an HTTP header"
+            ),
+        });
+    }
+    Ok(Some(key))
 }
 
 /// The port a service should listen on, by the same rules the layer advertises it with:
@@ -465,7 +492,13 @@ mod tests {
 
     #[test]
     fn bad_ports_name_the_variable_and_value() {
-        for bad in ["abc", "0", "65536", "-1", ""] {
+        // An empty value is unset (the default), like an empty host or URL.
+        let s = resolve(&Options::default(), &[URL, (PORT_ENV, " ")]).unwrap();
+        assert_eq!(
+            (s.port, s.port_source.to_string()),
+            (8000, "default".into())
+        );
+        for bad in ["abc", "0", "65536", "-1"] {
             let err = resolve(&Options::default(), &[URL, (PORT_ENV, bad)]).unwrap_err();
             assert_eq!(
                 err,
@@ -626,5 +659,16 @@ mod tests {
     fn registration_key_comes_from_the_environment() {
         let s = resolve(&Options::default(), &[URL, (REGISTRATION_KEY_ENV, "k")]).unwrap();
         assert_eq!(s.registration_key.as_deref(), Some("k"));
+        // A secret file's trailing newline is not part of the key.
+        let s = resolve(&Options::default(), &[URL, (REGISTRATION_KEY_ENV, "k\n")]).unwrap();
+        assert_eq!(s.registration_key.as_deref(), Some("k"));
+        let err = resolve(
+            &Options::default(),
+            &[URL, (REGISTRATION_KEY_ENV, "a\u{7}b")],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("SERVICEKIT_REGISTRATION_KEY"), "{err}");
+        assert!(!err.contains("a\u{7}b"), "the secret is not echoed: {err}");
     }
 }

@@ -47,6 +47,7 @@ pub(crate) fn backoff(
     cap: Duration,
     retry_after: Option<Duration>,
 ) -> Duration {
+    let cap = cap.min(MAX_PAUSE);
     let ceiling = base
         .saturating_mul(1u32.checked_shl(attempt.min(31)).unwrap_or(u32::MAX))
         .min(cap);
@@ -57,9 +58,14 @@ pub(crate) fn backoff(
     }
 }
 
-/// `d` ± 10 %.
+/// Longest pause the task ever takes; also bounds user-given durations in arithmetic.
+const MAX_PAUSE: Duration = Duration::from_secs(24 * 3600);
+/// Longest TTL taken from an orchestrator's answer (the orchestrator allows one day).
+const MAX_TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// `d` ± 10 % (at most [`MAX_PAUSE`]).
 fn jitter(d: Duration) -> Duration {
-    d.mul_f64(0.9 + 0.2 * fastrand::f64())
+    d.min(MAX_PAUSE).mul_f64(0.9 + 0.2 * fastrand::f64())
 }
 
 /// The running registration: what the orchestrator told us.
@@ -73,7 +79,8 @@ struct Entry {
 
 impl Entry {
     fn from(answer: RegisterResponse, sent: Instant) -> Entry {
-        let ttl = Duration::from_secs(answer.ttl_seconds.max(1));
+        // The TTL comes from the network: keep it in a range the arithmetic below can take.
+        let ttl = Duration::from_secs(answer.ttl_seconds.max(1)).min(MAX_TTL);
         Entry {
             id: answer.id,
             ping_url: answer.ping_url,
@@ -171,6 +178,21 @@ impl Task {
         }
     }
 
+    /// Runs `call` unless shutdown is requested first (then it is abandoned: `None`). Used for
+    /// readiness probes and pings, which change nothing a deregistration would not undo.
+    async fn unless_stopped<T>(
+        stop: &mut watch::Receiver<bool>,
+        call: impl std::future::Future<Output = T>,
+    ) -> Option<T> {
+        if *stop.borrow() {
+            return None;
+        }
+        tokio::select! {
+            out = call => Some(out),
+            _ = stop.wait_for(|stop| *stop) => None,
+        }
+    }
+
     async fn wait_for_server(&mut self) -> Outcome<()> {
         let port = self.settings.port;
         let target = match &self.settings.health_path {
@@ -180,9 +202,14 @@ impl Task {
         let started = Instant::now();
         let mut poll = Duration::from_millis(20);
         loop {
-            if self.answers(&target).await {
-                tracing::debug!(target = %target, "registration.server_ready");
-                return Outcome::Done(());
+            let mut stop = self.stop.clone();
+            match Self::unless_stopped(&mut stop, self.answers(&target)).await {
+                None => return Outcome::Stopped,
+                Some(true) => {
+                    tracing::debug!(target = %target, "registration.server_ready");
+                    return Outcome::Done(());
+                }
+                Some(false) => {}
             }
             let waited = started.elapsed();
             if waited >= self.settings.startup_timeout {
@@ -221,6 +248,12 @@ impl Task {
         loop {
             attempt += 1;
             let sent = Instant::now();
+            // Never start a registration after shutdown was requested. One already in flight
+            // is let finish (bounded by `timeout`), so that an entry the orchestrator created
+            // is deregistered right after instead of lingering for a TTL.
+            if *self.stop.borrow() {
+                return Outcome::Stopped;
+            }
             let result = self
                 .client
                 .register(&self.settings.service_url, &self.settings.info, previous)
@@ -250,8 +283,13 @@ impl Task {
                     });
                     return Outcome::Done(entry);
                 }
-                Err(e) if !e.is_retryable() => {
-                    return Outcome::Fatal(RegistrationError::Rejected(e.to_string()));
+                // A 404 on the registration endpoint is a wrong URL (e.g. `$register` lost to
+                // shell or compose interpolation), not an orchestrator that is down.
+                Err(e) if !e.is_retryable() || e.status() == Some(StatusCode::NOT_FOUND) => {
+                    return Outcome::Fatal(RegistrationError::Rejected(format!(
+                        "{e} (POST {})",
+                        self.settings.orchestrator_url
+                    )));
                 }
                 Err(e) => {
                     tracing::warn!(attempt, max_retries = max, error = %e,
@@ -294,7 +332,8 @@ impl Task {
     /// Pings until shutdown is requested; returns the entry as it stands then.
     async fn keep_alive(&mut self, mut entry: Entry) -> Entry {
         let fixed = self.settings.keepalive_interval;
-        let interval_of = |e: &Entry| fixed.unwrap_or(e.ttl / 3).max(Duration::from_millis(100));
+        // At least MIN_PING_RETRY, so the "ping sooner" range below is never empty.
+        let interval_of = |e: &Entry| fixed.unwrap_or(e.ttl / 3).clamp(MIN_PING_RETRY, MAX_PAUSE);
         tracing::info!(id = %entry.id, interval_ms = interval_of(&entry).as_millis() as u64,
             "keepalive.started");
         let mut next = jitter(interval_of(&entry));
@@ -304,8 +343,14 @@ impl Task {
                 break;
             }
             let sent = Instant::now();
-            let within = interval_of(&entry).max(MIN_PING_RETRY);
-            match self.client.ping(&entry.ping_url, within).await {
+            // A ping stuck on a dead connection must not outlive the interval.
+            let within = interval_of(&entry);
+            let call = self.client.ping(&entry.ping_url, within);
+            let mut stop = self.stop.clone();
+            let Some(result) = Self::unless_stopped(&mut stop, call).await else {
+                break;
+            };
+            match result {
                 Ok(pong) => {
                     failures = 0;
                     entry.expires = sent + entry.ttl;
@@ -314,11 +359,15 @@ impl Task {
                         s.last_ping = Some(SystemTime::now());
                         s.phase = Phase::Registered;
                         s.ping_failures = 0;
+                        s.error = None;
                     });
                     next = jitter(interval_of(&entry));
                 }
                 Err(e) if e.status() == Some(StatusCode::NOT_FOUND) => {
                     tracing::warn!(id = %entry.id, "keepalive.service_not_found");
+                    if *self.stop.borrow() {
+                        break; // going away: do not register again
+                    }
                     self.set_phase(Phase::Registering);
                     match self.reregister(entry.id).await {
                         Some(fresh) => {
@@ -343,11 +392,37 @@ impl Task {
                 }
                 Err(e) => {
                     failures += 1;
-                    self.status.send_modify(|s| s.ping_failures = failures);
-                    // Ping sooner as expiry nears, so a short outage does not cost the entry.
                     let left = entry.expires.saturating_duration_since(Instant::now());
-                    next = (left / 3).clamp(MIN_PING_RETRY, interval_of(&entry));
-                    tracing::warn!(id = %entry.id, error = %e, failures,
+                    let rejected = !e.is_retryable();
+                    next = if rejected {
+                        // 401/403/...: a configuration problem; pinging faster will not help.
+                        jitter(interval_of(&entry))
+                    } else if !left.is_zero() {
+                        // Ping sooner as expiry nears, so a short outage does not cost the entry.
+                        (left / 3).clamp(MIN_PING_RETRY, interval_of(&entry))
+                    } else {
+                        // Expired by our clock: back off like registration does (with jitter,
+                        // honouring Retry-After) instead of hammering a recovering orchestrator.
+                        backoff(
+                            self.settings.retry_delay,
+                            failures,
+                            self.settings.max_retry_delay,
+                            e.retry_after(),
+                        )
+                        .max(MIN_PING_RETRY)
+                    };
+                    let reason = e.to_string();
+                    self.status.send_modify(|s| {
+                        s.ping_failures = failures;
+                        if left.is_zero() {
+                            // The orchestrator has dropped the entry by now: not registered.
+                            s.phase = Phase::Registering;
+                        }
+                        if rejected {
+                            s.error = Some(RegistrationError::Rejected(reason));
+                        }
+                    });
+                    tracing::warn!(id = %entry.id, error = %e, failures, configuration_problem = rejected,
                         retry_in_ms = next.as_millis() as u64, "keepalive.ping_failed");
                 }
             }
@@ -359,21 +434,27 @@ impl Task {
     /// One re-registration attempt presenting `previous`; failures are logged.
     async fn reregister(&mut self, previous: Ulid) -> Option<Entry> {
         let sent = Instant::now();
-        match self
+        if *self.stop.borrow() {
+            return None;
+        }
+        // Let an in-flight re-registration finish, as in `register_until_done`.
+        let result = self
             .client
             .register(
                 &self.settings.service_url,
                 &self.settings.info,
                 Some(previous),
             )
-            .await
-        {
+            .await;
+        match result {
             Ok(answer) => {
                 let entry = Entry::from(answer, sent);
                 self.status.send_modify(|s| {
                     s.phase = Phase::Registered;
                     s.id = Some(entry.id);
                     s.last_ping = Some(SystemTime::now());
+                    s.ping_failures = 0;
+                    s.error = None;
                 });
                 Some(entry)
             }

@@ -102,8 +102,12 @@ impl RegistrationLayer {
         F: Future<Output = ()> + Send + 'static,
     {
         self.shared.hook_wired.store(true, Ordering::SeqCst);
-        let shared = self.shared.clone();
+        let this = self.clone();
         async move {
+            // The hook runs on the server's runtime: if the layer could not start the task
+            // (applied outside a runtime, or not applied at all), start it here.
+            this.start();
+            let shared = this.shared;
             let mut status = shared.status.subscribe();
             tokio::select! {
                 _ = signal => {}
@@ -118,12 +122,13 @@ impl RegistrationLayer {
             let Ok(settings) = &shared.settings else {
                 return;
             };
-            // The task deregisters within `timeout`; this bound only guards against a stuck task.
-            let bound = settings.timeout + Duration::from_secs(1);
+            // A registration in flight (≤ timeout) finishes, then the deregistration (≤ timeout)
+            // runs; this bound only guards against a stuck task.
+            let bound = settings.timeout * 2 + Duration::from_secs(1);
             let done = status.wait_for(|s| {
                 matches!(
                     s.phase,
-                    Phase::Stopped | Phase::Failed | Phase::Unregistered | Phase::NotStarted
+                    Phase::Stopped | Phase::Failed | Phase::Unregistered
                 )
             });
             if tokio::time::timeout(bound, done).await.is_err() {
@@ -168,9 +173,30 @@ impl RegistrationLayer {
             status: self.shared.status.clone(),
             stop: self.shared.stop.subscribe(),
         };
+        // Set before the task runs, so a shutdown hook that fires at once waits for it.
+        self.shared
+            .status
+            .send_modify(|s| s.phase = Phase::WaitingForServer);
         let shared = self.shared.clone();
+        let fatal = self.shared.fail_on_error;
         runtime.spawn(async move {
-            task.run().await;
+            // A panic in the task must not leave the state claiming it still runs (the hook
+            // would wait for a deregistration that never comes).
+            if let Err(e) = tokio::spawn(task.run()).await {
+                let why = format!("the registration task ended unexpectedly: {e}");
+                tracing::error!(error = %why, "registration.failed");
+                shared.status.send_modify(|s| {
+                    s.phase = if fatal {
+                        Phase::Failed
+                    } else {
+                        Phase::Unregistered
+                    };
+                    s.error = Some(RegistrationError::Failed {
+                        attempts: 0,
+                        last_error: why,
+                    });
+                });
+            }
             exit_unless_hooked(&shared).await;
         });
     }
@@ -196,14 +222,18 @@ impl RegistrationLayer {
     }
 }
 
+/// How long after a fatal registration failure the shutdown hook may still be wired (the layer
+/// is applied before the server starts, and `main` may do other work in between).
+const HOOK_GRACE: Duration = Duration::from_secs(10);
+
 /// `fail_on_error` promises that the service does not run unregistered. When registration
-/// failed for good and no shutdown hook is wired to stop the server gracefully (given a moment
-/// to be wired, since the layer is applied before the server starts), stop the process.
+/// failed for good and no shutdown hook is wired to stop the server gracefully (given
+/// [`HOOK_GRACE`] to be wired), stop the process with status 1.
 async fn exit_unless_hooked(shared: &Shared) {
     if keepalive::error_of(&shared.status.borrow()).is_none() {
         return;
     }
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    tokio::time::sleep(HOOK_GRACE).await;
     if !shared.hook_wired.load(Ordering::SeqCst) {
         tracing::error!("registration failed with fail_on_error and no shutdown hook (RegistrationLayer::shutdown_on) is wired: exiting with status 1");
         std::process::exit(1);
@@ -364,8 +394,12 @@ impl RegistrationLayerBuilder {
     }
 
     fn resolve(&self) -> Result<Settings, ConfigError> {
-        self.options
-            .resolve(&|name| std::env::var(name).ok(), &config::machine_hostname)
+        // A value that is not UTF-8 is read lossily, so it fails validation naming its
+        // variable instead of silently counting as unset.
+        self.options.resolve(
+            &|name| std::env::var_os(name).map(|v| v.to_string_lossy().into_owned()),
+            &config::machine_hostname,
+        )
     }
 }
 

@@ -533,3 +533,82 @@ async fn apply_registers_a_whole_router_without_wrapping_it() {
     assert!(entries_for(&api, &url).await.is_empty());
     orch.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_keeps_accepting_until_deregistration_is_done() {
+    let (orch, api) = orchestrator(30, None).await;
+    // DELETEs reach the orchestrator 800 ms late: the window in which the service must still
+    // be reachable, because consumers may still find it.
+    let proxy = DelayProxy::start(
+        &orch.base_url(),
+        axum::http::Method::DELETE,
+        Duration::from_millis(800),
+    )
+    .await;
+    let (_layer, mut served, url) = serve_app(&proxy.base, |b| b).await;
+    registered(&api, &url, WAIT).await;
+
+    served.signal();
+    let mut served_while_registered = 0;
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let still_listed = !entries_for(&api, &url).await.is_empty();
+        if !still_listed {
+            break;
+        }
+        // Registered, so it must still accept new connections and answer.
+        let reply = tokio::time::timeout(Duration::from_secs(2), async {
+            let stream = tokio::net::TcpStream::connect(url.trim_start_matches("http://")).await;
+            match stream {
+                Ok(_) => Some(http::Api::new(url.clone()).get("/").await.status),
+                Err(_) => None,
+            }
+        })
+        .await
+        .ok()
+        .flatten();
+        let listed_after = !entries_for(&api, &url).await.is_empty();
+        if listed_after {
+            assert_eq!(
+                reply.map(|s| s.as_u16()),
+                Some(200),
+                "stopped serving while still registered"
+            );
+            served_while_registered += 1;
+        }
+        assert!(std::time::Instant::now() < deadline, "never deregistered");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        served_while_registered >= 3,
+        "looked {served_while_registered} times"
+    );
+    served.shutdown().await;
+    orch.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_keepalive_interval_survives_failed_pings() {
+    let orch_addr: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let (orch, api) = orchestrator_on(orch_addr, 30, None).await;
+    let (layer, served, url) = serve_app(&orch.base_url(), |b| {
+        b.keepalive_interval(Duration::from_millis(120))
+    })
+    .await;
+    let handle = layer.handle();
+    registered(&api, &url, WAIT).await;
+    orch.shutdown().await;
+    // Pings fail repeatedly; the task keeps going (it used to panic on the first failure).
+    handle
+        .wait_for(WAIT, |s| s.ping_failures >= 3)
+        .await
+        .expect("pings keep failing and being retried");
+    let (orch, api) = orchestrator_on(orch_addr, 30, None).await;
+    registered(&api, &url, WAIT).await;
+    served.shutdown().await;
+    assert!(
+        entries_for(&api, &url).await.is_empty(),
+        "deregistered on shutdown"
+    );
+    orch.shutdown().await;
+}

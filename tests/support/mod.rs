@@ -176,3 +176,71 @@ pub async fn registered(api: &http::Api, url: &str, within: Duration) -> Value {
     })
     .await
 }
+
+/// A forwarding proxy in front of a real orchestrator that delays requests of one method,
+/// to hold a registration call open on the wire while a test looks at the service.
+pub struct DelayProxy {
+    pub base: String,
+    task: JoinHandle<()>,
+}
+
+impl Drop for DelayProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl DelayProxy {
+    pub async fn start(target: &str, method: axum::http::Method, delay: Duration) -> DelayProxy {
+        use http_body_util::{BodyExt, Full};
+        use hyper::service::service_fn;
+        use hyper_util::client::legacy::Client;
+        use hyper_util::rt::{TokioExecutor, TokioIo};
+
+        let listener = listener().await;
+        let base = format!("http://{}", listener.local_addr().expect("addr"));
+        let target = target.to_owned();
+        let client: Client<_, Full<bytes::Bytes>> =
+            Client::builder(TokioExecutor::new()).build_http();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let (client, target, method) = (client.clone(), target.clone(), method.clone());
+                let service = service_fn(move |req: axum::http::Request<hyper::body::Incoming>| {
+                    let (client, target, method) = (client.clone(), target.clone(), method.clone());
+                    async move {
+                        if req.method() == method {
+                            tokio::time::sleep(delay).await;
+                        }
+                        let (mut parts, body) = req.into_parts();
+                        let body = body.collect().await?.to_bytes();
+                        let path = parts
+                            .uri
+                            .path_and_query()
+                            .map(|p| p.as_str())
+                            .unwrap_or("/");
+                        parts.uri = format!("{target}{path}").parse().expect("uri");
+                        let res = client
+                            .request(axum::http::Request::from_parts(parts, Full::new(body)))
+                            .await
+                            .expect("orchestrator answers");
+                        let (parts, body) = res.into_parts();
+                        let body = body.collect().await.expect("body").to_bytes();
+                        Ok::<_, hyper::Error>(axum::http::Response::from_parts(
+                            parts,
+                            Full::new(body),
+                        ))
+                    }
+                });
+                tokio::spawn(async move {
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        DelayProxy { base, task }
+    }
+}
