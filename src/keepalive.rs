@@ -401,15 +401,15 @@ impl Task {
                         // Ping sooner as expiry nears, so a short outage does not cost the entry.
                         (left / 3).clamp(MIN_PING_RETRY, interval_of(&entry))
                     } else {
-                        // Expired by our clock: back off like registration does (with jitter,
-                        // honouring Retry-After) instead of hammering a recovering orchestrator.
-                        backoff(
-                            self.settings.retry_delay,
-                            failures,
-                            self.settings.max_retry_delay,
-                            e.retry_after(),
-                        )
-                        .max(MIN_PING_RETRY)
+                        // Expired by our clock: no reason to hurry any more, but come back
+                        // within an interval (the entry must reappear within one once the
+                        // orchestrator answers), jittered so a fleet does not retry in step,
+                        // and no sooner than a Retry-After asks.
+                        // The failed ping's own wait (up to an interval) counts towards it.
+                        jitter(interval_of(&entry))
+                            .saturating_sub(sent.elapsed())
+                            .max(MIN_PING_RETRY)
+                            .max(e.retry_after().unwrap_or_default().min(MAX_PAUSE))
                     };
                     let reason = e.to_string();
                     self.status.send_modify(|s| {

@@ -65,13 +65,14 @@ async fn registration_appears_once_the_service_listens_multi_thread() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keepalive_keeps_the_entry_alive_past_the_ttl() {
-    let (orch, api) = orchestrator(1, None).await;
+    let (orch, api) = orchestrator(2, None).await;
     let (layer, served, url) = serve_app(&orch.base_url(), |b| b).await;
     let handle = layer.handle();
     let first = registered(&api, &url, WAIT).await;
-    // Watch for three TTLs: the entry must be there every time we look, with the same id
-    // and a moving last_ping_at.
-    let until = std::time::Instant::now() + Duration::from_secs(3);
+    // Watch for 2.5 TTLs: the entry must be there every time we look, with the same id and
+    // a moving last_ping_at. (A TTL of 2 s lets three pings in a row be late before the
+    // entry could expire, so a loaded machine does not fail this test.)
+    let until = std::time::Instant::now() + Duration::from_secs(5);
     let mut pings = std::collections::BTreeSet::new();
     while std::time::Instant::now() < until {
         let entries = entries_for(&api, &url).await;
@@ -84,7 +85,7 @@ async fn keepalive_keeps_the_entry_alive_past_the_ttl() {
         pings.insert(entries[0]["last_ping_at"].as_str().unwrap().to_owned());
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(pings.len() >= 3, "pings every ttl/3: saw {pings:?}");
+    assert!(pings.len() >= 4, "pings every ttl/3: saw {pings:?}");
     assert!(handle.is_registered());
     served.shutdown().await;
     orch.shutdown().await;
