@@ -53,14 +53,15 @@ fn detail(problem: &Option<Problem>) -> String {
 }
 
 impl ClientError {
-    /// Whether trying again may help. 4xx answers other than 404, 408 and 429 mean the request
-    /// or the configuration is wrong, and repeating it would only hide that.
+    /// Whether trying the same request again may help. 4xx answers other than 408 and 429
+    /// mean the request or the configuration is wrong (a 404 on registration is a wrong URL,
+    /// e.g. the reference README's `…/register` instead of `…/services/$register`), and repeating it would only
+    /// hide that. A 404 on ping and deregistration has its own meaning; callers check it first.
     pub fn is_retryable(&self) -> bool {
         match self {
             ClientError::Network(_) | ClientError::Protocol(_) => true,
             ClientError::Status { status, .. } => {
                 status.is_server_error()
-                    || *status == StatusCode::NOT_FOUND
                     || *status == StatusCode::REQUEST_TIMEOUT
                     || *status == StatusCode::TOO_MANY_REQUESTS
             }
@@ -250,10 +251,10 @@ mod tests {
 
     #[test]
     fn client_mistakes_are_not_retried() {
-        for code in [400, 401, 403, 405, 413, 415, 422] {
+        for code in [400, 401, 403, 404, 405, 413, 415, 422] {
             assert!(!status(code).is_retryable(), "{code}");
         }
-        for code in [404, 408, 429, 500, 502, 503, 504] {
+        for code in [408, 429, 500, 502, 503, 504] {
             assert!(status(code).is_retryable(), "{code}");
         }
         assert!(ClientError::Network("x".into()).is_retryable());

@@ -75,6 +75,19 @@ pub struct Status {
     pub ping_failures: u32,
 }
 
+impl Status {
+    /// Records that registration ended for good: `Failed` (the shutdown hook fires) with
+    /// `fail_on_error`, `Unregistered` (keep serving) without.
+    pub(crate) fn give_up(&mut self, fail_on_error: bool, error: RegistrationError) {
+        self.phase = if fail_on_error {
+            Phase::Failed
+        } else {
+            Phase::Unregistered
+        };
+        self.error = Some(error);
+    }
+}
+
 /// Reads the registration's state; clone freely, reads take no lock on the request path.
 #[derive(Debug, Clone)]
 pub struct RegistrationHandle {

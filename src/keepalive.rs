@@ -10,7 +10,11 @@
 
 use std::time::{Duration, Instant, SystemTime};
 
+use bytes::Bytes;
 use http::StatusCode;
+use http_body_util::Empty;
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::TokioExecutor;
 use tokio::sync::watch;
 use ulid::Ulid;
 
@@ -124,7 +128,6 @@ impl Task {
             max_retries = s.max_retries,
             "registration.starting"
         );
-        self.set_phase(Phase::WaitingForServer);
         match self.wait_for_server().await {
             Outcome::Done(()) => {}
             Outcome::Stopped => return self.finish(None).await,
@@ -152,14 +155,7 @@ impl Task {
     fn fail(&self, e: RegistrationError) {
         tracing::error!(error = %e, fail_on_error = self.settings.fail_on_error, "registration.failed");
         let fatal = self.settings.fail_on_error;
-        self.status.send_modify(|s| {
-            s.phase = if fatal {
-                Phase::Failed
-            } else {
-                Phase::Unregistered
-            };
-            s.error = Some(e);
-        });
+        self.status.send_modify(|s| s.give_up(fatal, e));
     }
 
     /// Waits until shutdown is requested.
@@ -169,13 +165,9 @@ impl Task {
 
     /// Sleeps for `d` unless shutdown is requested first; `false` when it was.
     async fn pause(&mut self, d: Duration) -> bool {
-        if *self.stop.borrow() {
-            return false;
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(d) => true,
-            _ = self.stop.wait_for(|stop| *stop) => false,
-        }
+        Self::unless_stopped(&mut self.stop, tokio::time::sleep(d))
+            .await
+            .is_some()
     }
 
     /// Runs `call` unless shutdown is requested first (then it is abandoned: `None`). Used for
@@ -199,11 +191,17 @@ impl Task {
             Some(path) => format!("http://127.0.0.1:{port}{path}"),
             None => format!("127.0.0.1:{port}"),
         };
+        // One client for all probes (it keeps its pool across polls); none for a TCP probe.
+        let probe = self
+            .settings
+            .health_path
+            .is_some()
+            .then(|| Client::builder(TokioExecutor::new()).build_http());
         let started = Instant::now();
         let mut poll = Duration::from_millis(20);
         loop {
             let mut stop = self.stop.clone();
-            match Self::unless_stopped(&mut stop, self.answers(&target)).await {
+            match Self::unless_stopped(&mut stop, answers(&probe, &target)).await {
                 None => return Outcome::Stopped,
                 Some(true) => {
                     tracing::debug!(target = %target, "registration.server_ready");
@@ -223,18 +221,6 @@ impl Task {
                 return Outcome::Stopped;
             }
             poll = (poll * 2).min(Duration::from_millis(500));
-        }
-    }
-
-    /// Whether the local server accepts a connection (or answers its health path with 2xx).
-    async fn answers(&self, target: &str) -> bool {
-        let bound = Duration::from_secs(1);
-        match &self.settings.health_path {
-            None => matches!(
-                tokio::time::timeout(bound, tokio::net::TcpStream::connect(target)).await,
-                Ok(Ok(_))
-            ),
-            Some(_) => probe_http(target, bound).await,
         }
     }
 
@@ -283,9 +269,7 @@ impl Task {
                     });
                     return Outcome::Done(entry);
                 }
-                // A 404 on the registration endpoint is a wrong URL (e.g. `$register` lost to
-                // shell or compose interpolation), not an orchestrator that is down.
-                Err(e) if !e.is_retryable() || e.status() == Some(StatusCode::NOT_FOUND) => {
+                Err(e) if !e.is_retryable() => {
                     return Outcome::Fatal(RegistrationError::Rejected(format!(
                         "{e} (POST {})",
                         self.settings.orchestrator_url
@@ -483,19 +467,25 @@ impl Task {
     }
 }
 
-/// `GET` a local URL; true on a 2xx answer.
-async fn probe_http(url: &str, bound: Duration) -> bool {
-    use http_body_util::Empty;
-    use hyper_util::client::legacy::Client;
-    use hyper_util::rt::TokioExecutor;
-    let client: Client<_, Empty<bytes::Bytes>> = Client::builder(TokioExecutor::new()).build_http();
-    let Ok(uri) = url.parse::<http::Uri>() else {
-        return false;
-    };
-    matches!(
-        tokio::time::timeout(bound, client.get(uri)).await,
-        Ok(Ok(res)) if res.status().is_success()
-    )
+/// Whether the local server answers: a 2xx to `GET target` with an HTTP probe client, else
+/// an accepted TCP connection to `target`.
+async fn answers(probe: &Option<Client<HttpConnector, Empty<Bytes>>>, target: &str) -> bool {
+    let bound = Duration::from_secs(1);
+    match probe {
+        None => matches!(
+            tokio::time::timeout(bound, tokio::net::TcpStream::connect(target)).await,
+            Ok(Ok(_))
+        ),
+        Some(client) => {
+            let Ok(uri) = target.parse::<http::Uri>() else {
+                return false;
+            };
+            matches!(
+                tokio::time::timeout(bound, client.get(uri)).await,
+                Ok(Ok(res)) if res.status().is_success()
+            )
+        }
+    }
 }
 
 /// Turns a finished-with-error status into the error, for callers that ended the server.

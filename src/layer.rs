@@ -116,9 +116,6 @@ impl RegistrationLayer {
             // `send_replace` stores the value even before the task subscribed, so a task started
             // after the signal sees it too.
             shared.stop.send_replace(true);
-            if !shared.started.load(Ordering::SeqCst) {
-                return;
-            }
             let Ok(settings) = &shared.settings else {
                 return;
             };
@@ -186,15 +183,13 @@ impl RegistrationLayer {
                 let why = format!("the registration task ended unexpectedly: {e}");
                 tracing::error!(error = %why, "registration.failed");
                 shared.status.send_modify(|s| {
-                    s.phase = if fatal {
-                        Phase::Failed
-                    } else {
-                        Phase::Unregistered
-                    };
-                    s.error = Some(RegistrationError::Failed {
-                        attempts: 0,
-                        last_error: why,
-                    });
+                    s.give_up(
+                        fatal,
+                        RegistrationError::Failed {
+                            attempts: 0,
+                            last_error: why,
+                        },
+                    )
                 });
             }
             exit_unless_hooked(&shared).await;
@@ -209,14 +204,7 @@ impl RegistrationLayer {
             tracing::error!(error = %e, fail_on_error = fatal, "registration.failed");
         }
         let err = RegistrationError::Config(e.to_string());
-        self.shared.status.send_modify(|s| {
-            s.phase = if fatal {
-                Phase::Failed
-            } else {
-                Phase::Unregistered
-            };
-            s.error = Some(err);
-        });
+        self.shared.status.send_modify(|s| s.give_up(fatal, err));
         let shared = self.shared.clone();
         runtime.spawn(async move { exit_unless_hooked(&shared).await });
     }

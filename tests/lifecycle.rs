@@ -613,3 +613,26 @@ async fn a_short_keepalive_interval_survives_failed_pings() {
     );
     orch.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_registration_path_is_a_configuration_error() {
+    let (orch, _api) = orchestrator(30, None).await;
+    // The reference README's `http://orchestrator:9000/register`: the orchestrator answers 404.
+    let (layer, served, _url) = serve_app(&orch.base_url(), |b| {
+        b.orchestrator_url(format!("{}/register", orch.base_url()))
+            .fail_on_error(true)
+    })
+    .await;
+    tokio::time::timeout(WAIT, served.task)
+        .await
+        .expect("stopped without retrying")
+        .unwrap()
+        .unwrap();
+    match layer.error() {
+        Some(RegistrationError::Rejected(why)) => {
+            assert!(why.contains("404") && why.contains("/register"), "{why}")
+        }
+        other => panic!("expected a rejection, got {other:?}"),
+    }
+    orch.shutdown().await;
+}
