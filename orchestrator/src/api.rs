@@ -127,11 +127,12 @@ impl<S: Store> Api<S> {
         B: Body<Data = Bytes> + Send,
         B::Error: std::error::Error + Send + Sync + 'static,
     {
-        let path = req.uri().path().to_owned();
+        // Cloning the `Uri` shares its bytes, cheaper than copying the path for every request.
+        let uri = req.uri().clone();
         let head = req.method() == Method::HEAD;
         let mut response = match self.route(req).await {
             Ok(response) => response,
-            Err(e) => e.into_response(&path),
+            Err(e) => e.into_response(uri.path()),
         };
         if head {
             *response.body_mut() = Full::new(Bytes::new());
