@@ -91,6 +91,13 @@ pub struct Settings {
     pub port_source: Source,
     pub registration_key: Option<String>,
     pub info: ServiceInfo,
+    pub behaviour: Behaviour,
+}
+
+/// How persistent registration is: the options that need no resolving, shared as they are
+/// by the builder and the resolved [`Settings`].
+#[derive(Debug, Clone)]
+pub struct Behaviour {
     /// Total registration attempts before giving up (or falling back to background retries).
     pub max_retries: u32,
     /// Base of the exponential backoff.
@@ -124,17 +131,7 @@ pub(crate) struct Options {
     pub port_env: String,
     pub registration_key: Option<String>,
     pub info: Option<Result<ServiceInfo, String>>,
-    pub max_retries: u32,
-    pub retry_delay: Duration,
-    pub max_retry_delay: Duration,
-    pub fail_on_error: bool,
-    pub timeout: Duration,
-    pub enable_keepalive: bool,
-    pub keepalive_interval: Option<Duration>,
-    pub auto_deregister: bool,
-    pub health_path: Option<String>,
-    pub startup_timeout: Duration,
-    pub drain_delay: Duration,
+    pub behaviour: Behaviour,
 }
 
 impl Default for Options {
@@ -148,6 +145,15 @@ impl Default for Options {
             port_env: PORT_ENV.into(),
             registration_key: None,
             info: None,
+            behaviour: Behaviour::default(),
+        }
+    }
+}
+
+impl Default for Behaviour {
+    /// The reference library's defaults.
+    fn default() -> Self {
+        Behaviour {
             max_retries: 5,
             retry_delay: Duration::from_secs(2),
             max_retry_delay: Duration::from_secs(30),
@@ -160,6 +166,44 @@ impl Default for Options {
             startup_timeout: Duration::from_secs(60),
             drain_delay: Duration::ZERO,
         }
+    }
+}
+
+impl Behaviour {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.max_retries == 0 {
+            return Err(ConfigError::InvalidOption {
+                name: "max_retries",
+                reason: "must be at least 1 (it counts attempts, not retries)".into(),
+            });
+        }
+        for (name, d) in [
+            ("timeout", self.timeout),
+            ("startup_timeout", self.startup_timeout),
+            ("max_retry_delay", self.max_retry_delay),
+        ] {
+            if d.is_zero() {
+                return Err(ConfigError::InvalidOption {
+                    name,
+                    reason: "must be positive".into(),
+                });
+            }
+        }
+        if self.keepalive_interval.is_some_and(|d| d.is_zero()) {
+            return Err(ConfigError::InvalidOption {
+                name: "keepalive_interval",
+                reason: "must be positive".into(),
+            });
+        }
+        if let Some(path) = &self.health_path {
+            if !path.starts_with('/') {
+                return Err(ConfigError::InvalidOption {
+                    name: "health_path",
+                    reason: format!("{path:?} must start with '/'"),
+                });
+            }
+        }
+        Ok(())
     }
 }
 
@@ -245,38 +289,8 @@ impl Options {
             None => default_info(env),
         };
 
-        if self.max_retries == 0 {
-            return Err(ConfigError::InvalidOption {
-                name: "max_retries",
-                reason: "must be at least 1 (it counts attempts, not retries)".into(),
-            });
-        }
-        for (name, d) in [
-            ("timeout", self.timeout),
-            ("startup_timeout", self.startup_timeout),
-            ("max_retry_delay", self.max_retry_delay),
-        ] {
-            if d.is_zero() {
-                return Err(ConfigError::InvalidOption {
-                    name,
-                    reason: "must be positive".into(),
-                });
-            }
-        }
-        if self.keepalive_interval.is_some_and(|d| d.is_zero()) {
-            return Err(ConfigError::InvalidOption {
-                name: "keepalive_interval",
-                reason: "must be positive".into(),
-            });
-        }
-        if let Some(path) = &self.health_path {
-            if !path.starts_with('/') {
-                return Err(ConfigError::InvalidOption {
-                    name: "health_path",
-                    reason: format!("{path:?} must start with '/'"),
-                });
-            }
-        }
+        let b = &self.behaviour;
+        b.validate()?;
 
         Ok(Settings {
             orchestrator_url,
@@ -287,17 +301,7 @@ impl Options {
             port_source,
             registration_key: registration_key(self.registration_key.as_deref(), env)?,
             info,
-            max_retries: self.max_retries,
-            retry_delay: self.retry_delay,
-            max_retry_delay: self.max_retry_delay,
-            fail_on_error: self.fail_on_error,
-            timeout: self.timeout,
-            enable_keepalive: self.enable_keepalive,
-            keepalive_interval: self.keepalive_interval,
-            auto_deregister: self.auto_deregister,
-            health_path: self.health_path.clone(),
-            startup_timeout: self.startup_timeout,
-            drain_delay: self.drain_delay,
+            behaviour: b.clone(),
         })
     }
 }
@@ -630,7 +634,10 @@ mod tests {
     #[test]
     fn zero_attempts_and_zero_timeouts_are_rejected() {
         let opts = Options {
-            max_retries: 0,
+            behaviour: Behaviour {
+                max_retries: 0,
+                ..Behaviour::default()
+            },
             ..Options::default()
         };
         assert!(resolve(&opts, &[URL])
@@ -638,7 +645,10 @@ mod tests {
             .to_string()
             .contains("max_retries"));
         let opts = Options {
-            timeout: Duration::ZERO,
+            behaviour: Behaviour {
+                timeout: Duration::ZERO,
+                ..Behaviour::default()
+            },
             ..Options::default()
         };
         assert!(resolve(&opts, &[URL])
@@ -646,7 +656,10 @@ mod tests {
             .to_string()
             .contains("timeout"));
         let opts = Options {
-            health_path: Some("health".into()),
+            behaviour: Behaviour {
+                health_path: Some("health".into()),
+                ..Behaviour::default()
+            },
             ..Options::default()
         };
         assert!(resolve(&opts, &[URL])

@@ -125,7 +125,7 @@ impl Task {
             service_url = %s.service_url,
             host_source = %s.host_source,
             port_source = %s.port_source,
-            max_retries = s.max_retries,
+            max_retries = s.behaviour.max_retries,
             "registration.starting"
         );
         match self.wait_for_server().await {
@@ -139,7 +139,7 @@ impl Task {
             Outcome::Stopped => return self.finish(None).await,
             Outcome::Fatal(e) => return self.fail(e),
         };
-        if self.settings.enable_keepalive {
+        if self.settings.behaviour.enable_keepalive {
             entry = self.keep_alive(entry).await;
         } else {
             self.stopped().await;
@@ -153,8 +153,8 @@ impl Task {
 
     /// Ends the task because registration failed for good.
     fn fail(&self, e: RegistrationError) {
-        tracing::error!(error = %e, fail_on_error = self.settings.fail_on_error, "registration.failed");
-        let fatal = self.settings.fail_on_error;
+        tracing::error!(error = %e, fail_on_error = self.settings.behaviour.fail_on_error, "registration.failed");
+        let fatal = self.settings.behaviour.fail_on_error;
         self.status.send_modify(|s| s.give_up(fatal, e));
     }
 
@@ -187,13 +187,14 @@ impl Task {
 
     async fn wait_for_server(&mut self) -> Outcome<()> {
         let port = self.settings.port;
-        let target = match &self.settings.health_path {
+        let target = match &self.settings.behaviour.health_path {
             Some(path) => format!("http://127.0.0.1:{port}{path}"),
             None => format!("127.0.0.1:{port}"),
         };
         // One client for all probes (it keeps its pool across polls); none for a TCP probe.
         let probe = self
             .settings
+            .behaviour
             .health_path
             .is_some()
             .then(|| Client::builder(TokioExecutor::new()).build_http());
@@ -210,11 +211,11 @@ impl Task {
                 Some(false) => {}
             }
             let waited = started.elapsed();
-            if waited >= self.settings.startup_timeout {
+            if waited >= self.settings.behaviour.startup_timeout {
                 return Outcome::Fatal(RegistrationError::ServerNotReady {
                     target,
                     port,
-                    waited: self.settings.startup_timeout,
+                    waited: self.settings.behaviour.startup_timeout,
                 });
             }
             if !self.pause(poll).await {
@@ -227,8 +228,8 @@ impl Task {
     /// Registers, retrying with backoff. After `max_retries` failed attempts it gives up when
     /// `fail_on_error` is set, and otherwise keeps trying every `max_retry_delay` (jittered).
     async fn register_until_done(&mut self, previous: Option<Ulid>) -> Outcome<Entry> {
-        let max = self.settings.max_retries;
-        let cap = self.settings.max_retry_delay;
+        let max = self.settings.behaviour.max_retries;
+        let cap = self.settings.behaviour.max_retry_delay;
         let mut attempt: u32 = 0;
         let mut reported = false;
         loop {
@@ -279,9 +280,14 @@ impl Task {
                     tracing::warn!(attempt, max_retries = max, error = %e,
                         status_code = e.status().map(|s| s.as_u16()), "registration.attempt_failed");
                     let delay = if attempt < max {
-                        backoff(self.settings.retry_delay, attempt - 1, cap, e.retry_after())
+                        backoff(
+                            self.settings.behaviour.retry_delay,
+                            attempt - 1,
+                            cap,
+                            e.retry_after(),
+                        )
                     } else {
-                        if self.settings.fail_on_error {
+                        if self.settings.behaviour.fail_on_error {
                             return Outcome::Fatal(RegistrationError::Failed {
                                 attempts: attempt,
                                 last_error: e.to_string(),
@@ -315,7 +321,7 @@ impl Task {
 
     /// Pings until shutdown is requested; returns the entry as it stands then.
     async fn keep_alive(&mut self, mut entry: Entry) -> Entry {
-        let fixed = self.settings.keepalive_interval;
+        let fixed = self.settings.behaviour.keepalive_interval;
         // At least MIN_PING_RETRY, so the "ping sooner" range below is never empty.
         let interval_of = |e: &Entry| fixed.unwrap_or(e.ttl / 3).clamp(MIN_PING_RETRY, MAX_PAUSE);
         tracing::info!(id = %entry.id, interval_ms = interval_of(&entry).as_millis() as u64,
@@ -365,9 +371,9 @@ impl Task {
                         None => {
                             failures += 1;
                             next = backoff(
-                                self.settings.retry_delay,
+                                self.settings.behaviour.retry_delay,
                                 failures,
-                                self.settings.max_retry_delay,
+                                self.settings.behaviour.max_retry_delay,
                                 None,
                             )
                             .max(MIN_PING_RETRY);
@@ -451,7 +457,7 @@ impl Task {
 
     /// Deregisters (when configured and registered) and marks the task stopped.
     async fn finish(&mut self, entry: Option<Entry>) {
-        if let (Some(entry), true) = (&entry, self.settings.auto_deregister) {
+        if let (Some(entry), true) = (&entry, self.settings.behaviour.auto_deregister) {
             self.set_phase(Phase::Deregistering);
             match entry.entry_url() {
                 None => tracing::warn!(id = %entry.id, ping_url = %entry.ping_url,

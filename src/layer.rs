@@ -121,7 +121,7 @@ impl RegistrationLayer {
             };
             // A registration in flight (≤ timeout) finishes, then the deregistration (≤ timeout)
             // runs; this bound only guards against a stuck task.
-            let bound = settings.timeout * 2 + Duration::from_secs(1);
+            let bound = settings.behaviour.timeout * 2 + Duration::from_secs(1);
             let done = status.wait_for(|s| {
                 matches!(
                     s.phase,
@@ -131,8 +131,8 @@ impl RegistrationLayer {
             if tokio::time::timeout(bound, done).await.is_err() {
                 tracing::warn!(waited = ?bound, "deregistration.failed");
             }
-            if !settings.drain_delay.is_zero() {
-                tokio::time::sleep(settings.drain_delay).await;
+            if !settings.behaviour.drain_delay.is_zero() {
+                tokio::time::sleep(settings.behaviour.drain_delay).await;
             }
         }
     }
@@ -164,7 +164,7 @@ impl RegistrationLayer {
             client: OrchestratorClient::new(
                 settings.orchestrator_url.as_str(),
                 settings.registration_key.as_deref(),
-                settings.timeout,
+                settings.behaviour.timeout,
             ),
             settings,
             status: self.shared.status.clone(),
@@ -297,51 +297,51 @@ impl RegistrationLayerBuilder {
 
     /// Registration attempts before giving up (total, not retries). Default 5.
     pub fn max_retries(mut self, attempts: u32) -> Self {
-        self.options.max_retries = attempts;
+        self.options.behaviour.max_retries = attempts;
         self
     }
 
     /// Base of the exponential backoff between attempts. Default 2 s.
     pub fn retry_delay(mut self, delay: Duration) -> Self {
-        self.options.retry_delay = delay;
+        self.options.behaviour.retry_delay = delay;
         self
     }
 
     /// Longest pause between attempts, and the interval of the background retries once
     /// `max_retries` attempts have failed without `fail_on_error`. Default 30 s.
     pub fn max_retry_delay(mut self, delay: Duration) -> Self {
-        self.options.max_retry_delay = delay;
+        self.options.behaviour.max_retry_delay = delay;
         self
     }
 
     /// Stop the server when registration fails for good. Default false: keep serving and keep
     /// retrying in the background.
     pub fn fail_on_error(mut self, fail: bool) -> Self {
-        self.options.fail_on_error = fail;
+        self.options.behaviour.fail_on_error = fail;
         self
     }
 
     /// Bound of every orchestrator call. Default 10 s.
     pub fn timeout(mut self, timeout: Duration) -> Self {
-        self.options.timeout = timeout;
+        self.options.behaviour.timeout = timeout;
         self
     }
 
     /// Ping to stay registered. Default true.
     pub fn enable_keepalive(mut self, enable: bool) -> Self {
-        self.options.enable_keepalive = enable;
+        self.options.behaviour.enable_keepalive = enable;
         self
     }
 
     /// Fixed ping interval. Default: a third of the orchestrator's `ttl_seconds`.
     pub fn keepalive_interval(mut self, interval: Duration) -> Self {
-        self.options.keepalive_interval = Some(interval);
+        self.options.behaviour.keepalive_interval = Some(interval);
         self
     }
 
     /// Deregister in the shutdown hook. Default true.
     pub fn auto_deregister(mut self, enable: bool) -> Self {
-        self.options.auto_deregister = enable;
+        self.options.behaviour.auto_deregister = enable;
         self
     }
 
@@ -349,19 +349,19 @@ impl RegistrationLayerBuilder {
     /// ready). Default: none, a TCP connection to `127.0.0.1:<port>` suffices (the choice for
     /// gRPC servers). Either way the server must accept connections on loopback.
     pub fn health_path(mut self, path: impl Into<String>) -> Self {
-        self.options.health_path = Some(path.into());
+        self.options.behaviour.health_path = Some(path.into());
         self
     }
 
     /// How long to wait for the local server to answer. Default 60 s.
     pub fn startup_timeout(mut self, timeout: Duration) -> Self {
-        self.options.startup_timeout = timeout;
+        self.options.behaviour.startup_timeout = timeout;
         self
     }
 
     /// Pause between deregistration and draining, for consumers to notice. Default 0.
     pub fn drain_delay(mut self, delay: Duration) -> Self {
-        self.options.drain_delay = delay;
+        self.options.behaviour.drain_delay = delay;
         self
     }
 
@@ -370,14 +370,14 @@ impl RegistrationLayerBuilder {
         let settings = self.resolve()?;
         Ok(RegistrationLayer::with(
             Ok(settings),
-            self.options.fail_on_error,
+            self.options.behaviour.fail_on_error,
         ))
     }
 
     /// Builds even when the configuration is wrong; the problem is reported when registration
     /// starts (see [`RegistrationLayer::from_env`]).
     pub fn build_lenient(self) -> RegistrationLayer {
-        let fail_on_error = self.options.fail_on_error;
+        let fail_on_error = self.options.behaviour.fail_on_error;
         RegistrationLayer::with(self.resolve(), fail_on_error)
     }
 
