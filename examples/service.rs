@@ -53,6 +53,7 @@ use axum::response::Html;
 use axum::routing::get;
 use axum::{Json, Router};
 use serde::Serialize;
+use servicekit::error::ErrorChain;
 use servicekit::protocol::Timestamp;
 use servicekit::{RegistrationHandle, RegistrationLayer, ServiceInfo};
 use tracing_subscriber::EnvFilter;
@@ -152,10 +153,8 @@ async fn health(State(state): State<AppState>) -> Json<Health> {
             phase: status.phase.to_string(),
             registered: state.registration.is_registered(),
             id: status.id.map(|id| id.to_string()),
-            last_ping: status
-                .last_ping
-                .map(|t| humantime::format_rfc3339_millis(t).to_string()),
-            error: status.error.map(|e| e.to_string()),
+            last_ping: status.last_ping.map(|t| Timestamp::from(t).to_string()),
+            error: status.error.map(|e| ErrorChain(&e).to_string()),
         },
     })
 }
@@ -267,7 +266,7 @@ async fn run() -> Result<(), Box<dyn Error>> {
         .health_path("/health")
         .fail_on_error(fail_on_error);
     if let Some(attempts) = max_retries {
-        builder = builder.max_retries(attempts);
+        builder = builder.max_attempts(attempts);
     }
     if let Some(ms) = retry_delay {
         builder = builder.retry_delay(Duration::from_millis(ms));
@@ -294,10 +293,12 @@ async fn run() -> Result<(), Box<dyn Error>> {
         )
         .layer(registration.clone());
 
-    let listener = tokio::net::TcpListener::bind(("0.0.0.0", port))
+    // Serve exactly where the layer says the service is.
+    let addr = registration.bind_addr();
+    let listener = tokio::net::TcpListener::bind(addr)
         .await
-        .map_err(|e| format!("cannot listen on 0.0.0.0:{port}: {e}"))?;
-    tracing::info!(port, "listening on 0.0.0.0:{port}");
+        .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+    tracing::info!(port, "listening on {addr}");
     axum::serve(listener, app)
         .with_graceful_shutdown(registration.shutdown_on(servicekit::signal::shutdown_signal()?))
         .await?;

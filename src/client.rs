@@ -1,52 +1,90 @@
 //! Talking to the orchestrator: register, ping, deregister.
 //!
 //! One small HTTP/1.1 client with keep-alive (a ping every few seconds should not open a new
-//! connection each time). Every call is bounded by the configured timeout, and every failure
-//! is classified here, once, into what the caller should do about it: retry, back off for a
-//! while, re-register, or stop because the configuration is wrong.
+//! connection each time). Every call is bounded, and every failure is classified here, once,
+//! into what the caller should do about it: retry, back off for a while, re-register, or stop
+//! because the configuration is wrong.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER};
-use http::{Method, Request, StatusCode};
+use http::{Method, Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
 use serde::de::DeserializeOwned;
 use ulid::Ulid;
 
+use crate::config::RegistrationKey;
 use crate::protocol::{
-    PingResponse, Problem, RegisterRequest, RegisterResponse, ServiceInfo, SERVICE_KEY_HEADER,
+    PingResponse, Problem, RegisterRequest, RegisterResponse, ServiceInfo, REGISTER_PATH,
+    SERVICE_KEY_HEADER,
 };
 
 /// Largest answer read from the orchestrator.
 const MAX_ANSWER_BYTES: usize = 1 << 20;
+/// Longest excerpt of an unreadable answer quoted in an error.
+const EXCERPT_CHARS: usize = 200;
 
-/// Why an orchestrator call failed.
+/// Why an orchestrator call failed. Texts from the orchestrator are quoted (escaped), never
+/// printed raw.
 #[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
 pub enum ClientError {
-    /// No answer: connection refused or reset, DNS failure, or the timeout passed.
-    #[error("orchestrator unreachable: {0}")]
-    Network(String),
+    /// No connection, or it broke: refused, reset, DNS failure.
+    #[error("cannot reach the orchestrator ({method} {url})")]
+    Unreachable {
+        /// The request's method.
+        method: Method,
+        /// The request's URL.
+        url: String,
+        /// What the HTTP client reported.
+        #[source]
+        source: Arc<dyn std::error::Error + Send + Sync>,
+    },
+    /// No complete answer within the bound.
+    #[error("no answer from the orchestrator within {after:?} ({method} {url})")]
+    Timeout {
+        /// The request's method.
+        method: Method,
+        /// The request's URL.
+        url: String,
+        /// The bound that passed.
+        after: Duration,
+    },
     /// The orchestrator answered with an error status.
-    #[error("orchestrator answered {status}{}", detail(.problem))]
+    #[error("the orchestrator answered {status} to {method} {url}{}", detail(.problem))]
     Status {
+        /// The request's method.
+        method: Method,
+        /// The request's URL.
+        url: String,
+        /// The answer's status.
         status: StatusCode,
+        /// The answer's problem details, when it had some.
         problem: Option<Problem>,
-        /// `Retry-After` of a 429 or 503, in seconds.
+        /// `Retry-After` of a 429 or 503.
         retry_after: Option<Duration>,
     },
     /// The orchestrator answered 2xx with a body this client does not understand.
-    #[error("unexpected answer from the orchestrator: {0}")]
-    Protocol(String),
+    #[error("unexpected answer from the orchestrator to {method} {url}: {reason}")]
+    Protocol {
+        /// The request's method.
+        method: Method,
+        /// The request's URL.
+        url: String,
+        /// What was wrong with it (quoted).
+        reason: String,
+    },
 }
 
 fn detail(problem: &Option<Problem>) -> String {
     match problem {
         Some(p) => match &p.detail {
-            Some(d) => format!(" ({}: {d})", p.title),
-            None => format!(" ({})", p.title),
+            Some(d) => format!(" ({:?}: {:?})", p.title, d),
+            None => format!(" ({:?})", p.title),
         },
         None => String::new(),
     }
@@ -54,17 +92,17 @@ fn detail(problem: &Option<Problem>) -> String {
 
 impl ClientError {
     /// Whether trying the same request again may help. 4xx answers other than 408 and 429
-    /// mean the request or the configuration is wrong (a 404 on registration is a wrong URL,
-    /// e.g. the reference README's `…/register` instead of `…/services/$register`), and repeating it would only
-    /// hide that. A 404 on ping and deregistration has its own meaning; callers check it first.
+    /// mean the request or the configuration is wrong (a 404 on registration is a wrong URL),
+    /// and repeating it would only hide that. A 404 on ping and deregistration has its own
+    /// meaning; callers check it first.
     pub fn is_retryable(&self) -> bool {
         match self {
-            ClientError::Network(_) | ClientError::Protocol(_) => true,
             ClientError::Status { status, .. } => {
                 status.is_server_error()
                     || *status == StatusCode::REQUEST_TIMEOUT
                     || *status == StatusCode::TOO_MANY_REQUESTS
             }
+            _ => true,
         }
     }
 
@@ -85,11 +123,22 @@ impl ClientError {
     }
 }
 
+/// What a successful registration told the client.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Registered {
+    /// The answer as sent (with the lenient defaults of [`RegisterResponse`]).
+    pub answer: RegisterResponse,
+    /// Where to send pings: the answer's `ping_url`, or derived from the id.
+    pub ping_url: Uri,
+    /// The entry itself, for `DELETE`.
+    pub entry_url: Uri,
+}
+
 /// A client for one orchestrator.
 #[derive(Clone)]
 pub struct OrchestratorClient {
     http: Client<HttpConnector, Full<Bytes>>,
-    register_url: String,
+    register_url: Uri,
     key: Option<HeaderValue>,
     timeout: Duration,
 }
@@ -98,24 +147,33 @@ impl std::fmt::Debug for OrchestratorClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("OrchestratorClient")
             .field("register_url", &self.register_url)
+            .field("key", &self.key.as_ref().map(|_| "***"))
             .field("timeout", &self.timeout)
-            .finish_non_exhaustive()
+            .finish()
     }
 }
 
 impl OrchestratorClient {
-    /// A client posting registrations to `register_url`, sending `key` as `X-Service-Key`.
-    pub fn new(register_url: impl Into<String>, key: Option<&str>, timeout: Duration) -> Self {
+    /// A client posting registrations to `register_url` (the orchestrator's
+    /// `…/services/$register`), sending `key` as `X-Service-Key`, bounding every call by
+    /// `timeout`.
+    pub fn new(register_url: Uri, key: Option<&RegistrationKey>, timeout: Duration) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(timeout));
         let http = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(90))
             .build(connector);
+        let key = key
+            .and_then(|k| HeaderValue::from_str(k.expose()).ok())
+            .map(|mut v| {
+                v.set_sensitive(true);
+                v
+            });
         OrchestratorClient {
             http,
-            register_url: register_url.into(),
-            key: key.and_then(|k| HeaderValue::from_str(k).ok()),
+            register_url,
+            key,
             timeout,
         }
     }
@@ -126,34 +184,84 @@ impl OrchestratorClient {
         url: &str,
         info: &ServiceInfo,
         previous: Option<Ulid>,
-    ) -> Result<RegisterResponse, ClientError> {
+    ) -> Result<Registered, ClientError> {
         let body = RegisterRequest {
             id: previous.map(|id| id.to_string()),
             url: url.to_owned(),
             info: info.clone(),
         };
-        let bytes = serde_json::to_vec(&body).map_err(|e| ClientError::Protocol(e.to_string()))?;
-        self.call(Method::POST, &self.register_url, Some(bytes))
-            .await
+        let target = self.register_url.clone();
+        let bytes = serde_json::to_vec(&body).map_err(|e| ClientError::Protocol {
+            method: Method::POST,
+            url: target.to_string(),
+            reason: e.to_string(),
+        })?;
+        let answer: RegisterResponse = self
+            .call(Method::POST, target.clone(), Some(bytes), self.timeout)
+            .await?;
+        let entry_url = self.entry_url(answer.id);
+        let ping_url = match answer.ping_url.parse::<Uri>() {
+            Ok(u) if u.scheme().is_some() && u.authority().is_some() => u,
+            // Missing or relative: the orchestrator's own path layout.
+            _ => format!("{entry_url}/$ping")
+                .parse()
+                .map_err(|_| ClientError::Protocol {
+                    method: Method::POST,
+                    url: target.to_string(),
+                    reason: "cannot derive a ping URL".into(),
+                })?,
+        };
+        let ping_text = ping_url.to_string();
+        let entry_url = ping_text
+            .strip_suffix("/$ping")
+            .or_else(|| ping_text.strip_suffix("/%24ping"))
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(entry_url);
+        Ok(Registered {
+            answer,
+            ping_url,
+            entry_url,
+        })
     }
 
-    /// `PUT` a keepalive to the `ping_url` the orchestrator gave, bounded by `within` (at
-    /// most the client's timeout): a ping stuck on a dead connection must not outlive the
-    /// keepalive interval, or the next ping comes too late.
+    /// The entry URL of `id` under the registration URL's base.
+    fn entry_url(&self, id: Ulid) -> Uri {
+        let text = self.register_url.to_string();
+        let base = text
+            .strip_suffix(REGISTER_PATH)
+            .or_else(|| text.strip_suffix("/services/%24register"))
+            .unwrap_or(&text);
+        format!("{base}/services/{id}")
+            .parse()
+            .unwrap_or_else(|_| self.register_url.clone())
+    }
+
+    /// `PUT` a keepalive to `ping_url`, bounded by `within` (at most the client's timeout): a
+    /// ping stuck on a dead connection must not outlive the keepalive interval.
     pub async fn ping(
         &self,
-        ping_url: &str,
+        ping_url: &Uri,
         within: Duration,
     ) -> Result<PingResponse, ClientError> {
-        self.call_within(Method::PUT, ping_url, None, within.min(self.timeout))
-            .await
+        self.call(
+            Method::PUT,
+            ping_url.clone(),
+            None,
+            within.min(self.timeout),
+        )
+        .await
     }
 
-    /// `DELETE` the entry at `service_url` (the ping URL without `/$ping`). A 404 means the
-    /// entry is already gone, which is what deregistration wants: it is `Ok(false)`.
-    pub async fn deregister(&self, entry_url: &str) -> Result<bool, ClientError> {
+    /// `DELETE` the entry, bounded by `within` (at most the client's timeout). A 404 means
+    /// the entry is already gone, which is what deregistration wants: it is `Ok(false)`.
+    pub async fn deregister(&self, entry_url: &Uri, within: Duration) -> Result<bool, ClientError> {
         match self
-            .call::<serde_json::Value>(Method::DELETE, entry_url, None)
+            .call::<serde_json::Value>(
+                Method::DELETE,
+                entry_url.clone(),
+                None,
+                within.min(self.timeout),
+            )
             .await
         {
             Ok(_) => Ok(true),
@@ -165,49 +273,60 @@ impl OrchestratorClient {
     async fn call<T: DeserializeOwned>(
         &self,
         method: Method,
-        url: &str,
-        body: Option<Vec<u8>>,
-    ) -> Result<T, ClientError> {
-        self.call_within(method, url, body, self.timeout).await
-    }
-
-    async fn call_within<T: DeserializeOwned>(
-        &self,
-        method: Method,
-        url: &str,
+        url: Uri,
         body: Option<Vec<u8>>,
         timeout: Duration,
     ) -> Result<T, ClientError> {
-        let mut req = Request::builder().method(method).uri(url);
+        let url_text = url.to_string();
+        let mut req = Request::builder().method(method.clone()).uri(url);
         if body.is_some() {
             req = req.header(CONTENT_TYPE, "application/json");
         }
         if let Some(key) = &self.key {
             req = req.header(SERVICE_KEY_HEADER, key.clone());
         }
+        let protocol = |reason: String| ClientError::Protocol {
+            method: method.clone(),
+            url: url_text.clone(),
+            reason,
+        };
         let req = req
             .body(Full::new(Bytes::from(body.unwrap_or_default())))
-            .map_err(|e| ClientError::Protocol(format!("cannot build request for {url}: {e}")))?;
+            .map_err(|e| protocol(format!("cannot build the request: {e}")))?;
+        let unreachable =
+            |source: Arc<dyn std::error::Error + Send + Sync>| ClientError::Unreachable {
+                method: method.clone(),
+                url: url_text.clone(),
+                source,
+            };
         let exchange = async {
             let res = self
                 .http
                 .request(req)
                 .await
-                .map_err(|e| ClientError::Network(error_chain(&e)))?;
+                .map_err(|e| unreachable(Arc::new(e)))?;
             let (parts, body) = res.into_parts();
             let bytes = http_body_util::Limited::new(body, MAX_ANSWER_BYTES)
                 .collect()
                 .await
-                .map_err(|e| ClientError::Network(format!("reading the answer: {e}")))?
+                .map_err(|e| unreachable(Arc::from(e)))?
                 .to_bytes();
             Ok::<_, ClientError>((parts, bytes))
         };
         let (parts, bytes) = tokio::time::timeout(timeout, exchange)
             .await
-            .map_err(|_| ClientError::Network(format!("no answer within {timeout:?}")))??;
+            .map_err(|_| ClientError::Timeout {
+                method: method.clone(),
+                url: url_text.clone(),
+                after: timeout,
+            })??;
         if parts.status.is_success() {
             return serde_json::from_slice(&bytes).map_err(|e| {
-                ClientError::Protocol(format!("{e} in {}", String::from_utf8_lossy(&bytes)))
+                let excerpt: String = String::from_utf8_lossy(&bytes)
+                    .chars()
+                    .take(EXCERPT_CHARS)
+                    .collect();
+                protocol(format!("{e} in {excerpt:?}"))
             });
         }
         let retry_after = parts
@@ -217,24 +336,13 @@ impl OrchestratorClient {
             .and_then(|v| v.trim().parse::<u64>().ok())
             .map(Duration::from_secs);
         Err(ClientError::Status {
+            method,
+            url: url_text,
             status: parts.status,
             problem: serde_json::from_slice(&bytes).ok(),
             retry_after,
         })
     }
-}
-
-/// An error with its causes, since hyper's top-level message ("client error (Connect)") alone
-/// does not say what went wrong.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]
@@ -243,6 +351,8 @@ mod tests {
 
     fn status(code: u16) -> ClientError {
         ClientError::Status {
+            method: Method::POST,
+            url: "http://o/services/$register".into(),
             status: StatusCode::from_u16(code).unwrap(),
             problem: None,
             retry_after: None,
@@ -257,25 +367,58 @@ mod tests {
         for code in [408, 429, 500, 502, 503, 504] {
             assert!(status(code).is_retryable(), "{code}");
         }
-        assert!(ClientError::Network("x".into()).is_retryable());
+        let timeout = ClientError::Timeout {
+            method: Method::PUT,
+            url: "u".into(),
+            after: Duration::from_secs(1),
+        };
+        assert!(timeout.is_retryable());
     }
 
     #[test]
-    fn messages_carry_the_problem_detail() {
+    fn messages_quote_the_problem_detail() {
         let e = ClientError::Status {
+            method: Method::POST,
+            url: "http://o:9000/services/$register".into(),
             status: StatusCode::UNAUTHORIZED,
             problem: Some(Problem {
                 kind: "urn:servicekit:error:unauthorized".into(),
                 title: "Unauthorized".into(),
                 status: 401,
-                detail: Some("key required".into()),
+                detail: Some("key required\nFAKE log line".into()),
                 instance: None,
             }),
             retry_after: None,
         };
         assert_eq!(
             e.to_string(),
-            "orchestrator answered 401 Unauthorized (Unauthorized: key required)"
+            r#"the orchestrator answered 401 Unauthorized to POST http://o:9000/services/$register ("Unauthorized": "key required\nFAKE log line")"#
         );
+    }
+
+    #[test]
+    fn the_entry_url_follows_the_registration_url() {
+        let client =
+            |url: &str| OrchestratorClient::new(url.parse().unwrap(), None, Duration::from_secs(1));
+        let id = Ulid::from_string("01JDQ9J4XWAZ3M5S1X2VQ7N8C4").unwrap();
+        assert_eq!(
+            client("http://o:9000/services/$register").entry_url(id),
+            "http://o:9000/services/01JDQ9J4XWAZ3M5S1X2VQ7N8C4"
+        );
+        assert_eq!(
+            client("http://gw/registry/services/%24register").entry_url(id),
+            "http://gw/registry/services/01JDQ9J4XWAZ3M5S1X2VQ7N8C4"
+        );
+    }
+
+    #[test]
+    fn the_key_never_shows_in_debug() {
+        let key = RegistrationKey::from("hunter2".to_owned());
+        let c = OrchestratorClient::new(
+            "http://o/".parse().unwrap(),
+            Some(&key),
+            Duration::from_secs(1),
+        );
+        assert!(!format!("{c:?}").contains("hunter2"));
     }
 }

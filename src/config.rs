@@ -7,16 +7,17 @@
 //! retry loop.
 
 use std::fmt;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
+use http::Uri;
 use serde::Serialize;
 use serde_json::Value;
-use url::Url;
 
-use crate::protocol::ServiceInfo;
+use crate::protocol::{ServiceInfo, REGISTER_PATH};
 
-/// Default name of the variable holding the orchestrator's registration URL.
+/// Default name of the variable holding the orchestrator's URL (its base URL, or the full
+/// registration endpoint).
 pub const ORCHESTRATOR_URL_ENV: &str = "SERVICEKIT_ORCHESTRATOR_URL";
 /// Default name of the variable overriding the advertised host.
 pub const HOST_ENV: &str = "SERVICEKIT_HOST";
@@ -24,44 +25,80 @@ pub const HOST_ENV: &str = "SERVICEKIT_HOST";
 pub const PORT_ENV: &str = "SERVICEKIT_PORT";
 /// Name of the variable holding the registration key, sent as `X-Service-Key`.
 pub const REGISTRATION_KEY_ENV: &str = "SERVICEKIT_REGISTRATION_KEY";
+/// Name of the variable overriding the registered `display_name`.
+pub const DISPLAY_NAME_ENV: &str = "SERVICEKIT_DISPLAY_NAME";
 /// Port used when neither the builder nor the environment names one.
 pub const DEFAULT_PORT: u16 = 8000;
 
-/// A configuration mistake, reported with the source of the bad value.
+/// A configuration mistake, reported with the source of the bad value. Secrets are never
+/// part of the message.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum ConfigError {
-    #[error("no orchestrator URL: set {var} (e.g. http://orchestrator:9000/services/$register) or call .orchestrator_url(...)")]
-    MissingOrchestratorUrl { var: String },
+    /// No orchestrator URL was given.
+    #[error("no orchestrator URL: set {var} (e.g. http://orchestrator:9000) or call .orchestrator_url(...)")]
+    MissingOrchestratorUrl {
+        /// The variable that was read.
+        var: String,
+    },
+    /// The orchestrator URL is not usable.
     #[error("invalid orchestrator URL {value:?} from {origin}: {reason}")]
     InvalidOrchestratorUrl {
+        /// The value, with any password replaced by `***`.
         value: String,
+        /// Where it came from (`parameter` or `env:VAR`).
         origin: String,
+        /// What is wrong with it.
         reason: String,
     },
+    /// The port is not a number from 1 to 65535.
     #[error("invalid port {value:?} from {origin}: expected a number from 1 to 65535")]
-    InvalidPort { value: String, origin: String },
+    InvalidPort {
+        /// The value.
+        value: String,
+        /// Where it came from.
+        origin: String,
+    },
+    /// The host cannot be part of a URL.
     #[error("invalid host {value:?} from {origin}: {reason}")]
     InvalidHost {
+        /// The value.
         value: String,
+        /// Where it came from.
         origin: String,
+        /// What is wrong with it.
         reason: String,
     },
+    /// No host was given and the machine hostname could not be read.
     #[error("no host: {var} is not set and the machine hostname could not be read ({reason})")]
-    NoHost { var: String, reason: String },
+    NoHost {
+        /// The variable that was read.
+        var: String,
+        /// Why the hostname could not be read.
+        reason: String,
+    },
+    /// The service info is not a JSON object with a `display_name`.
     #[error("invalid service info: {0}")]
     InvalidInfo(String),
+    /// Another option has an impossible value.
     #[error("invalid option {name}: {reason}")]
-    InvalidOption { name: &'static str, reason: String },
+    InvalidOption {
+        /// The builder method's name.
+        name: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
 }
 
 /// Where a resolved value came from, as logged in `registration.starting`.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Source {
     /// Given to the builder.
     Parameter,
     /// Read from the named environment variable.
     Env(String),
-    /// The machine hostname.
+    /// The machine hostname, or the executable's name.
     AutoDetected,
     /// The built-in default.
     Default,
@@ -78,109 +115,97 @@ impl fmt::Display for Source {
     }
 }
 
-/// Everything the registration task needs, fully resolved and validated.
-#[derive(Debug, Clone)]
-pub struct Settings {
-    /// The registration endpoint, e.g. `http://orchestrator:9000/services/$register`.
-    pub orchestrator_url: Url,
-    /// The URL this service registers under, e.g. `http://svca:8000`.
-    pub service_url: String,
-    pub host: String,
-    pub host_source: Source,
-    pub port: u16,
-    pub port_source: Source,
-    pub registration_key: Option<String>,
-    pub info: ServiceInfo,
-    pub behaviour: Behaviour,
-}
+/// The registration key. Its `Debug` and `Display` never show it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RegistrationKey(String);
 
-/// How persistent registration is: the options that need no resolving, shared as they are
-/// by the builder and the resolved [`Settings`].
-#[derive(Debug, Clone)]
-pub struct Behaviour {
-    /// Total registration attempts before giving up (or falling back to background retries).
-    pub max_retries: u32,
-    /// Base of the exponential backoff.
-    pub retry_delay: Duration,
-    /// Cap of the backoff, and the interval of background retries after `max_retries`.
-    pub max_retry_delay: Duration,
-    /// Stop the server when registration fails for good.
-    pub fail_on_error: bool,
-    /// Bound of every orchestrator call.
-    pub timeout: Duration,
-    pub enable_keepalive: bool,
-    /// Fixed ping interval; `None`: a third of the TTL the orchestrator announces.
-    pub keepalive_interval: Option<Duration>,
-    pub auto_deregister: bool,
-    /// HTTP path probed for readiness before registering; `None`: a TCP connect suffices.
-    pub health_path: Option<String>,
-    /// How long to wait for the local server to answer before giving up.
-    pub startup_timeout: Duration,
-    /// Pause between deregistration and the start of draining.
-    pub drain_delay: Duration,
-}
-
-/// Builder-side options, before the environment is consulted.
-#[derive(Debug, Clone)]
-pub(crate) struct Options {
-    pub orchestrator_url: Option<String>,
-    pub host: Option<String>,
-    pub port: Option<u16>,
-    pub orchestrator_url_env: String,
-    pub host_env: String,
-    pub port_env: String,
-    pub registration_key: Option<String>,
-    pub info: Option<Result<ServiceInfo, String>>,
-    pub behaviour: Behaviour,
-}
-
-impl Default for Options {
-    fn default() -> Self {
-        Options {
-            orchestrator_url: None,
-            host: None,
-            port: None,
-            orchestrator_url_env: ORCHESTRATOR_URL_ENV.into(),
-            host_env: HOST_ENV.into(),
-            port_env: PORT_ENV.into(),
-            registration_key: None,
-            info: None,
-            behaviour: Behaviour::default(),
-        }
+impl RegistrationKey {
+    /// The key itself, for the one place that sends it.
+    pub fn expose(&self) -> &str {
+        &self.0
     }
 }
 
-impl Default for Behaviour {
-    /// The reference library's defaults.
+impl fmt::Debug for RegistrationKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("RegistrationKey(***)")
+    }
+}
+
+/// The resolved configuration of a [`RegistrationLayer`](crate::RegistrationLayer): where to
+/// register and as what. Read it with
+/// [`RegistrationLayer::config`](crate::RegistrationLayer::config).
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Config {
+    /// The registration endpoint, e.g. `http://orchestrator:9000/services/$register`.
+    pub orchestrator_url: Uri,
+    /// The URL this service registers under, e.g. `http://svca:8000`.
+    pub service_url: String,
+    /// The advertised host.
+    pub host: String,
+    /// Where [`host`](Self::host) came from.
+    pub host_source: Source,
+    /// The advertised port; bind [`RegistrationLayer::bind_addr`](crate::RegistrationLayer::bind_addr)
+    /// to serve on it.
+    pub port: u16,
+    /// Where [`port`](Self::port) came from.
+    pub port_source: Source,
+    /// The key sent as `X-Service-Key`, if any.
+    pub registration_key: Option<RegistrationKey>,
+    /// What the service says about itself.
+    pub info: ServiceInfo,
+    pub(crate) tunables: Tunables,
+}
+
+/// How persistent registration is; set through the builder.
+#[derive(Debug, Clone)]
+pub(crate) struct Tunables {
+    pub max_attempts: u32,
+    pub retry_delay: Duration,
+    pub max_retry_delay: Duration,
+    pub timeout: Duration,
+    pub enable_keepalive: bool,
+    pub keepalive_interval: Option<Duration>,
+    pub auto_deregister: bool,
+    pub health_path: Option<String>,
+    pub startup_timeout: Duration,
+    pub shutdown_timeout: Duration,
+    pub drain_delay: Duration,
+}
+
+impl Default for Tunables {
+    /// The reference library's defaults, and a short shutdown budget.
     fn default() -> Self {
-        Behaviour {
-            max_retries: 5,
+        Tunables {
+            max_attempts: 5,
             retry_delay: Duration::from_secs(2),
             max_retry_delay: Duration::from_secs(30),
-            fail_on_error: false,
             timeout: Duration::from_secs(10),
             enable_keepalive: true,
             keepalive_interval: None,
             auto_deregister: true,
             health_path: None,
             startup_timeout: Duration::from_secs(60),
+            shutdown_timeout: Duration::from_secs(2),
             drain_delay: Duration::ZERO,
         }
     }
 }
 
-impl Behaviour {
+impl Tunables {
     fn validate(&self) -> Result<(), ConfigError> {
-        if self.max_retries == 0 {
+        if self.max_attempts == 0 {
             return Err(ConfigError::InvalidOption {
-                name: "max_retries",
-                reason: "must be at least 1 (it counts attempts, not retries)".into(),
+                name: "max_attempts",
+                reason: "must be at least 1".into(),
             });
         }
         for (name, d) in [
             ("timeout", self.timeout),
             ("startup_timeout", self.startup_timeout),
             ("max_retry_delay", self.max_retry_delay),
+            ("shutdown_timeout", self.shutdown_timeout),
         ] {
             if d.is_zero() {
                 return Err(ConfigError::InvalidOption {
@@ -196,10 +221,10 @@ impl Behaviour {
             });
         }
         if let Some(path) = &self.health_path {
-            if !path.starts_with('/') {
+            if !path.starts_with('/') || path.parse::<http::uri::PathAndQuery>().is_err() {
                 return Err(ConfigError::InvalidOption {
                     name: "health_path",
-                    reason: format!("{path:?} must start with '/'"),
+                    reason: format!("{path:?} must be a URL path starting with '/'"),
                 });
             }
         }
@@ -209,37 +234,88 @@ impl Behaviour {
 
 /// Converts any serializable info (a [`ServiceInfo`] or a struct that flattens one) into the
 /// wire form, checking that it has a `display_name`.
-pub(crate) fn info_from<T: Serialize>(info: &T) -> Result<ServiceInfo, String> {
-    let value = serde_json::to_value(info).map_err(|e| e.to_string())?;
+pub(crate) fn info_from<T: Serialize>(info: &T) -> Result<ServiceInfo, ConfigError> {
+    let bad = |reason: String| ConfigError::InvalidInfo(reason);
+    let value = serde_json::to_value(info).map_err(|e| bad(e.to_string()))?;
     if !value.is_object() {
-        return Err("it must serialize to a JSON object".into());
+        return Err(bad("it must serialize to a JSON object".into()));
     }
     if !matches!(value.get("display_name"), Some(Value::String(s)) if !s.trim().is_empty()) {
-        return Err("it needs a non-empty string field display_name".into());
+        return Err(bad("it needs a non-empty string field display_name".into()));
     }
-    serde_json::from_value(value).map_err(|e| e.to_string())
+    serde_json::from_value(value).map_err(|e| bad(e.to_string()))
 }
 
-/// The info used when the builder was given none: the running program's Cargo package name
-/// and version when `cargo run` set them, else the executable's file name.
-fn default_info(env: &dyn Fn(&str) -> Option<String>) -> ServiceInfo {
-    let name = env("CARGO_PKG_NAME").filter(|s| !s.is_empty()).or_else(|| {
-        std::env::current_exe()
-            .ok()
-            .and_then(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
-    });
-    let mut info = ServiceInfo::new(name.unwrap_or_else(|| "service".into()));
-    info.version = env("CARGO_PKG_VERSION").filter(|s| !s.is_empty());
-    info
+/// What the builder was told, before the environment is consulted.
+#[derive(Debug, Clone)]
+pub(crate) struct Overrides {
+    pub orchestrator_url: Option<String>,
+    pub host: Option<String>,
+    pub port: Option<u16>,
+    pub orchestrator_url_env: String,
+    pub host_env: String,
+    pub port_env: String,
+    pub registration_key: Option<RegistrationKey>,
+    pub info: Option<Result<ServiceInfo, ConfigError>>,
 }
 
-impl Options {
-    /// Resolves the options against an environment (`std::env::var` in production).
+impl Default for Overrides {
+    fn default() -> Self {
+        Overrides {
+            orchestrator_url: None,
+            host: None,
+            port: None,
+            orchestrator_url_env: ORCHESTRATOR_URL_ENV.into(),
+            host_env: HOST_ENV.into(),
+            port_env: PORT_ENV.into(),
+            registration_key: None,
+            info: None,
+        }
+    }
+}
+
+/// Reads a variable (`std::env::var_os` in production, a map in tests).
+pub(crate) type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
+
+/// The process environment. A value that is not UTF-8 is read lossily, so it fails validation
+/// naming its variable instead of silently counting as unset.
+pub(crate) fn process_env(name: &str) -> Option<String> {
+    std::env::var_os(name).map(|v| v.to_string_lossy().into_owned())
+}
+
+impl Overrides {
+    /// The advertised port: parameter, then the port variable, then [`DEFAULT_PORT`].
+    pub(crate) fn port(&self, env: Env<'_>) -> Result<(u16, Source), ConfigError> {
+        match self.port {
+            Some(0) => Err(ConfigError::InvalidPort {
+                value: "0".into(),
+                origin: Source::Parameter.to_string(),
+            }),
+            Some(p) => Ok((p, Source::Parameter)),
+            // An empty value counts as unset, as for the host and the URL.
+            None => match env(&self.port_env).filter(|v| !v.trim().is_empty()) {
+                Some(text) => {
+                    let source = Source::Env(self.port_env.clone());
+                    match text.trim().parse::<u16>() {
+                        Ok(p) if p > 0 => Ok((p, source)),
+                        _ => Err(ConfigError::InvalidPort {
+                            value: text,
+                            origin: source.to_string(),
+                        }),
+                    }
+                }
+                None => Ok((DEFAULT_PORT, Source::Default)),
+            },
+        }
+    }
+
+    /// Resolves everything against an environment and the machine's hostname.
     pub(crate) fn resolve(
         &self,
-        env: &dyn Fn(&str) -> Option<String>,
+        tunables: &Tunables,
+        env: Env<'_>,
         hostname: &dyn Fn() -> Result<String, String>,
-    ) -> Result<Settings, ConfigError> {
+    ) -> Result<Config, ConfigError> {
         let (url_text, url_source) = match &self.orchestrator_url {
             Some(u) => (u.clone(), Source::Parameter),
             None => match env(&self.orchestrator_url_env).filter(|v| !v.trim().is_empty()) {
@@ -251,7 +327,7 @@ impl Options {
                 }
             },
         };
-        let orchestrator_url = parse_orchestrator_url(&url_text, &url_source)?;
+        let orchestrator_url = registration_endpoint(&url_text, &url_source)?;
 
         let (host, host_source) = match &self.host {
             Some(h) => (h.clone(), Source::Parameter),
@@ -275,75 +351,57 @@ impl Options {
             },
         };
 
-        let (port, port_source) = resolve_port(self.port, &self.port_env, env)?;
-
+        let (port, port_source) = self.port(env)?;
         let service_url = service_url(&host, port).map_err(|reason| ConfigError::InvalidHost {
             value: host.clone(),
             origin: host_source.to_string(),
             reason,
         })?;
 
-        let info = match &self.info {
+        let mut info = match &self.info {
             Some(Ok(info)) => info.clone(),
-            Some(Err(reason)) => return Err(ConfigError::InvalidInfo(reason.clone())),
-            None => default_info(env),
+            Some(Err(e)) => return Err(e.clone()),
+            None => default_info(),
         };
+        if let Some(name) = env(DISPLAY_NAME_ENV).filter(|v| !v.trim().is_empty()) {
+            info.display_name = name.trim().to_owned();
+        }
 
-        let b = &self.behaviour;
-        b.validate()?;
-
-        Ok(Settings {
+        tunables.validate()?;
+        Ok(Config {
             orchestrator_url,
             service_url,
             host,
             host_source,
             port,
             port_source,
-            registration_key: registration_key(self.registration_key.as_deref(), env)?,
+            registration_key: registration_key(self.registration_key.as_ref(), env)?,
             info,
-            behaviour: b.clone(),
+            tunables: tunables.clone(),
         })
     }
 }
 
-/// Port: parameter, then the variable `port_env`, then [`DEFAULT_PORT`].
-fn resolve_port(
-    param: Option<u16>,
-    port_env: &str,
-    env: &dyn Fn(&str) -> Option<String>,
-) -> Result<(u16, Source), ConfigError> {
-    match param {
-        Some(0) => Err(ConfigError::InvalidPort {
-            value: "0".into(),
-            origin: Source::Parameter.to_string(),
-        }),
-        Some(p) => Ok((p, Source::Parameter)),
-        // An empty value counts as unset, as for the host and the URL.
-        None => match env(port_env).filter(|v| !v.trim().is_empty()) {
-            Some(text) => {
-                let source = Source::Env(port_env.to_owned());
-                match text.trim().parse::<u16>() {
-                    Ok(p) if p > 0 => Ok((p, source)),
-                    _ => Err(ConfigError::InvalidPort {
-                        value: text,
-                        origin: source.to_string(),
-                    }),
-                }
-            }
-            None => Ok((DEFAULT_PORT, Source::Default)),
-        },
-    }
+/// The info used when the builder was given none: the executable's file name, the same
+/// however the program is started. [`package_info!`](crate::package_info) gives the package
+/// name and version instead.
+fn default_info() -> ServiceInfo {
+    let name = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
+        .filter(|s| !s.is_empty());
+    ServiceInfo::new(name.unwrap_or_else(|| "service".into()))
 }
 
 /// The registration key: parameter, else `SERVICEKIT_REGISTRATION_KEY`. A trailing newline
 /// (as secret files often have) is dropped; anything else that cannot travel in an HTTP header
 /// is an error naming the source, never the secret itself.
 fn registration_key(
-    param: Option<&str>,
-    env: &dyn Fn(&str) -> Option<String>,
-) -> Result<Option<String>, ConfigError> {
+    param: Option<&RegistrationKey>,
+    env: Env<'_>,
+) -> Result<Option<RegistrationKey>, ConfigError> {
     let (key, origin) = match param {
-        Some(k) => (k.to_owned(), Source::Parameter),
+        Some(k) => (k.0.clone(), Source::Parameter),
         None => match env(REGISTRATION_KEY_ENV) {
             Some(k) => (k, Source::Env(REGISTRATION_KEY_ENV.into())),
             None => return Ok(None),
@@ -361,35 +419,83 @@ fn registration_key(
             ),
         });
     }
-    Ok(Some(key))
+    Ok(Some(RegistrationKey(key)))
 }
 
-/// The port a service should listen on, by the same rules the layer advertises it with:
-/// `SERVICEKIT_PORT`, else 8000. Bind with this and the registered URL matches.
-pub fn port_from_env() -> Result<u16, ConfigError> {
-    resolve_port(None, PORT_ENV, &|name| std::env::var(name).ok()).map(|(p, _)| p)
+impl From<String> for RegistrationKey {
+    fn from(key: String) -> Self {
+        RegistrationKey(key)
+    }
 }
 
-fn parse_orchestrator_url(text: &str, source: &Source) -> Result<Url, ConfigError> {
+/// `text` with the user name and password of a `user:password@` part replaced by `***`.
+pub(crate) fn redact(text: &str) -> String {
+    let Some(scheme_end) = text.find("://").map(|i| i + 3) else {
+        return text.to_owned();
+    };
+    let rest = &text[scheme_end..];
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => format!("{}***{}", &text[..scheme_end], &rest[at..]),
+        None => text.to_owned(),
+    }
+}
+
+/// The registration endpoint from the orchestrator URL the user gave: its base URL
+/// (`http://orchestrator:9000`, optionally with a path prefix) gets `/services/$register`
+/// appended; the full endpoint is kept as it is.
+fn registration_endpoint(text: &str, source: &Source) -> Result<Uri, ConfigError> {
     let bad = |reason: &str| ConfigError::InvalidOrchestratorUrl {
-        value: text.to_owned(),
+        value: redact(text.trim()),
         origin: source.to_string(),
         reason: reason.to_owned(),
     };
-    let url = Url::parse(text.trim()).map_err(|e| bad(&format!("not an absolute URL ({e})")))?;
-    match url.scheme() {
-        "http" => {}
-        "https" => {
+    let uri: Uri = text
+        .trim()
+        .parse()
+        .map_err(|e| bad(&format!("not a URL ({e})")))?;
+    match uri.scheme_str() {
+        Some("http") => {}
+        Some("https") => {
             return Err(bad(
                 "https is not supported by this build; use http (e.g. inside the cluster network) or a TLS sidecar",
             ))
         }
-        _ => return Err(bad("the scheme must be http")),
+        Some(_) => return Err(bad("the scheme must be http")),
+        None => return Err(bad("it must be absolute, e.g. http://orchestrator:9000")),
     }
-    if url.host_str().is_none_or(str::is_empty) {
+    let Some(authority) = uri.authority() else {
+        return Err(bad("it has no host"));
+    };
+    if authority.host().is_empty() {
         return Err(bad("it has no host"));
     }
-    Ok(url)
+    if authority.as_str().contains('@') {
+        return Err(bad(&format!(
+            "it contains credentials; give the key with {REGISTRATION_KEY_ENV} instead"
+        )));
+    }
+    if uri.query().is_some() {
+        return Err(bad("it may not have a query"));
+    }
+    let path = uri.path();
+    let path = if path.ends_with(REGISTER_PATH) || path.ends_with("/services/%24register") {
+        path.to_owned()
+    } else if let Some(base) = path
+        .strip_suffix("/services/")
+        .or_else(|| path.strip_suffix("/services"))
+    {
+        // `…/services/$register` in double quotes loses `$register` to the shell.
+        format!("{base}{REGISTER_PATH}")
+    } else {
+        format!("{}{REGISTER_PATH}", path.trim_end_matches('/'))
+    };
+    Uri::builder()
+        .scheme("http")
+        .authority(authority.clone())
+        .path_and_query(path)
+        .build()
+        .map_err(|e| bad(&e.to_string()))
 }
 
 /// `http://host:port`, with IPv6 addresses in brackets.
@@ -400,16 +506,30 @@ fn service_url(host: &str, port: u16) -> Result<String, String> {
         Ok(IpAddr::V4(v4)) => format!("{v4}:{port}"),
         Err(_) => {
             if host.is_empty()
-                || host.contains(|c: char| c.is_whitespace() || "/?#@[]:".contains(c))
+                || host.contains(|c: char| c.is_whitespace() || "/?#@[]:%\\".contains(c))
             {
-                return Err("a host name may not contain spaces or any of / ? # @ [ ] :".into());
+                return Err(
+                    "a host name may not contain spaces or any of / ? # @ [ ] : % \\".into(),
+                );
             }
             format!("{host}:{port}")
         }
     };
     let text = format!("http://{authority}");
-    Url::parse(&text).map_err(|e| e.to_string())?;
+    text.parse::<Uri>().map_err(|e| e.to_string())?;
     Ok(text)
+}
+
+/// The port a service should listen on, by the same rules the layer advertises it with:
+/// `SERVICEKIT_PORT`, else 8000. [`RegistrationLayer::bind_addr`](crate::RegistrationLayer::bind_addr)
+/// gives the same port as an address to bind.
+pub fn port_from_env() -> Result<u16, ConfigError> {
+    Overrides::default().port(&process_env).map(|(p, _)| p)
+}
+
+/// The address to bind a server on so that it serves the advertised port on every interface.
+pub(crate) fn bind_addr(port: u16) -> SocketAddr {
+    SocketAddr::from((Ipv4Addr::UNSPECIFIED, port))
 }
 
 /// The machine hostname.
@@ -420,268 +540,4 @@ pub(crate) fn machine_hostname() -> Result<String, String> {
 }
 
 #[cfg(test)]
-mod tests {
-    use std::collections::HashMap;
-
-    use super::*;
-
-    fn resolve(opts: &Options, vars: &[(&str, &str)]) -> Result<Settings, ConfigError> {
-        resolve_with_host(opts, vars, Ok("machine".into()))
-    }
-
-    fn resolve_with_host(
-        opts: &Options,
-        vars: &[(&str, &str)],
-        host: Result<String, String>,
-    ) -> Result<Settings, ConfigError> {
-        let map: HashMap<String, String> = vars
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect();
-        opts.resolve(&|k| map.get(k).cloned(), &|| host.clone())
-    }
-
-    const URL: (&str, &str) = (ORCHESTRATOR_URL_ENV, "http://orch:9000/services/$register");
-
-    #[test]
-    fn host_priority_is_parameter_then_env_then_hostname() {
-        let mut opts = Options::default();
-        let s = resolve(&opts, &[URL]).unwrap();
-        assert_eq!(
-            (s.host.as_str(), &s.host_source),
-            ("machine", &Source::AutoDetected)
-        );
-        assert_eq!(s.service_url, "http://machine:8000");
-
-        let s = resolve(&opts, &[URL, (HOST_ENV, "svca")]).unwrap();
-        assert_eq!(s.host, "svca");
-        assert_eq!(s.host_source.to_string(), "env:SERVICEKIT_HOST");
-
-        // An empty override falls through to auto-detection.
-        let s = resolve(&opts, &[URL, (HOST_ENV, "  ")]).unwrap();
-        assert_eq!(s.host_source, Source::AutoDetected);
-
-        opts.host = Some("param".into());
-        let s = resolve(&opts, &[URL, (HOST_ENV, "svca")]).unwrap();
-        assert_eq!(
-            (s.host.as_str(), s.host_source.to_string()),
-            ("param", "parameter".into())
-        );
-    }
-
-    #[test]
-    fn no_host_anywhere_is_an_error() {
-        let err = resolve_with_host(&Options::default(), &[URL], Err("boom".into())).unwrap_err();
-        assert!(matches!(err, ConfigError::NoHost { .. }));
-        assert!(err.to_string().contains("SERVICEKIT_HOST") && err.to_string().contains("boom"));
-    }
-
-    #[test]
-    fn port_priority_is_parameter_then_env_then_default() {
-        let mut opts = Options::default();
-        let s = resolve(&opts, &[URL]).unwrap();
-        assert_eq!(
-            (s.port, s.port_source.to_string()),
-            (8000, "default".into())
-        );
-        let s = resolve(&opts, &[URL, (PORT_ENV, "8001")]).unwrap();
-        assert_eq!(
-            (s.port, s.port_source.to_string()),
-            (8001, "env:SERVICEKIT_PORT".into())
-        );
-        opts.port = Some(9);
-        let s = resolve(&opts, &[URL, (PORT_ENV, "8001")]).unwrap();
-        assert_eq!((s.port, s.port_source.to_string()), (9, "parameter".into()));
-    }
-
-    #[test]
-    fn bad_ports_name_the_variable_and_value() {
-        // An empty value is unset (the default), like an empty host or URL.
-        let s = resolve(&Options::default(), &[URL, (PORT_ENV, " ")]).unwrap();
-        assert_eq!(
-            (s.port, s.port_source.to_string()),
-            (8000, "default".into())
-        );
-        for bad in ["abc", "0", "65536", "-1"] {
-            let err = resolve(&Options::default(), &[URL, (PORT_ENV, bad)]).unwrap_err();
-            assert_eq!(
-                err,
-                ConfigError::InvalidPort {
-                    value: bad.into(),
-                    origin: "env:SERVICEKIT_PORT".into()
-                }
-            );
-            let text = err.to_string();
-            assert!(
-                text.contains("SERVICEKIT_PORT") && text.contains(&format!("{bad:?}")),
-                "{text}"
-            );
-        }
-    }
-
-    #[test]
-    fn orchestrator_url_is_required_and_must_be_http() {
-        let err = resolve(&Options::default(), &[]).unwrap_err();
-        assert!(
-            err.to_string().contains("SERVICEKIT_ORCHESTRATOR_URL"),
-            "{err}"
-        );
-        for bad in [
-            "orch:9000",
-            "ftp://orch/x",
-            "https://orch/x",
-            "http://",
-            "not a url",
-        ] {
-            let err = resolve(&Options::default(), &[(ORCHESTRATOR_URL_ENV, bad)]).unwrap_err();
-            let text = err.to_string();
-            assert!(
-                matches!(err, ConfigError::InvalidOrchestratorUrl { .. }),
-                "{bad}: {text}"
-            );
-            assert!(
-                text.contains("SERVICEKIT_ORCHESTRATOR_URL") && text.contains(bad),
-                "{text}"
-            );
-        }
-    }
-
-    #[test]
-    fn custom_variable_names_are_used() {
-        let opts = Options {
-            orchestrator_url_env: "MY_URL".into(),
-            host_env: "MY_HOST".into(),
-            port_env: "MY_PORT".into(),
-            ..Options::default()
-        };
-        let s = resolve(
-            &opts,
-            &[
-                ("MY_URL", "http://o:1/r"),
-                ("MY_HOST", "h"),
-                ("MY_PORT", "7"),
-                URL,
-            ],
-        )
-        .unwrap();
-        assert_eq!(s.orchestrator_url.as_str(), "http://o:1/r");
-        assert_eq!(s.service_url, "http://h:7");
-        assert_eq!(s.port_source.to_string(), "env:MY_PORT");
-    }
-
-    #[test]
-    fn ipv6_hosts_are_bracketed_and_bad_hosts_rejected() {
-        let mut opts = Options {
-            host: Some("::1".into()),
-            ..Options::default()
-        };
-        assert_eq!(
-            resolve(&opts, &[URL]).unwrap().service_url,
-            "http://[::1]:8000"
-        );
-        opts.host = Some("[fd00::2]".into());
-        assert_eq!(
-            resolve(&opts, &[URL]).unwrap().service_url,
-            "http://[fd00::2]:8000"
-        );
-        opts.host = Some("10.0.0.7".into());
-        assert_eq!(
-            resolve(&opts, &[URL]).unwrap().service_url,
-            "http://10.0.0.7:8000"
-        );
-        for bad in ["a b", "a/b", "host:80"] {
-            opts.host = Some(bad.into());
-            let err = resolve(&opts, &[URL]).unwrap_err();
-            assert!(
-                matches!(err, ConfigError::InvalidHost { .. }),
-                "{bad}: {err}"
-            );
-        }
-    }
-
-    #[test]
-    fn info_defaults_to_the_cargo_package() {
-        let s = resolve(
-            &Options::default(),
-            &[
-                URL,
-                ("CARGO_PKG_NAME", "svc"),
-                ("CARGO_PKG_VERSION", "1.2.3"),
-            ],
-        )
-        .unwrap();
-        assert_eq!(s.info.display_name, "svc");
-        assert_eq!(s.info.version.as_deref(), Some("1.2.3"));
-    }
-
-    #[test]
-    fn info_must_have_a_display_name() {
-        assert!(info_from(&serde_json::json!({"team": "x"})).is_err());
-        assert!(info_from(&serde_json::json!({"display_name": " "})).is_err());
-        assert!(info_from(&serde_json::json!(["x"])).is_err());
-        let info = info_from(&serde_json::json!({"display_name": "A", "team": "x"})).unwrap();
-        assert_eq!(info.extra["team"], "x");
-        let opts = Options {
-            info: Some(info_from(&serde_json::json!({"team": "x"}))),
-            ..Options::default()
-        };
-        assert!(matches!(
-            resolve(&opts, &[URL]),
-            Err(ConfigError::InvalidInfo(_))
-        ));
-    }
-
-    #[test]
-    fn zero_attempts_and_zero_timeouts_are_rejected() {
-        let opts = Options {
-            behaviour: Behaviour {
-                max_retries: 0,
-                ..Behaviour::default()
-            },
-            ..Options::default()
-        };
-        assert!(resolve(&opts, &[URL])
-            .unwrap_err()
-            .to_string()
-            .contains("max_retries"));
-        let opts = Options {
-            behaviour: Behaviour {
-                timeout: Duration::ZERO,
-                ..Behaviour::default()
-            },
-            ..Options::default()
-        };
-        assert!(resolve(&opts, &[URL])
-            .unwrap_err()
-            .to_string()
-            .contains("timeout"));
-        let opts = Options {
-            behaviour: Behaviour {
-                health_path: Some("health".into()),
-                ..Behaviour::default()
-            },
-            ..Options::default()
-        };
-        assert!(resolve(&opts, &[URL])
-            .unwrap_err()
-            .to_string()
-            .contains("health_path"));
-    }
-
-    #[test]
-    fn registration_key_comes_from_the_environment() {
-        let s = resolve(&Options::default(), &[URL, (REGISTRATION_KEY_ENV, "k")]).unwrap();
-        assert_eq!(s.registration_key.as_deref(), Some("k"));
-        // A secret file's trailing newline is not part of the key.
-        let s = resolve(&Options::default(), &[URL, (REGISTRATION_KEY_ENV, "k\n")]).unwrap();
-        assert_eq!(s.registration_key.as_deref(), Some("k"));
-        let err = resolve(
-            &Options::default(),
-            &[URL, (REGISTRATION_KEY_ENV, "a\u{7}b")],
-        )
-        .unwrap_err()
-        .to_string();
-        assert!(err.contains("SERVICEKIT_REGISTRATION_KEY"), "{err}");
-        assert!(!err.contains("a\u{7}b"), "the secret is not echoed: {err}");
-    }
-}
+mod tests;

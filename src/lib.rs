@@ -14,7 +14,7 @@
 //! let app = Router::new()
 //!     .route("/", get(|| async { "hello" }))
 //!     .layer(registration.clone());
-//! let listener = tokio::net::TcpListener::bind("0.0.0.0:8000").await?;
+//! let listener = tokio::net::TcpListener::bind(registration.bind_addr()).await?;
 //! axum::serve(listener, app)
 //!     .with_graceful_shutdown(registration.shutdown_on(servicekit::signal::shutdown_signal()?))
 //!     .await?;
@@ -24,24 +24,56 @@
 //! # Ok(()) }
 //! ```
 //!
-//! - [`layer`]: the layer, its builder and the shutdown hook.
-//! - [`config`]: options, environment variables and their resolution.
-//! - [`keepalive`]: the background lifecycle task.
+//! Everything the layer does is logged through [`tracing`] with the reference library's event
+//! names (`registration.success`, `keepalive.ping_failed`, ...): install a subscriber (e.g.
+//! `tracing_subscriber::fmt::init()`) or a misconfigured service stays silent.
+//!
+//! - [`RegistrationLayer`]: the layer, the shutdown hook and the state; built by
+//!   [`RegistrationLayerBuilder`] into a [`Config`].
+//! - [`RegistrationHandle`]: the registration state, for readiness checks.
+//! - [`RegistrationError`], [`ConfigError`], [`client::ClientError`]: what can go wrong.
 //! - [`client`]: the orchestrator HTTP client.
-//! - [`handle`]: the registration state, for readiness checks.
 //! - [`protocol`]: the wire types shared with the orchestrator.
 //! - [`signal`]: SIGTERM / Ctrl-C for the shutdown hook.
+#![warn(missing_docs)]
 
+mod builder;
 pub mod client;
 pub mod config;
-pub mod handle;
-pub mod keepalive;
-pub mod layer;
+pub mod error;
+mod handle;
+mod layer;
+mod lifecycle;
+mod probe;
 pub mod protocol;
+mod schedule;
 pub mod signal;
+mod task;
 
-pub use config::ConfigError;
+pub use builder::RegistrationLayerBuilder;
+pub use config::{Config, ConfigError};
+pub use error::RegistrationError;
 pub use handle::{Phase, RegistrationHandle, Status};
-pub use keepalive::RegistrationError;
-pub use layer::{RegistrationLayer, RegistrationLayerBuilder};
+pub use layer::RegistrationLayer;
 pub use protocol::ServiceInfo;
+
+/// The calling crate's package name and version as a [`ServiceInfo`], resolved at compile
+/// time, so the registered `display_name` and `version` are the same however the program is
+/// started (`cargo run` or the bare executable).
+///
+/// ```
+/// let info = servicekit::package_info!();
+/// assert_eq!(info.display_name, env!("CARGO_PKG_NAME"));
+/// assert_eq!(info.version.as_deref(), Some(env!("CARGO_PKG_VERSION")));
+/// ```
+#[macro_export]
+macro_rules! package_info {
+    () => {
+        $crate::ServiceInfo::new(env!("CARGO_PKG_NAME")).with_version(env!("CARGO_PKG_VERSION"))
+    };
+}
+
+/// The README's Rust blocks, compiled by `cargo test --doc`.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

@@ -58,10 +58,146 @@ impl Timestamp {
     }
 }
 
+impl From<SystemTime> for Timestamp {
+    /// Truncated to the millisecond; times before 1970 become 1970.
+    fn from(t: SystemTime) -> Self {
+        let ms = t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis());
+        Timestamp(u64::try_from(ms).unwrap_or(u64::MAX))
+    }
+}
+
 impl fmt::Display for Timestamp {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Display::fmt(&humantime::format_rfc3339_millis(self.to_system_time()), f)
+        let ms = self.0 % 1000;
+        let secs = self.0 / 1000;
+        let (y, mo, d) = civil_from_days((secs / 86_400) as i64);
+        let rem = secs % 86_400;
+        write!(
+            f,
+            "{y:04}-{mo:02}-{d:02}T{:02}:{:02}:{:02}.{ms:03}Z",
+            rem / 3600,
+            rem / 60 % 60,
+            rem % 60
+        )
     }
+}
+
+impl std::str::FromStr for Timestamp {
+    type Err = TimestampError;
+
+    /// Parses RFC 3339: `2025-10-27T12:00:30Z`, with any fraction (kept to the millisecond)
+    /// and any offset (`+02:00`, `-05:30`, `Z`).
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        parse_rfc3339(text).ok_or_else(|| TimestampError(text.chars().take(64).collect()))
+    }
+}
+
+/// A timestamp that is not RFC 3339, or lies before 1970.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("not an RFC 3339 timestamp after 1970: {0:?}")]
+pub struct TimestampError(String);
+
+fn parse_rfc3339(text: &str) -> Option<Timestamp> {
+    let b = text.as_bytes();
+    let num = |from: usize, len: usize| -> Option<i64> {
+        let digits = b.get(from..from + len)?;
+        digits.iter().try_fold(0i64, |n, &c| {
+            c.is_ascii_digit().then(|| n * 10 + i64::from(c - b'0'))
+        })
+    };
+    let sep = |at: usize, options: &[u8]| b.get(at).is_some_and(|c| options.contains(c));
+    if !(sep(4, b"-") && sep(7, b"-") && sep(10, b"Tt ") && sep(13, b":") && sep(16, b":")) {
+        return None;
+    }
+    let (year, month, day) = (num(0, 4)?, num(5, 2)?, num(8, 2)?);
+    let (hour, minute, second) = (num(11, 2)?, num(14, 2)?, num(17, 2)?);
+    let leap = (year % 4 == 0 && year % 100 != 0) || year % 400 == 0;
+    let month_days = [
+        31,
+        if leap { 29 } else { 28 },
+        31,
+        30,
+        31,
+        30,
+        31,
+        31,
+        30,
+        31,
+        30,
+        31,
+    ];
+    if !(1..=12).contains(&month)
+        || day < 1
+        || day > month_days[(month - 1) as usize]
+        || hour > 23
+        || minute > 59
+        || second > 60
+    {
+        return None;
+    }
+    let mut at = 19;
+    let mut millis = 0;
+    if b.get(at) == Some(&b'.') {
+        at += 1;
+        let start = at;
+        while b.get(at).is_some_and(u8::is_ascii_digit) {
+            if at - start < 3 {
+                millis = millis * 10 + i64::from(b[at] - b'0');
+            }
+            at += 1;
+        }
+        let digits = at - start;
+        if digits == 0 {
+            return None;
+        }
+        millis *= 10i64.pow(3u32.saturating_sub(digits as u32));
+    }
+    let offset_minutes = match b.get(at)? {
+        b'Z' | b'z' if at + 1 == b.len() => 0,
+        sign @ (b'+' | b'-') if at + 6 == b.len() && sep(at + 3, b":") => {
+            let (h, m) = (num(at + 1, 2)?, num(at + 4, 2)?);
+            if h > 23 || m > 59 {
+                return None;
+            }
+            let minutes = h * 60 + m;
+            if *sign == b'-' {
+                -minutes
+            } else {
+                minutes
+            }
+        }
+        _ => return None,
+    };
+    // A leap second (":60") counts as the last millisecond-precise second of the minute.
+    let second = second.min(59);
+    let days = days_from_civil(year, month, day);
+    let ms = ((days * 86_400 + hour * 3600 + minute * 60 + second - offset_minutes * 60) * 1000)
+        + millis;
+    u64::try_from(ms).ok().map(Timestamp)
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
+fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// The date of a day count since 1970-01-01 (the inverse of [`days_from_civil`]).
+fn civil_from_days(days: i64) -> (i64, i64, i64) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    (yoe + era * 400 + i64::from(month <= 2), month, day)
 }
 
 impl Serialize for Timestamp {
@@ -72,13 +208,8 @@ impl Serialize for Timestamp {
 
 impl<'de> Deserialize<'de> for Timestamp {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(d)?;
-        let t = humantime::parse_rfc3339_weak(&text).map_err(serde::de::Error::custom)?;
-        let ms = t
-            .duration_since(UNIX_EPOCH)
-            .map_err(|_| serde::de::Error::custom("timestamp before 1970"))?
-            .as_millis();
-        Ok(Timestamp(ms as u64))
+        let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
     }
 }
 
@@ -88,8 +219,10 @@ impl<'de> Deserialize<'de> for Timestamp {
 pub struct ServiceInfo {
     /// Human-readable name; also the key of the orchestrator's by-name index.
     pub display_name: String,
+    /// The service's version.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub version: Option<String>,
+    /// What the service does.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
     /// Every other top-level field (`team`, `capabilities`, ...).
@@ -107,6 +240,12 @@ impl ServiceInfo {
             extra: Map::new(),
         }
     }
+
+    /// The same info with `version` set.
+    pub fn with_version(mut self, version: impl Into<String>) -> Self {
+        self.version = Some(version.into());
+        self
+    }
 }
 
 /// `POST /services/$register` body.
@@ -123,6 +262,7 @@ pub struct RegisterRequest {
     pub id: Option<String>,
     /// Absolute `http`/`https` URL under which the service answers.
     pub url: String,
+    /// What the service says about itself.
     pub info: ServiceInfo,
 }
 
@@ -134,52 +274,120 @@ fn lenient_id<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Erro
 }
 
 /// Whether a registration created a new entry or refreshed an existing one.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+///
+/// Clients accept any status string a compatible orchestrator may send ([`Other`](Self::Other)).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum RegistrationStatus {
     /// A new entry (HTTP 201).
     Registered,
     /// The URL was already registered: same id, info replaced, TTL restarted (HTTP 200).
     Updated,
+    /// A status this version does not know, as sent.
+    Other(String),
 }
 
-/// Answer to a registration.
+impl RegistrationStatus {
+    /// The wire text: `"registered"`, `"updated"`, or the unknown status as sent.
+    pub fn as_str(&self) -> &str {
+        match self {
+            RegistrationStatus::Registered => "registered",
+            RegistrationStatus::Updated => "updated",
+            RegistrationStatus::Other(s) => s,
+        }
+    }
+}
+
+impl Serialize for RegistrationStatus {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for RegistrationStatus {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        Ok(match text.as_str() {
+            "registered" => RegistrationStatus::Registered,
+            "updated" => RegistrationStatus::Updated,
+            _ => RegistrationStatus::Other(text),
+        })
+    }
+}
+
+fn unknown_status() -> RegistrationStatus {
+    RegistrationStatus::Other(String::new())
+}
+
+/// The TTL a client assumes when an answer does not say (the reference default).
+pub const DEFAULT_TTL_SECONDS: u64 = 30;
+
+fn default_ttl_seconds() -> u64 {
+    DEFAULT_TTL_SECONDS
+}
+
+/// Answer to a registration. Only `id` is required when reading one: a compatible
+/// orchestrator that leaves the rest out gets the defaults (an unknown status, a
+/// [`DEFAULT_TTL_SECONDS`] TTL, and a ping URL the client derives from the id).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RegisterResponse {
+    /// The id of the entry.
     pub id: Ulid,
+    /// Whether the entry is new.
+    #[serde(default = "unknown_status")]
     pub status: RegistrationStatus,
+    /// The URL as stored (canonical form).
+    #[serde(default)]
     pub service_url: String,
+    /// A human-readable summary.
+    #[serde(default)]
     pub message: String,
+    /// How long the entry lives without a ping.
+    #[serde(default = "default_ttl_seconds")]
     pub ttl_seconds: u64,
+    /// Where to send pings; empty when the orchestrator did not say.
+    #[serde(default)]
     pub ping_url: String,
 }
 
 /// Answer to `PUT /services/{id}/$ping`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PingResponse {
+    /// The id of the entry.
     pub id: Ulid,
     /// Always `"alive"`.
     pub status: String,
+    /// When this ping arrived.
     pub last_ping_at: Timestamp,
+    /// When the entry expires unless pinged again.
     pub expires_at: Timestamp,
 }
 
 /// A stored registration, as `GET /services/{id}` returns it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ServiceRecord {
+    /// The id of the entry.
     pub id: Ulid,
+    /// The service's URL (canonical form).
     pub url: String,
+    /// What the service says about itself.
     pub info: ServiceInfo,
+    /// When the entry was first created (kept across re-registrations of the URL).
     pub registered_at: Timestamp,
+    /// When the entry was last registered.
     pub last_updated: Timestamp,
+    /// When the entry was last registered or pinged.
     pub last_ping_at: Timestamp,
+    /// When the entry expires unless pinged.
     pub expires_at: Timestamp,
 }
 
 /// Answer to `GET /services`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ListResponse {
+    /// How many records follow.
     pub count: usize,
+    /// The records, in registration order.
     pub services: Vec<ServiceRecord>,
 }
 
@@ -188,6 +396,7 @@ pub struct ListResponse {
 pub struct DeregisterResponse {
     /// Always `"deregistered"`.
     pub status: String,
+    /// The record as it was.
     pub service: ServiceRecord,
 }
 
@@ -196,10 +405,12 @@ pub struct DeregisterResponse {
 pub struct HealthResponse {
     /// `"healthy"` (HTTP 200) or `"unhealthy"` (HTTP 503).
     pub status: String,
+    /// One entry per dependency (`store`).
     pub checks: Map<String, Value>,
 }
 
 /// The stable `type` URNs of the orchestrator's problem details.
+#[allow(missing_docs)] // each name says what it is; the README's error table says when
 pub mod problem_type {
     pub const BAD_REQUEST: &str = "urn:servicekit:error:bad-request";
     pub const UNAUTHORIZED: &str = "urn:servicekit:error:unauthorized";
@@ -215,12 +426,17 @@ pub mod problem_type {
 /// An RFC 9457 problem details object.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Problem {
+    /// A stable URN from [`problem_type`].
     #[serde(rename = "type")]
     pub kind: String,
+    /// A short summary of the problem type.
     pub title: String,
+    /// The HTTP status.
     pub status: u16,
+    /// What went wrong this time.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+    /// The request it happened to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub instance: Option<String>,
 }
@@ -246,6 +462,69 @@ mod tests {
         assert_eq!(json, "\"2025-10-27T12:00:30.000Z\"");
         let back: Timestamp = serde_json::from_str(&json).unwrap();
         assert_eq!(back, t);
+    }
+
+    #[test]
+    fn timestamps_format_across_the_calendar() {
+        for (ms, text) in [
+            (0, "1970-01-01T00:00:00.000Z"),
+            (951_782_400_000, "2000-02-29T00:00:00.000Z"),
+            (4_107_542_399_999, "2100-02-28T23:59:59.999Z"),
+            (1_761_566_430_123, "2025-10-27T12:00:30.123Z"),
+        ] {
+            assert_eq!(Timestamp::from_millis(ms).to_string(), text);
+            assert_eq!(
+                text.parse::<Timestamp>(),
+                Ok(Timestamp::from_millis(ms)),
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn timestamps_with_any_offset_or_fraction_parse_to_the_same_instant() {
+        let t = Timestamp::from_millis(1_761_566_430_000);
+        for text in [
+            "2025-10-27T12:00:30Z",
+            "2025-10-27T12:00:30.000Z",
+            "2025-10-27t12:00:30z",
+            "2025-10-27T14:00:30+02:00",
+            "2025-10-27T14:00:30.0000+02:00",
+            "2025-10-27T06:30:30-05:30",
+            "2025-10-27 12:00:30+00:00",
+        ] {
+            assert_eq!(text.parse::<Timestamp>(), Ok(t), "{text}");
+        }
+        assert_eq!(
+            "2025-10-27T14:00:30.123456+02:00".parse::<Timestamp>(),
+            Ok(Timestamp::from_millis(1_761_566_430_123))
+        );
+        for bad in [
+            "",
+            "2025-10-27",
+            "2025-10-27T12:00:30",
+            "2025-13-01T00:00:00Z",
+            "2025-02-29T00:00:00Z",
+            "2025-10-27T24:00:00Z",
+            "2025-10-27T12:00:30.Z",
+            "2025-10-27T12:00:30+0200",
+            "2025-10-27T12:00:30Zjunk",
+            "1969-12-31T23:59:59Z",
+        ] {
+            assert!(bad.parse::<Timestamp>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn register_answers_need_only_an_id() {
+        let r: RegisterResponse =
+            serde_json::from_str(r#"{"id":"01JDQ9J4XWAZ3M5S1X2VQ7N8C4","status":"renewed"}"#)
+                .unwrap();
+        assert_eq!(r.status, RegistrationStatus::Other("renewed".into()));
+        assert_eq!(r.ttl_seconds, DEFAULT_TTL_SECONDS);
+        assert_eq!(r.ping_url, "");
+        let json = serde_json::to_value(RegistrationStatus::Updated).unwrap();
+        assert_eq!(json, "updated");
     }
 
     #[test]

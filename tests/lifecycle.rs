@@ -10,6 +10,7 @@ use std::time::Duration;
 use axum::routing::get;
 use axum::Router;
 use serde_json::Value;
+use servicekit::error::ErrorChain;
 use servicekit::{Phase, RegistrationError, RegistrationLayer};
 use support::*;
 use tokio::sync::Notify;
@@ -184,7 +185,7 @@ async fn a_service_started_before_its_orchestrator_registers_when_it_appears() {
     let listener = listener().await;
     let port = listener.local_addr().unwrap().port();
     let layer = builder(&orch_base, port)
-        .max_retries(2)
+        .max_attempts(2)
         .max_retry_delay(Duration::from_millis(300))
         .build()
         .expect("config");
@@ -193,7 +194,7 @@ async fn a_service_started_before_its_orchestrator_registers_when_it_appears() {
     // Both attempts fail; without fail_on_error the service keeps serving and retrying.
     let status = handle
         .wait_for(WAIT, |s| {
-            matches!(s.error, Some(RegistrationError::Failed { .. }))
+            matches!(s.error, Some(RegistrationError::Exhausted { .. }))
         })
         .await
         .expect("registration.failed after max_retries");
@@ -216,7 +217,7 @@ async fn fail_on_error_stops_the_server_with_the_reason() {
     let listener = listener().await;
     let port = listener.local_addr().unwrap().port();
     let layer = builder(&dead, port)
-        .max_retries(3)
+        .max_attempts(3)
         .fail_on_error(true)
         .build()
         .expect("config");
@@ -228,12 +229,9 @@ async fn fail_on_error_stops_the_server_with_the_reason() {
         .expect("task")
         .expect("serve");
     match layer.error() {
-        Some(RegistrationError::Failed {
-            attempts,
-            last_error,
-        }) => {
-            assert_eq!(attempts, 3);
-            assert!(last_error.contains("unreachable"), "{last_error}");
+        Some(e @ RegistrationError::Exhausted { attempts: 3, .. }) => {
+            let text = ErrorChain(&e).to_string();
+            assert!(text.contains("cannot reach the orchestrator"), "{text}");
         }
         other => panic!("expected a registration failure, got {other:?}"),
     }
@@ -260,7 +258,10 @@ async fn rejected_registrations_are_not_retried() {
         .unwrap()
         .unwrap();
     match layer.error() {
-        Some(RegistrationError::Rejected(why)) => assert!(why.contains("401"), "{why}"),
+        Some(e @ RegistrationError::Rejected { .. }) => {
+            let why = ErrorChain(&e).to_string();
+            assert!(why.contains("401"), "{why}")
+        }
         other => panic!("expected a rejection, got {other:?}"),
     }
     orch.shutdown().await;
@@ -390,7 +391,7 @@ async fn a_missing_orchestrator_url_skips_registration_and_keeps_serving() {
         .orchestrator_url_env(format!("SERVICEKIT_TEST_UNSET_{}", ulid::Ulid::new()))
         .port(1)
         .build_lenient();
-    assert!(layer.settings().is_err());
+    assert!(layer.config().is_err());
     let handle = layer.handle();
     let listener = listener().await;
     let url = format!("http://{}", listener.local_addr().unwrap());
@@ -400,7 +401,7 @@ async fn a_missing_orchestrator_url_skips_registration_and_keeps_serving() {
         .await
         .expect("skipped");
     assert!(
-        matches!(status.error, Some(RegistrationError::Config(ref m)) if m.contains("SERVICEKIT_TEST_UNSET_"))
+        matches!(status.error, Some(RegistrationError::Config(ref e)) if e.to_string().contains("SERVICEKIT_TEST_UNSET_"))
     );
     assert_eq!(http::Api::new(url).get("/").await.status, 200);
     served.shutdown().await;
@@ -629,8 +630,13 @@ async fn a_wrong_registration_path_is_a_configuration_error() {
         .unwrap()
         .unwrap();
     match layer.error() {
-        Some(RegistrationError::Rejected(why)) => {
-            assert!(why.contains("404") && why.contains("/register"), "{why}")
+        Some(e @ RegistrationError::Rejected { .. }) => {
+            let why = ErrorChain(&e).to_string();
+            assert!(why.contains("404") && why.contains("/register"), "{why}");
+            assert!(
+                why.contains("base URL"),
+                "the hint says what a right URL looks like: {why}"
+            );
         }
         other => panic!("expected a rejection, got {other:?}"),
     }

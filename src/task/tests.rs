@@ -1,0 +1,326 @@
+//! The lifecycle's timing on tokio's paused clock, against a fake orchestrator: no sockets,
+//! no real waiting, and no dependence on how busy the machine is.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+
+use http::Method;
+
+use super::*;
+use crate::config::{Overrides, Tunables};
+use crate::handle::Phase;
+use crate::protocol::{RegisterResponse, Timestamp};
+
+const ID: &str = "01JDQ9J4XWAZ3M5S1X2VQ7N8C4";
+
+/// What the fake answers; `Hang` never answers.
+#[derive(Clone)]
+enum Answer {
+    Ok,
+    Status(u16),
+    Hang,
+}
+
+#[derive(Default)]
+struct Script {
+    register: VecDeque<Answer>,
+    ping: VecDeque<Answer>,
+    deregister: VecDeque<Answer>,
+    /// (what, when, presented id) of every call.
+    calls: Vec<(&'static str, Instant, Option<Ulid>)>,
+}
+
+#[derive(Clone, Default)]
+struct Fake(Arc<Mutex<Script>>);
+
+impl Fake {
+    fn next(&self, what: &'static str, previous: Option<Ulid>) -> Answer {
+        let mut s = self.0.lock().unwrap();
+        s.calls.push((what, Instant::now(), previous));
+        let queue = match what {
+            "register" => &mut s.register,
+            "ping" => &mut s.ping,
+            _ => &mut s.deregister,
+        };
+        queue.pop_front().unwrap_or(Answer::Ok)
+    }
+
+    fn calls(&self, what: &str) -> Vec<(Instant, Option<Ulid>)> {
+        let s = self.0.lock().unwrap();
+        s.calls
+            .iter()
+            .filter(|c| c.0 == what)
+            .map(|c| (c.1, c.2))
+            .collect()
+    }
+
+    async fn answer<T>(answer: Answer, ok: T) -> Result<T, ClientError> {
+        match answer {
+            Answer::Ok => Ok(ok),
+            Answer::Status(code) => Err(ClientError::Status {
+                method: Method::POST,
+                url: "http://o:9000/services/$register".into(),
+                status: StatusCode::from_u16(code).unwrap(),
+                problem: None,
+                retry_after: None,
+            }),
+            Answer::Hang => std::future::pending().await,
+        }
+    }
+}
+
+impl Orchestrator for Fake {
+    async fn register(
+        &self,
+        _url: &str,
+        _info: &ServiceInfo,
+        previous: Option<Ulid>,
+    ) -> Result<Registered, ClientError> {
+        let answer = self.next("register", previous);
+        let r = RegisterResponse {
+            id: Ulid::from_string(ID).unwrap(),
+            status: RegistrationStatus::Registered,
+            service_url: "http://svc:8000".into(),
+            message: String::new(),
+            ttl_seconds: 30,
+            ping_url: format!("http://o:9000/services/{ID}/$ping"),
+        };
+        let ok = Registered {
+            ping_url: r.ping_url.parse().unwrap(),
+            entry_url: format!("http://o:9000/services/{ID}").parse().unwrap(),
+            answer: r,
+        };
+        Fake::answer(answer, ok).await
+    }
+
+    async fn ping(&self, _url: &Uri, within: Duration) -> Result<PingResponse, ClientError> {
+        let answer = self.next("ping", None);
+        let pong = PingResponse {
+            id: Ulid::from_string(ID).unwrap(),
+            status: "alive".into(),
+            last_ping_at: Timestamp::from_millis(0),
+            expires_at: Timestamp::from_millis(0),
+        };
+        match tokio::time::timeout(within, Fake::answer(answer, pong)).await {
+            Ok(r) => r,
+            Err(_) => Err(ClientError::Timeout {
+                method: Method::PUT,
+                url: "ping".into(),
+                after: within,
+            }),
+        }
+    }
+
+    async fn deregister(&self, _url: &Uri, within: Duration) -> Result<bool, ClientError> {
+        let answer = self.next("deregister", None);
+        match tokio::time::timeout(within, Fake::answer(answer, true)).await {
+            Ok(r) => r,
+            Err(_) => Err(ClientError::Timeout {
+                method: Method::DELETE,
+                url: "entry".into(),
+                after: within,
+            }),
+        }
+    }
+}
+
+struct Running {
+    fake: Fake,
+    status: StatusWriter,
+    stop: watch::Sender<Option<Instant>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    fn request_stop(&self) -> Instant {
+        let now = Instant::now();
+        self.stop.send_replace(Some(now));
+        now
+    }
+
+    async fn wait_phase(&self, phase: Phase) {
+        let mut rx = self.status.subscribe();
+        rx.wait_for(|s| s.phase == phase).await.unwrap();
+    }
+}
+
+fn start(fake: Fake, tunables: Tunables, fail_on_error: bool) -> Running {
+    let map = |k: &str| (k == "SERVICEKIT_ORCHESTRATOR_URL").then(|| "http://o:9000".to_owned());
+    let config = Overrides::default()
+        .resolve(&tunables, &map, &|| Ok("svc".into()))
+        .unwrap();
+    let status = StatusWriter::new(fail_on_error);
+    let (stop, rx) = watch::channel(None);
+    let task = Task {
+        config,
+        orchestrator: fake.clone(),
+        probe: Probe::always_ready(),
+        status: status.clone(),
+        stop: rx,
+    };
+    Running {
+        fake,
+        status,
+        stop,
+        task: tokio::spawn(task.run()),
+    }
+}
+
+fn with_script(f: impl FnOnce(&mut Script)) -> Fake {
+    let fake = Fake::default();
+    f(&mut fake.0.lock().unwrap());
+    fake
+}
+
+#[tokio::test(start_paused = true)]
+async fn pings_come_every_third_of_the_ttl_within_ten_percent() {
+    let r = start(Fake::default(), Tunables::default(), false);
+    r.wait_phase(Phase::Registered).await;
+    let registered = Instant::now();
+    tokio::time::sleep(Duration::from_secs(65)).await;
+    let pings = r.fake.calls("ping");
+    // TTL 30 s: an interval of 10 s ± 1 s, so 5 or 6 pings in 65 s.
+    assert!((5..=7).contains(&pings.len()), "{} pings", pings.len());
+    let mut last = registered;
+    for (at, _) in pings {
+        let gap = at - last;
+        assert!(
+            gap >= Duration::from_secs(9) && gap <= Duration::from_secs(11),
+            "{gap:?}"
+        );
+        last = at;
+    }
+    r.request_stop();
+    r.task.await.unwrap();
+    assert_eq!(r.fake.calls("deregister").len(), 1);
+    assert_eq!(r.status.snapshot().phase, Phase::Stopped);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_forgotten_entry_is_registered_again_presenting_its_id() {
+    let fake = with_script(|s| s.ping = [Answer::Ok, Answer::Status(404)].into());
+    let r = start(fake, Tunables::default(), false);
+    tokio::time::sleep(Duration::from_secs(25)).await;
+    let registers = r.fake.calls("register");
+    assert_eq!(registers.len(), 2, "registered again after the 404");
+    assert_eq!(registers[0].1, None);
+    assert_eq!(registers[1].1, Some(Ulid::from_string(ID).unwrap()));
+    assert_eq!(r.status.snapshot().phase, Phase::Registered);
+}
+
+#[tokio::test(start_paused = true)]
+async fn failed_pings_come_sooner_as_expiry_nears_and_report_unregistered_after_it() {
+    let fake = with_script(|s| s.ping = std::iter::repeat_n(Answer::Status(503), 50).collect());
+    let r = start(fake, Tunables::default(), false);
+    r.wait_phase(Phase::Registered).await;
+    let registered = Instant::now();
+    tokio::time::sleep(Duration::from_secs(29)).await;
+    let pings = r.fake.calls("ping");
+    // First ping after ~10 s, then a third of the time left: more pings than the interval
+    // alone would give, all before the entry expires.
+    assert!(pings.len() >= 4, "{} pings before expiry", pings.len());
+    let gaps: Vec<_> = pings.windows(2).map(|w| w[1].0 - w[0].0).collect();
+    assert!(
+        gaps.windows(2).all(|g| g[1] <= g[0]),
+        "gaps shrink: {gaps:?}"
+    );
+    assert_eq!(r.status.snapshot().ping_failures as usize, pings.len());
+    assert_eq!(r.status.snapshot().phase, Phase::Registered);
+    tokio::time::sleep_until(registered + Duration::from_secs(45)).await;
+    assert_eq!(
+        r.status.snapshot().phase,
+        Phase::Registering,
+        "expired by now"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_with_a_hung_orchestrator_is_bounded_by_the_budget() {
+    // A registration in flight at the signal.
+    let fake = with_script(|s| s.register = [Answer::Hang].into());
+    let r = start(fake, Tunables::default(), false);
+    r.wait_phase(Phase::Registering).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let asked = r.request_stop();
+    r.task.await.unwrap();
+    assert_eq!(
+        Instant::now() - asked,
+        Duration::from_secs(2),
+        "the default 2 s budget"
+    );
+    assert_eq!(r.status.snapshot().phase, Phase::Stopped);
+
+    // A deregistration that hangs gets what is left of the budget.
+    let fake = with_script(|s| s.deregister = [Answer::Hang].into());
+    let tunables = Tunables {
+        shutdown_timeout: Duration::from_millis(700),
+        ..Tunables::default()
+    };
+    let r = start(fake, tunables, false);
+    r.wait_phase(Phase::Registered).await;
+    let asked = r.request_stop();
+    r.task.await.unwrap();
+    assert_eq!(Instant::now() - asked, Duration::from_millis(700));
+    assert_eq!(r.fake.calls("deregister").len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn exhausted_attempts_fail_for_good_only_with_fail_on_error() {
+    let failing =
+        || with_script(|s| s.register = std::iter::repeat_n(Answer::Status(503), 20).collect());
+    let tunables = Tunables {
+        max_attempts: 3,
+        ..Tunables::default()
+    };
+    let r = start(failing(), tunables.clone(), true);
+    r.task.await.unwrap();
+    let s = r.status.snapshot();
+    assert_eq!(s.phase, Phase::Failed);
+    assert!(
+        matches!(
+            s.error,
+            Some(RegistrationError::Exhausted { attempts: 3, .. })
+        ),
+        "{:?}",
+        s.error
+    );
+    assert_eq!(r.fake.calls("register").len(), 3);
+
+    // Without it: background retries every max_retry_delay, and the error is shown.
+    let r = start(failing(), tunables, false);
+    tokio::time::sleep(Duration::from_secs(120)).await;
+    let s = r.status.snapshot();
+    assert_eq!(s.phase, Phase::Registering);
+    assert!(matches!(
+        s.error,
+        Some(RegistrationError::Exhausted { attempts: 3, .. })
+    ));
+    let calls = r.fake.calls("register");
+    let background: Vec<_> = calls[3..].windows(2).map(|w| w[1].0 - w[0].0).collect();
+    assert!(!background.is_empty());
+    for gap in background {
+        assert!(
+            gap >= Duration::from_secs(27) && gap <= Duration::from_secs(33),
+            "{gap:?}"
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_404_on_register_is_a_wrong_url_with_a_hint_and_not_retried() {
+    let fake = with_script(|s| s.register = [Answer::Status(404)].into());
+    let r = start(fake, Tunables::default(), false);
+    r.task.await.unwrap();
+    let s = r.status.snapshot();
+    assert_eq!(s.phase, Phase::Unregistered);
+    match s.error {
+        Some(RegistrationError::Rejected {
+            hint: Some(hint), ..
+        }) => {
+            assert!(hint.contains("http://o:9000/services/$register"), "{hint}");
+            assert!(hint.contains("base URL"), "{hint}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(r.fake.calls("register").len(), 1);
+}
