@@ -1,118 +1,8 @@
-//! The shared store: registrations in Valkey (or Redis), with real TTL expiry.
+//! The shared store: registrations in Valkey (or Redis), with real TTL expiry, so several
+//! stateless orchestrators can share one registry (standalone or Cluster).
 //!
-//! Several stateless orchestrators can point at one Valkey (standalone or Cluster) and see the
-//! same registry. Expiry is Valkey's own key expiry, so an entry is gone the instant its TTL
-//! runs out, whichever replica wrote it; all timestamps come from the server's clock
-//! (`redis.call('TIME')` inside scripts) so replicas with skewed clocks still agree.
-//!
-//! # Key layout
-//!
-//! `P` is the configured prefix (`servicekit:` by default; it may not contain braces) and `T`
-//! the *slot tag* of a registration: the last three Crockford characters of its id, which
-//! encode the id's lowest 15 bits, the hash of its URL (see [`super::url_tag`]). For a lookup
-//! by URL the same three characters are rendered from `url_tag(url)` ([`tag_text`]), so both
-//! paths name the same keys. Everything in braces is the Cluster hash tag.
-//!
-//! | key                      | type   | content                                               |
-//! |--------------------------|--------|-------------------------------------------------------|
-//! | `P{T}:svc:<ID>`          | STRING | the record (layout below); `PX ttl`                  |
-//! | `P{T}:url:<URL>`         | STRING | the id registered for the canonical URL; same `PEXPIRE`, refreshed with the record |
-//! | `P{T}:gone:<ID>`         | STRING | `expires_at` of the last deregistered record of ID; `PEXPIRE ttl` (see below) |
-//! | `P{all}:idx`             | ZSET   | every id, score = `expires_at` as last written by register or sweep (or a hint, below) |
-//! | `P{n:<NAME>}:idx`        | ZSET   | ids with display name NAME, score likewise (the by-name index) |
-//! | `P{all}:names`           | SET    | display names that have a by-name index, so the sweeper can find them |
-//!
-//! The record is one string: a fixed-width header of four timestamps, each exactly 13 ASCII
-//! digits of milliseconds since the epoch, zero-padded (13 digits last until the year 2286),
-//! then the URL and the display name, each preceded by its length in bytes (decimal) and a
-//! colon, then the info JSON up to the end:
-//!
-//! | bytes    | content                                                                  |
-//! |----------|--------------------------------------------------------------------------|
-//! | 0..13    | `registered_at`                                                          |
-//! | 13..26   | `last_updated`                                                           |
-//! | 26..39   | `last_ping_at`                                                           |
-//! | 39..52   | `expires_at`                                                             |
-//! | 52..     | `<len>:<url><len>:<name><info JSON>`, e.g. `20:http://10.0.0.7:8000` `11:service-042` `{"display_name":"service-042",...}` (no spaces) |
-//!
-//! The lengths make the URL and the name unambiguous whatever characters they hold (colons,
-//! digits, quotes, non-ASCII), and let the scripts read them with two pattern matches, without
-//! decoding JSON. Ping rewrites `last_ping_at` and `expires_at` in place with one `SETRANGE` at
-//! byte 26. It is a string and not a hash for memory: a hash stays a compact listpack only
-//! while every value is at most `hash-max-listpack-value` (64 bytes by default) long, and the
-//! info JSON is usually longer, which turned each record into a full hashtable of eight
-//! separately allocated fields (`MEMORY USAGE` about 900 bytes per record with a 200-byte
-//! info, against about 420 as a string). Server settings are not ours to change.
-//!
-//! The record key is the truth; the sorted sets are hints that may hold ids whose record has
-//! expired or moved to another name. Readers skip those (and drop the missing ones on the
-//! way), [`Store::sweep`] drops the rest.
-//!
-//! # Index consistency
-//!
-//! The indexes live in other slots than the record, so they cannot change atomically with it.
-//! The rule instead: *a live record is always in `{all}:idx` and in its name's index*. It holds
-//! because entries are added before the record is written and only removed under conditions
-//! that no later write of the record can meet:
-//! - **register** first adds the id to both indexes with a *hint* score (local time + TTL + one
-//!   hour, above any real `expires_at`), then runs the record script, then replaces its hint
-//!   by the exact `expires_at` the script returned, unless a newer score is there already
-//!   (`INDEX_SETTLE`). If it stops half way (a timeout while Valkey stalls, a crash) the hint
-//!   stays and keeps the record listed; a hint whose record never appeared is dropped by
-//!   readers, or by the sweeper once its score has passed.
-//! - The register script makes every write of an id get a later `expires_at` than any earlier
-//!   version of that id had, even within one millisecond: later than the record it replaces
-//!   and later than the `gone` tombstone a deregistration leaves.
-//! - **deregister**, and register moving an id away from its old display name, remove the id
-//!   from an index only where its score is `≤` the `expires_at` of the record version they
-//!   deleted or replaced. Any later registration has put a hint (higher) or a later
-//!   `expires_at` there, so a racing re-registration, or a concurrent A→B / B→A rename through
-//!   two orchestrators, keeps its entries. (Clocks of orchestrators and Valkey are assumed to
-//!   be within an hour of each other.)
-//! - **readers and the sweeper** drop an entry only when they saw its record missing (or, the
-//!   sweeper, under another name) and the score is still the one they read; a registration
-//!   in between changed it with its hint.
-//!
-//! # Atomicity
-//!
-//! Every operation that must be atomic is one Lua script on one slot:
-//! - **register** compares-and-sets the URL key and writes the record (KEYS = URL key, record
-//!   key and tombstone, which share the tag `T`). It `GET`s the old record for its
-//!   `registered_at` (kept), its URL (another URL under this id is a conflict), its display
-//!   name and its `expires_at` (for renames and the "strictly later" rule above), then writes
-//!   the new value with one `SET ... PX ttl`: a header it renders from the server clock
-//!   followed by the body the caller encoded;
-//! - **ping** touches only an existing record (never resurrects one): `GET`, then `SETRANGE`
-//!   of `last_ping_at` and `expires_at` at byte 26 and `PEXPIRE`, then it refreshes the URL
-//!   key. The URL key's name is derived *inside* the script from the URL in the record; it
-//!   is not declared in `KEYS` but lives in the same slot (same tag), so this works in Cluster;
-//! - **deregister** reads and deletes the record (returning its value), leaves the
-//!   tombstone, and deletes the URL key if it still points at this id (same derivation as
-//!   ping).
-//!
-//! A record that does not follow the layout makes a script answer `CORRUPT ...` and a read
-//! fail with [`StoreError::Corrupt`]; nothing panics. (Records written as hashes by earlier
-//! versions answer `WRONGTYPE`, also `Corrupt`, until they expire.)
-//!
-//! # Connection behaviour
-//!
-//! The fred client reconnects forever on its own (constant 250 ms delay). Every command is
-//! bounded by [`COMMAND_TIMEOUT`], so while Valkey is unreachable each store call fails within
-//! about two seconds with [`StoreError::Unavailable`] instead of hanging. A connection that
-//! is open but hung (a stopped server, a black-holed network) is replaced after
-//! [`TIMEOUTS_BEFORE_RECONNECT`] commands in a row timed out; TCP keepalive covers idle ones.
-//! [`ValkeyStore::connect`] waits at most [`COMMAND_TIMEOUT`] for the first connection: when
-//! Valkey is not up yet it logs `valkey.disconnected` and still returns the store, which
-//! connects in the background as soon as Valkey appears (so an orchestrator may start before
-//! its Valkey). Only errors that can never heal (a malformed URL, a bad prefix, a cluster URL
-//! against a non-cluster server) fail `connect`. Connection changes are logged as
-//! `valkey.connected` (info) and `valkey.disconnected` (warn).
-//!
-//! A failed write (a 503 from the API) means its outcome is unknown: the command may have
-//! reached Valkey and run later, when a stalled server resumed. The client never re-sends a
-//! command itself (`max_command_attempts = 1`), so nothing runs twice behind the caller's
-//! back; callers retry, and register and deregister are idempotent. Thanks to the index-first
-//! order above, a register that runs late is listed like any other.
+//! Why it looks the way it does (the key layout, the record layout, the index consistency
+//! rules, what is atomic and how connections behave) is in `docs/valkey-store.md`.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering as AtomicOrdering};
 use std::sync::Arc;
@@ -265,7 +155,7 @@ macro_rules! lua_now {
     };
 }
 
-/// Lua helpers for the record layout (see the module docs):
+/// Lua helpers for the record layout (see `docs/valkey-store.md`):
 /// - `stamp(v, i)`: the `i`-th header timestamp (0 = `registered_at` ... 3 = `expires_at`) as a
 ///   number, nil when it is not 13 digits;
 /// - `stamp_text(ms)`: `ms` as exactly 13 zero-padded digits (longer only past the year 2286,
@@ -506,7 +396,8 @@ impl ValkeyStore {
     }
 
     /// Connects to `url` (`redis://`, `valkey://`, `redis-cluster://`, `valkey-cluster://` ...)
-    /// and keys everything under `prefix`. See the module docs for the connection behaviour.
+    /// and keys everything under `prefix`. See `docs/valkey-store.md` for the connection
+    /// behaviour.
     pub async fn connect(
         url: &str,
         prefix: &str,
@@ -1118,7 +1009,7 @@ fn array_of(v: Value, what: &str) -> Result<Vec<Value>, StoreError> {
     }
 }
 
-/// The body of a record value, everything after the header (see the module docs): the URL
+/// The body of a record value, everything after the header (see `docs/valkey-store.md`): the URL
 /// and the display name with their byte lengths, then the info JSON.
 fn record_body(url: &str, name: &str, info_json: &str) -> String {
     format!("{}:{url}{}:{name}{info_json}", url.len(), name.len())
