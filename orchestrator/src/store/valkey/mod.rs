@@ -60,7 +60,7 @@ impl ValkeyStore {
     /// compare (see BENCHMARKS.md).
     pub fn ping_command(&self, id: Ulid) -> (&'static str, Vec<String>, Vec<String>) {
         (
-            PING.lua,
+            PING.lua(),
             vec![self.keys.svc(id)],
             vec![
                 self.keys.url_prefix_of(id),

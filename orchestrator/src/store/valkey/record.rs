@@ -1,6 +1,7 @@
 //! The record codec: one string per registration, a fixed-width header of four timestamps,
 //! then the length-prefixed URL and display name and the info JSON (see
-//! `docs/valkey-store.md`). Never panics on a malformed value.
+//! `docs/valkey-store.md`). Never panics on a malformed value. The constants here are the one
+//! statement of the layout: the Lua scripts get them from a prelude rendered from them.
 
 use std::time::Duration;
 
@@ -12,10 +13,11 @@ use crate::store::StoreError;
 
 /// Digits of every header timestamp of a record.
 pub(super) const STAMP_DIGITS: usize = 13;
-/// Length of a record's header, the four timestamps; its URL starts right after. The Lua
-/// scripts spell these offsets out (a unit test checks they agree).
+/// Length of a record's header, the four timestamps; its URL starts right after.
 pub(super) const HEADER_LEN: usize = 4 * STAMP_DIGITS;
-/// The longest TTL accepted, so that expiries fit the 13 header digits (see [`lua_record`])
+/// Byte offset of `last_ping_at`: a ping rewrites it and `expires_at`, up to the header's end.
+pub(super) const PING_OFFSET: usize = 2 * STAMP_DIGITS;
+/// The longest TTL accepted, so that expiries fit the 13 header digits (see `lua/record.lua`)
 /// until past the year 2180.
 pub(super) const MAX_TTL: Duration = Duration::from_secs(100 * 366 * 24 * 3600);
 
