@@ -45,7 +45,12 @@ pub(super) static INDEX_SETTLE: LazyLock<LuaScript> =
     LazyLock::new(|| LuaScript::new(include_str!("lua/index_settle.lua").to_owned()));
 
 /// A Lua script run with `EVALSHA`, loaded on first use and re-sent with `EVAL` whenever a
-/// node answers `NOSCRIPT` (a restarted server, another Cluster node).
+/// node answers `NOSCRIPT` (a restarted server, another Cluster node, a promoted replica).
+///
+/// Not fred's `Script::evalsha_with_reload`: on `NOSCRIPT` it runs `SCRIPT LOAD` on every
+/// Cluster primary from inside the client's router, which first drains every connection and,
+/// if any one primary fails, disconnects the whole client. `EVAL` touches only the node that
+/// needs the script, in one round trip.
 #[derive(Debug)]
 pub(super) struct LuaScript {
     lua: String,
