@@ -51,12 +51,14 @@ pub(super) async fn open(url: &str) -> Result<(Client, Arc<ConnState>), StoreErr
     let scheme = url.split("://").next().unwrap_or("");
     if !SCHEMES.contains(&scheme) || !url.contains("://") {
         return Err(StoreError::Config(format!(
-            "invalid Valkey URL {url:?}: the scheme must be one of {}",
+            "invalid Valkey URL {:?}: the scheme must be one of {}",
+            redact_url(url),
             SCHEMES.join(", ")
         )));
     }
-    let mut config = Config::from_url(url)
-        .map_err(|e| StoreError::Config(format!("invalid Valkey URL {url:?}: {e}")))?;
+    let mut config = Config::from_url(url).map_err(|e| {
+        StoreError::Config(format!("invalid Valkey URL {:?}: {e}", redact_url(url)))
+    })?;
     // Retry the first connection like any later one instead of failing at once.
     config.fail_fast = false;
     let connection = ConnectionConfig {
@@ -94,7 +96,8 @@ pub(super) async fn open(url: &str) -> Result<(Client, Arc<ConnState>), StoreErr
         Ok(Err(e)) if matches!(e.kind(), ErrorKind::Config | ErrorKind::Url) => {
             let _ = client.quit().await;
             return Err(StoreError::Config(format!(
-                "cannot use Valkey at {url}: {e}"
+                "cannot use Valkey at {}: {e}",
+                redact_url(url)
             )));
         }
         Ok(Err(e)) => {
@@ -202,6 +205,46 @@ fn watch_connection(client: &Client, conn: &Arc<ConnState>) {
     });
 }
 
+/// `url` fit for an error message or a log line: the password of its userinfo, and the value of
+/// any query parameter named like a password (`sentinelPassword=`), become `***`. Errs on the
+/// side of hiding too much: the userinfo ends at the last `@`, since a password may hold `/`,
+/// `?` or `#`.
+fn redact_url(url: &str) -> String {
+    let (scheme, rest) = match url.split_once("://") {
+        Some((scheme, rest)) => (Some(scheme), rest),
+        None => (None, url),
+    };
+    let rest = match rest.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _password)) => format!("{user}:***@{host}"),
+            None => format!("{userinfo}@{host}"),
+        },
+        None => rest.to_owned(),
+    };
+    let mut out = match scheme {
+        Some(scheme) => format!("{scheme}://"),
+        None => String::new(),
+    };
+    let mut tail = rest.as_str();
+    // Query parameters: `name=value` after `?` or `&`.
+    while let Some(at) = tail.find(['?', '&']) {
+        out.push_str(&tail[..=at]);
+        tail = &tail[at + 1..];
+        let end = tail.find(['&', '#']).unwrap_or(tail.len());
+        let (param, after) = tail.split_at(end);
+        match param.split_once('=') {
+            Some((name, _)) if name.to_ascii_lowercase().contains("password") => {
+                out.push_str(name);
+                out.push_str("=***");
+            }
+            _ => out.push_str(param),
+        }
+        tail = after;
+    }
+    out.push_str(tail);
+    out
+}
+
 /// Maps a client error: anything about reaching the server is `Unavailable`, anything about
 /// what it answered is `Corrupt`.
 pub(super) fn map_err(e: FredError) -> StoreError {
@@ -221,4 +264,56 @@ pub(super) fn map_err(e: FredError) -> StoreError {
 /// Checks that a command was queued in a pipeline.
 pub(super) fn queue(r: Result<(), FredError>) -> Result<(), StoreError> {
     r.map_err(map_err)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    const SECRET: &str = "hunter2";
+
+    #[test]
+    fn redact_url_hides_passwords_and_nothing_else_it_needs() {
+        for (url, shown) in [
+            ("redis://:hunter2@h:6379", "redis://:***@h:6379"),
+            ("redis://user:hunter2@h:6379/0", "redis://user:***@h:6379/0"),
+            ("valkey://u:hun/ter?2#x@h:1", "valkey://u:***@h:1"),
+            ("redis:/:hunter2@h", "redis:***@h"),
+            ("redis://user@h:6379", "redis://user@h:6379"),
+            ("redis://h:6379", "redis://h:6379"),
+            (
+                "redis-sentinel://h:1?sentinelPassword=hunter2&node=h2:2",
+                "redis-sentinel://h:1?sentinelPassword=***&node=h2:2",
+            ),
+            ("not a url", "not a url"),
+        ] {
+            assert_eq!(redact_url(url), shown, "{url}");
+        }
+    }
+
+    /// Every way `connect` can fail on a URL, with a password in it: the error names the URL
+    /// but never the password.
+    #[tokio::test]
+    async fn connect_errors_never_show_the_password() {
+        for url in [
+            // Not an accepted scheme (TLS is not compiled in, sentinel is not supported).
+            "rediss://:hunter2@127.0.0.1:6379",
+            "redis-sentinel://:hunter2@127.0.0.1:1?sentinelPassword=hunter2",
+            // fred rejects it: no port number.
+            "redis://user:hunter2@127.0.0.1:notaport",
+            "redis-cluster://:hunter2@/0",
+        ] {
+            let err = ValkeyStore::connect(url, "p:", Duration::from_secs(60))
+                .await
+                .expect_err(url)
+                .to_string();
+            assert!(!err.contains(SECRET), "{url}: {err}");
+            assert!(
+                err.contains("***"),
+                "{url}: the error should name the URL: {err}"
+            );
+        }
+    }
 }
