@@ -1,0 +1,319 @@
+//! Connecting to Valkey and keeping the connection honest: the reconnect policy, replacing a
+//! hung connection, and logging `valkey.connected` / `valkey.disconnected` once per change.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering as AtomicOrdering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use fred::clients::Client;
+use fred::error::{Error as FredError, ErrorKind};
+use fred::interfaces::{ClientLike, EventInterface};
+use fred::socket2::TcpKeepalive;
+use fred::types::config::{
+    Config, ConnectionConfig, PerformanceConfig, ReconnectPolicy, TcpConfig, UnresponsiveConfig,
+};
+use fred::types::Builder;
+
+use super::ValkeyStore;
+use crate::store::StoreError;
+
+/// Upper bound of every command (and of the initial connection wait).
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
+/// URL schemes accepted: standalone and Cluster, plain TCP (TLS is not compiled in).
+const SCHEMES: [&str; 4] = ["redis", "valkey", "redis-cluster", "valkey-cluster"];
+/// Delay between reconnection attempts.
+const RECONNECT_DELAY_MS: u32 = 250;
+/// Commands timing out in a row before the connection is considered hung and replaced.
+pub const TIMEOUTS_BEFORE_RECONNECT: u32 = 3;
+/// How long a forced reconnection may block the next one (the client keeps trying anyway).
+const FORCED_RECONNECT_WAIT: Duration = Duration::from_secs(30);
+/// Idle time before TCP keepalive probes start, and their interval.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(15);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Connection bookkeeping shared by all clones of a store and its event handlers.
+#[derive(Debug, Default)]
+pub(super) struct ConnState {
+    /// Whether the client is connected, as last reported (to log once per outage).
+    up: AtomicBool,
+    /// Whether the current outage was already logged (also covers "down at startup").
+    reported: AtomicBool,
+    /// Commands that timed out in a row; any success resets it.
+    timeouts: AtomicU32,
+    /// Whether a forced reconnection is under way.
+    forcing: AtomicBool,
+}
+
+/// Builds the client for `url`, starts connecting and waits at most [`COMMAND_TIMEOUT`] for the
+/// first connection. Only errors that can never heal fail; an unreachable server is logged and
+/// connected to in the background.
+pub(super) async fn open(url: &str) -> Result<(Client, Arc<ConnState>), StoreError> {
+    let scheme = url.split("://").next().unwrap_or("");
+    if !SCHEMES.contains(&scheme) || !url.contains("://") {
+        return Err(StoreError::Config(format!(
+            "invalid Valkey URL {:?}: the scheme must be one of {}",
+            redact_url(url),
+            SCHEMES.join(", ")
+        )));
+    }
+    let mut config = Config::from_url(url).map_err(|e| {
+        StoreError::Config(format!("invalid Valkey URL {:?}: {e}", redact_url(url)))
+    })?;
+    // Retry the first connection like any later one instead of failing at once.
+    config.fail_fast = false;
+    let connection = ConnectionConfig {
+        connection_timeout: COMMAND_TIMEOUT,
+        internal_command_timeout: COMMAND_TIMEOUT,
+        // Never re-send a command after a reconnection: scripts are not idempotent, and a
+        // caller that got an error must not see the write happen twice.
+        max_command_attempts: 1,
+        unresponsive: UnresponsiveConfig {
+            max_timeout: Some(COMMAND_TIMEOUT * 2),
+            interval: Duration::from_millis(500),
+        },
+        tcp: TcpConfig {
+            keepalive: Some(keepalive()),
+            ..TcpConfig::default()
+        },
+        ..ConnectionConfig::default()
+    };
+    let performance = PerformanceConfig {
+        default_command_timeout: COMMAND_TIMEOUT,
+        ..PerformanceConfig::default()
+    };
+    let client = Builder::from_config(config)
+        .set_connection_config(connection)
+        .set_performance_config(performance)
+        .set_policy(ReconnectPolicy::new_constant(0, RECONNECT_DELAY_MS))
+        .build()
+        .map_err(|e| StoreError::Config(format!("invalid Valkey configuration: {e}")))?;
+
+    let conn = Arc::new(ConnState::default());
+    watch_connection(&client, &conn);
+    let _task = client.connect();
+    match tokio::time::timeout(COMMAND_TIMEOUT, client.wait_for_connect()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) if matches!(e.kind(), ErrorKind::Config | ErrorKind::Url) => {
+            let _ = client.quit().await;
+            return Err(StoreError::Config(format!(
+                "cannot use Valkey at {}: {e}",
+                redact_url(url)
+            )));
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, detail = "Valkey not reachable yet; retrying in the background", "valkey.disconnected");
+        }
+        Err(_) => {
+            tracing::warn!(
+                detail = "Valkey not reachable yet; retrying in the background",
+                "valkey.disconnected"
+            );
+        }
+    }
+    Ok((client, conn))
+}
+impl ValkeyStore {
+    /// Maps a command's outcome to the store's, tracking timeouts in a row to replace a hung
+    /// connection: fred's own unresponsiveness check measures from the last write, so steady
+    /// traffic to a stopped or black-holed server would keep it from ever firing.
+    pub(super) fn note<T>(&self, r: Result<T, FredError>) -> Result<T, StoreError> {
+        match &r {
+            Ok(_) => self.conn.timeouts.store(0, AtomicOrdering::SeqCst),
+            Err(e) if matches!(e.kind(), ErrorKind::Timeout) => self.timed_out(),
+            Err(_) => {}
+        }
+        r.map_err(map_err)
+    }
+
+    fn timed_out(&self) {
+        let n = self.conn.timeouts.fetch_add(1, AtomicOrdering::SeqCst) + 1;
+        // Only a connection the client believes healthy needs forcing; otherwise it is
+        // already reconnecting.
+        if n < TIMEOUTS_BEFORE_RECONNECT
+            || !self.client.is_connected()
+            || self.conn.forcing.swap(true, AtomicOrdering::SeqCst)
+        {
+            return;
+        }
+        if self.conn.up.swap(false, AtomicOrdering::SeqCst) {
+            self.conn.reported.store(true, AtomicOrdering::SeqCst);
+            tracing::warn!(
+                timeouts = n,
+                detail = "Valkey commands keep timing out; replacing the connection",
+                "valkey.disconnected"
+            );
+        }
+        let client = self.client.clone();
+        let conn = self.conn.clone();
+        tokio::spawn(async move {
+            // The outcome does not matter: the client keeps reconnecting on its own.
+            let _ = tokio::time::timeout(FORCED_RECONNECT_WAIT, client.force_reconnection()).await;
+            conn.timeouts.store(0, AtomicOrdering::SeqCst);
+            conn.forcing.store(false, AtomicOrdering::SeqCst);
+        });
+    }
+}
+
+/// TCP keepalive for the Valkey sockets, so an idle connection to a vanished peer is noticed.
+fn keepalive() -> TcpKeepalive {
+    let keepalive = TcpKeepalive::new().with_time(KEEPALIVE_IDLE);
+    #[cfg(any(
+        target_os = "linux",
+        target_os = "android",
+        target_os = "macos",
+        target_os = "freebsd",
+        target_os = "windows"
+    ))]
+    let keepalive = keepalive.with_interval(KEEPALIVE_INTERVAL);
+    keepalive
+}
+
+/// Logs connection changes: `valkey.connected` once per (re)connection and `valkey.disconnected`
+/// once per outage (not for every failed reconnection attempt).
+fn watch_connection(client: &Client, conn: &Arc<ConnState>) {
+    {
+        let conn = conn.clone();
+        client.on_reconnect(move |server| {
+            if !conn.up.swap(true, AtomicOrdering::SeqCst) {
+                conn.reported.store(false, AtomicOrdering::SeqCst);
+                tracing::info!(server = %server, detail = "connected to Valkey", "valkey.connected");
+            }
+            async { Ok(()) }
+        });
+    }
+    {
+        let conn = conn.clone();
+        client.on_error(move |(error, server)| {
+            let was_up = conn.up.swap(false, AtomicOrdering::SeqCst);
+            if was_up || !conn.reported.swap(true, AtomicOrdering::SeqCst) {
+                conn.reported.store(true, AtomicOrdering::SeqCst);
+                let server = server.map(|s| s.to_string()).unwrap_or_default();
+                tracing::warn!(server, error = %error, detail = "lost the connection to Valkey; reconnecting", "valkey.disconnected");
+            } else {
+                tracing::debug!(error = %error, "Valkey reconnection attempt failed");
+            }
+            async { Ok(()) }
+        });
+    }
+    let conn = conn.clone();
+    client.on_unresponsive(move |server| {
+        if conn.up.swap(false, AtomicOrdering::SeqCst) {
+            conn.reported.store(true, AtomicOrdering::SeqCst);
+            tracing::warn!(server = %server, detail = "Valkey connection unresponsive; reconnecting", "valkey.disconnected");
+        }
+        async { Ok(()) }
+    });
+}
+
+/// `url` fit for an error message or a log line: the password of its userinfo, and the value of
+/// any query parameter named like a password (`sentinelPassword=`), become `***`. Errs on the
+/// side of hiding too much: the userinfo ends at the last `@`, since a password may hold `/`,
+/// `?` or `#`.
+fn redact_url(url: &str) -> String {
+    let (scheme, rest) = match url.split_once("://") {
+        Some((scheme, rest)) => (Some(scheme), rest),
+        None => (None, url),
+    };
+    let rest = match rest.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _password)) => format!("{user}:***@{host}"),
+            None => format!("{userinfo}@{host}"),
+        },
+        None => rest.to_owned(),
+    };
+    let mut out = match scheme {
+        Some(scheme) => format!("{scheme}://"),
+        None => String::new(),
+    };
+    let mut tail = rest.as_str();
+    // Query parameters: `name=value` after `?` or `&`.
+    while let Some(at) = tail.find(['?', '&']) {
+        out.push_str(&tail[..=at]);
+        tail = &tail[at + 1..];
+        let end = tail.find(['&', '#']).unwrap_or(tail.len());
+        let (param, after) = tail.split_at(end);
+        match param.split_once('=') {
+            Some((name, _)) if name.to_ascii_lowercase().contains("password") => {
+                out.push_str(name);
+                out.push_str("=***");
+            }
+            _ => out.push_str(param),
+        }
+        tail = after;
+    }
+    out.push_str(tail);
+    out
+}
+
+/// Maps a client error: anything about reaching the server is `Unavailable`, anything about
+/// what it answered is `Corrupt`.
+pub(super) fn map_err(e: FredError) -> StoreError {
+    match e.kind() {
+        ErrorKind::Parse | ErrorKind::Protocol | ErrorKind::NotFound => {
+            StoreError::Corrupt(e.to_string())
+        }
+        ErrorKind::InvalidArgument if e.details().starts_with("WRONGTYPE") => {
+            StoreError::Corrupt(e.to_string())
+        }
+        // A script's verdict on a record that does not follow the layout.
+        _ if e.details().starts_with("CORRUPT") => StoreError::Corrupt(e.to_string()),
+        _ => StoreError::Unavailable(e.to_string()),
+    }
+}
+
+/// Checks that a command was queued in a pipeline.
+pub(super) fn queue(r: Result<(), FredError>) -> Result<(), StoreError> {
+    r.map_err(map_err)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    const SECRET: &str = "hunter2";
+
+    #[test]
+    fn redact_url_hides_passwords_and_nothing_else_it_needs() {
+        for (url, shown) in [
+            ("redis://:hunter2@h:6379", "redis://:***@h:6379"),
+            ("redis://user:hunter2@h:6379/0", "redis://user:***@h:6379/0"),
+            ("valkey://u:hun/ter?2#x@h:1", "valkey://u:***@h:1"),
+            ("redis:/:hunter2@h", "redis:***@h"),
+            ("redis://user@h:6379", "redis://user@h:6379"),
+            ("redis://h:6379", "redis://h:6379"),
+            (
+                "redis-sentinel://h:1?sentinelPassword=hunter2&node=h2:2",
+                "redis-sentinel://h:1?sentinelPassword=***&node=h2:2",
+            ),
+            ("not a url", "not a url"),
+        ] {
+            assert_eq!(redact_url(url), shown, "{url}");
+        }
+    }
+
+    /// Every way `connect` can fail on a URL, with a password in it: the error names the URL
+    /// but never the password.
+    #[tokio::test]
+    async fn connect_errors_never_show_the_password() {
+        for url in [
+            // Not an accepted scheme (TLS is not compiled in, sentinel is not supported).
+            "rediss://:hunter2@127.0.0.1:6379",
+            "redis-sentinel://:hunter2@127.0.0.1:1?sentinelPassword=hunter2",
+            // fred rejects it: no port number.
+            "redis://user:hunter2@127.0.0.1:notaport",
+            "redis-cluster://:hunter2@/0",
+        ] {
+            let err = ValkeyStore::connect(url, "p:", Duration::from_secs(60))
+                .await
+                .expect_err(url)
+                .to_string();
+            assert!(!err.contains(SECRET), "{url}: {err}");
+            assert!(
+                err.contains("***"),
+                "{url}: the error should name the URL: {err}"
+            );
+        }
+    }
+}

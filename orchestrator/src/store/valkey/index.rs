@@ -1,0 +1,438 @@
+//! Index maintenance. The sorted sets live in other slots than the records, so they are kept
+//! consistent by order and conditional removal rather than atomically (the rules are in
+//! `docs/valkey-store.md`): hints before the record, settle after it, drops only of a score
+//! seen, and the sweeper.
+
+use std::time::Duration;
+
+use fred::interfaces::{ClientLike, KeysInterface, SetsInterface, SortedSetsInterface};
+use fred::types::sorted_sets::Ordering as ZOrdering;
+use fred::types::{ClusterHash, CustomCommand, SetOptions, Value};
+use servicekit::protocol::{ServiceRecord, Timestamp};
+use ulid::Ulid;
+
+use super::connection::queue;
+use super::record::{expiry_and_name, record_from_value};
+use super::scripts::{INDEX_DROP, INDEX_SETTLE};
+use super::ValkeyStore;
+use crate::store::StoreError;
+
+/// Records fetched per pipelined round trip when listing, candidates per sweep pass.
+pub(super) const BATCH: usize = 1000;
+/// How far a register's index hint lies beyond the real expiry: longer than any stall a
+/// register could survive, shorter than a dead hint should linger.
+const HINT_MARGIN: Duration = Duration::from_secs(3600);
+
+/// Whether an index entry is dropped with an exact score match or any score up to it.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum DropMode {
+    Equal,
+    AtMost,
+}
+
+impl DropMode {
+    fn arg(self) -> &'static str {
+        match self {
+            DropMode::Equal => "eq",
+            DropMode::AtMost => "le",
+        }
+    }
+}
+
+impl ValkeyStore {
+    pub(super) async fn server_now(&self) -> Result<u64, StoreError> {
+        let cmd = CustomCommand::new_static("TIME", ClusterHash::Random, false);
+        let parts: Vec<String> = self.note(self.client.custom(cmd, Vec::<String>::new()).await)?;
+        let secs = parts.first().and_then(|s| s.parse::<u64>().ok());
+        let micros = parts.get(1).and_then(|s| s.parse::<u64>().ok());
+        match (secs, micros) {
+            (Some(s), Some(us)) => Ok(s * 1000 + us / 1000),
+            _ => Err(StoreError::Corrupt(format!("TIME answered {parts:?}"))),
+        }
+    }
+
+    /// The score a register gives its id before writing the record: above any real expiry.
+    pub(super) fn hint_score(&self) -> u64 {
+        Timestamp::now()
+            .saturating_add(self.ttl + HINT_MARGIN)
+            .as_millis()
+    }
+
+    /// Indexes `id` under `name` with the hint score, before its record is written.
+    pub(super) async fn add_hint(&self, id: Ulid, name: &str, hint: u64) -> Result<(), StoreError> {
+        let pipeline = self.client.pipeline();
+        let member = id.to_string();
+        let score = hint as f64;
+        for index in [self.keys.all_idx(), self.keys.name_idx(name)] {
+            queue(
+                pipeline
+                    .zadd::<(), _, _>(index, None, None, false, false, (score, member.clone()))
+                    .await,
+            )?;
+        }
+        queue(pipeline.sadd::<(), _, _>(self.keys.names(), name).await)?;
+        let _: Vec<Value> = self.note(pipeline.all().await)?;
+        Ok(())
+    }
+
+    /// Drops `id` from both of its indexes where its score is `score` (mode `Equal`) or at
+    /// most `score` (`AtMost`). Best effort: a failure only leaves a dead entry behind.
+    pub(super) async fn unindex(&self, id: Ulid, name: &str, score: &str, mode: DropMode) {
+        let entry = [id.to_string(), score.to_owned()];
+        let (all, by_name) = (self.keys.all_idx(), self.keys.name_idx(name));
+        let (a, b) = tokio::join!(
+            self.drop_entries(&all, &entry, mode),
+            self.drop_entries(&by_name, &entry, mode),
+        );
+        if let Err(e) = a.and(b) {
+            tracing::debug!(error = %e, %id, "index cleanup failed; the sweeper will finish it");
+        }
+    }
+
+    /// After the record script: replaces the hint by the record's expiry in both indexes and
+    /// drops the id from its previous name's index (only that version's entry). Best effort:
+    /// the hint already keeps the record listed.
+    pub(super) async fn settle(
+        &self,
+        id: Ulid,
+        name: &str,
+        expires_at: Timestamp,
+        hint: u64,
+        previous: Option<(String, String)>,
+    ) {
+        let args = vec![
+            id.to_string(),
+            expires_at.as_millis().to_string(),
+            hint.to_string(),
+        ];
+        let settle_in = |index: String| INDEX_SETTLE.run(&self.client, vec![index], args.clone());
+        let old_index = async {
+            match &previous {
+                Some((old_name, old_expires)) => {
+                    let entry = [id.to_string(), old_expires.clone()];
+                    let index = self.keys.name_idx(old_name);
+                    self.drop_entries(&index, &entry, DropMode::AtMost)
+                        .await
+                        .map(|_| ())
+                }
+                None => Ok(()),
+            }
+        };
+        let (a, b, c) = tokio::join!(
+            settle_in(self.keys.all_idx()),
+            settle_in(self.keys.name_idx(name)),
+            old_index,
+        );
+        let (a, b) = (self.note(a), self.note(b));
+        let result = a.and(b).and(c);
+        if let Err(e) = result {
+            tracing::debug!(error = %e, %id, "index update after register failed; the hint stays");
+        }
+    }
+
+    /// Fetches the records of `ids` in pipelined batches. Missing ones come back as `None`.
+    async fn fetch(&self, ids: &[Ulid]) -> Result<Vec<Option<ServiceRecord>>, StoreError> {
+        let mut out = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(BATCH) {
+            let pipeline = self.client.pipeline();
+            for id in chunk {
+                queue(pipeline.get::<(), _>(self.keys.svc(*id)).await)?;
+            }
+            let replies: Vec<Value> = self.note(pipeline.all().await)?;
+            if replies.len() != chunk.len() {
+                return Err(StoreError::Corrupt(format!(
+                    "pipeline of {} GET answered {} replies",
+                    chunk.len(),
+                    replies.len()
+                )));
+            }
+            for (id, reply) in chunk.iter().zip(replies) {
+                out.push(record_from_value(*id, &reply)?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Reads every member of an index with its score.
+    async fn read_index(&self, key: &str) -> Result<Vec<(String, f64)>, StoreError> {
+        self.note(
+            self.client
+                .zrange(key, 0, -1, None, false, None, true)
+                .await,
+        )
+    }
+
+    /// Drops the given (member, score) pairs from `index` unless their score changed meanwhile.
+    async fn drop_from_index(
+        &self,
+        index: &str,
+        entries: &[(String, f64)],
+    ) -> Result<usize, StoreError> {
+        let mut dropped = 0;
+        for chunk in entries.chunks(BATCH) {
+            let args: Vec<String> = chunk
+                .iter()
+                .flat_map(|(member, score)| [member.clone(), score_text(*score)])
+                .collect();
+            dropped += self.drop_entries(index, &args, DropMode::Equal).await?;
+        }
+        Ok(dropped)
+    }
+
+    /// Runs [`INDEX_DROP`] on `index` with flat `member, score` pairs.
+    pub(super) async fn drop_entries(
+        &self,
+        index: &str,
+        pairs: &[String],
+        mode: DropMode,
+    ) -> Result<usize, StoreError> {
+        let mut args = Vec::with_capacity(pairs.len() + 1);
+        args.push(mode.arg().to_owned());
+        args.extend_from_slice(pairs);
+        let n = self.note(
+            INDEX_DROP
+                .run(&self.client, vec![index.to_owned()], args)
+                .await,
+        )?;
+        Ok(usize::try_from(int_of(&n)?).unwrap_or(0))
+    }
+
+    /// Lists the live records of one index, dropping dead members from it in the background.
+    pub(super) async fn list_index(&self, index: &str) -> Result<Vec<ServiceRecord>, StoreError> {
+        let entries = self.read_index(index).await?;
+        let mut ids = Vec::with_capacity(entries.len());
+        let mut dead = Vec::new();
+        for (member, score) in &entries {
+            match Ulid::from_string(member) {
+                Ok(id) => ids.push((id, member, *score)),
+                // Not ours to interpret; drop it so it cannot pile up.
+                Err(_) => dead.push((member.clone(), *score)),
+            }
+        }
+        let only_ids: Vec<Ulid> = ids.iter().map(|(id, _, _)| *id).collect();
+        let records = self.fetch(&only_ids).await?;
+        let mut live = Vec::with_capacity(records.len());
+        for ((_, member, score), record) in ids.into_iter().zip(records) {
+            match record {
+                Some(r) => live.push(r),
+                None => dead.push((member.clone(), score)),
+            }
+        }
+        if !dead.is_empty() {
+            // Cleanup is best effort and the listing is already correct: neither wait for it
+            // nor fail because of it.
+            let store = self.clone();
+            let index = index.to_owned();
+            tokio::spawn(async move {
+                if let Err(e) = store.drop_from_index(&index, &dead).await {
+                    tracing::debug!(error = %e, index, "index cleanup on read failed");
+                }
+            });
+        }
+        Ok(live)
+    }
+
+    /// Sweeps one index; returns how many entries were dropped. For a by-name index (`name`
+    /// given) entries whose record now has another display name are dropped too.
+    pub(super) async fn sweep_index(
+        &self,
+        index: &str,
+        name: Option<&str>,
+        now: u64,
+    ) -> Result<usize, StoreError> {
+        let mut dropped = 0;
+        loop {
+            let candidates: Vec<(String, f64)> = self.note(
+                self.client
+                    .zrangebyscore(index, "-inf", now as f64, true, Some((0, BATCH as i64)))
+                    .await,
+            )?;
+            if candidates.is_empty() {
+                break;
+            }
+            let pipeline = self.client.pipeline();
+            let mut checked = Vec::with_capacity(candidates.len());
+            let mut dead = Vec::new();
+            for (member, score) in &candidates {
+                match Ulid::from_string(member) {
+                    Ok(id) => {
+                        queue(pipeline.get::<(), _>(self.keys.svc(id)).await)?;
+                        checked.push((member.clone(), *score));
+                    }
+                    Err(_) => dead.push((member.clone(), *score)),
+                }
+            }
+            let replies: Vec<Value> = if checked.is_empty() {
+                Vec::new()
+            } else {
+                self.note(pipeline.all().await)?
+            };
+            if replies.len() != checked.len() {
+                return Err(StoreError::Corrupt(format!(
+                    "pipeline of {} GET answered {} replies",
+                    checked.len(),
+                    replies.len()
+                )));
+            }
+            let mut progress = 0;
+            let rescore = self.client.pipeline();
+            let mut rescored = 0;
+            for ((member, score), reply) in checked.into_iter().zip(replies) {
+                let (expires, record_name) = expiry_and_name(&reply);
+                let moved = matches!((name, record_name), (Some(n), Some(r)) if n != r);
+                match expires {
+                    Some(expires_at) if !moved => {
+                        if expires_at > now {
+                            progress += 1;
+                        }
+                        queue(
+                            rescore
+                                .zadd::<(), _, _>(
+                                    index,
+                                    Some(SetOptions::XX),
+                                    Some(ZOrdering::GreaterThan),
+                                    false,
+                                    false,
+                                    (expires_at as f64, member),
+                                )
+                                .await,
+                        )?;
+                        rescored += 1;
+                    }
+                    // Expired or renamed: a registration under this name in between changed
+                    // the score with its hint, so the conditional drop keeps it.
+                    _ => dead.push((member, score)),
+                }
+            }
+            if rescored > 0 {
+                let _: Vec<Value> = self.note(rescore.all().await)?;
+            }
+            if !dead.is_empty() {
+                let n = self.drop_from_index(index, &dead).await?;
+                dropped += n;
+                progress += n;
+            }
+            if candidates.len() < BATCH || progress == 0 {
+                break;
+            }
+        }
+        Ok(dropped)
+    }
+
+    /// Sweeps the by-name indexes of `names`: one round trip finds the indexes with expired
+    /// scores, only those are swept, then empty indexes are forgotten.
+    pub(super) async fn sweep_names(
+        &self,
+        names: &[String],
+        now: u64,
+    ) -> Result<usize, StoreError> {
+        let pipeline = self.client.pipeline();
+        for name in names {
+            queue(
+                pipeline
+                    .zrangebyscore::<(), _, _, _>(
+                        self.keys.name_idx(name),
+                        "-inf",
+                        now as f64,
+                        false,
+                        Some((0, 1)),
+                    )
+                    .await,
+            )?;
+        }
+        let firsts: Vec<Value> = self.note(pipeline.all().await)?;
+        if firsts.len() != names.len() {
+            return Err(StoreError::Corrupt(format!(
+                "pipeline of {} ZRANGEBYSCORE answered {} replies",
+                names.len(),
+                firsts.len()
+            )));
+        }
+        let mut dropped = 0;
+        for (name, first) in names.iter().zip(firsts) {
+            if !is_empty_reply(&first) {
+                dropped += self
+                    .sweep_index(&self.keys.name_idx(name), Some(name), now)
+                    .await?;
+            }
+        }
+        self.forget_empty_names(names).await?;
+        Ok(dropped)
+    }
+
+    /// Which of `names` have an empty by-name index (one pipelined round trip).
+    async fn empty_names(&self, names: &[String]) -> Result<Vec<String>, StoreError> {
+        let pipeline = self.client.pipeline();
+        for name in names {
+            queue(pipeline.zcard::<(), _>(self.keys.name_idx(name)).await)?;
+        }
+        let counts: Vec<Value> = self.note(pipeline.all().await)?;
+        if counts.len() != names.len() {
+            return Err(StoreError::Corrupt(format!(
+                "pipeline of {} ZCARD answered {} replies",
+                names.len(),
+                counts.len()
+            )));
+        }
+        let mut empty = Vec::new();
+        for (name, count) in names.iter().zip(counts) {
+            if int_of(&count)? == 0 {
+                empty.push(name.clone());
+            }
+        }
+        Ok(empty)
+    }
+
+    /// Removes names with an empty index from the names set.
+    async fn forget_empty_names(&self, names: &[String]) -> Result<(), StoreError> {
+        let empty = self.empty_names(names).await?;
+        if empty.is_empty() {
+            return Ok(());
+        }
+        let _: i64 = self.note(self.client.srem(self.keys.names(), empty.clone()).await)?;
+        // A registration may have indexed a name between ZCARD and SREM: put it back.
+        let still_empty = self.empty_names(&empty).await?;
+        let refilled: Vec<String> = empty
+            .into_iter()
+            .filter(|name| !still_empty.contains(name))
+            .collect();
+        if !refilled.is_empty() {
+            let _: i64 = self.note(self.client.sadd(self.keys.names(), refilled).await)?;
+        }
+        Ok(())
+    }
+}
+
+/// Scores are integral milliseconds; render them without a fraction so Lua compares exactly.
+fn score_text(score: f64) -> String {
+    format!("{score:.0}")
+}
+
+fn int_of(v: &Value) -> Result<i64, StoreError> {
+    match v {
+        Value::Integer(i) => Ok(*i),
+        other => other
+            .as_string()
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| StoreError::Corrupt(format!("expected an integer, got {other:?}"))),
+    }
+}
+
+/// Whether a reply is an empty (or nil) array.
+fn is_empty_reply(v: &Value) -> bool {
+    match v {
+        Value::Null => true,
+        Value::Array(items) => items.is_empty(),
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scores_render_as_integers() {
+        assert_eq!(score_text(1_761_566_430_123.0), "1761566430123");
+    }
+}

@@ -1,0 +1,45 @@
+-- Helpers for the record layout (docs/valkey-store.md), shared by the record scripts.
+-- STAMP_DIGITS, HEADER_LEN and PING_OFFSET are defined by the prelude that scripts.rs renders
+-- from the constants of record.rs and puts before this file.
+local STAMP_PATTERN = '^' .. string.rep('%d', STAMP_DIGITS) .. '$'
+local STAMP_FORMAT = '%0' .. STAMP_DIGITS .. '.0f'
+
+-- The i-th header timestamp (0 = registered_at ... 3 = expires_at) as a number, nil when it is
+-- not STAMP_DIGITS digits.
+local function stamp(v, i)
+  local s = string.sub(v, i * STAMP_DIGITS + 1, (i + 1) * STAMP_DIGITS)
+  if not string.find(s, STAMP_PATTERN) then return nil end
+  return tonumber(s)
+end
+
+-- ms as exactly STAMP_DIGITS zero-padded digits (longer only past the year 2286, which the
+-- longest accepted TTL rules out; callers still check the length).
+local function stamp_text(ms)
+  return string.format(STAMP_FORMAT, ms)
+end
+
+-- ms as an integer text, never in exponent notation.
+local function ms_text(ms)
+  return string.format('%.0f', ms)
+end
+
+-- The server's time in ms.
+local function server_now()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+-- The length-prefixed text at byte p (1-based) and the position after it, nil when malformed.
+local function field(v, p)
+  local n, s = string.match(v, '^(%d+):()', p)
+  if not n then return nil end
+  local e = s + tonumber(n)
+  if e - 1 > #v then return nil end
+  return string.sub(v, s, e - 1), e
+end
+
+-- The error reply for a record that does not follow the layout (mapped to StoreError::Corrupt).
+local function malformed(key)
+  return redis.error_reply('CORRUPT servicekit record ' .. key .. ' does not follow the layout')
+end
+
