@@ -770,8 +770,7 @@ async fn ping_extends_life<H: Harness>() {
         // Pings every quarter TTL, for two and a half TTLs.
         for _ in 0..PINGS {
             tokio::time::sleep(ttl / 4).await;
-            let p = s.ping(id);
-            let (p, span) = timed(p).await;
+            let (p, span) = timed(s.ping(id)).await;
             match p.expect("ping") {
                 Some(p) => {
                     assert_eq!(p.id, id);
