@@ -3,21 +3,17 @@
 
 mod support;
 
-use std::io::{Read, Write};
 use std::time::Duration;
 
 use axum::routing::get;
 use axum::Router;
+use serde_json::Value;
+use servicekit::protocol::Timestamp;
 use support::valkey::ValkeyServer;
 use support::*;
 
-/// Sends `FLUSHALL` over RESP and checks the `+OK`.
-fn flushall(port: u16) {
-    let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect to valkey");
-    conn.write_all(b"*1\r\n$8\r\nFLUSHALL\r\n").expect("send");
-    let mut buf = [0u8; 5];
-    conn.read_exact(&mut buf).expect("answer");
-    assert_eq!(&buf, b"+OK\r\n");
+fn registered_at(entry: &Value) -> Timestamp {
+    serde_json::from_value(entry["registered_at"].clone()).expect("registered_at is a timestamp")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -33,15 +29,26 @@ async fn a_flushed_valkey_is_healed_with_the_same_id() {
     let served = serve(listener, app, &layer);
     let url = format!("http://127.0.0.1:{port}");
     let first = registered(&api, &url, Duration::from_secs(15)).await;
+    let first_at = registered_at(&first);
 
-    flushall(valkey.port());
-    assert!(
-        entries_for(&api, &url).await.is_empty(),
-        "FLUSHALL removed the entry"
-    );
-    // One keepalive interval (ttl/3 = 1 s) plus the re-registration round trip.
-    let again = registered(&api, &url, Duration::from_secs(5)).await;
-    assert_eq!(again["id"], first["id"]);
+    assert_eq!(valkey.command(&["FLUSHALL"]), "+OK");
+    // The next keepalive (every ttl/3 = 1 s) gets a 404 and registers again, possibly before
+    // this test looks, so wait for the new entry rather than for the gap. Registering an
+    // existing entry keeps its registered_at, so a later one proves the entry was lost and
+    // created anew.
+    let again = eventually(
+        "the layer to register again after FLUSHALL",
+        Duration::from_secs(20),
+        || async {
+            let entries = entries_for(&api, &url).await;
+            assert!(entries.len() <= 1, "one URL, one entry: {entries:?}");
+            entries
+                .into_iter()
+                .find(|entry| registered_at(entry) > first_at)
+        },
+    )
+    .await;
+    assert_eq!(again["id"], first["id"], "re-registered with the same id");
 
     served.shutdown().await;
     assert!(entries_for(&api, &url).await.is_empty());

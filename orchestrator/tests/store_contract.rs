@@ -4,11 +4,16 @@
 //! `contract_tests!` as `memory::<name>` (on `MemoryStore`) and `valkey::<name>` (on
 //! `ValkeyStore` against a real `valkey-server` child process; see `support/valkey.rs`). A few
 //! Valkey-only tests at the end check the documented key layout and connection behaviour.
+//!
+//! Expiry tests run on tokio's paused clock for the memory store (exact instants, no real
+//! sleeps) and in real time for Valkey. There they time every store call and assert only what
+//! the measured times guarantee: when the test itself was descheduled past a deadline, the
+//! round is retried instead of failing (see [`in_time`]).
 
 mod support;
 
 use std::future::Future;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use fred::interfaces::{ClientLike, KeysInterface, SetsInterface, SortedSetsInterface};
 use fred::types::{ClusterHash, CustomCommand};
@@ -19,12 +24,19 @@ use servicekit_orchestrator::store::{
     ValkeyStore,
 };
 use support::valkey::ValkeyServer;
+use tokio::time::Instant;
 use ulid::Ulid;
 
 /// TTL of tests that never wait for expiry.
 const LONG_TTL: Duration = Duration::from_secs(60);
-/// TTL of tests that wait for expiry.
-const SHORT_TTL: Duration = Duration::from_millis(700);
+/// TTL of tests that wait for expiry: long enough that a loaded machine rarely misses a
+/// timing window, short enough to wait out a few times.
+const EXPIRY_TTL: Duration = Duration::from_secs(2);
+/// How far the store's expiry clock (Valkey's, in whole milliseconds) may be off this
+/// process's clock when judging whether a deadline had certainly passed or not.
+const CLOCK_SLACK: Duration = Duration::from_millis(100);
+/// Rounds an expiry test may retry because the machine descheduled it past a deadline.
+const ROUNDS: usize = 5;
 /// Slack for comparing store timestamps with this process's clock.
 const CLOCK_SLACK_MS: u64 = 1_000;
 
@@ -38,6 +50,8 @@ trait Harness: Sized + Send + Sync + 'static {
     const KIND: &'static str;
     /// Index entries that one live registration occupies (see `index_len`).
     const PER_ENTRY: usize;
+    /// Whether expiry tests run on tokio's paused clock (then no timing window is ever missed).
+    const PAUSED: bool;
 
     async fn open(ttl: Duration) -> Self;
     fn store(&self) -> &Self::S;
@@ -54,6 +68,7 @@ impl Harness for Memory {
     const KIND: &'static str = "memory";
     /// The entry itself, its URL index entry and its name index entry.
     const PER_ENTRY: usize = 3;
+    const PAUSED: bool = true;
 
     async fn open(ttl: Duration) -> Self {
         Memory {
@@ -106,6 +121,7 @@ impl Harness for Valkey {
     const KIND: &'static str = "valkey";
     /// Its member in `{all}:idx` and in its name index.
     const PER_ENTRY: usize = 2;
+    const PAUSED: bool = false;
 
     async fn open(ttl: Duration) -> Self {
         let server = tokio::task::spawn_blocking(ValkeyServer::new)
@@ -141,13 +157,21 @@ impl Harness for Valkey {
     }
 }
 
+/// `any_clock` tests run in real time on both stores (two worker threads, so races are
+/// real); `expiry` tests run on paused time for the memory store, in real time for Valkey.
 macro_rules! contract_tests {
-    ($($name:ident),* $(,)?) => {
+    (any_clock: [$($name:ident),* $(,)?], expiry: [$($timed:ident),* $(,)?] $(,)?) => {
         mod memory {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
                     super::$name::<super::Memory>().await
+                }
+            )*
+            $(
+                #[tokio::test(start_paused = true)]
+                async fn $timed() {
+                    super::$timed::<super::Memory>().await
                 }
             )*
         }
@@ -158,28 +182,38 @@ macro_rules! contract_tests {
                     super::$name::<super::Valkey>().await
                 }
             )*
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $timed() {
+                    super::$timed::<super::Valkey>().await
+                }
+            )*
         }
     };
 }
 
 contract_tests!(
-    kind_ttl_and_health,
-    register_creates,
-    register_is_idempotent,
-    concurrent_registers_of_one_url_make_one_entry,
-    reregister_restarts_the_ttl,
-    requested_id_is_kept_after_expiry,
-    requested_id_of_another_url_gets_a_fresh_id,
-    requested_id_not_fitting_the_url_gets_a_fresh_id,
-    unknown_ids_are_none,
-    deregister_returns_the_record_and_hides_it,
-    ping_extends_life,
-    ping_of_expired_is_none_and_stays_gone,
-    ping_and_deregister_race_leaves_nothing,
-    expired_entries_are_never_listed,
-    list_filters,
-    display_name_change_moves_between_indexes,
-    sweep_drops_dead_index_entries,
+    any_clock: [
+        kind_ttl_and_health,
+        register_creates,
+        register_is_idempotent,
+        concurrent_registers_of_one_url_make_one_entry,
+        requested_id_of_another_url_gets_a_fresh_id,
+        requested_id_not_fitting_the_url_gets_a_fresh_id,
+        unknown_ids_are_none,
+        deregister_returns_the_record_and_hides_it,
+        ping_and_deregister_race_leaves_nothing,
+        list_filters,
+        display_name_change_moves_between_indexes,
+    ],
+    expiry: [
+        reregister_restarts_the_ttl,
+        requested_id_is_kept_after_expiry,
+        ping_extends_life,
+        ping_of_expired_is_none_and_stays_gone,
+        expired_entries_are_never_listed,
+        sweep_drops_dead_index_entries,
+    ],
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -260,20 +294,106 @@ async fn wait_gone<S: Store>(store: &S, id: Ulid) {
     let ttl = store.ttl();
     eventually(
         "the entry to expire",
-        ttl + Duration::from_secs(3),
+        ttl + Duration::from_secs(15),
         move || async move { store.get(id).await.expect("get").is_none() },
     )
     .await;
 }
 
-/// Waits until this process's clock is past `t` (store timestamps are ms-granular).
-async fn wait_past(t: Timestamp) {
-    eventually(
-        "the clock to advance",
-        Duration::from_secs(5),
-        move || async move { Timestamp::now() > t },
+/// Waits (on the wall clock, a few ms at most) until it reads later than `t`, so the next
+/// store timestamp differs from `t`. Blocking, so it works on paused time too.
+fn wait_past(t: Timestamp) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while Timestamp::now() <= t {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the wall clock is stuck before {t}"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// When a store call ran: it took effect somewhere between `start` and `end`, on the clock
+/// expiry follows (tokio's: paused for the memory store, real for Valkey).
+#[derive(Debug, Clone, Copy)]
+struct Span {
+    start: Instant,
+    end: Instant,
+}
+
+/// Runs `call` and says when it ran.
+async fn timed<T>(call: impl Future<Output = T>) -> (T, Span) {
+    let start = Instant::now();
+    let out = call.await;
+    (
+        out,
+        Span {
+            start,
+            end: Instant::now(),
+        },
     )
-    .await;
+}
+
+impl Span {
+    /// Whether an entry that this call (re)started was certainly still live throughout
+    /// `later` (with no renewal in between): `later` ended before the earliest deadline this
+    /// call can have set.
+    fn keeps_alive(self, ttl: Duration, later: Span) -> bool {
+        later.end + CLOCK_SLACK < self.start + ttl
+    }
+
+    /// From when an entry that this call (re)started, and nothing renewed, is certainly gone.
+    fn surely_expired(self, ttl: Duration) -> Instant {
+        self.end + ttl + CLOCK_SLACK
+    }
+
+    /// The span from the start of `self` to the end of `other`.
+    fn to(self, other: Span) -> Span {
+        Span {
+            start: self.start,
+            end: other.end,
+        }
+    }
+}
+
+/// A round of an expiry test could not check what it wanted: the test was descheduled past
+/// a deadline it needed to beat. Says which one.
+#[derive(Debug)]
+struct Missed(&'static str);
+
+/// Runs `round` until one completes inside its timing windows, failing after [`ROUNDS`]
+/// misses. On paused time nothing can be missed, so a miss fails at once.
+async fn in_time<H: Harness>(what: &str, mut round: impl AsyncFnMut() -> Result<(), Missed>) {
+    let mut missed = Vec::new();
+    for _ in 0..ROUNDS {
+        match round().await {
+            Ok(()) => return,
+            Err(Missed(why)) => {
+                assert!(!H::PAUSED, "{what}: {why} on paused time");
+                eprintln!("{what}: {why}; retrying the round");
+                missed.push(why);
+            }
+        }
+    }
+    panic!("{what}: every round was descheduled past a deadline it needed: {missed:?}");
+}
+
+/// Pings `id`, whose last renewal was `prev`; returns the new renewal, or a miss when the
+/// entry expired and the test had been too slow to keep it alive. Panics when it expired
+/// although the ping ran within its TTL.
+async fn keep_alive<S: Store>(s: &S, id: Ulid, prev: Span) -> Result<Span, Missed> {
+    let (pinged, span) = timed(s.ping(id)).await;
+    match pinged.expect("ping") {
+        Some(p) => {
+            assert_eq!(p.id, id);
+            assert_eq!(p.expires_at, p.last_ping_at.saturating_add(s.ttl()));
+            Ok(span)
+        }
+        None if prev.keeps_alive(s.ttl(), span) => {
+            panic!("{id} expired although pinged within its TTL")
+        }
+        None => Err(Missed("a keepalive ping came after the deadline")),
+    }
 }
 
 /// Some other URL with the same slot tag as `url`.
@@ -372,7 +492,7 @@ async fn register_is_idempotent<H: Harness>() {
         })
         .await
         .expect("register");
-    wait_past(first.record.last_updated).await;
+    wait_past(first.record.last_updated);
 
     let new_info = info(json!({"display_name": "A", "version": "2", "region": "eu"}));
     let before = Timestamp::now();
@@ -456,36 +576,47 @@ async fn concurrent_registers_of_one_url_make_one_entry<H: Harness>() {
 }
 
 async fn reregister_restarts_the_ttl<H: Harness>() {
-    let h = H::open(SHORT_TTL).await;
-    let s = h.store();
-    let url = "http://svc-a:8000";
-    let first = s.register(reg(url, "A")).await.expect("register");
-    // Re-register half way through the TTL...
-    tokio::time::sleep(SHORT_TTL / 2).await;
-    let again = s.register(reg(url, "A")).await.expect("register again");
-    assert_eq!(again.record.id, first.record.id);
-    assert!(again.record.expires_at > first.record.expires_at);
-    // ...and it outlives the first deadline.
-    wait_past(
-        first
-            .record
-            .expires_at
-            .saturating_add(Duration::from_millis(100)),
-    )
+    let ttl = EXPIRY_TTL;
+    in_time::<H>("reregister_restarts_the_ttl", async || {
+        let h = H::open(ttl).await;
+        let s = h.store();
+        let url = "http://svc-a:8000";
+        let (first, r1) = timed(s.register(reg(url, "A"))).await;
+        let first = first.expect("register");
+        // Re-register half way through the TTL...
+        tokio::time::sleep(ttl / 2).await;
+        wait_past(first.record.last_updated);
+        let (again, r2) = timed(s.register(reg(url, "A"))).await;
+        let again = again.expect("register again");
+        if !r1.keeps_alive(ttl, r2) {
+            return Err(Missed("re-registered after the first deadline"));
+        }
+        assert!(!again.created);
+        assert_eq!(again.record.id, first.record.id);
+        assert!(again.record.expires_at > first.record.expires_at);
+        // ...and it outlives the first deadline.
+        tokio::time::sleep_until(r1.surely_expired(ttl)).await;
+        let (got, g) = timed(s.get(first.record.id)).await;
+        if !r2.keeps_alive(ttl, g) {
+            return Err(Missed("looked after the second deadline"));
+        }
+        let got = got.expect("get");
+        assert!(got.is_some(), "re-registration restarted the TTL");
+        assert_eq!(got.map(|r| r.expires_at), Some(again.record.expires_at));
+        // It still expires in the end.
+        wait_gone(s, first.record.id).await;
+        Ok(())
+    })
     .await;
-    let got = s.get(first.record.id).await.expect("get");
-    assert!(got.is_some(), "re-registration restarted the TTL");
-    assert_eq!(got.map(|r| r.expires_at), Some(again.record.expires_at));
-    // It still expires in the end.
-    wait_gone(s, first.record.id).await;
 }
 
 async fn requested_id_is_kept_after_expiry<H: Harness>() {
-    let h = H::open(SHORT_TTL).await;
+    let h = H::open(EXPIRY_TTL).await;
     let s = h.store();
     let url = "http://svc-a:8000";
     let first = s.register(reg(url, "A")).await.expect("register");
     wait_gone(s, first.record.id).await;
+    wait_past(first.record.registered_at);
     assert!(s.list(&by_url(url)).await.expect("list").is_empty());
 
     let back = s
@@ -625,58 +756,70 @@ async fn deregister_returns_the_record_and_hides_it<H: Harness>() {
 }
 
 async fn ping_extends_life<H: Harness>() {
-    let h = H::open(SHORT_TTL).await;
-    let s = h.store();
-    let r = s
-        .register(reg("http://svc-a:8000", "A"))
-        .await
-        .expect("register");
-    let id = r.record.id;
-    let mut last = r.record.last_ping_at;
-    let until = r
-        .record
-        .expires_at
-        .saturating_add(SHORT_TTL + SHORT_TTL / 2);
-    let mut pings = 0;
-    while Timestamp::now() < until {
-        tokio::time::sleep(SHORT_TTL / 4).await;
-        let p = s.ping(id).await.expect("ping").expect("still alive");
-        pings += 1;
-        assert_eq!(p.id, id);
-        assert!(p.last_ping_at >= last);
-        assert_eq!(p.expires_at, p.last_ping_at.saturating_add(SHORT_TTL));
-        last = p.last_ping_at;
-    }
-    assert!(pings >= 8, "pinged {pings} times");
-    let got = s
-        .get(id)
-        .await
-        .expect("get")
-        .expect("alive long past its first deadline");
-    assert!(Timestamp::now() > r.record.expires_at);
-    assert_eq!(got.last_ping_at, last);
-    assert_eq!(got.registered_at, r.record.registered_at);
-    assert_eq!(
-        got.last_updated, r.record.last_updated,
-        "ping is not an update"
-    );
-    assert_eq!(ids(&s.list(&all()).await.expect("list")), vec![id]);
-    assert_eq!(ids(&s.list(&by_name("A")).await.expect("list")), vec![id]);
-    assert_eq!(
-        ids(&s.list(&by_url("http://svc-a:8000")).await.expect("list")),
-        vec![id]
-    );
-    // Re-registering the URL after pings finds the same entry.
-    let again = s
-        .register(reg("http://svc-a:8000", "A"))
-        .await
-        .expect("register");
-    assert!(!again.created);
-    assert_eq!(again.record.id, id);
+    const PINGS: u32 = 10;
+    let ttl = EXPIRY_TTL;
+    in_time::<H>("ping_extends_life", async || {
+        let h = H::open(ttl).await;
+        let s = h.store();
+        let url = "http://svc-a:8000";
+        let (r, registered) = timed(s.register(reg(url, "A"))).await;
+        let r = r.expect("register");
+        let id = r.record.id;
+        let mut last = r.record.last_ping_at;
+        let mut renewed = registered;
+        // Pings every quarter TTL, for two and a half TTLs.
+        for _ in 0..PINGS {
+            tokio::time::sleep(ttl / 4).await;
+            let (p, span) = timed(s.ping(id)).await;
+            match p.expect("ping") {
+                Some(p) => {
+                    assert_eq!(p.id, id);
+                    assert!(p.last_ping_at >= last);
+                    assert_eq!(p.expires_at, p.last_ping_at.saturating_add(ttl));
+                    last = p.last_ping_at;
+                }
+                None if renewed.keeps_alive(ttl, span) => panic!("expired although pinged"),
+                None => return Err(Missed("a ping came after the deadline")),
+            }
+            renewed = span;
+        }
+        let ((got, all_ids, named, at_url, again), looked) = timed(async {
+            (
+                s.get(id).await.expect("get"),
+                ids(&s.list(&all()).await.expect("list")),
+                ids(&s.list(&by_name("A")).await.expect("list")),
+                ids(&s.list(&by_url(url)).await.expect("list")),
+                // Re-registering the URL after pings finds the same entry.
+                s.register(reg(url, "A")).await.expect("register"),
+            )
+        })
+        .await;
+        if !renewed.keeps_alive(ttl, looked) {
+            return Err(Missed("looked after the last ping's deadline"));
+        }
+        assert!(
+            looked.start > registered.surely_expired(ttl),
+            "the pings went on past the first deadline"
+        );
+        let got = got.expect("alive long past its first deadline");
+        assert_eq!(got.last_ping_at, last);
+        assert_eq!(got.registered_at, r.record.registered_at);
+        assert_eq!(
+            got.last_updated, r.record.last_updated,
+            "ping is not an update"
+        );
+        assert_eq!(all_ids, vec![id]);
+        assert_eq!(named, vec![id]);
+        assert_eq!(at_url, vec![id]);
+        assert!(!again.created);
+        assert_eq!(again.record.id, id);
+        Ok(())
+    })
+    .await;
 }
 
 async fn ping_of_expired_is_none_and_stays_gone<H: Harness>() {
-    let h = H::open(SHORT_TTL).await;
+    let h = H::open(EXPIRY_TTL).await;
     let s = h.store();
     let url = "http://svc-a:8000";
     let r = s.register(reg(url, "A")).await.expect("register");
@@ -757,51 +900,56 @@ async fn ping_and_deregister_race_leaves_nothing<H: Harness>() {
 }
 
 async fn expired_entries_are_never_listed<H: Harness>() {
-    let h = H::open(SHORT_TTL).await;
-    let s = h.store();
-    let dying = s
-        .register(Registration {
+    let ttl = EXPIRY_TTL;
+    in_time::<H>("expired_entries_are_never_listed", async || {
+        let h = H::open(ttl).await;
+        let s = h.store();
+        let (dying, d) = timed(s.register(Registration {
             url: "http://dying:8000".into(),
             info: info(json!({"display_name": "D", "team": "data"})),
             requested_id: None,
-        })
-        .await
-        .expect("register");
-    let living = s
-        .register(Registration {
+        }))
+        .await;
+        let (living, l) = timed(s.register(Registration {
             url: "http://living:8000".into(),
             info: info(json!({"display_name": "L", "team": "data"})),
             requested_id: None,
+        }))
+        .await;
+        let dying_id = dying.expect("register").record.id;
+        let living_id = living.expect("register").record.id;
+        // Keep one alive by pinging while the other expires; no sweep runs.
+        let mut renewed = l;
+        let give_up = d.surely_expired(ttl) + Duration::from_secs(15);
+        loop {
+            renewed = keep_alive(s, living_id, renewed).await?;
+            if s.get(dying_id).await.expect("get").is_none() {
+                break;
+            }
+            assert!(Instant::now() < give_up, "D never expired");
+            tokio::time::sleep(ttl / 10).await;
+        }
+        let ((listed, named_d, at_url, team, named_l), looked) = timed(async {
+            (
+                ids(&s.list(&all()).await.expect("list")),
+                ids(&s.list(&by_name("D")).await.expect("list")),
+                ids(&s.list(&by_url("http://dying:8000")).await.expect("list")),
+                ids(&s.list(&by_info("team", "data")).await.expect("list")),
+                ids(&s.list(&by_name("L")).await.expect("list")),
+            )
         })
-        .await
-        .expect("register");
-    let dying_id = dying.record.id;
-    let living_id = living.record.id;
-    // Keep one alive by pinging while the other expires; no sweep runs.
-    eventually(
-        "D to expire",
-        SHORT_TTL + Duration::from_secs(3),
-        move || async move {
-            s.ping(living_id).await.expect("ping").expect("L alive");
-            s.get(dying_id).await.expect("get").is_none()
-        },
-    )
+        .await;
+        if !renewed.keeps_alive(ttl, looked) {
+            return Err(Missed("listed after the last ping's deadline"));
+        }
+        assert_eq!(listed, vec![living_id]);
+        assert!(named_d.is_empty());
+        assert!(at_url.is_empty());
+        assert_eq!(team, vec![living_id]);
+        assert_eq!(named_l, vec![living_id]);
+        Ok(())
+    })
     .await;
-    assert_eq!(ids(&s.list(&all()).await.expect("list")), vec![living_id]);
-    assert!(s.list(&by_name("D")).await.expect("list").is_empty());
-    assert!(s
-        .list(&by_url("http://dying:8000"))
-        .await
-        .expect("list")
-        .is_empty());
-    assert_eq!(
-        ids(&s.list(&by_info("team", "data")).await.expect("list")),
-        vec![living_id]
-    );
-    assert_eq!(
-        ids(&s.list(&by_name("L")).await.expect("list")),
-        vec![living_id]
-    );
 }
 
 async fn list_filters<H: Harness>() {
@@ -960,74 +1108,88 @@ async fn display_name_change_moves_between_indexes<H: Harness>() {
 }
 
 async fn sweep_drops_dead_index_entries<H: Harness>() {
-    let h = H::open(SHORT_TTL).await;
-    let s = h.store();
-    let mut dead = Vec::new();
-    let mut dead_deadline = Timestamp::from_millis(0);
-    for (i, name) in ["x", "y", "x"].iter().enumerate() {
-        let r = s
-            .register(reg(&format!("http://dead-{i}:8000"), name))
-            .await
-            .expect("register");
-        dead.push(r.record.id);
-        dead_deadline = dead_deadline.max(r.record.expires_at);
-    }
-    let keeper = s
-        .register(reg("http://keeper:8000", "k"))
-        .await
-        .expect("register")
-        .record
-        .id;
-    assert_eq!(h.index_len().await, 4 * H::PER_ENTRY);
-    assert_eq!(s.sweep().await.expect("sweep"), 0, "nothing expired yet");
-    assert_eq!(
-        h.index_len().await,
-        4 * H::PER_ENTRY,
-        "sweep keeps live entries"
-    );
+    let ttl = EXPIRY_TTL;
+    in_time::<H>("sweep_drops_dead_index_entries", async || {
+        let h = H::open(ttl).await;
+        let s = h.store();
+        let mut dead = Vec::new();
+        let mut registered: Option<Span> = None;
+        for (i, name) in ["x", "y", "x"].iter().enumerate() {
+            let (r, span) = timed(s.register(reg(&format!("http://dead-{i}:8000"), name))).await;
+            dead.push(r.expect("register").record.id);
+            registered = Some(registered.map_or(span, |first| first.to(span)));
+        }
+        let Some(registered) = registered else {
+            unreachable!("three registrations")
+        };
+        let (keeper, k) = timed(s.register(reg("http://keeper:8000", "k"))).await;
+        let keeper = keeper.expect("register").record.id;
+        assert_eq!(h.index_len().await, 4 * H::PER_ENTRY);
+        let (swept, sw) = timed(s.sweep()).await;
+        if !registered.keeps_alive(ttl, sw) {
+            return Err(Missed("swept after the first deadline"));
+        }
+        assert_eq!(swept.expect("sweep"), 0, "nothing expired yet");
+        assert_eq!(
+            h.index_len().await,
+            4 * H::PER_ENTRY,
+            "sweep keeps live entries"
+        );
 
-    // Wait out their TTL by the clock, keeping the keeper alive; nothing reads the dead ones
-    // (a read may clean up on its own, and this test is about the sweeper).
-    let last_deadline = dead_deadline.saturating_add(Duration::from_millis(100));
-    while Timestamp::now() <= last_deadline {
-        s.ping(keeper).await.expect("ping").expect("keeper alive");
-        tokio::time::sleep(SHORT_TTL / 5).await;
-    }
-    let keeper_deadline = s
-        .ping(keeper)
-        .await
-        .expect("ping")
-        .expect("keeper alive")
-        .expires_at;
-    assert_eq!(
-        h.index_len().await,
-        4 * H::PER_ENTRY,
-        "nothing dropped them before the sweep"
-    );
-    let dropped = s.sweep().await.expect("sweep");
-    assert!(dropped >= dead.len(), "dropped {dropped}");
-    assert_eq!(
-        h.index_len().await,
-        H::PER_ENTRY,
-        "only the keeper stays indexed"
-    );
-    for id in &dead {
-        assert!(s.get(*id).await.expect("get").is_none());
-    }
-    assert_eq!(ids(&s.list(&all()).await.expect("list")), vec![keeper]);
-    assert_eq!(
-        ids(&s.list(&by_name("k")).await.expect("list")),
-        vec![keeper]
-    );
-    assert!(s.list(&by_name("x")).await.expect("list").is_empty());
-    assert_eq!(s.sweep().await.expect("sweep again"), 0);
-    assert_eq!(h.index_len().await, H::PER_ENTRY);
+        // Wait out their TTL, keeping the keeper alive; nothing reads the dead ones (a read
+        // may clean up on its own, and this test is about the sweeper).
+        let mut renewed = k;
+        let dead_by = registered.surely_expired(ttl);
+        while Instant::now() <= dead_by {
+            renewed = keep_alive(s, keeper, renewed).await?;
+            tokio::time::sleep(ttl / 5).await;
+        }
+        renewed = keep_alive(s, keeper, renewed).await?;
+        assert_eq!(
+            h.index_len().await,
+            4 * H::PER_ENTRY,
+            "nothing dropped them before the sweep"
+        );
+        let ((dropped, left, dead_got, listed, named_k, named_x, again, left_again), looked) =
+            timed(async {
+                let dropped = s.sweep().await.expect("sweep");
+                let left = h.index_len().await;
+                let mut dead_got = Vec::new();
+                for id in &dead {
+                    dead_got.push(s.get(*id).await.expect("get"));
+                }
+                (
+                    dropped,
+                    left,
+                    dead_got,
+                    ids(&s.list(&all()).await.expect("list")),
+                    ids(&s.list(&by_name("k")).await.expect("list")),
+                    ids(&s.list(&by_name("x")).await.expect("list")),
+                    s.sweep().await.expect("sweep again"),
+                    h.index_len().await,
+                )
+            })
+            .await;
+        if !renewed.keeps_alive(ttl, looked) {
+            return Err(Missed("swept after the keeper's deadline"));
+        }
+        assert!(dropped >= dead.len(), "dropped {dropped}");
+        assert_eq!(left, H::PER_ENTRY, "only the keeper stays indexed");
+        assert!(dead_got.iter().all(Option::is_none), "{dead_got:?}");
+        assert_eq!(listed, vec![keeper]);
+        assert_eq!(named_k, vec![keeper]);
+        assert!(named_x.is_empty());
+        assert_eq!(again, 0);
+        assert_eq!(left_again, H::PER_ENTRY);
 
-    // Once the keeper expires too, everything goes.
-    wait_past(keeper_deadline.saturating_add(Duration::from_millis(100))).await;
-    assert!(s.sweep().await.expect("sweep") >= 1);
-    assert_eq!(h.index_len().await, 0);
-    assert!(s.get(keeper).await.expect("get").is_none());
+        // Once the keeper expires too, everything goes.
+        tokio::time::sleep_until(renewed.surely_expired(ttl)).await;
+        assert!(s.sweep().await.expect("sweep") >= 1);
+        assert_eq!(h.index_len().await, 0);
+        assert!(s.get(keeper).await.expect("get").is_none());
+        Ok(())
+    })
+    .await;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1104,10 +1266,13 @@ async fn valkey_key_layout() {
     let names: Vec<String> = c.smembers(h.names()).await.expect("SMEMBERS");
     assert_eq!(names, vec!["A".to_owned()]);
 
-    // Ping refreshes both keys of the registration in one go.
-    wait_past(r.last_ping_at).await;
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    let before: i64 = c.pttl(&url_key).await.expect("PTTL");
+    // Ping refreshes both keys of the registration in one go: age them, then ping.
+    wait_past(r.last_ping_at);
+    const AGED_MS: i64 = 10_000;
+    for key in [&svc, &url_key] {
+        let set: bool = c.pexpire(key, AGED_MS, None).await.expect("PEXPIRE");
+        assert!(set, "{key} exists");
+    }
     let p = h.store.ping(r.id).await.expect("ping").expect("alive");
     let pinged: String = c.get(&svc).await.expect("GET");
     assert_eq!(
@@ -1132,8 +1297,8 @@ async fn valkey_key_layout() {
     );
     let after: i64 = c.pttl(&url_key).await.expect("PTTL");
     assert!(
-        after > before,
-        "url key TTL refreshed by ping ({before} -> {after})"
+        after > ttl_ms - 5_000 && after <= ttl_ms,
+        "url key TTL refreshed by ping ({AGED_MS} -> {after})"
     );
 
     // Deregistration removes every key of the registration.
@@ -1258,7 +1423,7 @@ async fn valkey_malformed_record_is_corrupt() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn valkey_list_drops_dead_index_entries_on_read() {
-    let h = Valkey::open(SHORT_TTL).await;
+    let h = Valkey::open(EXPIRY_TTL).await;
     let s = &h.store;
     let a = s
         .register(reg("http://a:8000", "A"))
@@ -1285,7 +1450,7 @@ async fn valkey_list_drops_dead_index_entries_on_read() {
     let hr = &h;
     eventually(
         "list to drop the dead ids it read",
-        Duration::from_secs(5),
+        Duration::from_secs(15),
         move || async move { hr.zcard(&hr.all_idx()).await == 0 },
     )
     .await;
@@ -1293,7 +1458,7 @@ async fn valkey_list_drops_dead_index_entries_on_read() {
     assert!(s.list(&by_name("A")).await.expect("list").is_empty());
     eventually(
         "list by name to drop the dead id it read",
-        Duration::from_secs(5),
+        Duration::from_secs(15),
         move || async move { hr.zcard(&hr.name_idx("A")).await == 0 },
     )
     .await;
@@ -1515,21 +1680,23 @@ async fn valkey_register_cut_short_by_a_stall_is_still_listed() {
     let h = Valkey::open(LONG_TTL).await;
     // Registrations in flight at staggered times while writes are paused for longer than
     // the command timeout: some time out before, some during, some after their record
-    // script. A paused command still runs once the pause ends.
-    let tasks: Vec<_> = (0..40)
-        .map(|i| {
-            let store = h.store.clone();
-            tokio::spawn(async move {
-                tokio::time::sleep(Duration::from_millis(i * 5)).await;
-                store
-                    .register(reg(&format!("http://stalled-{i}:8000"), "S"))
-                    .await
-            })
+    // script. A paused command still runs once the pause ends. The pause outlasts the
+    // command timeout by far (the test lifts it itself), and the last few registrations
+    // start only once it is on, so some are cut short however slowly this test runs.
+    let register = |i: u64| {
+        let store = h.store.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(i * 5)).await;
+            store
+                .register(reg(&format!("http://stalled-{i}:8000"), "S"))
+                .await
         })
-        .collect();
+    };
+    let mut tasks: Vec<_> = (0..35).map(register).collect();
     tokio::time::sleep(Duration::from_millis(60)).await;
-    let reply = h._server.command(&["CLIENT", "PAUSE", "3000", "WRITE"]);
+    let reply = h._server.command(&["CLIENT", "PAUSE", "20000", "WRITE"]);
     assert_eq!(reply, "+OK");
+    tasks.extend((35..40).map(register));
     let mut failed = 0;
     for task in tasks {
         match task.await.expect("task") {
@@ -1539,9 +1706,9 @@ async fn valkey_register_cut_short_by_a_stall_is_still_listed() {
         }
     }
     assert!(failed > 0, "the pause cut no registration short");
-    // Let the paused commands run (the pause may still be on), then look.
+    // Lift the pause and look. Valkey runs the commands it held before it answers UNPAUSE,
+    // and a live record is listed at every instant anyway, so nothing needs to settle.
     assert_eq!(h._server.command(&["CLIENT", "UNPAUSE"]), "+OK");
-    tokio::time::sleep(Duration::from_millis(300)).await;
     let s = &h.store;
     eventually(
         "the store to answer again",

@@ -5,12 +5,16 @@
 //! atomic, expiry is checked on every read (an expired entry is gone the instant its deadline
 //! passes, whether or not it was swept), and [`Store::sweep`] frees the memory of expired
 //! entries. State is lost when the process exits; run several orchestrators on Valkey instead.
+//!
+//! Deadlines are [`tokio::time::Instant`]s, so expiry follows tokio's clock and can be tested
+//! on paused time; the timestamps shown in records still come from the wall clock.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use servicekit::protocol::{ServiceRecord, Timestamp};
+use tokio::time::Instant;
 use ulid::Ulid;
 
 use super::{
@@ -252,5 +256,150 @@ impl Store for MemoryStore {
             kind: "memory",
             latency: start.elapsed(),
         })
+    }
+}
+
+/// Expiry on tokio's paused clock: exact instants, no real sleeps. The contract suite
+/// (`tests/store_contract.rs`) covers the rest of the behaviour.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use servicekit::protocol::ServiceInfo;
+    use tokio::time::advance;
+
+    const TTL: Duration = Duration::from_secs(30);
+    const MS: Duration = Duration::from_millis(1);
+
+    fn reg(url: &str, name: &str) -> Registration {
+        Registration {
+            url: url.to_owned(),
+            info: ServiceInfo::new(name),
+            requested_id: None,
+        }
+    }
+
+    async fn register(s: &MemoryStore, url: &str, name: &str) -> Ulid {
+        s.register(reg(url, name))
+            .await
+            .expect("register")
+            .record
+            .id
+    }
+
+    async fn live(s: &MemoryStore, id: Ulid) -> bool {
+        s.get(id).await.expect("get").is_some()
+    }
+
+    async fn listed(s: &MemoryStore, filter: &ListFilter) -> Vec<Ulid> {
+        let records = s.list(filter).await.expect("list");
+        records.iter().map(|r| r.id).collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_entry_lives_exactly_its_ttl() {
+        let s = MemoryStore::new(TTL);
+        let id = register(&s, "http://a:1", "A").await;
+        advance(TTL - MS).await;
+        assert!(live(&s, id).await, "live just before its TTL");
+        assert_eq!(listed(&s, &ListFilter::default()).await, vec![id]);
+        advance(MS).await;
+        assert!(!live(&s, id).await, "gone at its TTL");
+        assert!(s.deregister(id).await.expect("deregister").is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ping_and_reregister_extend_life() {
+        let s = MemoryStore::new(TTL);
+        let pinged = register(&s, "http://a:1", "A").await;
+        let reregistered = register(&s, "http://b:1", "B").await;
+        advance(TTL - MS).await;
+        assert!(s.ping(pinged).await.expect("ping").is_some());
+        assert_eq!(register(&s, "http://b:1", "B").await, reregistered);
+        // Past the first deadline, before the renewed one.
+        advance(TTL - MS).await;
+        assert!(live(&s, pinged).await, "ping restarted the TTL");
+        assert!(
+            live(&s, reregistered).await,
+            "registration restarted the TTL"
+        );
+        advance(MS).await;
+        assert!(!live(&s, pinged).await, "gone a TTL after the ping");
+        assert!(
+            !live(&s, reregistered).await,
+            "gone a TTL after re-registering"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ping_never_resurrects_an_expired_entry() {
+        let s = MemoryStore::new(TTL);
+        let id = register(&s, "http://a:1", "A").await;
+        advance(TTL).await;
+        // Nothing read it since it expired: the ping is the first to look.
+        assert!(s.ping(id).await.expect("ping").is_none());
+        assert!(s.ping(id).await.expect("ping again").is_none());
+        assert!(!live(&s, id).await);
+        assert_eq!(
+            s.index_len(),
+            0,
+            "the expired entry was dropped, not renewed"
+        );
+        assert!(
+            s.register(reg("http://a:1", "A"))
+                .await
+                .expect("register")
+                .created
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn sweep_drops_only_expired_entries() {
+        let s = MemoryStore::new(TTL);
+        let old = register(&s, "http://old:1", "O").await;
+        register(&s, "http://old:2", "O").await;
+        advance(TTL / 2).await;
+        let young = register(&s, "http://young:1", "Y").await;
+        assert_eq!(s.sweep().await.expect("sweep"), 0, "nothing expired yet");
+        assert_eq!(s.index_len(), 9);
+        advance(TTL - TTL / 2 - MS).await;
+        assert_eq!(
+            s.sweep().await.expect("sweep"),
+            0,
+            "one ms before the deadline"
+        );
+        advance(MS).await;
+        assert_eq!(s.sweep().await.expect("sweep"), 2);
+        assert_eq!(s.index_len(), 3, "only the young entry stays indexed");
+        assert!(!live(&s, old).await);
+        assert!(live(&s, young).await);
+        assert_eq!(s.sweep().await.expect("sweep again"), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn list_skips_expired_entries_before_any_sweep() {
+        let s = MemoryStore::new(TTL);
+        let dying = register(&s, "http://dying:1", "D").await;
+        advance(TTL / 2).await;
+        let living = register(&s, "http://living:1", "L").await;
+        advance(TTL - TTL / 2).await;
+        let by_name = |name: &str| ListFilter {
+            display_name: Some(name.to_owned()),
+            ..ListFilter::default()
+        };
+        let by_url = |url: &str| ListFilter {
+            url: Some(url.to_owned()),
+            ..ListFilter::default()
+        };
+        assert_eq!(listed(&s, &ListFilter::default()).await, vec![living]);
+        assert!(listed(&s, &by_name("D")).await.is_empty());
+        assert!(listed(&s, &by_url("http://dying:1")).await.is_empty());
+        assert_eq!(listed(&s, &by_name("L")).await, vec![living]);
+        assert_eq!(
+            s.index_len(),
+            6,
+            "list skipped the dead entry; only sweep frees it"
+        );
+        assert_eq!(s.sweep().await.expect("sweep"), 1);
+        assert!(!live(&s, dying).await);
     }
 }

@@ -6,6 +6,11 @@
 //! [`ValkeyServer::pause`] and [`ValkeyServer::resume`] freeze and thaw it (`SIGSTOP`,
 //! `SIGCONT`), so its connections stay open but nothing answers: a hung server.
 //! A missing `valkey-server` binary is a test failure, never a silent skip.
+//!
+//! A port found free may be taken before the server binds it (valkey-server cannot take an
+//! open listener), so a start counts only when the server answering on the port reports our
+//! child's process id; a server that lost the race exits and [`ValkeyServer::new`] tries
+//! another port.
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
@@ -15,7 +20,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 /// How long a server may take to answer `PING` after it was started.
-const STARTUP_DEADLINE: Duration = Duration::from_secs(10);
+const STARTUP_DEADLINE: Duration = Duration::from_secs(20);
 
 /// The binary to run: `$VALKEY_SERVER` if set, else `valkey-server` from `PATH`.
 fn binary() -> String {
@@ -46,8 +51,8 @@ impl ValkeyServer {
         ));
         std::fs::create_dir_all(&dir)
             .unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
-        // The port is free when we look; another process could take it before valkey binds,
-        // so try a few ports before giving up.
+        // The port is free when we look; another process could take it before valkey binds
+        // (see the module docs), so try a few ports before giving up.
         let mut last_error = String::new();
         for _ in 0..5 {
             let mut server = ValkeyServer {
@@ -179,6 +184,7 @@ impl ValkeyServer {
             }
             Err(e) => panic!("cannot start {}: {e}", binary()),
         };
+        let pid = child.id();
         self.child = Some(child);
         let deadline = Instant::now() + STARTUP_DEADLINE;
         loop {
@@ -189,7 +195,7 @@ impl ValkeyServer {
                     return Err(format!("exited with {status}; log:\n{log}"));
                 }
             }
-            if answers_ping(self.port) {
+            if server_pid(self.port) == Some(pid) {
                 return Ok(());
             }
             if Instant::now() > deadline {
@@ -224,23 +230,24 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// Whether something on `port` answers `PING` with `+PONG`.
-fn answers_ping(port: u16) -> bool {
+/// The process id of the server answering on `port` (from `INFO server`), if one answers.
+fn server_pid(port: u16) -> Option<u32> {
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-    let Ok(mut stream) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else {
-        return false;
-    };
-    let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
-    if stream.write_all(b"PING\r\n").is_err() {
-        return false;
-    }
-    let mut buf = [0u8; 16];
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(1_000)));
+    stream.write_all(b"INFO server\r\n").ok()?;
+    let mut buf = [0u8; 4096];
     let mut got = Vec::new();
-    while got.len() < 7 {
+    loop {
+        let text = String::from_utf8_lossy(&got);
+        if let Some(rest) = text.split("\r\nprocess_id:").nth(1) {
+            if let Some((pid, _)) = rest.split_once("\r\n") {
+                return pid.parse().ok();
+            }
+        }
         match stream.read(&mut buf) {
-            Ok(0) | Err(_) => break,
+            Ok(0) | Err(_) => return None,
             Ok(n) => got.extend_from_slice(&buf[..n]),
         }
     }
-    got.starts_with(b"+PONG")
 }
