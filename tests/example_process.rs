@@ -32,6 +32,7 @@ fn example(name: &str) -> Command {
         "SERVICEKIT_FAIL_ON_ERROR",
         "SERVICEKIT_MAX_RETRIES",
         "SERVICEKIT_RETRY_DELAY_MS",
+        "SERVICEKIT_DISPLAY_NAME",
     ] {
         cmd.env_remove(var);
     }
@@ -84,11 +85,9 @@ fn fail_on_error_makes_the_service_exit_non_zero() {
 async fn sigterm_deregisters_and_exits_zero() {
     let (orch, api) = orchestrator(30, None).await;
     let port = free_port();
+    // Only the orchestrator's base URL, as the README's command gives it.
     let mut child = example("service")
-        .env(
-            "SERVICEKIT_ORCHESTRATOR_URL",
-            register_url(&orch.base_url()),
-        )
+        .env("SERVICEKIT_ORCHESTRATOR_URL", orch.base_url())
         .env("SERVICEKIT_HOST", "127.0.0.1")
         .env("SERVICEKIT_PORT", port.to_string())
         .env("SERVICE_DISPLAY_NAME", "svc under test")

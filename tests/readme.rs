@@ -17,6 +17,10 @@ const RUN_ELSEWHERE: &[(&str, &str)] = &[
         "tests/demo.rs runs the demo binary and checks its output",
     ),
     ("scripts/test", ".ci/run runs it"),
+    (
+        "SERVICEKIT_ORCHESTRATOR_URL=http://localhost:9000 SERVICEKIT_HOST=localhost cargo run --example service",
+        "tests/example_process.rs runs the service example with only the base URL",
+    ),
 ];
 
 /// The commands of every ```sh block, continuation lines joined.
