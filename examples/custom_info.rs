@@ -80,10 +80,12 @@ async fn run() -> Result<(), Box<dyn Error>> {
         .with_state(custom)
         .layer(registration.clone());
 
-    let listener = tokio::net::TcpListener::bind(("0.0.0.0", port))
+    // Serve exactly where the layer says the service is.
+    let addr = registration.bind_addr();
+    let listener = tokio::net::TcpListener::bind(addr)
         .await
-        .map_err(|e| format!("cannot listen on 0.0.0.0:{port}: {e}"))?;
-    tracing::info!(port, "listening on 0.0.0.0:{port}");
+        .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+    tracing::info!(port, "listening on {addr}");
     axum::serve(listener, app)
         .with_graceful_shutdown(registration.shutdown_on(servicekit::signal::shutdown_signal()?))
         .await?;

@@ -29,7 +29,6 @@
 
 use std::error::Error;
 use std::io::IsTerminal;
-use std::net::SocketAddr;
 use std::process::ExitCode;
 
 use servicekit::config::PORT_ENV;
@@ -62,7 +61,6 @@ async fn set_serving<S: NamedService>(reporter: &HealthReporter, _svc: &S) {
 
 async fn run() -> Result<(), Box<dyn Error>> {
     let port = port()?;
-    let addr = SocketAddr::from(([0, 0, 0, 0], port));
 
     let mut info = ServiceInfo::new("gRPC Example Service");
     info.version = Some("1.0.0".to_owned());
@@ -71,6 +69,8 @@ async fn run() -> Result<(), Box<dyn Error>> {
         .info(&info)
         .port(port)
         .build_lenient();
+    // Serve exactly where the layer says the service is.
+    let addr = registration.bind_addr();
 
     // The overall status ("") starts as SERVING; mark the health service itself too.
     let (reporter, health_service) = tonic_health::server::health_reporter();

@@ -204,3 +204,41 @@ impl RegistrationLayerBuilder {
         RegistrationLayer::from_lifecycle(Lifecycle::new(config, port, self.fail_on_error))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_key_shows_in_no_debug() {
+        let builder = RegistrationLayerBuilder::default()
+            .orchestrator_url("http://orchestrator:9000")
+            .host("svca")
+            .registration_key("hunter2-secret");
+        assert!(!format!("{builder:?}").contains("hunter2"), "{builder:?}");
+        let layer = builder.build().expect("valid");
+        let config = layer.config().expect("resolved");
+        assert_eq!(
+            config.registration_key.as_ref().map(|k| k.expose()),
+            Some("hunter2-secret")
+        );
+        for text in [
+            format!("{layer:?}"),
+            format!("{config:?}"),
+            format!("{layer:#?}"),
+        ] {
+            assert!(!text.contains("hunter2"), "{text}");
+            assert!(text.contains("***"), "{text}");
+        }
+    }
+
+    #[test]
+    fn bind_addr_follows_the_port_even_when_the_rest_is_wrong() {
+        let layer = RegistrationLayerBuilder::default()
+            .orchestrator_url("ftp://nope")
+            .port(4321)
+            .build_lenient();
+        assert!(layer.config().is_err());
+        assert_eq!(layer.bind_addr().port(), 4321);
+    }
+}

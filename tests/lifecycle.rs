@@ -24,7 +24,8 @@ fn app() -> Router {
 async fn registration_appears_once_the_service_listens_body() {
     let (orch, api) = orchestrator(30, None).await;
     // Reserve a port but do not listen yet.
-    let port = free_port();
+    let reserved = ReservedPort::new();
+    let port = reserved.port;
     let layer = builder(&orch.base_url(), port).build().expect("config");
     let handle = layer.handle();
     let app = app().layer(layer.clone());
@@ -38,10 +39,7 @@ async fn registration_appears_once_the_service_listens_body() {
         "registered before listening"
     );
 
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
-        .await
-        .expect("bind");
-    let served = serve(listener, app, &layer);
+    let served = serve(reserved.listen(), app, &layer);
     let entry = registered(&api, &url, WAIT).await;
     let id = handle
         .wait_registered(WAIT)
@@ -180,8 +178,10 @@ async fn graceful_shutdown_deregisters_while_a_slow_request_still_runs() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_service_started_before_its_orchestrator_registers_when_it_appears() {
-    let orch_port = free_port();
-    let orch_base = format!("http://127.0.0.1:{orch_port}");
+    // Refuses connections until the orchestrator takes the port over.
+    let orch_reserved = ReservedPort::new();
+    let orch_port = orch_reserved.port;
+    let orch_base = orch_reserved.url();
     let listener = listener().await;
     let port = listener.local_addr().unwrap().port();
     let layer = builder(&orch_base, port)
@@ -201,6 +201,7 @@ async fn a_service_started_before_its_orchestrator_registers_when_it_appears() {
     assert_eq!(status.phase, Phase::Registering);
     assert!(!served.task.is_finished());
 
+    drop(orch_reserved);
     let (orch, api) =
         orchestrator_on(format!("127.0.0.1:{orch_port}").parse().unwrap(), 30, None).await;
     // Background retries run every max_retry_delay (jittered ±10 %).
@@ -213,7 +214,8 @@ async fn a_service_started_before_its_orchestrator_registers_when_it_appears() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fail_on_error_stops_the_server_with_the_reason() {
-    let dead = format!("http://127.0.0.1:{}", free_port());
+    let dead_port = ReservedPort::new();
+    let dead = dead_port.url();
     let listener = listener().await;
     let port = listener.local_addr().unwrap().port();
     let layer = builder(&dead, port)
@@ -465,7 +467,8 @@ async fn custom_info_is_registered_as_given() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_that_never_answers_is_reported() {
     let (orch, api) = orchestrator(30, None).await;
-    let port = free_port(); // nothing will listen here
+    let reserved = ReservedPort::new(); // nothing will listen here
+    let port = reserved.port;
     let layer = builder(&orch.base_url(), port)
         .startup_timeout(Duration::from_millis(300))
         .build()
@@ -640,5 +643,23 @@ async fn a_wrong_registration_path_is_a_configuration_error() {
         }
         other => panic!("expected a rejection, got {other:?}"),
     }
+    orch.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serving_on_bind_addr_serves_the_advertised_port() {
+    let (orch, api) = orchestrator(30, None).await;
+    let reserved = ReservedPort::new();
+    let port = reserved.port;
+    drop(reserved);
+    let layer = builder(&orch.base_url(), port).build().expect("config");
+    let addr = layer.bind_addr();
+    assert_eq!(addr.port(), layer.config().expect("config").port);
+    assert!(addr.ip().is_unspecified(), "every interface: {addr}");
+    let listener = tokio::net::TcpListener::bind(addr).await.expect("bind");
+    let served = serve(listener, app().layer(layer.clone()), &layer);
+    let entry = registered(&api, &format!("http://127.0.0.1:{port}"), WAIT).await;
+    assert_eq!(entry["url"], format!("http://127.0.0.1:{port}"));
+    served.shutdown().await;
     orch.shutdown().await;
 }

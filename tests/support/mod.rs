@@ -65,7 +65,36 @@ pub fn builder(orchestrator_base: &str, port: u16) -> RegistrationLayerBuilder {
         .timeout(Duration::from_secs(2))
 }
 
-/// A free loopback port: bound, then released.
+/// A loopback port held by this test but not listening: connections to it are refused, and
+/// no other test can take it meanwhile (unlike a port found free and released). `listen()`
+/// turns it into a listener later.
+pub struct ReservedPort {
+    socket: tokio::net::TcpSocket,
+    pub port: u16,
+}
+
+impl ReservedPort {
+    pub fn new() -> ReservedPort {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket
+            .bind("127.0.0.1:0".parse().expect("address"))
+            .expect("bind");
+        let port = socket.local_addr().expect("address").port();
+        ReservedPort { socket, port }
+    }
+
+    /// `http://127.0.0.1:<port>`: an address where nothing answers.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn listen(self) -> TcpListener {
+        self.socket.listen(1024).expect("listen")
+    }
+}
+
+/// A free loopback port: bound, then released. Only for a server that must come back on the
+/// same address after a restart; anything else uses [`ReservedPort`].
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
