@@ -125,6 +125,7 @@ impl ClientError {
 
 /// What a successful registration told the client.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct Registered {
     /// The answer as sent (with the lenient defaults of [`RegisterResponse`]).
     pub answer: RegisterResponse,
