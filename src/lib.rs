@@ -32,16 +32,26 @@
 //! - [`protocol`]: the wire types shared with the orchestrator.
 //! - [`signal`]: SIGTERM / Ctrl-C for the shutdown hook.
 
+#[cfg(feature = "layer")]
 pub mod client;
+#[cfg(feature = "layer")]
 pub mod config;
+#[cfg(feature = "layer")]
 pub mod handle;
+#[cfg(feature = "layer")]
 pub mod keepalive;
+#[cfg(feature = "layer")]
 pub mod layer;
 pub mod protocol;
+#[cfg(feature = "signal")]
 pub mod signal;
 
+#[cfg(feature = "layer")]
 pub use config::ConfigError;
+#[cfg(feature = "layer")]
 pub use handle::{Phase, RegistrationHandle, Status};
+#[cfg(feature = "layer")]
 pub use keepalive::RegistrationError;
+#[cfg(feature = "layer")]
 pub use layer::{RegistrationLayer, RegistrationLayerBuilder};
 pub use protocol::ServiceInfo;
