@@ -21,7 +21,7 @@ const RUN_ELSEWHERE: &[(&str, &str)] = &[
 
 /// The commands of every ```sh block, continuation lines joined.
 fn readme_commands() -> Vec<String> {
-    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))
         .expect("README.md");
     let mut commands = Vec::new();
     let mut in_sh = false;
