@@ -166,7 +166,13 @@ fn the_valkey_command_uses_valkey() {
 /// `name vX (features)` line per crate or feature.
 fn orchestrator_tree(edges: &str) -> Vec<String> {
     let out = Command::new(env!("CARGO"))
-        .args(["tree", "--locked", "--offline", "-p", "servicekit-orchestrator"])
+        .args([
+            "tree",
+            "--locked",
+            "--offline",
+            "-p",
+            "servicekit-orchestrator",
+        ])
         .args(["-e", edges, "--prefix", "none"])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
