@@ -35,25 +35,50 @@
 //! - [`client`]: the orchestrator HTTP client.
 //! - [`protocol`]: the wire types shared with the orchestrator.
 //! - [`signal`]: SIGTERM / Ctrl-C for the shutdown hook.
+//!
+//! Cargo features, so a crate compiles only what it uses:
+//!
+//! | feature | default | what |
+//! |---|---|---|
+//! | `layer` | yes | the layer, its lifecycle and the orchestrator client (turns on `signal`) |
+//! | `signal` | with `layer` | [`signal::shutdown_signal`] |
+//! | — | always | [`protocol`], the wire types (all the orchestrator needs) |
 #![warn(missing_docs)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
+#[cfg(feature = "layer")]
 mod builder;
+#[cfg(feature = "layer")]
 pub mod client;
+#[cfg(feature = "layer")]
 pub mod config;
+#[cfg(feature = "layer")]
 pub mod error;
+#[cfg(feature = "layer")]
 mod handle;
+#[cfg(feature = "layer")]
 mod layer;
+#[cfg(feature = "layer")]
 mod lifecycle;
+#[cfg(feature = "layer")]
 mod probe;
 pub mod protocol;
+#[cfg(feature = "layer")]
 mod schedule;
+#[cfg(feature = "signal")]
 pub mod signal;
+#[cfg(feature = "layer")]
 mod task;
 
+#[cfg(feature = "layer")]
 pub use builder::RegistrationLayerBuilder;
+#[cfg(feature = "layer")]
 pub use config::{Config, ConfigError};
+#[cfg(feature = "layer")]
 pub use error::RegistrationError;
+#[cfg(feature = "layer")]
 pub use handle::{Phase, RegistrationHandle, Status};
+#[cfg(feature = "layer")]
 pub use layer::RegistrationLayer;
 pub use protocol::ServiceInfo;
 

@@ -1,5 +1,7 @@
-//! The README's first command, `cargo run --example demo`, run as the built example binary:
-//! both services register, the registry is printed, Ctrl-C deregisters them and exits 0.
+//! The README's first command, `cargo run -p servicekit-orchestrator --example demo`, run as
+//! the built example binary (`orchestrator/examples/demo.rs`; every workspace member's
+//! examples land in `target/<profile>/examples/`): both services register, the registry is
+//! printed, Ctrl-C deregisters them and exits 0.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -17,7 +19,7 @@ fn demo_registers_two_services_and_cleans_up_on_ctrl_c() {
         .expect("target dir");
     assert!(
         demo.exists(),
-        "{} is missing: build the examples first (`cargo build --examples`, as scripts/test does)",
+        "{} is missing: build the examples first (`cargo build --workspace --examples`, as scripts/test does)",
         demo.display()
     );
     let mut child = Command::new(demo)

@@ -13,7 +13,8 @@ use clap::CommandFactory;
 use serde::Deserialize;
 use serde_norway::Value;
 
-const ROOT: &str = env!("CARGO_MANIFEST_DIR");
+// The repository root: this test belongs to the `servicekit-tests` package in tests/.
+const ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
 const COMPOSE: &str = "compose/docker-compose.yml";
 const K8S: [&str; 3] = [
     "compose/k8s/orchestrator.yaml",

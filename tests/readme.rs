@@ -13,7 +13,7 @@ use support::*;
 /// Commands run elsewhere, with where.
 const RUN_ELSEWHERE: &[(&str, &str)] = &[
     (
-        "cargo run --example demo",
+        "cargo run -p servicekit-orchestrator --example demo",
         "tests/demo.rs runs the demo binary and checks its output",
     ),
     ("scripts/test", ".ci/run runs it"),
@@ -25,7 +25,7 @@ const RUN_ELSEWHERE: &[(&str, &str)] = &[
 
 /// The commands of every ```sh block, continuation lines joined.
 fn readme_commands() -> Vec<String> {
-    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))
         .expect("README.md");
     let mut commands = Vec::new();
     let mut in_sh = false;
@@ -164,4 +164,76 @@ fn the_valkey_command_uses_valkey() {
         serde_json::from_str(&sh(&format!("curl -s {addr}/health"), &addr)).expect("health JSON");
     assert_eq!(health["status"], "healthy");
     assert_eq!(health["checks"]["store"]["kind"], "valkey");
+}
+
+/// `cargo tree` of the orchestrator (no build: it only resolves the locked graph), one
+/// `name vX (features)` line per crate or feature.
+fn orchestrator_tree(edges: &str) -> Vec<String> {
+    let out = Command::new(env!("CARGO"))
+        .args([
+            "tree",
+            "--locked",
+            "--offline",
+            "-p",
+            "servicekit-orchestrator",
+        ])
+        .args(["-e", edges, "--prefix", "none"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("cargo tree runs");
+    assert!(
+        out.status.success(),
+        "cargo tree: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn the_demo_compiles_no_benchmark_grpc_or_doc_ui_crates() {
+    // Everything `cargo run -p servicekit-orchestrator --example demo` compiles.
+    let demo = orchestrator_tree("normal,build,dev");
+    assert!(
+        demo.iter().any(|l| l.starts_with("axum ")),
+        "the tree is the demo's: {demo:?}"
+    );
+    for heavy in [
+        "criterion",
+        "tonic",
+        "tonic-health",
+        "prost",
+        "utoipa",
+        "utoipa-swagger-ui",
+        "serde_norway",
+    ] {
+        let hit = demo
+            .iter()
+            .find(|l| l.split_whitespace().next() == Some(heavy));
+        assert!(
+            hit.is_none(),
+            "the README's first command compiles {heavy}: the orchestrator's (dev-)dependencies pull it in ({hit:?})"
+        );
+    }
+}
+
+#[test]
+fn the_orchestrator_builds_servicekit_without_the_client() {
+    let features = orchestrator_tree("normal,features");
+    let enabled: Vec<&String> = features
+        .iter()
+        .filter(|l| l.starts_with("servicekit feature "))
+        .collect();
+    assert!(
+        enabled.iter().any(|l| l.contains("\"signal\"")),
+        "the orchestrator uses servicekit::signal: {enabled:?}"
+    );
+    assert!(
+        !enabled
+            .iter()
+            .any(|l| l.contains("\"layer\"") || l.contains("\"default\"")),
+        "the orchestrator binary compiles the registration client: {enabled:?}"
+    );
 }

@@ -3,12 +3,15 @@
 //! `RegistrationLayer`, keep their entries alive, and deregister on Ctrl-C.
 //!
 //! ```sh
-//! cargo run --example demo
+//! cargo run -p servicekit-orchestrator --example demo
 //! ```
 //!
 //! It prints the registry once both services are registered, then keeps running so you can
 //! look around (`curl localhost:9000/services`). Ctrl-C (or SIGTERM) shuts the services down
 //! gracefully — each deregisters before it drains — prints the now empty registry, and exits.
+//!
+//! It lives in the orchestrator crate, whose dev-dependencies are only axum and the layer, so
+//! the README's first command compiles no benchmark, gRPC or doc-UI crates.
 //!
 //! Environment: `DEMO_ORCHESTRATOR_BIND` (default `127.0.0.1:9000`), `RUST_LOG` (default `info`).
 
