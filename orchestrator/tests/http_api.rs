@@ -799,13 +799,17 @@ async fn shutdown_finishes_in_flight_requests() {
     .await
     .unwrap();
     // Wait until the server holds the request (the first chunk was consumed).
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while tx.capacity() < 2 && tokio::time::Instant::now() < deadline {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while tx.capacity() < 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the server did not take the first body chunk within 10 s"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let stopping = tokio::spawn(running.shutdown());
     // New connections are refused once shutdown began.
-    let refused_deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let refused_deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
         if tokio::net::TcpStream::connect(api.base().trim_start_matches("http://"))
             .await
