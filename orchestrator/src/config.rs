@@ -75,7 +75,10 @@ impl HealthcheckArgs {
 }
 
 /// The servicekit orchestrator: a service registry with TTL expiry.
-#[derive(Debug, Clone, Parser)]
+///
+/// Its `Debug` redacts the registration key and the password in the Valkey URL, and `--help`
+/// never prints their environment values.
+#[derive(Clone, Parser)]
 #[command(name = "orchestrator", version, about, long_about = None)]
 pub struct Config {
     /// Address to listen on (HTTP/1.1 and HTTP/2 cleartext).
@@ -84,7 +87,8 @@ pub struct Config {
 
     /// Valkey URL (redis://host:port/db, valkey://..., redis-cluster://host:port). When unset,
     /// registrations are kept in this process's memory and lost when it exits.
-    #[arg(long, env = "VALKEY_URL")]
+    // The value may hold a password: --help must not print it.
+    #[arg(long, env = "VALKEY_URL", hide_env_values = true)]
     pub valkey_url: Option<String>,
 
     /// Prefix of every Valkey key, so several registries can share one Valkey.
@@ -119,6 +123,102 @@ pub struct Config {
     /// Log output: human-readable or one JSON object per line.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Pretty)]
     pub log_format: LogFormat,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("bind", &self.bind)
+            .field("valkey_url", &self.valkey_url.as_deref().map(redact_url))
+            .field("key_prefix", &self.key_prefix)
+            .field("ttl_seconds", &self.ttl_seconds)
+            .field("public_url", &self.public_url)
+            .field(
+                "registration_key",
+                &self.registration_key.as_ref().map(|_| REDACTED),
+            )
+            .field("max_connections", &self.max_connections)
+            .field("max_body_bytes", &self.max_body_bytes)
+            .field("log_format", &self.log_format)
+            .finish()
+    }
+}
+
+/// What a secret is shown as.
+const REDACTED: &str = "***";
+
+/// Where the password of `url` is, as a byte range of `url`: what follows the first `:` of the
+/// user information, or the whole user information when it has no `:` (some clients read a
+/// lone user name as a password, so it is treated as one). The user information ends at the
+/// last `@` after the scheme, so a password holding an unescaped `@` or `/` is covered whole.
+fn password_range(url: &str) -> Option<std::ops::Range<usize>> {
+    let start = url.find("://").map_or(0, |i| i + 3);
+    let at = start + url[start..].rfind('@')?;
+    let userinfo = &url[start..at];
+    Some(match userinfo.find(':') {
+        Some(colon) => start + colon + 1..at,
+        None => start..at,
+    })
+}
+
+/// `url` with its password (see [`password_range`]) replaced by `***`:
+/// `redis://:secret@host:6379` becomes `redis://:***@host:6379`, `redis://user:secret@host`
+/// becomes `redis://user:***@host`. Works on text that is not a valid URL too.
+pub fn redact_url(url: &str) -> String {
+    match password_range(url) {
+        Some(range) => format!("{}{REDACTED}{}", &url[..range.start], &url[range.end..]),
+        None => url.to_owned(),
+    }
+}
+
+/// `%XX` sequences decoded (lossily), to find a password as a client library would print it.
+fn percent_decoded(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(byte)) => {
+                out.push(byte);
+                i += 3;
+            }
+            (byte, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+impl Config {
+    /// `text` (an error message, say) with every secret of this configuration replaced by
+    /// `***`: the registration key, and the Valkey password as written and decoded. For text
+    /// that comes from elsewhere (a client library's error) and may quote them.
+    pub fn redact_secrets(&self, text: &str) -> String {
+        let mut secrets: Vec<String> = Vec::new();
+        if let Some(key) = self.required_key() {
+            secrets.push(key.to_owned());
+        }
+        if let Some(url) = &self.valkey_url {
+            if let Some(range) = password_range(url) {
+                let raw = &url[range];
+                secrets.push(raw.to_owned());
+                secrets.push(percent_decoded(raw));
+            }
+        }
+        // Longest first, so a secret that contains another is replaced whole.
+        secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+        let mut text = text.to_owned();
+        for secret in secrets.iter().filter(|s| !s.is_empty()) {
+            text = text.replace(secret.as_str(), REDACTED);
+        }
+        text
+    }
 }
 
 /// Log output format.
@@ -193,6 +293,67 @@ mod tests {
         assert!(Config::try_parse_from(["orchestrator", "--ttl-seconds", "0"]).is_err());
         assert!(Config::try_parse_from(["orchestrator", "--public-url", "ftp://x"]).is_err());
         assert!(Config::try_parse_from(["orchestrator", "--bind", "nope"]).is_err());
+    }
+
+    #[test]
+    fn urls_are_redacted() {
+        for (url, shown) in [
+            ("redis://:secret@host:6379", "redis://:***@host:6379"),
+            (
+                "redis://user:secret@host:6379/0",
+                "redis://user:***@host:6379/0",
+            ),
+            ("rediss://user:se%40cret@host", "rediss://user:***@host"),
+            ("redis://:p@ss/w@rd@host:6379", "redis://:***@host:6379"),
+            ("redis://secret@host", "redis://***@host"),
+            (
+                "redis-cluster://:secret@a:1,b:2",
+                "redis-cluster://:***@a:1,b:2",
+            ),
+            ("not a url :secret@host", "not a url :***@host"),
+            ("redis://host:6379/0", "redis://host:6379/0"),
+            ("valkey://host", "valkey://host"),
+            ("", ""),
+        ] {
+            assert_eq!(redact_url(url), shown, "{url}");
+        }
+    }
+
+    #[test]
+    fn debug_shows_no_secret() {
+        let mut config = Config::for_tests();
+        config.valkey_url = Some("redis://admin:hunter2-valkey@valkey:6379/0".into());
+        config.registration_key = Some("hunter2-key".into());
+        for text in [
+            format!("{config:?}"),
+            format!("{config:#?}"),
+            format!(
+                "{:?}",
+                Cli {
+                    config: config.clone(),
+                    command: None
+                }
+            ),
+        ] {
+            assert!(!text.contains("hunter2"), "{text}");
+            assert!(text.contains("redis://admin:***@valkey:6379/0"), "{text}");
+        }
+        assert!(format!("{config:?}").contains("registration_key: Some(\"***\")"));
+        config.registration_key = None;
+        assert!(format!("{config:?}").contains("registration_key: None"));
+    }
+
+    #[test]
+    fn secrets_are_redacted_from_other_text() {
+        let mut config = Config::for_tests();
+        config.valkey_url = Some("redis://:hunter%402@valkey:6379".into());
+        config.registration_key = Some("k3y-hunter".into());
+        let text = "cannot use redis://:hunter%402@valkey:6379 (password hunter@2), key k3y-hunter";
+        assert_eq!(
+            config.redact_secrets(text),
+            "cannot use redis://:***@valkey:6379 (password ***), key ***"
+        );
+        assert_eq!(Config::for_tests().redact_secrets(text), text);
     }
 
     fn healthcheck(args: &[&str]) -> (Config, HealthcheckArgs) {

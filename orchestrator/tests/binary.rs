@@ -173,6 +173,62 @@ fn help_documents_every_flag_and_variable() {
     }
 }
 
+/// Secrets the tests below hand the binary; none may come out.
+const VALKEY_PASSWORD: &str = "hunter2-valkey-password";
+const REGISTRATION_KEY: &str = "hunter2-registration-key";
+
+#[test]
+fn help_prints_no_secret_from_the_environment() {
+    for args in [vec!["--help"], vec!["-h"], vec!["healthcheck", "--help"]] {
+        let out = orchestrator()
+            .args(&args)
+            .env(
+                "VALKEY_URL",
+                format!("redis://admin:{VALKEY_PASSWORD}@valkey:6379/0"),
+            )
+            .env("ORCHESTRATOR_REGISTRATION_KEY", REGISTRATION_KEY)
+            .output()
+            .expect("runs");
+        assert!(out.status.success(), "{args:?}");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for secret in [VALKEY_PASSWORD, REGISTRATION_KEY] {
+            assert!(!text.contains(secret), "{args:?} prints {secret}:\n{text}");
+        }
+        if args[0] != "healthcheck" {
+            assert!(text.contains("VALKEY_URL"), "{text}");
+        }
+    }
+}
+
+#[test]
+fn a_failed_start_logs_no_secret() {
+    // A URL the Valkey client refuses: its error may quote the URL.
+    let out = orchestrator()
+        .args(["--bind", "127.0.0.1:0"])
+        .env(
+            "VALKEY_URL",
+            format!("redis://admin:{VALKEY_PASSWORD}@[not-a-host:6379/0"),
+        )
+        .env("ORCHESTRATOR_REGISTRATION_KEY", REGISTRATION_KEY)
+        .env("LOG_FORMAT", "json")
+        .output()
+        .expect("runs");
+    assert!(!out.status.success());
+    let log = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(log.contains("orchestrator.failed"), "{log}");
+    for secret in [VALKEY_PASSWORD, REGISTRATION_KEY] {
+        assert!(!log.contains(secret), "the log shows {secret}:\n{log}");
+    }
+}
+
 #[test]
 fn bad_configuration_fails_with_a_clear_message() {
     for (args, needle) in [
