@@ -286,12 +286,13 @@ impl<S: Store> Api<S> {
         let registered = self.store.register(registration).await?;
         let record = registered.record;
         let name = &record.info.display_name;
+        // The name is the client's text: control characters are escaped in the log line.
         let (status, code, message) = if registered.created {
-            tracing::info!(id = %record.id, url = %record.url, name = %name, "service.registered");
+            tracing::info!(id = %record.id, url = %record.url, name = %name.escape_debug(), "service.registered");
             let message = format!("{name} registered successfully");
             (RegistrationStatus::Registered, StatusCode::CREATED, message)
         } else {
-            tracing::info!(id = %record.id, url = %record.url, name = %name, "service.updated");
+            tracing::info!(id = %record.id, url = %record.url, name = %name.escape_debug(), "service.updated");
             let message = format!("{name} registration updated");
             (RegistrationStatus::Updated, StatusCode::OK, message)
         };

@@ -157,7 +157,10 @@ fn log_start(config: &Config, local_addr: SocketAddr, store: &str) {
         bind = %local_addr,
         store,
         ttl_seconds = config.ttl_seconds,
-        public_url = config.public_url.as_deref().unwrap_or("(from Host header)"),
+        public_url = %config
+            .public_url
+            .as_deref()
+            .map_or_else(|| "(from Host header)".to_owned(), crate::config::redact_url),
         registration_key = config.required_key().is_some(),
         "orchestrator.starting"
     );
