@@ -4,27 +4,34 @@
 //! every miss (unknown path, wrong method, bad id) gets a problem+json answer instead of a
 //! framework's default body. Handlers validate everything a client controls before the store
 //! sees it, so a client mistake is a 4xx and never a 500.
+//!
+//! Its length (over 600 lines) is the unit tests at the end, which need a private look at the
+//! routes, the id parser and the bounded store; the code itself is under 600 lines.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{HeaderValue, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, HOST, LOCATION};
+use http::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, HOST, LOCATION};
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full, LengthLimitError};
 use hyper::body::Body;
 use serde::Serialize;
 use serde_json::{json, Map};
+use servicekit::protocol::ServiceRecord;
 use servicekit::protocol::{
     DeregisterResponse, HealthResponse, ListResponse, PingResponse, RegisterRequest,
     RegisterResponse, RegistrationStatus, SERVICE_KEY_HEADER,
 };
 use subtle::ConstantTimeEq;
+use tower_http::timeout::TimeoutError;
+use tower_http::BoxError;
 use ulid::Ulid;
 use url::Url;
 
 use crate::problem::ApiError;
-use crate::store::{ListFilter, Registration, Store};
+use crate::store::{ListFilter, Pinged, Registered, Registration, Store, StoreError, StoreHealth};
 
 /// Upper bound for the health check, so `/health` answers even when the store hangs.
 const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
@@ -33,38 +40,103 @@ const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
 const STORE_TIMEOUT: Duration = Duration::from_millis(2500);
 /// Listing 100k entries legitimately takes longer than a single-entry operation.
 const LIST_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a client may take to send its request body.
-const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Runs a store operation within `limit`, turning a timeout into 503.
-async fn bounded<T>(
+/// A store whose every call is bounded in time: the one place where store deadlines are
+/// applied, so no handler (and no future handler) can forget one. A call that runs out of
+/// time is [`StoreError::Unavailable`], which the API answers with 503.
+pub struct Bounded<S> {
+    inner: S,
+}
+
+impl<S> Bounded<S> {
+    /// `inner`, with every call bounded.
+    pub fn new(inner: S) -> Self {
+        Bounded { inner }
+    }
+}
+
+/// Runs a store operation within `limit`.
+async fn within<T>(
     limit: Duration,
-    op: impl std::future::Future<Output = Result<T, crate::store::StoreError>>,
-) -> Result<T, ApiError> {
+    op: impl Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
     match tokio::time::timeout(limit, op).await {
-        Ok(result) => result.map_err(ApiError::from),
-        Err(_) => Err(ApiError::StoreUnavailable(format!(
+        Ok(result) => result,
+        Err(_) => Err(StoreError::Unavailable(format!(
             "no answer from the store within {limit:?}"
         ))),
     }
 }
 
+impl<S: Store> Store for Bounded<S> {
+    fn kind(&self) -> &'static str {
+        self.inner.kind()
+    }
+
+    fn ttl(&self) -> Duration {
+        self.inner.ttl()
+    }
+
+    fn register(
+        &self,
+        reg: Registration,
+    ) -> impl Future<Output = Result<Registered, StoreError>> + Send {
+        within(STORE_TIMEOUT, self.inner.register(reg))
+    }
+
+    fn ping(&self, id: Ulid) -> impl Future<Output = Result<Option<Pinged>, StoreError>> + Send {
+        within(STORE_TIMEOUT, self.inner.ping(id))
+    }
+
+    fn get(
+        &self,
+        id: Ulid,
+    ) -> impl Future<Output = Result<Option<ServiceRecord>, StoreError>> + Send {
+        within(STORE_TIMEOUT, self.inner.get(id))
+    }
+
+    fn list(
+        &self,
+        filter: &ListFilter,
+    ) -> impl Future<Output = Result<Vec<ServiceRecord>, StoreError>> + Send {
+        within(LIST_TIMEOUT, self.inner.list(filter))
+    }
+
+    fn deregister(
+        &self,
+        id: Ulid,
+    ) -> impl Future<Output = Result<Option<ServiceRecord>, StoreError>> + Send {
+        within(STORE_TIMEOUT, self.inner.deregister(id))
+    }
+
+    fn sweep(&self) -> impl Future<Output = Result<usize, StoreError>> + Send {
+        // Walks the indexes, like a listing.
+        within(LIST_TIMEOUT, self.inner.sweep())
+    }
+
+    fn health(&self) -> impl Future<Output = Result<StoreHealth, StoreError>> + Send {
+        within(HEALTH_TIMEOUT, self.inner.health())
+    }
+}
+
 /// The API over one store. Shared by every connection.
 pub struct Api<S> {
-    store: S,
+    store: Bounded<S>,
     public_url: Option<String>,
     registration_key: Option<Vec<u8>>,
     max_body_bytes: usize,
     local_addr: SocketAddr,
 }
 
-/// The routes, as matched from a path.
+/// The routes, as matched from a path. A service id that is not the canonical text of a ULID
+/// is `None`: no service has it, so it is a 404 (and a wrong method still a 405).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Route {
     Health,
     Services,
     Register,
-    Service(String),
-    Ping(String),
+    Service(Option<Ulid>),
+    Ping(Option<Ulid>),
 }
 
 impl Route {
@@ -82,8 +154,8 @@ impl Route {
         }
         match (first, second) {
             ("$register" | "%24register", None) => Some(Route::Register),
-            (id, None) => Some(Route::Service(id.to_owned())),
-            (id, Some("$ping" | "%24ping")) => Some(Route::Ping(id.to_owned())),
+            (id, None) => Some(Route::Service(parse_id(id))),
+            (id, Some("$ping" | "%24ping")) => Some(Route::Ping(parse_id(id))),
             _ => None,
         }
     }
@@ -99,7 +171,9 @@ impl Route {
 }
 
 impl<S: Store> Api<S> {
-    /// An API over `store`. `local_addr` is the fallback base URL for requests without a Host.
+    /// An API over `store`, every call to it bounded in time. `local_addr` is the fallback
+    /// base URL for requests without a Host. Body size and time limits are the server's
+    /// middleware (see [`crate::server`]); `max_body_bytes` is only quoted in its 413.
     pub fn new(
         store: S,
         public_url: Option<String>,
@@ -108,7 +182,7 @@ impl<S: Store> Api<S> {
         local_addr: SocketAddr,
     ) -> Self {
         Api {
-            store,
+            store: Bounded::new(store),
             public_url,
             registration_key: registration_key.map(String::into_bytes),
             max_body_bytes,
@@ -116,8 +190,8 @@ impl<S: Store> Api<S> {
         }
     }
 
-    /// The store behind the API.
-    pub fn store(&self) -> &S {
+    /// The store behind the API, with every call bounded.
+    pub fn store(&self) -> &Bounded<S> {
         &self.store
     }
 
@@ -125,7 +199,7 @@ impl<S: Store> Api<S> {
     pub async fn handle<B>(&self, req: Request<B>) -> Response<Full<Bytes>>
     where
         B: Body<Data = Bytes> + Send,
-        B::Error: std::error::Error + Send + Sync + 'static,
+        B::Error: Into<BoxError>,
     {
         // Cloning the `Uri` shares its bytes, cheaper than copying the path for every request.
         let uri = req.uri().clone();
@@ -143,29 +217,31 @@ impl<S: Store> Api<S> {
     async fn route<B>(&self, req: Request<B>) -> Result<Response<Full<Bytes>>, ApiError>
     where
         B: Body<Data = Bytes> + Send,
-        B::Error: std::error::Error + Send + Sync + 'static,
+        B::Error: Into<BoxError>,
     {
-        let path = req.uri().path();
-        let Some(route) = Route::parse(path) else {
-            return Err(ApiError::NotFound(format!("no route for {path}")));
+        let Some(route) = Route::parse(req.uri().path()) else {
+            return Err(ApiError::NotFound(format!(
+                "no route for {:?}",
+                req.uri().path()
+            )));
         };
-        let method = req.method().clone();
+        let method = req.method();
         let read = method == Method::GET || method == Method::HEAD;
-        match (&route, method) {
+        match (route, method) {
             (Route::Health, _) if read => self.health().await,
             (Route::Services, _) if read => self.list(req.uri().query()).await,
-            (Route::Service(id), _) if read => self.get(id).await,
-            (Route::Service(id), Method::DELETE) => {
+            (Route::Service(id), _) if read => self.get(id.ok_or_else(no_such_id)?).await,
+            (Route::Service(id), &Method::DELETE) => {
                 self.authorize(&req)?;
-                self.deregister(id).await
+                self.deregister(id.ok_or_else(no_such_id)?).await
             }
-            (Route::Register, Method::POST) => {
+            (Route::Register, &Method::POST) => {
                 self.authorize(&req)?;
                 self.register(req).await
             }
-            (Route::Ping(id), Method::PUT) => {
+            (Route::Ping(id), &Method::PUT) => {
                 self.authorize(&req)?;
-                self.ping(id).await
+                self.ping(id.ok_or_else(no_such_id)?).await
             }
             (route, method) => Err(ApiError::MethodNotAllowed {
                 method: method.to_string(),
@@ -203,22 +279,23 @@ impl<S: Store> Api<S> {
     async fn register<B>(&self, req: Request<B>) -> Result<Response<Full<Bytes>>, ApiError>
     where
         B: Body<Data = Bytes> + Send,
-        B::Error: std::error::Error + Send + Sync + 'static,
+        B::Error: Into<BoxError>,
     {
         let base = self.base_url(&req);
         let body = self.json_body(req).await?;
         let request: RegisterRequest = serde_json::from_slice(&body)
             .map_err(|e| ApiError::BadRequest(format!("invalid registration body: {e}")))?;
         let registration = validate_registration(request)?;
-        let registered = bounded(STORE_TIMEOUT, self.store.register(registration)).await?;
+        let registered = self.store.register(registration).await?;
         let record = registered.record;
         let name = &record.info.display_name;
+        // The name is the client's text: control characters are escaped in the log line.
         let (status, code, message) = if registered.created {
-            tracing::info!(id = %record.id, url = %record.url, name = %name, "service.registered");
+            tracing::info!(id = %record.id, url = %record.url, name = %name.escape_debug(), "service.registered");
             let message = format!("{name} registered successfully");
             (RegistrationStatus::Registered, StatusCode::CREATED, message)
         } else {
-            tracing::info!(id = %record.id, url = %record.url, name = %name, "service.updated");
+            tracing::info!(id = %record.id, url = %record.url, name = %name.escape_debug(), "service.updated");
             let message = format!("{name} registration updated");
             (RegistrationStatus::Updated, StatusCode::OK, message)
         };
@@ -240,11 +317,8 @@ impl<S: Store> Api<S> {
         Ok(response)
     }
 
-    async fn ping(&self, id: &str) -> Result<Response<Full<Bytes>>, ApiError> {
-        let id = parse_id(id)?;
-        let pinged = bounded(STORE_TIMEOUT, self.store.ping(id))
-            .await?
-            .ok_or_else(|| not_found(id))?;
+    async fn ping(&self, id: Ulid) -> Result<Response<Full<Bytes>>, ApiError> {
+        let pinged = self.store.ping(id).await?.ok_or_else(|| not_found(id))?;
         tracing::debug!(id = %id, "service.pinged");
         json_response(
             StatusCode::OK,
@@ -257,16 +331,12 @@ impl<S: Store> Api<S> {
         )
     }
 
-    async fn get(&self, id: &str) -> Result<Response<Full<Bytes>>, ApiError> {
-        let id = parse_id(id)?;
-        let record = bounded(STORE_TIMEOUT, self.store.get(id))
-            .await?
-            .ok_or_else(|| not_found(id))?;
+    async fn get(&self, id: Ulid) -> Result<Response<Full<Bytes>>, ApiError> {
+        let record = self.store.get(id).await?.ok_or_else(|| not_found(id))?;
         json_response(StatusCode::OK, &record)
     }
 
-    async fn deregister(&self, id: &str) -> Result<Response<Full<Bytes>>, ApiError> {
-        let id = parse_id(id)?;
+    async fn deregister(&self, id: Ulid) -> Result<Response<Full<Bytes>>, ApiError> {
         let record = self
             .store
             .deregister(id)
@@ -284,7 +354,7 @@ impl<S: Store> Api<S> {
 
     async fn list(&self, query: Option<&str>) -> Result<Response<Full<Bytes>>, ApiError> {
         let filter = parse_filter(query.unwrap_or(""))?;
-        let services = bounded(LIST_TIMEOUT, self.store.list(&filter)).await?;
+        let services = self.store.list(&filter).await?;
         json_response(
             StatusCode::OK,
             &ListResponse {
@@ -295,9 +365,8 @@ impl<S: Store> Api<S> {
     }
 
     async fn health(&self) -> Result<Response<Full<Bytes>>, ApiError> {
-        let outcome = tokio::time::timeout(HEALTH_TIMEOUT, self.store.health()).await;
-        let (healthy, check) = match outcome {
-            Ok(Ok(h)) => (
+        let (healthy, check) = match self.store.health().await {
+            Ok(h) => (
                 true,
                 json!({
                     "status": "healthy",
@@ -305,14 +374,9 @@ impl<S: Store> Api<S> {
                     "latency_ms": h.latency.as_secs_f64() * 1000.0,
                 }),
             ),
-            Ok(Err(e)) => (
+            Err(e) => (
                 false,
                 json!({"status": "unhealthy", "kind": self.store.kind(), "error": e.to_string()}),
-            ),
-            Err(_) => (
-                false,
-                json!({"status": "unhealthy", "kind": self.store.kind(),
-                       "error": format!("no answer within {HEALTH_TIMEOUT:?}")}),
             ),
         };
         let mut checks = Map::new();
@@ -335,15 +399,14 @@ impl<S: Store> Api<S> {
         Ok(response)
     }
 
-    /// Reads a JSON request body within the size limit.
+    /// Reads a JSON request body. Its size and arrival time are bounded by the server's
+    /// middleware, whose errors surface here while reading and become 413 and 408.
     async fn json_body<B>(&self, req: Request<B>) -> Result<Bytes, ApiError>
     where
         B: Body<Data = Bytes> + Send,
-        B::Error: std::error::Error + Send + Sync + 'static,
+        B::Error: Into<BoxError>,
     {
-        let limit = self.max_body_bytes;
-        let headers = req.headers();
-        if let Some(ct) = headers.get(CONTENT_TYPE) {
+        if let Some(ct) = req.headers().get(CONTENT_TYPE) {
             let ct = ct.to_str().unwrap_or("");
             let essence = ct
                 .split(';')
@@ -355,25 +418,9 @@ impl<S: Store> Api<S> {
                 return Err(ApiError::UnsupportedMediaType(ct.to_owned()));
             }
         }
-        let declared = headers
-            .get(CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        if declared.is_some_and(|n| n > limit as u64) {
-            return Err(ApiError::PayloadTooLarge { limit });
-        }
-        let collect = Limited::new(req.into_body(), limit).collect();
-        let Ok(collected) = tokio::time::timeout(BODY_TIMEOUT, collect).await else {
-            return Err(ApiError::RequestTimeout(BODY_TIMEOUT));
-        };
-        match collected {
+        match req.into_body().collect().await {
             Ok(collected) => Ok(collected.to_bytes()),
-            Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-                Err(ApiError::PayloadTooLarge { limit })
-            }
-            Err(e) => Err(ApiError::BadRequest(format!(
-                "could not read request body: {e}"
-            ))),
+            Err(e) => Err(body_error(e.into(), self.max_body_bytes)),
         }
     }
 
@@ -411,9 +458,59 @@ fn not_found(id: Ulid) -> ApiError {
     ApiError::NotFound(format!("Service with ID {id} not found"))
 }
 
-fn parse_id(text: &str) -> Result<Ulid, ApiError> {
-    Ulid::from_string(text)
-        .map_err(|_| ApiError::BadRequest(format!("service id {text:?} is not a ULID")))
+/// The answer for a path id that is no ULID's canonical text. It does not repeat the id: that
+/// is untrusted text, and the problem's `instance` already holds the (JSON-escaped) path.
+fn no_such_id() -> ApiError {
+    ApiError::NotFound(
+        "no service has this id; service ids are ULIDs in canonical form (26 characters of \
+         0-9 and upper-case A-Z without I, L, O, U, the first one 0-7)"
+            .into(),
+    )
+}
+
+/// The ULID whose canonical text `text` is, else `None`. Canonical means exactly what
+/// [`Ulid`]'s `Display` writes: 26 upper-case Crockford base-32 characters, the first 0-7.
+/// `Ulid::from_string` is more lenient (lower case, the aliases I, L, O, U, and a first
+/// character that overflows 128 bits), which would let one registration answer to several
+/// ids; none of those is an id this registry hands out.
+fn parse_id(text: &str) -> Option<Ulid> {
+    const CROCKFORD: &[u8; 32] = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ";
+    /// Each byte's digit value, or `NO_DIGIT`.
+    const DIGITS: [u8; 256] = {
+        let mut table = [NO_DIGIT; 256];
+        let mut i = 0;
+        while i < CROCKFORD.len() {
+            table[CROCKFORD[i] as usize] = i as u8;
+            i += 1;
+        }
+        table
+    };
+    const NO_DIGIT: u8 = u8::MAX;
+    let bytes = text.as_bytes();
+    if bytes.len() != ulid::ULID_LEN || !(b'0'..=b'7').contains(&bytes[0]) {
+        return None;
+    }
+    let mut value: u128 = 0;
+    for &b in bytes {
+        let digit = DIGITS[usize::from(b)];
+        if digit == NO_DIGIT {
+            return None;
+        }
+        value = (value << 5) | u128::from(digit);
+    }
+    Some(Ulid(value))
+}
+
+/// What reading a request body failed with: the middleware's size limit (413), its arrival
+/// timeout (408), or the connection itself (400).
+fn body_error(e: BoxError, limit: usize) -> ApiError {
+    if e.is::<LengthLimitError>() {
+        ApiError::PayloadTooLarge { limit }
+    } else if e.is::<TimeoutError>() {
+        ApiError::BodyStalled(crate::server::BODY_TIMEOUT)
+    } else {
+        ApiError::BadRequest(format!("could not read request body: {e}"))
+    }
 }
 
 fn json_response<T: Serialize>(
@@ -446,7 +543,7 @@ pub fn validate_registration(request: RegisterRequest) -> Result<Registration, A
     Ok(Registration {
         url,
         info,
-        requested_id: request.id.and_then(|id| Ulid::from_string(&id).ok()),
+        requested_id: request.id.as_deref().and_then(parse_id),
     })
 }
 
@@ -506,6 +603,133 @@ fn parse_filter(query: &str) -> Result<ListFilter, ApiError> {
 mod tests {
     use super::*;
 
+    /// A store that never answers.
+    struct Hangs;
+
+    impl Store for Hangs {
+        fn kind(&self) -> &'static str {
+            "hangs"
+        }
+        fn ttl(&self) -> Duration {
+            Duration::from_secs(30)
+        }
+        fn register(
+            &self,
+            _: Registration,
+        ) -> impl Future<Output = Result<Registered, StoreError>> + Send {
+            std::future::pending()
+        }
+        fn ping(&self, _: Ulid) -> impl Future<Output = Result<Option<Pinged>, StoreError>> + Send {
+            std::future::pending()
+        }
+        fn get(
+            &self,
+            _: Ulid,
+        ) -> impl Future<Output = Result<Option<ServiceRecord>, StoreError>> + Send {
+            std::future::pending()
+        }
+        fn list(
+            &self,
+            _: &ListFilter,
+        ) -> impl Future<Output = Result<Vec<ServiceRecord>, StoreError>> + Send {
+            std::future::pending()
+        }
+        fn deregister(
+            &self,
+            _: Ulid,
+        ) -> impl Future<Output = Result<Option<ServiceRecord>, StoreError>> + Send {
+            std::future::pending()
+        }
+        fn sweep(&self) -> impl Future<Output = Result<usize, StoreError>> + Send {
+            std::future::pending()
+        }
+        fn health(&self) -> impl Future<Output = Result<StoreHealth, StoreError>> + Send {
+            std::future::pending()
+        }
+    }
+
+    /// `op`'s outcome, failing the test when it is not bounded (a minute of paused time).
+    async fn settles<T>(what: &str, op: impl Future<Output = T>) -> T {
+        tokio::time::timeout(Duration::from_secs(60), op)
+            .await
+            .unwrap_or_else(|_| panic!("{what} on a hung store is not bounded"))
+    }
+
+    fn unavailable<T: std::fmt::Debug>(what: &str, outcome: Result<T, StoreError>) {
+        assert!(
+            matches!(outcome, Err(StoreError::Unavailable(_))),
+            "{what}: {outcome:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn every_store_call_is_bounded() {
+        let store = Bounded::new(Hangs);
+        let id = Ulid::new();
+        let registration = Registration {
+            url: "http://svca:8000".into(),
+            info: serde_json::from_value(json!({"display_name": "A"})).expect("info"),
+            requested_id: None,
+        };
+        unavailable(
+            "register",
+            settles("register", store.register(registration)).await,
+        );
+        unavailable("ping", settles("ping", store.ping(id)).await);
+        unavailable("get", settles("get", store.get(id)).await);
+        let filter = ListFilter::default();
+        unavailable("list", settles("list", store.list(&filter)).await);
+        unavailable(
+            "deregister",
+            settles("deregister", store.deregister(id)).await,
+        );
+        unavailable("sweep", settles("sweep", store.sweep()).await);
+        unavailable("health", settles("health", store.health()).await);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hung_store_is_a_503_for_every_route_that_uses_it() {
+        let api = Api::new(
+            Hangs,
+            None,
+            None,
+            1024,
+            SocketAddr::from(([127, 0, 0, 1], 9)),
+        );
+        let id = Ulid::new();
+        let register = br#"{"url":"http://svca:8000","info":{"display_name":"A"}}"#;
+        for (method, path, body) in [
+            (Method::DELETE, format!("/services/{id}"), &b""[..]),
+            (Method::GET, format!("/services/{id}"), b""),
+            (Method::PUT, format!("/services/{id}/$ping"), b""),
+            (Method::GET, "/services".to_owned(), b""),
+            (Method::POST, "/services/$register".to_owned(), register),
+        ] {
+            let req = Request::builder()
+                .method(method.clone())
+                .uri(&path)
+                .header(CONTENT_TYPE, "application/json")
+                .body(Full::new(Bytes::from_static(body)))
+                .expect("request");
+            let what = format!("{method} {path}");
+            let response = settles(&what, api.handle(req)).await;
+            assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE, "{what}");
+            assert_eq!(
+                response
+                    .headers()
+                    .get(CONTENT_TYPE)
+                    .map(HeaderValue::as_bytes),
+                Some(servicekit::protocol::PROBLEM_JSON.as_bytes()),
+                "{what}"
+            );
+        }
+        let req = Request::get("/health")
+            .body(Full::new(Bytes::new()))
+            .expect("request");
+        let response = settles("GET /health", api.handle(req)).await;
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    }
+
     #[test]
     fn urls_are_canonical() {
         assert_eq!(
@@ -545,11 +769,47 @@ mod tests {
             Route::parse("/services/%24register"),
             Some(Route::Register)
         ));
-        assert!(matches!(Route::parse("/services/X/$ping"), Some(Route::Ping(id)) if id == "X"));
-        assert!(matches!(Route::parse("/services/X"), Some(Route::Service(id)) if id == "X"));
+        let id = Ulid::new();
+        assert_eq!(
+            Route::parse(&format!("/services/{id}/$ping")),
+            Some(Route::Ping(Some(id)))
+        );
+        assert_eq!(
+            Route::parse(&format!("/services/{id}")),
+            Some(Route::Service(Some(id)))
+        );
+        assert_eq!(Route::parse("/services/X"), Some(Route::Service(None)));
+        assert_eq!(Route::parse("/services/X/$ping"), Some(Route::Ping(None)));
         assert!(Route::parse("/services/X/other").is_none());
         assert!(Route::parse("/services/X/$ping/y").is_none());
         assert!(Route::parse("/nope").is_none());
+    }
+
+    #[test]
+    fn only_canonical_ulid_text_is_an_id() {
+        for id in [Ulid::new(), Ulid(0), Ulid(u128::MAX), Ulid(1 << 127)] {
+            assert_eq!(parse_id(&id.to_string()), Some(id), "{id}");
+        }
+        let id = Ulid::new().to_string();
+        let tail = &id[1..];
+        for bad in [
+            String::new(),
+            "nope".into(),
+            id.to_lowercase(),
+            format!("8{tail}"),
+            format!("G{tail}"),
+            format!("R{tail}"),
+            format!("Z{tail}"),
+            format!("{}I", &id[..25]),
+            format!("{}L", &id[..25]),
+            format!("{}O", &id[..25]),
+            format!("{}U", &id[..25]),
+            format!("{id}0"),
+            id[..25].to_owned(),
+            format!("{}é", &id[..24]),
+        ] {
+            assert_eq!(parse_id(&bad), None, "{bad:?} accepted");
+        }
     }
 
     #[test]

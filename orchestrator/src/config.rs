@@ -3,6 +3,7 @@
 //! The same struct is parsed by the binary and built directly by tests, so what `--help`
 //! documents is exactly what the server reads.
 
+use crate::redact;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
@@ -75,7 +76,10 @@ impl HealthcheckArgs {
 }
 
 /// The servicekit orchestrator: a service registry with TTL expiry.
-#[derive(Debug, Clone, Parser)]
+///
+/// Its `Debug` redacts the registration key and the password in the Valkey URL, and `--help`
+/// never prints their environment values.
+#[derive(Clone, Parser)]
 #[command(name = "orchestrator", version, about, long_about = None)]
 pub struct Config {
     /// Address to listen on (HTTP/1.1 and HTTP/2 cleartext).
@@ -84,7 +88,8 @@ pub struct Config {
 
     /// Valkey URL (redis://host:port/db, valkey://..., redis-cluster://host:port). When unset,
     /// registrations are kept in this process's memory and lost when it exits.
-    #[arg(long, env = "VALKEY_URL")]
+    // The value may hold a password: --help must not print it.
+    #[arg(long, env = "VALKEY_URL", hide_env_values = true)]
     pub valkey_url: Option<String>,
 
     /// Prefix of every Valkey key, so several registries can share one Valkey.
@@ -119,6 +124,51 @@ pub struct Config {
     /// Log output: human-readable or one JSON object per line.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Pretty)]
     pub log_format: LogFormat,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("bind", &self.bind)
+            .field("valkey_url", &self.valkey_url.as_deref().map(redact::url))
+            .field("key_prefix", &self.key_prefix)
+            .field("ttl_seconds", &self.ttl_seconds)
+            .field("public_url", &self.public_url)
+            .field(
+                "registration_key",
+                &self.registration_key.as_ref().map(|_| redact::REDACTED),
+            )
+            .field("max_connections", &self.max_connections)
+            .field("max_body_bytes", &self.max_body_bytes)
+            .field("log_format", &self.log_format)
+            .finish()
+    }
+}
+
+impl Config {
+    /// `text` (an error message, say) with every secret of this configuration replaced by
+    /// `***`: the registration key, and the Valkey password as written and decoded. For text
+    /// that comes from elsewhere (a client library's error) and may quote them.
+    pub fn redact_secrets(&self, text: &str) -> String {
+        let mut secrets: Vec<String> = Vec::new();
+        if let Some(key) = self.required_key() {
+            secrets.push(key.to_owned());
+        }
+        if let Some(url) = &self.valkey_url {
+            if let Some(range) = redact::password_range(url) {
+                let raw = &url[range];
+                secrets.push(raw.to_owned());
+                secrets.push(redact::percent_decoded(raw));
+            }
+        }
+        // Longest first, so a secret that contains another is replaced whole.
+        secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+        let mut text = text.to_owned();
+        for secret in secrets.iter().filter(|s| !s.is_empty()) {
+            text = text.replace(secret.as_str(), redact::REDACTED);
+        }
+        text
+    }
 }
 
 /// Log output format.
@@ -193,6 +243,43 @@ mod tests {
         assert!(Config::try_parse_from(["orchestrator", "--ttl-seconds", "0"]).is_err());
         assert!(Config::try_parse_from(["orchestrator", "--public-url", "ftp://x"]).is_err());
         assert!(Config::try_parse_from(["orchestrator", "--bind", "nope"]).is_err());
+    }
+
+    #[test]
+    fn debug_shows_no_secret() {
+        let mut config = Config::for_tests();
+        config.valkey_url = Some("redis://admin:hunter2-valkey@valkey:6379/0".into());
+        config.registration_key = Some("hunter2-key".into());
+        for text in [
+            format!("{config:?}"),
+            format!("{config:#?}"),
+            format!(
+                "{:?}",
+                Cli {
+                    config: config.clone(),
+                    command: None
+                }
+            ),
+        ] {
+            assert!(!text.contains("hunter2"), "{text}");
+            assert!(text.contains("redis://admin:***@valkey:6379/0"), "{text}");
+        }
+        assert!(format!("{config:?}").contains("registration_key: Some(\"***\")"));
+        config.registration_key = None;
+        assert!(format!("{config:?}").contains("registration_key: None"));
+    }
+
+    #[test]
+    fn secrets_are_redacted_from_other_text() {
+        let mut config = Config::for_tests();
+        config.valkey_url = Some("redis://:hunter%402@valkey:6379".into());
+        config.registration_key = Some("k3y-hunter".into());
+        let text = "cannot use redis://:hunter%402@valkey:6379 (password hunter@2), key k3y-hunter";
+        assert_eq!(
+            config.redact_secrets(text),
+            "cannot use redis://:***@valkey:6379 (password ***), key ***"
+        );
+        assert_eq!(Config::for_tests().redact_secrets(text), text);
     }
 
     fn healthcheck(args: &[&str]) -> (Config, HealthcheckArgs) {

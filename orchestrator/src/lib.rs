@@ -6,9 +6,10 @@
 //! process's memory as the zero-setup default.
 //!
 //! - [`config`]: flags and environment variables.
-//! - [`server`]: the accept loop, the index sweeper and graceful shutdown.
+//! - [`server`]: the accept loop, the tower middleware in front of the API, the index
+//!   sweeper and graceful shutdown.
 //! - [`api`]: routing, validation and JSON answers.
-//! - [`problem`]: RFC 9457 errors.
+//! - [`problem`]: RFC 9457 errors, also for the middleware's own answers.
 //! - [`store`]: the storage contract and its two implementations.
 //!
 //! ```no_run
@@ -23,5 +24,6 @@
 pub mod api;
 pub mod config;
 pub mod problem;
+pub mod redact;
 pub mod server;
 pub mod store;

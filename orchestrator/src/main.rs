@@ -51,10 +51,13 @@ fn serve(config: Config) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
+        // A client library's error may quote the Valkey URL, password and all.
+        let secrets = config.clone();
         let running = match server::start_with_signal(config, signal).await {
             Ok(running) => running,
             Err(e) => {
-                tracing::error!(error = %e, "orchestrator.failed");
+                let error = secrets.redact_secrets(&e.to_string());
+                tracing::error!(%error, "orchestrator.failed");
                 return ExitCode::FAILURE;
             }
         };

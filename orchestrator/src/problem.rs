@@ -6,7 +6,7 @@
 use bytes::Bytes;
 use http::header::{HeaderValue, ALLOW, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
 use http::{Response, StatusCode};
-use http_body_util::Full;
+use http_body_util::{Either, Full};
 use servicekit::protocol::{problem_type, Problem, PROBLEM_JSON};
 
 use crate::store::StoreError;
@@ -22,7 +22,9 @@ pub enum ApiError {
     NotFound(String),
     #[error("method {method} is not allowed here; allowed: {allow}")]
     MethodNotAllowed { method: String, allow: &'static str },
-    #[error("the request body did not arrive within {0:?}")]
+    #[error("no part of the request body arrived for {0:?}")]
+    BodyStalled(std::time::Duration),
+    #[error("the request was not received and answered within {0:?}")]
     RequestTimeout(std::time::Duration),
     #[error("request body exceeds the limit of {limit} bytes")]
     PayloadTooLarge { limit: usize },
@@ -55,7 +57,7 @@ impl ApiError {
                 t::METHOD_NOT_ALLOWED,
                 "Method Not Allowed",
             ),
-            ApiError::RequestTimeout(_) => (
+            ApiError::BodyStalled(_) | ApiError::RequestTimeout(_) => (
                 StatusCode::REQUEST_TIMEOUT,
                 t::REQUEST_TIMEOUT,
                 "Request Timeout",
@@ -111,5 +113,112 @@ impl ApiError {
             _ => {}
         }
         response
+    }
+}
+
+/// Turns the bare error answers of the tower-http middleware in front of the API (a 413 from
+/// the body limit when `Content-Length` is over it, a 408 from the request timeout) into
+/// problem+json with the same `type` URNs the handlers use. Every other answer passes as is.
+#[derive(Debug, Clone, Copy)]
+pub struct ProblemLayer {
+    /// The body limit, quoted in the 413's detail.
+    pub max_body_bytes: usize,
+    /// The whole-request timeout, quoted in the 408's detail.
+    pub request_timeout: std::time::Duration,
+}
+
+impl<S> tower::Layer<S> for ProblemLayer {
+    type Service = Problems<S>;
+
+    fn layer(&self, inner: S) -> Problems<S> {
+        Problems {
+            inner,
+            layer: *self,
+        }
+    }
+}
+
+/// The service of [`ProblemLayer`].
+#[derive(Debug, Clone)]
+pub struct Problems<S> {
+    inner: S,
+    layer: ProblemLayer,
+}
+
+impl<S, ReqBody, ResBody> tower::Service<http::Request<ReqBody>> for Problems<S>
+where
+    S: tower::Service<http::Request<ReqBody>, Response = Response<ResBody>>,
+{
+    type Response = Response<Either<ResBody, Full<Bytes>>>;
+    type Error = S::Error;
+    type Future = ProblemsFuture<S::Future>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<ReqBody>) -> Self::Future {
+        // Cloning the `Uri` shares its bytes: no allocation on the way through.
+        let uri = req.uri().clone();
+        let head = req.method() == http::Method::HEAD;
+        ProblemsFuture {
+            inner: self.inner.call(req),
+            uri,
+            head,
+            layer: self.layer,
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The response future of [`Problems`].
+    pub struct ProblemsFuture<F> {
+        #[pin]
+        inner: F,
+        uri: http::Uri,
+        head: bool,
+        layer: ProblemLayer,
+    }
+}
+
+impl<F, ResBody, E> std::future::Future for ProblemsFuture<F>
+where
+    F: std::future::Future<Output = Result<Response<ResBody>, E>>,
+{
+    type Output = Result<Response<Either<ResBody, Full<Bytes>>>, E>;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let this = self.project();
+        let response = std::task::ready!(this.inner.poll(cx))?;
+        let is_problem = response
+            .headers()
+            .get(CONTENT_TYPE)
+            .is_some_and(|ct| ct.as_bytes() == PROBLEM_JSON.as_bytes());
+        let error = match response.status() {
+            _ if is_problem => None,
+            StatusCode::PAYLOAD_TOO_LARGE => Some(ApiError::PayloadTooLarge {
+                limit: this.layer.max_body_bytes,
+            }),
+            StatusCode::REQUEST_TIMEOUT => {
+                Some(ApiError::RequestTimeout(this.layer.request_timeout))
+            }
+            _ => None,
+        };
+        std::task::Poll::Ready(Ok(match error {
+            None => response.map(Either::Left),
+            Some(error) => {
+                let mut problem = error.into_response(this.uri.path());
+                if *this.head {
+                    *problem.body_mut() = Full::new(Bytes::new());
+                }
+                problem.map(Either::Right)
+            }
+        }))
     }
 }

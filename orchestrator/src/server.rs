@@ -1,31 +1,52 @@
-//! Accepting connections, the background sweeper, and graceful shutdown.
+//! Accepting connections, the middleware in front of the API, the background sweeper, and
+//! graceful shutdown.
 //!
 //! The binary and the tests start the orchestrator the same way, through [`start`], so the
-//! tests exercise the real accept loop over real sockets. Shutdown stops accepting at once,
+//! tests exercise the real accept loop over real sockets. Each request passes a tower stack
+//! (request tracing, whole-request timeout, body size limit, body arrival timeout, all from
+//! tower-http) before the hand-routed [`Api`]; [`ProblemLayer`] turns the middleware's own
+//! answers into problem+json. The connection limit stays in the accept loop, where it pushes
+//! back through the listen backlog instead of holding accepted sockets (tower's
+//! `ConcurrencyLimit` counts requests, not connections). Shutdown stops accepting at once,
 //! lets in-flight requests finish, and only then returns.
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use hyper::service::service_fn;
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use hyper::body::Body;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
+use tower::{Service, ServiceBuilder};
+use tower_http::limit::RequestBodyLimitLayer;
+use tower_http::timeout::{RequestBodyTimeoutLayer, TimeoutLayer};
+use tower_http::trace::{DefaultOnResponse, TraceLayer};
+use tower_http::{BoxError, LatencyUnit};
 
 use crate::api::Api;
 use crate::config::Config;
+use crate::problem::ProblemLayer;
 use crate::store::{MemoryStore, Store, StoreError, ValkeyStore};
 
 /// How long shutdown waits for in-flight requests before giving up on them.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a client may take to send request headers (HTTP/1).
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a request body may go without a byte arriving (408).
+pub(crate) const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Upper bound of a whole request, body and answer (408): a body trickled in byte by byte
+/// stays under [`BODY_TIMEOUT`] between bytes but not under this. Longer than the longest
+/// store bound (a listing, 10 s), which answers 503 itself before this fires.
+pub(crate) const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Why the orchestrator could not start.
 #[derive(Debug, thiserror::Error)]
@@ -136,7 +157,10 @@ fn log_start(config: &Config, local_addr: SocketAddr, store: &str) {
         bind = %local_addr,
         store,
         ttl_seconds = config.ttl_seconds,
-        public_url = config.public_url.as_deref().unwrap_or("(from Host header)"),
+        public_url = %config
+            .public_url
+            .as_deref()
+            .map_or_else(|| "(from Host header)".to_owned(), crate::redact::url),
         registration_key = config.required_key().is_some(),
         "orchestrator.starting"
     );
@@ -162,6 +186,10 @@ fn spawn_server<S: Store>(
         local_addr,
     ));
     let sweeper = tokio::spawn(sweep_forever(api.clone(), stop.clone()));
+    let api = Limits {
+        api,
+        max_body_bytes: config.max_body_bytes,
+    };
     let connections = Arc::new(Semaphore::new(config.max_connections as usize));
     tokio::spawn(async move {
         accept_loop(listener, api, connections, stop).await;
@@ -187,9 +215,79 @@ async fn sweep_forever<S: Store>(api: Arc<Api<S>>, mut stop: watch::Receiver<boo
     }
 }
 
+/// The API and the limits its middleware applies.
+struct Limits<S> {
+    api: Arc<Api<S>>,
+    max_body_bytes: usize,
+}
+
+impl<S> Clone for Limits<S> {
+    fn clone(&self) -> Self {
+        Limits {
+            api: self.api.clone(),
+            max_body_bytes: self.max_body_bytes,
+        }
+    }
+}
+
+/// The middleware stack of one connection around the API, outermost first. Built once per
+/// connection and cloned per request (every layer is a copy or an `Arc`, no allocation).
+fn stack<S, B>(
+    limits: Limits<S>,
+    peer: SocketAddr,
+) -> impl Service<
+    Request<B>,
+    Response = Response<impl Body<Data = Bytes, Error: Into<BoxError>> + Send + 'static>,
+    Error = Infallible,
+    Future: Send + 'static,
+> + Clone
+       + Send
+       + 'static
+where
+    S: Store,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let api = limits.api;
+    ServiceBuilder::new()
+        // One debug line per request. The span and its fields cost nothing when debug is off;
+        // the path is untrusted, so it is logged escaped (`?`).
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(move |req: &Request<B>| {
+                    tracing::debug_span!("request", %peer, method = %req.method(),
+                        path = ?req.uri().path())
+                })
+                .on_request(())
+                .on_response(
+                    DefaultOnResponse::new()
+                        .level(tracing::Level::DEBUG)
+                        .latency_unit(LatencyUnit::Micros),
+                )
+                .on_body_chunk(())
+                .on_eos(())
+                // A 5xx is the store's trouble, logged by the store; not an error per request.
+                .on_failure(()),
+        )
+        .layer(ProblemLayer {
+            max_body_bytes: limits.max_body_bytes,
+            request_timeout: REQUEST_TIMEOUT,
+        })
+        .layer(RequestBodyLimitLayer::new(limits.max_body_bytes))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            REQUEST_TIMEOUT,
+        ))
+        .layer(RequestBodyTimeoutLayer::new(BODY_TIMEOUT))
+        .service(tower::service_fn(move |req| {
+            let api = api.clone();
+            async move { Ok::<_, Infallible>(api.handle(req).await) }
+        }))
+}
+
 async fn accept_loop<S: Store>(
     listener: TcpListener,
-    api: Arc<Api<S>>,
+    api: Limits<S>,
     connections: Arc<Semaphore>,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -224,23 +322,7 @@ async fn accept_loop<S: Store>(
             }
         };
         let _ = stream.set_nodelay(true);
-        let api = api.clone();
-        let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
-            let api = api.clone();
-            async move {
-                // The per-request line is debug-level; skip its allocations when it is off.
-                if !tracing::enabled!(tracing::Level::DEBUG) {
-                    return Ok::<_, Infallible>(api.handle(req).await);
-                }
-                let started = Instant::now();
-                let method = req.method().clone();
-                let path = req.uri().path().to_owned();
-                let response = api.handle(req).await;
-                tracing::debug!(%peer, %method, %path, status = response.status().as_u16(),
-                    micros = started.elapsed().as_micros() as u64, "request");
-                Ok(response)
-            }
-        });
+        let service = TowerToHyperService::new(stack(api.clone(), peer));
         let conn = builder.serve_connection(TokioIo::new(stream), service);
         let conn = graceful.watch(conn.into_owned());
         tokio::spawn(async move {
@@ -259,4 +341,203 @@ async fn accept_loop<S: Store>(
         tracing::warn!(timeout = ?DRAIN_TIMEOUT, "in-flight requests did not finish; closing");
     }
     tracing::info!("orchestrator.stopped");
+}
+
+#[cfg(test)]
+mod tests {
+    use std::pin::Pin;
+    use std::task::{ready, Context, Poll};
+
+    use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
+    use http::Method;
+    use http_body_util::{BodyExt, Full};
+    use hyper::body::Frame;
+    use servicekit::protocol::{problem_type as t, PROBLEM_JSON};
+    use tower::ServiceExt;
+
+    use super::*;
+
+    const LIMIT: usize = 1024;
+
+    fn limits() -> Limits<MemoryStore> {
+        let api = Api::new(
+            MemoryStore::new(Duration::from_secs(30)),
+            None,
+            None,
+            LIMIT,
+            SocketAddr::from(([127, 0, 0, 1], 9)),
+        );
+        Limits {
+            api: Arc::new(api),
+            max_body_bytes: LIMIT,
+        }
+    }
+
+    /// A request body that sends one byte every `every`, `left` times.
+    struct Trickle {
+        next: Pin<Box<tokio::time::Sleep>>,
+        every: Duration,
+        left: usize,
+    }
+
+    impl Trickle {
+        fn new(every: Duration, left: usize) -> Self {
+            Trickle {
+                next: Box::pin(tokio::time::sleep(every)),
+                every,
+                left,
+            }
+        }
+    }
+
+    impl Body for Trickle {
+        type Data = Bytes;
+        type Error = Infallible;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+            if self.left == 0 {
+                return Poll::Ready(None);
+            }
+            ready!(self.next.as_mut().poll(cx));
+            let next = tokio::time::Instant::now() + self.every;
+            self.next.as_mut().reset(next);
+            self.left -= 1;
+            Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(b" ")))))
+        }
+    }
+
+    /// Sends `req` through the whole stack; returns the status, content type and JSON body.
+    async fn send<B>(req: Request<B>) -> (StatusCode, Option<String>, serde_json::Value)
+    where
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let peer = SocketAddr::from(([127, 0, 0, 1], 1));
+        let Ok(response) = stack(limits(), peer).oneshot(req).await;
+        let status = response.status();
+        let content_type = response
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let body = match response.into_body().collect().await {
+            Ok(collected) => collected.to_bytes(),
+            Err(e) => panic!("response body: {}", e.into()),
+        };
+        let json = if body.is_empty() {
+            serde_json::Value::Null
+        } else {
+            serde_json::from_slice(&body).expect("a JSON body")
+        };
+        (status, content_type, json)
+    }
+
+    fn register<B>(body: B) -> Request<B> {
+        Request::post("/services/$register")
+            .header(CONTENT_TYPE, "application/json")
+            .body(body)
+            .expect("request")
+    }
+
+    fn assert_problem(
+        got: &(StatusCode, Option<String>, serde_json::Value),
+        status: StatusCode,
+        kind: &str,
+        detail: &str,
+    ) {
+        let (code, content_type, p) = got;
+        assert_eq!(*code, status, "{p}");
+        assert_eq!(content_type.as_deref(), Some(PROBLEM_JSON), "{p}");
+        assert_eq!(p["type"], kind, "{p}");
+        assert_eq!(p["status"], status.as_u16(), "{p}");
+        assert_eq!(p["instance"], "/services/$register", "{p}");
+        let text = p["detail"].as_str().unwrap_or_default();
+        assert!(text.contains(detail), "detail should say {detail:?}: {p}");
+    }
+
+    #[tokio::test]
+    async fn a_declared_length_over_the_limit_is_a_413_problem() {
+        let req = Request::post("/services/$register")
+            .header(CONTENT_TYPE, "application/json")
+            .header(CONTENT_LENGTH, LIMIT + 1)
+            .body(Full::new(Bytes::from(vec![b' '; LIMIT + 1])))
+            .expect("request");
+        let got = send(req).await;
+        let limit = format!("{LIMIT} bytes");
+        assert_problem(
+            &got,
+            StatusCode::PAYLOAD_TOO_LARGE,
+            t::PAYLOAD_TOO_LARGE,
+            &limit,
+        );
+        // A HEAD gets the status without the body.
+        let req = Request::head("/services/$register")
+            .header(CONTENT_LENGTH, LIMIT + 1)
+            .body(Full::new(Bytes::from(vec![b' '; LIMIT + 1])))
+            .expect("request");
+        let (status, content_type, body) = send(req).await;
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(content_type.as_deref(), Some(PROBLEM_JSON));
+        assert!(body.is_null(), "{body}");
+    }
+
+    #[tokio::test]
+    async fn a_streamed_body_over_the_limit_is_a_413_problem() {
+        // No Content-Length: the limit holds while the body is read.
+        let got = send(register(Trickle::new(Duration::ZERO, LIMIT + 1))).await;
+        let limit = format!("{LIMIT} bytes");
+        assert_problem(
+            &got,
+            StatusCode::PAYLOAD_TOO_LARGE,
+            t::PAYLOAD_TOO_LARGE,
+            &limit,
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_body_is_a_408_problem() {
+        let got = send(register(Trickle::new(Duration::from_secs(3600), 1))).await;
+        assert_problem(
+            &got,
+            StatusCode::REQUEST_TIMEOUT,
+            t::REQUEST_TIMEOUT,
+            "no part of the request body arrived for 10s",
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_trickled_body_is_a_408_problem_at_the_request_timeout() {
+        // A byte every 5 s never stalls for 10 s, but the whole request is bounded.
+        let started = tokio::time::Instant::now();
+        let got = send(register(Trickle::new(Duration::from_secs(5), 100))).await;
+        assert_problem(
+            &got,
+            StatusCode::REQUEST_TIMEOUT,
+            t::REQUEST_TIMEOUT,
+            "within 15s",
+        );
+        // Paused time: this is the timer that fired, not a measurement.
+        assert_eq!(started.elapsed(), REQUEST_TIMEOUT);
+    }
+
+    #[tokio::test]
+    async fn answers_of_the_api_pass_through_unchanged() {
+        let body = br#"{"url":"http://svca:8000","info":{"display_name":"A"}}"#;
+        let (status, content_type, v) = send(register(Full::new(Bytes::from_static(body)))).await;
+        assert_eq!(status, StatusCode::CREATED, "{v}");
+        assert_eq!(content_type.as_deref(), Some("application/json"));
+        assert_eq!(v["status"], "registered");
+        let req = Request::builder()
+            .method(Method::GET)
+            .uri("/nope")
+            .body(Full::new(Bytes::new()))
+            .expect("request");
+        let (status, content_type, p) = send(req).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert_eq!(content_type.as_deref(), Some(PROBLEM_JSON));
+        assert_eq!(p["type"], t::NOT_FOUND);
+    }
 }

@@ -117,6 +117,11 @@ async fn serves_on_the_memory_store_and_exits_cleanly_on_sigterm() {
     assert_eq!(reg["ttl_seconds"], 7);
     let registered = proc.event("service.registered", Duration::from_secs(5));
     assert_eq!(registered["url"], "http://svca:8000");
+    // A client's name reaches the log with its control characters escaped (a terminal
+    // showing the pretty format would otherwise obey them).
+    api.register("http://svcb:8000", "B\u{1b}[31m\nX").await;
+    let registered = proc.event("service.registered", Duration::from_secs(5));
+    assert_eq!(registered["name"], r"B\u{1b}[31m\nX");
 
     proc.signal("TERM");
     let status = proc.wait_exit(Duration::from_secs(15));
@@ -170,6 +175,62 @@ fn help_documents_every_flag_and_variable() {
         "LOG_FORMAT",
     ] {
         assert!(help.contains(needle), "--help lacks {needle}:\n{help}");
+    }
+}
+
+/// Secrets the tests below hand the binary; none may come out.
+const VALKEY_PASSWORD: &str = "hunter2-valkey-password";
+const REGISTRATION_KEY: &str = "hunter2-registration-key";
+
+#[test]
+fn help_prints_no_secret_from_the_environment() {
+    for args in [vec!["--help"], vec!["-h"], vec!["healthcheck", "--help"]] {
+        let out = orchestrator()
+            .args(&args)
+            .env(
+                "VALKEY_URL",
+                format!("redis://admin:{VALKEY_PASSWORD}@valkey:6379/0"),
+            )
+            .env("ORCHESTRATOR_REGISTRATION_KEY", REGISTRATION_KEY)
+            .output()
+            .expect("runs");
+        assert!(out.status.success(), "{args:?}");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for secret in [VALKEY_PASSWORD, REGISTRATION_KEY] {
+            assert!(!text.contains(secret), "{args:?} prints {secret}:\n{text}");
+        }
+        if args[0] != "healthcheck" {
+            assert!(text.contains("VALKEY_URL"), "{text}");
+        }
+    }
+}
+
+#[test]
+fn a_failed_start_logs_no_secret() {
+    // A URL the Valkey client refuses: its error may quote the URL.
+    let out = orchestrator()
+        .args(["--bind", "127.0.0.1:0"])
+        .env(
+            "VALKEY_URL",
+            format!("redis://admin:{VALKEY_PASSWORD}@[not-a-host:6379/0"),
+        )
+        .env("ORCHESTRATOR_REGISTRATION_KEY", REGISTRATION_KEY)
+        .env("LOG_FORMAT", "json")
+        .output()
+        .expect("runs");
+    assert!(!out.status.success());
+    let log = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(log.contains("orchestrator.failed"), "{log}");
+    for secret in [VALKEY_PASSWORD, REGISTRATION_KEY] {
+        assert!(!log.contains(secret), "the log shows {secret}:\n{log}");
     }
 }
 

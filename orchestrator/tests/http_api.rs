@@ -193,18 +193,81 @@ async fn unknown_ids_are_404_problems() {
     running.shutdown().await;
 }
 
-#[tokio::test]
-async fn malformed_ids_are_400() {
-    let (running, api) = start_default().await;
-    for (method, path) in [
-        (Method::GET, "/services/nope"),
-        (Method::DELETE, "/services/nope"),
-        (Method::PUT, "/services/nope/$ping"),
-    ] {
-        let r = api.send(method, path, &[], None).await;
-        let p = r.assert_problem(400, t::BAD_REQUEST);
-        assert!(p["detail"].as_str().unwrap().contains("ULID"), "{p}");
+/// Texts that `Ulid::from_string` reads as the id `id` (or as some id) but that are not its
+/// canonical text, with what each one is.
+fn non_canonical_spellings(id: &str) -> Vec<(String, &'static str)> {
+    assert!(id.starts_with('0'), "ids minted today start with 0: {id}");
+    let tail = &id[1..];
+    let mut spellings = vec![
+        ("nope".to_owned(), "not a ULID"),
+        // The reference Python client deregisters by its slug.
+        ("svc-a".to_owned(), "the Python client's slug"),
+        (id.to_lowercase(), "lower case"),
+        // 26 characters are 130 bits: a first character over 7 overflows into the same id.
+        (format!("8{tail}"), "first character 8"),
+        (format!("G{tail}"), "first character G"),
+        (format!("R{tail}"), "first character R"),
+        (format!("Z{}", &"Z".repeat(25)), "first character Z"),
+        (format!("{id}0"), "27 characters"),
+        (id[..25].to_owned(), "25 characters"),
+        (format!("{}%3Cscript%3E", &id[..14]), "markup"),
+    ];
+    // Crockford's aliases: I and L read as 1, O as 0; U is not in the alphabet.
+    for (from, to) in [('0', 'O'), ('1', 'I'), ('1', 'L')] {
+        if let Some(at) = tail.find(from) {
+            let mut alias = id.to_owned();
+            alias.replace_range(at + 1..at + 2, &to.to_string());
+            spellings.push((alias, "Crockford alias letter"));
+        }
     }
+    let mut with_u = id.to_owned();
+    with_u.replace_range(25..26, "U");
+    spellings.push((with_u, "the letter U"));
+    spellings
+}
+
+#[tokio::test]
+async fn ids_that_are_not_canonical_ulids_are_404_and_touch_nothing() {
+    let (running, api) = start_default().await;
+    let id = api.register("http://svca:8000", "A").await["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    let spellings = non_canonical_spellings(&id);
+    assert!(
+        spellings
+            .iter()
+            .any(|(_, what)| *what == "Crockford alias letter"),
+        "{id} has no 0 or 1 to alias"
+    );
+    for (text, what) in &spellings {
+        for (method, path) in [
+            (Method::GET, format!("/services/{text}")),
+            (Method::PUT, format!("/services/{text}/$ping")),
+            (Method::DELETE, format!("/services/{text}")),
+        ] {
+            let r = api.send(method.clone(), &path, &[], None).await;
+            let p = r.assert_problem(404, t::NOT_FOUND);
+            assert_eq!(p["instance"], path, "{what}");
+            let detail = p["detail"].as_str().unwrap_or_default();
+            assert!(
+                !detail.contains(text.as_str()) && !detail.contains('<'),
+                "{what}: the detail repeats the untrusted id: {p}"
+            );
+            // HEAD answers the same status, without a body.
+            if method == Method::GET {
+                let r = api.send(Method::HEAD, &path, &[], None).await;
+                assert_eq!(r.status, 404, "{what}: HEAD {path}");
+                assert!(r.body.is_empty(), "{what}: HEAD {path}");
+            }
+        }
+    }
+    // No alias reached the real entry: it is still there, and was not deleted.
+    let record: ServiceRecord = api.get(&format!("/services/{id}")).await.json();
+    assert_eq!(record.id.to_string(), id);
+    // A wrong method is still a 405 for any id text.
+    let r = api.send(Method::PATCH, "/services/nope", &[], None).await;
+    r.assert_problem(405, t::METHOD_NOT_ALLOWED);
     running.shutdown().await;
 }
 
@@ -736,13 +799,17 @@ async fn shutdown_finishes_in_flight_requests() {
     .await
     .unwrap();
     // Wait until the server holds the request (the first chunk was consumed).
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while tx.capacity() < 2 && tokio::time::Instant::now() < deadline {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while tx.capacity() < 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the server did not take the first body chunk within 10 s"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let stopping = tokio::spawn(running.shutdown());
     // New connections are refused once shutdown began.
-    let refused_deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let refused_deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
         if tokio::net::TcpStream::connect(api.base().trim_start_matches("http://"))
             .await

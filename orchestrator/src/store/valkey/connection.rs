@@ -52,12 +52,15 @@ pub(super) async fn open(url: &str) -> Result<(Client, Arc<ConnState>), StoreErr
     if !SCHEMES.contains(&scheme) || !url.contains("://") {
         return Err(StoreError::Config(format!(
             "invalid Valkey URL {:?}: the scheme must be one of {}",
-            redact_url(url),
+            crate::redact::url(url),
             SCHEMES.join(", ")
         )));
     }
     let mut config = Config::from_url(url).map_err(|e| {
-        StoreError::Config(format!("invalid Valkey URL {:?}: {e}", redact_url(url)))
+        StoreError::Config(format!(
+            "invalid Valkey URL {:?}: {e}",
+            crate::redact::url(url)
+        ))
     })?;
     // Retry the first connection like any later one instead of failing at once.
     config.fail_fast = false;
@@ -97,7 +100,7 @@ pub(super) async fn open(url: &str) -> Result<(Client, Arc<ConnState>), StoreErr
             let _ = client.quit().await;
             return Err(StoreError::Config(format!(
                 "cannot use Valkey at {}: {e}",
-                redact_url(url)
+                crate::redact::url(url)
             )));
         }
         Ok(Err(e)) => {
@@ -205,46 +208,6 @@ fn watch_connection(client: &Client, conn: &Arc<ConnState>) {
     });
 }
 
-/// `url` fit for an error message or a log line: the password of its userinfo, and the value of
-/// any query parameter named like a password (`sentinelPassword=`), become `***`. Errs on the
-/// side of hiding too much: the userinfo ends at the last `@`, since a password may hold `/`,
-/// `?` or `#`.
-fn redact_url(url: &str) -> String {
-    let (scheme, rest) = match url.split_once("://") {
-        Some((scheme, rest)) => (Some(scheme), rest),
-        None => (None, url),
-    };
-    let rest = match rest.rsplit_once('@') {
-        Some((userinfo, host)) => match userinfo.split_once(':') {
-            Some((user, _password)) => format!("{user}:***@{host}"),
-            None => format!("{userinfo}@{host}"),
-        },
-        None => rest.to_owned(),
-    };
-    let mut out = match scheme {
-        Some(scheme) => format!("{scheme}://"),
-        None => String::new(),
-    };
-    let mut tail = rest.as_str();
-    // Query parameters: `name=value` after `?` or `&`.
-    while let Some(at) = tail.find(['?', '&']) {
-        out.push_str(&tail[..=at]);
-        tail = &tail[at + 1..];
-        let end = tail.find(['&', '#']).unwrap_or(tail.len());
-        let (param, after) = tail.split_at(end);
-        match param.split_once('=') {
-            Some((name, _)) if name.to_ascii_lowercase().contains("password") => {
-                out.push_str(name);
-                out.push_str("=***");
-            }
-            _ => out.push_str(param),
-        }
-        tail = after;
-    }
-    out.push_str(tail);
-    out
-}
-
 /// Maps a client error: anything about reaching the server is `Unavailable`, anything about
 /// what it answered is `Corrupt`.
 pub(super) fn map_err(e: FredError) -> StoreError {
@@ -273,25 +236,6 @@ mod tests {
     use super::*;
 
     const SECRET: &str = "hunter2";
-
-    #[test]
-    fn redact_url_hides_passwords_and_nothing_else_it_needs() {
-        for (url, shown) in [
-            ("redis://:hunter2@h:6379", "redis://:***@h:6379"),
-            ("redis://user:hunter2@h:6379/0", "redis://user:***@h:6379/0"),
-            ("valkey://u:hun/ter?2#x@h:1", "valkey://u:***@h:1"),
-            ("redis:/:hunter2@h", "redis:***@h"),
-            ("redis://user@h:6379", "redis://user@h:6379"),
-            ("redis://h:6379", "redis://h:6379"),
-            (
-                "redis-sentinel://h:1?sentinelPassword=hunter2&node=h2:2",
-                "redis-sentinel://h:1?sentinelPassword=***&node=h2:2",
-            ),
-            ("not a url", "not a url"),
-        ] {
-            assert_eq!(redact_url(url), shown, "{url}");
-        }
-    }
 
     /// Every way `connect` can fail on a URL, with a password in it: the error names the URL
     /// but never the password.
