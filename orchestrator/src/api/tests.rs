@@ -1,0 +1,220 @@
+use super::*;
+
+/// A store that never answers.
+struct Hangs;
+
+impl Store for Hangs {
+    fn kind(&self) -> &'static str {
+        "hangs"
+    }
+    fn ttl(&self) -> Duration {
+        Duration::from_secs(30)
+    }
+    fn register(
+        &self,
+        _: Registration,
+    ) -> impl Future<Output = Result<Registered, StoreError>> + Send {
+        std::future::pending()
+    }
+    fn ping(&self, _: Ulid) -> impl Future<Output = Result<Option<Pinged>, StoreError>> + Send {
+        std::future::pending()
+    }
+    fn get(
+        &self,
+        _: Ulid,
+    ) -> impl Future<Output = Result<Option<ServiceRecord>, StoreError>> + Send {
+        std::future::pending()
+    }
+    fn list(
+        &self,
+        _: &ListFilter,
+    ) -> impl Future<Output = Result<Vec<ServiceRecord>, StoreError>> + Send {
+        std::future::pending()
+    }
+    fn deregister(
+        &self,
+        _: Ulid,
+    ) -> impl Future<Output = Result<Option<ServiceRecord>, StoreError>> + Send {
+        std::future::pending()
+    }
+    fn sweep(&self) -> impl Future<Output = Result<usize, StoreError>> + Send {
+        std::future::pending()
+    }
+    fn health(&self) -> impl Future<Output = Result<StoreHealth, StoreError>> + Send {
+        std::future::pending()
+    }
+}
+
+/// `op`'s outcome, failing the test when it is not bounded (a minute of paused time).
+async fn settles<T>(what: &str, op: impl Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(60), op)
+        .await
+        .unwrap_or_else(|_| panic!("{what} on a hung store is not bounded"))
+}
+
+fn unavailable<T: std::fmt::Debug>(what: &str, outcome: Result<T, StoreError>) {
+    assert!(
+        matches!(outcome, Err(StoreError::Unavailable(_))),
+        "{what}: {outcome:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn every_store_call_is_bounded() {
+    let store = Bounded::new(Hangs);
+    let id = Ulid::new();
+    let registration = Registration {
+        url: "http://svca:8000".into(),
+        info: serde_json::from_value(json!({"display_name": "A"})).expect("info"),
+        requested_id: None,
+    };
+    unavailable(
+        "register",
+        settles("register", store.register(registration)).await,
+    );
+    unavailable("ping", settles("ping", store.ping(id)).await);
+    unavailable("get", settles("get", store.get(id)).await);
+    let filter = ListFilter::default();
+    unavailable("list", settles("list", store.list(&filter)).await);
+    unavailable(
+        "deregister",
+        settles("deregister", store.deregister(id)).await,
+    );
+    unavailable("sweep", settles("sweep", store.sweep()).await);
+    unavailable("health", settles("health", store.health()).await);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hung_store_is_a_503_for_every_route_that_uses_it() {
+    let api = Api::new(
+        Hangs,
+        None,
+        None,
+        1024,
+        SocketAddr::from(([127, 0, 0, 1], 9)),
+    );
+    let id = Ulid::new();
+    let register = br#"{"url":"http://svca:8000","info":{"display_name":"A"}}"#;
+    for (method, path, body) in [
+        (Method::DELETE, format!("/services/{id}"), &b""[..]),
+        (Method::GET, format!("/services/{id}"), b""),
+        (Method::PUT, format!("/services/{id}/$ping"), b""),
+        (Method::GET, "/services".to_owned(), b""),
+        (Method::POST, "/services/$register".to_owned(), register),
+    ] {
+        let req = Request::builder()
+            .method(method.clone())
+            .uri(&path)
+            .header(CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from_static(body)))
+            .expect("request");
+        let what = format!("{method} {path}");
+        let response = settles(&what, api.handle(req)).await;
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE, "{what}");
+        assert_eq!(
+            response
+                .headers()
+                .get(CONTENT_TYPE)
+                .map(HeaderValue::as_bytes),
+            Some(servicekit::protocol::PROBLEM_JSON.as_bytes()),
+            "{what}"
+        );
+    }
+    let req = Request::get("/health")
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    let response = settles("GET /health", api.handle(req)).await;
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+}
+
+#[test]
+fn urls_are_canonical() {
+    assert_eq!(
+        canonical_url("http://svca:8000").unwrap(),
+        "http://svca:8000"
+    );
+    assert_eq!(
+        canonical_url("HTTP://SvcA:8000/").unwrap(),
+        "http://svca:8000"
+    );
+    assert_eq!(canonical_url("http://svca:80/").unwrap(), "http://svca");
+    assert_eq!(
+        canonical_url("http://[::1]:8000").unwrap(),
+        "http://[::1]:8000"
+    );
+    assert_eq!(canonical_url("https://a/b/").unwrap(), "https://a/b/");
+    for bad in [
+        "svca:8000",
+        "ftp://a",
+        "http://",
+        "/relative",
+        "",
+        "http://a#x",
+        "mailto:a@b",
+    ] {
+        assert!(canonical_url(bad).is_err(), "{bad} accepted");
+    }
+}
+
+#[test]
+fn routes_parse() {
+    assert!(matches!(
+        Route::parse("/services/$register"),
+        Some(Route::Register)
+    ));
+    assert!(matches!(
+        Route::parse("/services/%24register"),
+        Some(Route::Register)
+    ));
+    let id = Ulid::new();
+    assert_eq!(
+        Route::parse(&format!("/services/{id}/$ping")),
+        Some(Route::Ping(Some(id)))
+    );
+    assert_eq!(
+        Route::parse(&format!("/services/{id}")),
+        Some(Route::Service(Some(id)))
+    );
+    assert_eq!(Route::parse("/services/X"), Some(Route::Service(None)));
+    assert_eq!(Route::parse("/services/X/$ping"), Some(Route::Ping(None)));
+    assert!(Route::parse("/services/X/other").is_none());
+    assert!(Route::parse("/services/X/$ping/y").is_none());
+    assert!(Route::parse("/nope").is_none());
+}
+
+#[test]
+fn only_canonical_ulid_text_is_an_id() {
+    for id in [Ulid::new(), Ulid(0), Ulid(u128::MAX), Ulid(1 << 127)] {
+        assert_eq!(parse_id(&id.to_string()), Some(id), "{id}");
+    }
+    let id = Ulid::new().to_string();
+    let tail = &id[1..];
+    for bad in [
+        String::new(),
+        "nope".into(),
+        id.to_lowercase(),
+        format!("8{tail}"),
+        format!("G{tail}"),
+        format!("R{tail}"),
+        format!("Z{tail}"),
+        format!("{}I", &id[..25]),
+        format!("{}L", &id[..25]),
+        format!("{}O", &id[..25]),
+        format!("{}U", &id[..25]),
+        format!("{id}0"),
+        id[..25].to_owned(),
+        format!("{}é", &id[..24]),
+    ] {
+        assert_eq!(parse_id(&bad), None, "{bad:?} accepted");
+    }
+}
+
+#[test]
+fn filters_parse() {
+    let f = parse_filter("display_name=A%20B&info.team=data&url=http://x:1/").unwrap();
+    assert_eq!(f.display_name.as_deref(), Some("A B"));
+    assert_eq!(f.url.as_deref(), Some("http://x:1"));
+    assert_eq!(f.info, vec![("team".to_owned(), "data".to_owned())]);
+    assert!(parse_filter("colour=red").is_err());
+    assert!(parse_filter("info.=x").is_err());
+}
