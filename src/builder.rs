@@ -1,4 +1,5 @@
-//! The options of a [`RegistrationLayer`], set in code; the environment fills in the rest.
+//! The options of a [`RegistrationLayer`], set in code (the environment fills in the rest), and
+//! the constructors that start from them.
 
 use std::time::Duration;
 
@@ -7,6 +8,27 @@ use serde::Serialize;
 use crate::config::{self, ConfigError, Overrides, Tunables};
 use crate::layer::RegistrationLayer;
 use crate::lifecycle::Lifecycle;
+
+impl RegistrationLayer {
+    /// Configuration from the environment (`SERVICEKIT_ORCHESTRATOR_URL`, `SERVICEKIT_HOST`,
+    /// `SERVICEKIT_PORT`, `SERVICEKIT_REGISTRATION_KEY`, `SERVICEKIT_DISPLAY_NAME`) and the
+    /// defaults. Never fails: a configuration problem is logged when registration would start
+    /// (`registration.skipped` when no orchestrator URL is set, `registration.failed`
+    /// otherwise), and with `fail_on_error` it stops the server like any other failure.
+    pub fn from_env() -> Self {
+        Self::builder().build_lenient()
+    }
+
+    /// Like [`from_env`](Self::from_env), but a configuration problem is returned.
+    pub fn try_from_env() -> Result<Self, ConfigError> {
+        Self::builder().build()
+    }
+
+    /// Starts a builder with the reference defaults.
+    pub fn builder() -> RegistrationLayerBuilder {
+        RegistrationLayerBuilder::default()
+    }
+}
 
 /// Options for a [`RegistrationLayer`]. The orchestrator URL, host, port and registration key
 /// fall back to environment variables; every other option has a default.

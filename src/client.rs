@@ -202,8 +202,15 @@ impl OrchestratorClient {
             .await?;
         let entry_url = self.entry_url(answer.id);
         let ping_url = match answer.ping_url.parse::<Uri>() {
-            Ok(u) if u.scheme().is_some() && u.authority().is_some() => u,
-            // Missing or relative: the orchestrator's own path layout.
+            // Only where the registration went: the key is sent with every ping, and a URL
+            // this client cannot reach (another host, https) would let the entry expire.
+            Ok(u)
+                if u.scheme() == self.register_url.scheme()
+                    && u.authority() == self.register_url.authority() =>
+            {
+                u
+            }
+            // Missing, relative or elsewhere: the orchestrator's own path layout.
             _ => format!("{entry_url}/$ping")
                 .parse()
                 .map_err(|_| ClientError::Protocol {
@@ -238,19 +245,22 @@ impl OrchestratorClient {
     }
 
     /// `PUT` a keepalive to `ping_url`, bounded by `within` (at most the client's timeout): a
-    /// ping stuck on a dead connection must not outlive the keepalive interval.
+    /// ping stuck on a dead connection must not outlive the keepalive interval. Any 2xx is a
+    /// success; the answer's details when it has the usual shape.
     pub async fn ping(
         &self,
         ping_url: &Uri,
         within: Duration,
-    ) -> Result<PingResponse, ClientError> {
-        self.call(
-            Method::PUT,
-            ping_url.clone(),
-            None,
-            within.min(self.timeout),
-        )
-        .await
+    ) -> Result<Option<PingResponse>, ClientError> {
+        let answer: serde_json::Value = self
+            .call(
+                Method::PUT,
+                ping_url.clone(),
+                None,
+                within.min(self.timeout),
+            )
+            .await?;
+        Ok(serde_json::from_value(answer).ok())
     }
 
     /// `DELETE` the entry, bounded by `within` (at most the client's timeout). A 404 means
@@ -409,6 +419,57 @@ mod tests {
         assert_eq!(
             client("http://gw/registry/services/%24register").entry_url(id),
             "http://gw/registry/services/01JDQ9J4XWAZ3M5S1X2VQ7N8C4"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_ping_url_elsewhere_is_not_trusted() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let id = "01JDQ9J4XWAZ3M5S1X2VQ7N8C4";
+        let server = tokio::spawn(async move {
+            for ping_url in [
+                format!("http://evil.example:9000/services/{id}/$ping"),
+                format!("https://{addr}/services/{id}/$ping"),
+                format!("http://{addr}/prefix/services/{id}/$ping"),
+            ] {
+                let (mut conn, _) = listener.accept().await.unwrap();
+                let mut buf = [0u8; 4096];
+                let _ = conn.read(&mut buf).await.unwrap();
+                let body = format!(r#"{{"id":"{id}","ttl_seconds":9,"ping_url":"{ping_url}"}}"#);
+                let answer = format!(
+                    "HTTP/1.1 201 Created\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                conn.write_all(answer.as_bytes()).await.unwrap();
+            }
+        });
+        let client = OrchestratorClient::new(
+            format!("http://{addr}/services/$register").parse().unwrap(),
+            None,
+            Duration::from_secs(5),
+        );
+        let info = ServiceInfo::new("a");
+        let mut got = Vec::new();
+        for _ in 0..3 {
+            let r = client.register("http://svc:1", &info, None).await.unwrap();
+            got.push((r.ping_url.to_string(), r.entry_url.to_string()));
+        }
+        server.await.unwrap();
+        let derived = (
+            format!("http://{addr}/services/{id}/$ping"),
+            format!("http://{addr}/services/{id}"),
+        );
+        assert_eq!(got[0], derived, "another host");
+        assert_eq!(got[1], derived, "https");
+        assert_eq!(
+            got[2],
+            (
+                format!("http://{addr}/prefix/services/{id}/$ping"),
+                format!("http://{addr}/prefix/services/{id}")
+            ),
+            "the same orchestrator under a path prefix is trusted"
         );
     }
 

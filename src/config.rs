@@ -29,6 +29,8 @@ pub const REGISTRATION_KEY_ENV: &str = "SERVICEKIT_REGISTRATION_KEY";
 pub const DISPLAY_NAME_ENV: &str = "SERVICEKIT_DISPLAY_NAME";
 /// Port used when neither the builder nor the environment names one.
 pub const DEFAULT_PORT: u16 = 8000;
+/// The longest duration any option takes.
+const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
 
 /// A configuration mistake, reported with the source of the bad value. Secrets are never
 /// part of the message.
@@ -115,7 +117,7 @@ impl fmt::Display for Source {
     }
 }
 
-/// The registration key. Its `Debug` and `Display` never show it.
+/// The registration key. Its `Debug` never shows it (and it has no `Display`).
 #[derive(Clone, PartialEq, Eq)]
 pub struct RegistrationKey(String);
 
@@ -211,6 +213,24 @@ impl Tunables {
                 return Err(ConfigError::InvalidOption {
                     name,
                     reason: "must be positive".into(),
+                });
+            }
+        }
+        // Durations are added to instants; a day is beyond any sensible setting and keeps
+        // that arithmetic far from overflowing.
+        for (name, d) in [
+            ("timeout", Some(self.timeout)),
+            ("startup_timeout", Some(self.startup_timeout)),
+            ("retry_delay", Some(self.retry_delay)),
+            ("max_retry_delay", Some(self.max_retry_delay)),
+            ("shutdown_timeout", Some(self.shutdown_timeout)),
+            ("drain_delay", Some(self.drain_delay)),
+            ("keepalive_interval", self.keepalive_interval),
+        ] {
+            if d.is_some_and(|d| d > MAX_DURATION) {
+                return Err(ConfigError::InvalidOption {
+                    name,
+                    reason: "must be at most 24 h".into(),
                 });
             }
         }
@@ -434,7 +454,8 @@ pub(crate) fn redact(text: &str) -> String {
         return text.to_owned();
     };
     let rest = &text[scheme_end..];
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    // A password may hold '/', so the user information ends at the last '@' before the query.
+    let authority_end = rest.find(['?', '#']).unwrap_or(rest.len());
     match rest[..authority_end].rfind('@') {
         Some(at) => format!("{}***{}", &text[..scheme_end], &rest[at..]),
         None => text.to_owned(),
@@ -470,15 +491,24 @@ fn registration_endpoint(text: &str, source: &Source) -> Result<Uri, ConfigError
     if authority.host().is_empty() {
         return Err(bad("it has no host"));
     }
-    if authority.as_str().contains('@') {
+    let before_query = text.split(['?', '#']).next().unwrap_or_default();
+    if authority.as_str().contains('@') || before_query.contains('@') {
         return Err(bad(&format!(
             "it contains credentials; give the key with {REGISTRATION_KEY_ENV} instead"
         )));
+    }
+    if authority.port().is_some() && authority.port_u16().is_none() {
+        return Err(bad("its port is not a number"));
     }
     if uri.query().is_some() {
         return Err(bad("it may not have a query"));
     }
     let path = uri.path();
+    let path = if path.len() > 1 {
+        path.trim_end_matches('/')
+    } else {
+        path
+    };
     let path = if path.ends_with(REGISTER_PATH) || path.ends_with("/services/%24register") {
         path.to_owned()
     } else if let Some(base) = path

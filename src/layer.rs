@@ -14,7 +14,6 @@ use std::sync::Arc;
 
 use tower_layer::Layer;
 
-use crate::builder::RegistrationLayerBuilder;
 use crate::config::{Config, ConfigError};
 use crate::error::RegistrationError;
 use crate::handle::RegistrationHandle;
@@ -55,25 +54,6 @@ impl std::fmt::Debug for RegistrationLayer {
 }
 
 impl RegistrationLayer {
-    /// Configuration from the environment (`SERVICEKIT_ORCHESTRATOR_URL`, `SERVICEKIT_HOST`,
-    /// `SERVICEKIT_PORT`, `SERVICEKIT_REGISTRATION_KEY`, `SERVICEKIT_DISPLAY_NAME`) and the
-    /// defaults. Never fails: a configuration problem is logged when registration would start
-    /// (`registration.skipped` when no orchestrator URL is set, `registration.failed`
-    /// otherwise), and with `fail_on_error` it stops the server like any other failure.
-    pub fn from_env() -> Self {
-        Self::builder().build_lenient()
-    }
-
-    /// Like [`from_env`](Self::from_env), but a configuration problem is returned.
-    pub fn try_from_env() -> Result<Self, ConfigError> {
-        Self::builder().build()
-    }
-
-    /// Starts a builder with the reference defaults.
-    pub fn builder() -> RegistrationLayerBuilder {
-        RegistrationLayerBuilder::default()
-    }
-
     pub(crate) fn from_lifecycle(lifecycle: Lifecycle) -> Self {
         RegistrationLayer {
             lifecycle: Arc::new(lifecycle),

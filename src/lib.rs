@@ -25,8 +25,10 @@
 //! ```
 //!
 //! Everything the layer does is logged through [`tracing`] with the reference library's event
-//! names (`registration.success`, `keepalive.ping_failed`, ...): install a subscriber (e.g.
-//! `tracing_subscriber::fmt::init()`) or a misconfigured service stays silent.
+//! names (`registration.success`, `keepalive.ping_failed`, ...): install a subscriber at info level
+//! at least (`tracing_subscriber::fmt().with_max_level(LevelFilter::INFO).init()`; note that
+//! `fmt::init()` with the `env-filter` feature shows only errors unless `RUST_LOG` is set), or a
+//! misconfigured service stays silent.
 //!
 //! - [`RegistrationLayer`]: the layer, the shutdown hook and the state; built by
 //!   [`RegistrationLayerBuilder`] into a [`Config`].

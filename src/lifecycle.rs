@@ -139,8 +139,15 @@ impl Lifecycle {
             _ = signal => {}
             _ = status.wait_for(|s| s.phase == Phase::Failed) => return,
         }
-        // `send_replace` stores the request even before the task subscribed.
-        self.stop.send_replace(Some(Instant::now()));
+        // Stored even before the task subscribed. Only the first request counts: a second hook
+        // on the same layer (an HTTP and a gRPC server, say) must not extend the budget.
+        self.stop.send_if_modified(|at| {
+            let first = at.is_none();
+            if first {
+                *at = Some(Instant::now());
+            }
+            first
+        });
         let Ok(config) = &self.config else {
             return;
         };

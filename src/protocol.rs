@@ -410,16 +410,24 @@ pub struct HealthResponse {
 }
 
 /// The stable `type` URNs of the orchestrator's problem details.
-#[allow(missing_docs)] // each name says what it is; the README's error table says when
 pub mod problem_type {
+    /// Malformed JSON, an invalid `url` or `display_name`, an unknown query parameter.
     pub const BAD_REQUEST: &str = "urn:servicekit:error:bad-request";
+    /// A write without the configured registration key.
     pub const UNAUTHORIZED: &str = "urn:servicekit:error:unauthorized";
+    /// An unknown or expired id (or one that is not a canonical ULID), or an unknown route.
     pub const NOT_FOUND: &str = "urn:servicekit:error:not-found";
+    /// A known route with the wrong method (the answer has `Allow`).
     pub const METHOD_NOT_ALLOWED: &str = "urn:servicekit:error:method-not-allowed";
+    /// The request body did not arrive in time.
     pub const REQUEST_TIMEOUT: &str = "urn:servicekit:error:request-timeout";
+    /// The request body is larger than the orchestrator takes.
     pub const PAYLOAD_TOO_LARGE: &str = "urn:servicekit:error:payload-too-large";
+    /// A body whose `Content-Type` is not JSON.
     pub const UNSUPPORTED_MEDIA_TYPE: &str = "urn:servicekit:error:unsupported-media-type";
+    /// The store did not answer in time (the answer has `Retry-After`).
     pub const STORE_UNAVAILABLE: &str = "urn:servicekit:error:store-unavailable";
+    /// The store returned data the orchestrator cannot read (a bug).
     pub const INTERNAL: &str = "urn:servicekit:error:internal";
 }
 

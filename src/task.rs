@@ -35,7 +35,7 @@ pub(crate) trait Orchestrator: Send + Sync + 'static {
         &self,
         ping_url: &Uri,
         within: Duration,
-    ) -> impl Future<Output = Result<PingResponse, ClientError>> + Send;
+    ) -> impl Future<Output = Result<Option<PingResponse>, ClientError>> + Send;
     fn deregister(
         &self,
         entry_url: &Uri,
@@ -52,7 +52,11 @@ impl Orchestrator for OrchestratorClient {
     ) -> Result<Registered, ClientError> {
         OrchestratorClient::register(self, url, info, previous).await
     }
-    async fn ping(&self, ping_url: &Uri, within: Duration) -> Result<PingResponse, ClientError> {
+    async fn ping(
+        &self,
+        ping_url: &Uri,
+        within: Duration,
+    ) -> Result<Option<PingResponse>, ClientError> {
         OrchestratorClient::ping(self, ping_url, within).await
     }
     async fn deregister(&self, entry_url: &Uri, within: Duration) -> Result<bool, ClientError> {
@@ -127,7 +131,13 @@ impl<O: Orchestrator> Task<O> {
             Outcome::Fatal(e) => return self.fail(e),
         };
         if self.config.tunables.enable_keepalive {
-            entry = self.keep_alive(entry).await;
+            entry = match self.keep_alive(entry).await {
+                Ok(entry) => entry,
+                Err((entry, e)) => {
+                    tracing::info!(id = %entry.id, "keepalive.task_stopped");
+                    return self.fail(e);
+                }
+            };
         } else {
             let _ = self.stop.wait_for(Option::is_some).await;
         }
@@ -208,11 +218,16 @@ impl<O: Orchestrator> Task<O> {
         let mut attempt: u32 = 0;
         let mut reported = false;
         loop {
-            attempt += 1;
+            attempt = attempt.saturating_add(1);
             let sent = Instant::now();
             let Some(result) = self.register_once(None).await else {
                 return Outcome::Stopped;
             };
+            // A failure that ends after the signal is part of going away, not a reason to
+            // report registration as failed.
+            if result.is_err() && self.stop_requested() {
+                return Outcome::Stopped;
+            }
             let e = match result {
                 Ok(registered) => {
                     log_registered(&registered, &self.config.service_url, attempt);
@@ -265,8 +280,9 @@ impl<O: Orchestrator> Task<O> {
         }
     }
 
-    /// Pings until shutdown is requested; returns the entry as it stands then.
-    async fn keep_alive(&mut self, mut entry: Entry) -> Entry {
+    /// Pings until shutdown is requested; returns the entry as it stands then, or the reason
+    /// to give up for good (with `fail_on_error`).
+    async fn keep_alive(&mut self, mut entry: Entry) -> Result<Entry, (Entry, RegistrationError)> {
         let fixed = self.config.tunables.keepalive_interval;
         let interval_of = |e: &Entry| schedule::keepalive_interval(fixed, e.ttl);
         tracing::info!(id = %entry.id, interval_ms = interval_of(&entry).as_millis() as u64,
@@ -289,7 +305,8 @@ impl<O: Orchestrator> Task<O> {
                 Ok(pong) => {
                     failures = 0;
                     entry.expires = sent + entry.ttl;
-                    tracing::debug!(id = %pong.id, expires_at = %pong.expires_at, "keepalive.ping_success");
+                    let expires_at = pong.map(|p| p.expires_at.to_string());
+                    tracing::debug!(id = %entry.id, expires_at, "keepalive.ping_success");
                     self.status.pinged();
                     next = schedule::next_ping(interval, PingOutcome::Alive, schedule::random());
                 }
@@ -314,7 +331,21 @@ impl<O: Orchestrator> Task<O> {
                         Some(Err(e)) => {
                             tracing::warn!(previous_id = %entry.id, error = %ErrorChain(&e),
                                 "keepalive.re_registration_failed");
-                            failures += 1;
+                            if self.stop_requested() {
+                                break;
+                            }
+                            if !e.is_retryable() {
+                                // The same answer the first registration treats as a
+                                // configuration problem (a rotated key, say): show it, and
+                                // with fail_on_error give up as the first registration would.
+                                let hint = wrong_url_hint(&e);
+                                let error = RegistrationError::Rejected { source: e, hint };
+                                if self.status.fail_on_error() {
+                                    return Err((entry, error));
+                                }
+                                self.status.retrying_in_background(error);
+                            }
+                            failures = failures.saturating_add(1);
                             next = schedule::backoff(
                                 self.config.tunables.retry_delay,
                                 failures,
@@ -327,7 +358,7 @@ impl<O: Orchestrator> Task<O> {
                     }
                 }
                 Err(e) => {
-                    failures += 1;
+                    failures = failures.saturating_add(1);
                     let left = entry.expires.saturating_duration_since(Instant::now());
                     let rejected = !e.is_retryable();
                     let outcome = if rejected {
@@ -352,7 +383,7 @@ impl<O: Orchestrator> Task<O> {
             }
         }
         tracing::info!(id = %entry.id, "keepalive.task_stopped");
-        entry
+        Ok(entry)
     }
 
     /// Deregisters (when configured and registered) within what is left of the shutdown

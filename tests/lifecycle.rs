@@ -207,7 +207,10 @@ async fn a_service_started_before_its_orchestrator_registers_when_it_appears() {
     // Background retries run every max_retry_delay (jittered ±10 %).
     let url = format!("http://127.0.0.1:{port}");
     registered(&api, &url, WAIT).await;
-    assert!(handle.is_registered());
+    handle
+        .wait_registered(WAIT)
+        .await
+        .expect("the handle follows the orchestrator");
     served.shutdown().await;
     orch.shutdown().await;
 }
@@ -531,8 +534,13 @@ async fn apply_registers_a_whole_router_without_wrapping_it() {
     let app: Router = layer.apply(app());
     let served = serve(listener, app, &layer);
     let url = format!("http://127.0.0.1:{port}");
-    registered(&api, &url, WAIT).await;
-    assert!(handle.is_registered());
+    let entry = registered(&api, &url, WAIT).await;
+    // The orchestrator lists the entry a moment before the client has read its answer.
+    let id = handle
+        .wait_registered(WAIT)
+        .await
+        .expect("the handle follows");
+    assert_eq!(entry["id"], id.to_string());
     assert_eq!(http::Api::new(url.clone()).get("/").await.status, 200);
     served.shutdown().await;
     assert!(entries_for(&api, &url).await.is_empty());
@@ -661,5 +669,58 @@ async fn serving_on_bind_addr_serves_the_advertised_port() {
     let entry = registered(&api, &format!("http://127.0.0.1:{port}"), WAIT).await;
     assert_eq!(entry["url"], format!("http://127.0.0.1:{port}"));
     served.shutdown().await;
+    orch.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_completes_without_a_shutdown_hook() {
+    let dead = ReservedPort::new();
+    let listener = listener().await;
+    let port = listener.local_addr().unwrap().port();
+    let layer = builder(&dead.url(), port)
+        .max_attempts(2)
+        .fail_on_error(true)
+        .build()
+        .expect("config");
+    // A server without a graceful-shutdown hook: main selects on failed().
+    let app = app().layer(layer.clone());
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let error = tokio::time::timeout(WAIT, layer.failed())
+        .await
+        .expect("failed() completes");
+    assert!(
+        matches!(error, RegistrationError::Exhausted { attempts: 2, .. }),
+        "{error:?}"
+    );
+    assert!(matches!(
+        layer.error(),
+        Some(RegistrationError::Exhausted { .. })
+    ));
+    assert!(!server.is_finished(), "the library ends nothing by itself");
+    server.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hooks_on_one_layer_deregister_once() {
+    let (orch, api) = orchestrator(30, None).await;
+    let listener = listener().await;
+    let port = listener.local_addr().unwrap().port();
+    let layer = builder(&orch.base_url(), port).build().expect("config");
+    let url = format!("http://127.0.0.1:{port}");
+    let served = serve(listener, app().layer(layer.clone()), &layer);
+    registered(&api, &url, WAIT).await;
+    // A second server (gRPC next to HTTP, say) hooked to the same layer.
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let second = tokio::spawn(layer.shutdown_on(async move {
+        let _ = rx.await;
+    }));
+    served.shutdown().await;
+    let _ = tx.send(());
+    tokio::time::timeout(WAIT, second)
+        .await
+        .expect("the second hook completes too")
+        .expect("hook task");
+    assert!(entries_for(&api, &url).await.is_empty(), "deregistered");
+    assert_eq!(layer.handle().status().phase, Phase::Stopped);
     orch.shutdown().await;
 }

@@ -133,7 +133,7 @@ impl std::fmt::Debug for Config {
             .field("valkey_url", &self.valkey_url.as_deref().map(redact::url))
             .field("key_prefix", &self.key_prefix)
             .field("ttl_seconds", &self.ttl_seconds)
-            .field("public_url", &self.public_url)
+            .field("public_url", &self.public_url.as_deref().map(redact::url))
             .field(
                 "registration_key",
                 &self.registration_key.as_ref().map(|_| redact::REDACTED),

@@ -18,6 +18,8 @@ const ID: &str = "01JDQ9J4XWAZ3M5S1X2VQ7N8C4";
 enum Answer {
     Ok,
     Status(u16),
+    /// The status after a while.
+    Later(Duration, u16),
     Hang,
 }
 
@@ -64,6 +66,10 @@ impl Fake {
                 problem: None,
                 retry_after: None,
             }),
+            Answer::Later(after, code) => {
+                tokio::time::sleep(after).await;
+                Box::pin(Fake::answer(Answer::Status(code), ok)).await
+            }
             Answer::Hang => std::future::pending().await,
         }
     }
@@ -93,7 +99,11 @@ impl Orchestrator for Fake {
         Fake::answer(answer, ok).await
     }
 
-    async fn ping(&self, _url: &Uri, within: Duration) -> Result<PingResponse, ClientError> {
+    async fn ping(
+        &self,
+        _url: &Uri,
+        within: Duration,
+    ) -> Result<Option<PingResponse>, ClientError> {
         let answer = self.next("ping", None);
         let pong = PingResponse {
             id: Ulid::from_string(ID).unwrap(),
@@ -101,7 +111,7 @@ impl Orchestrator for Fake {
             last_ping_at: Timestamp::from_millis(0),
             expires_at: Timestamp::from_millis(0),
         };
-        match tokio::time::timeout(within, Fake::answer(answer, pong)).await {
+        match tokio::time::timeout(within, Fake::answer(answer, Some(pong))).await {
             Ok(r) => r,
             Err(_) => Err(ClientError::Timeout {
                 method: Method::PUT,
@@ -323,4 +333,59 @@ async fn a_404_on_register_is_a_wrong_url_with_a_hint_and_not_retried() {
         other => panic!("{other:?}"),
     }
     assert_eq!(r.fake.calls("register").len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_rejected_re_registration_is_shown_and_with_fail_on_error_ends_it() {
+    let script = || {
+        with_script(|s| {
+            s.ping = std::iter::repeat_n(Answer::Status(404), 20).collect();
+            s.register = std::iter::once(Answer::Ok)
+                .chain(std::iter::repeat_n(Answer::Status(401), 20))
+                .collect();
+        })
+    };
+    let r = start(script(), Tunables::default(), true);
+    r.task.await.unwrap();
+    let s = r.status.snapshot();
+    assert_eq!(s.phase, Phase::Failed);
+    assert!(
+        matches!(s.error, Some(RegistrationError::Rejected { .. })),
+        "{:?}",
+        s.error
+    );
+
+    let r = start(script(), Tunables::default(), false);
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let s = r.status.snapshot();
+    assert_eq!(
+        s.phase,
+        Phase::Registering,
+        "still trying in the background"
+    );
+    assert!(r.fake.calls("register").len() > 2, "and retrying");
+    assert!(
+        matches!(s.error, Some(RegistrationError::Rejected { .. })),
+        "{:?}",
+        s.error
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failure_after_the_signal_is_not_a_registration_failure() {
+    // The last allowed attempt fails only after shutdown was requested.
+    let fake = with_script(|s| {
+        s.register = [Answer::Later(Duration::from_secs(1), 503)].into();
+    });
+    let tunables = Tunables {
+        max_attempts: 1,
+        ..Tunables::default()
+    };
+    let r = start(fake, tunables, true);
+    r.wait_phase(Phase::Registering).await;
+    r.request_stop();
+    r.task.await.unwrap();
+    let s = r.status.snapshot();
+    assert_eq!(s.phase, Phase::Stopped, "{:?}", s.error);
+    assert!(s.error.is_none());
 }
