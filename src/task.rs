@@ -117,6 +117,7 @@ impl<O: Orchestrator> Task<O> {
             host_source = %c.host_source,
             port_source = %c.port_source,
             max_retries = c.tunables.max_attempts,
+            registration_key = c.registration_key.is_some(),
             "registration.starting"
         );
         match self.wait_for_server().await {
@@ -430,13 +431,22 @@ fn wrong_url_hint(e: &ClientError) -> Option<String> {
     let ClientError::Status { status, url, .. } = e else {
         return None;
     };
-    matches!(*status, StatusCode::NOT_FOUND | StatusCode::METHOD_NOT_ALLOWED).then(|| {
-        format!(
-            "{url} is not the orchestrator's registration endpoint; set SERVICEKIT_ORCHESTRATOR_URL \
-             to the orchestrator's base URL, e.g. http://orchestrator:9000 (in a shell, quote a \
-             full URL with single quotes: '…/services/$register')"
-        )
-    })
+    if !matches!(
+        *status,
+        StatusCode::NOT_FOUND | StatusCode::METHOD_NOT_ALLOWED
+    ) {
+        return None;
+    }
+    let base = url
+        .parse::<Uri>()
+        .ok()
+        .and_then(|u| Some(format!("{}://{}", u.scheme_str()?, u.authority()?)))
+        .unwrap_or_else(|| "http://orchestrator:9000".to_owned());
+    Some(format!(
+        "{url} is not the orchestrator's registration endpoint (a path in \
+         SERVICEKIT_ORCHESTRATOR_URL is kept, and /services/$register appended to it); \
+         if the orchestrator runs at {base}, set SERVICEKIT_ORCHESTRATOR_URL={base}"
+    ))
 }
 
 /// Runs `call` unless shutdown is requested first (then it is abandoned: `None`). Used for

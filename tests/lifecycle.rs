@@ -644,8 +644,9 @@ async fn a_wrong_registration_path_is_a_configuration_error() {
         Some(e @ RegistrationError::Rejected { .. }) => {
             let why = ErrorChain(&e).to_string();
             assert!(why.contains("404") && why.contains("/register"), "{why}");
+            let right = format!("set SERVICEKIT_ORCHESTRATOR_URL={}", orch.base_url());
             assert!(
-                why.contains("base URL"),
+                why.contains(&right),
                 "the hint says what a right URL looks like: {why}"
             );
         }

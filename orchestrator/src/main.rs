@@ -170,10 +170,14 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     }
     text
 }
+
 fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // Colours only on a terminal: a redirected log stays greppable.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(|| LossyStdout);
     match format {
         LogFormat::Pretty => builder.init(),

@@ -328,7 +328,10 @@ async fn a_404_on_register_is_a_wrong_url_with_a_hint_and_not_retried() {
             hint: Some(hint), ..
         }) => {
             assert!(hint.contains("http://o:9000/services/$register"), "{hint}");
-            assert!(hint.contains("base URL"), "{hint}");
+            assert!(
+                hint.contains("set SERVICEKIT_ORCHESTRATOR_URL=http://o:9000"),
+                "{hint}"
+            );
         }
         other => panic!("{other:?}"),
     }
