@@ -200,31 +200,13 @@ impl OrchestratorClient {
         let answer: RegisterResponse = self
             .call(Method::POST, target.clone(), Some(bytes), self.timeout)
             .await?;
-        let entry_url = self.entry_url(answer.id);
-        let ping_url = match answer.ping_url.parse::<Uri>() {
-            // Only where the registration went: the key is sent with every ping, and a URL
-            // this client cannot reach (another host, https) would let the entry expire.
-            Ok(u)
-                if u.scheme() == self.register_url.scheme()
-                    && u.authority() == self.register_url.authority() =>
-            {
-                u
-            }
-            // Missing, relative or elsewhere: the orchestrator's own path layout.
-            _ => format!("{entry_url}/$ping")
-                .parse()
-                .map_err(|_| ClientError::Protocol {
+        let (ping_url, entry_url) =
+            self.urls_of(answer.id, &answer.ping_url)
+                .ok_or_else(|| ClientError::Protocol {
                     method: Method::POST,
                     url: target.to_string(),
-                    reason: "cannot derive a ping URL".into(),
-                })?,
-        };
-        let ping_text = ping_url.to_string();
-        let entry_url = ping_text
-            .strip_suffix("/$ping")
-            .or_else(|| ping_text.strip_suffix("/%24ping"))
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(entry_url);
+                    reason: "cannot derive the entry's URLs".into(),
+                })?;
         Ok(Registered {
             answer,
             ping_url,
@@ -232,16 +214,31 @@ impl OrchestratorClient {
         })
     }
 
-    /// The entry URL of `id` under the registration URL's base.
-    fn entry_url(&self, id: Ulid) -> Uri {
+    /// Where to ping and what to `DELETE`: the answer's `ping_url` when it points where the
+    /// registration went (the key is sent with every ping, and a URL this client cannot
+    /// reach, another host or https, would let the entry expire), else the orchestrator's own
+    /// path layout under the registration URL's base.
+    fn urls_of(&self, id: Ulid, ping_url: &str) -> Option<(Uri, Uri)> {
         let text = self.register_url.to_string();
         let base = text
             .strip_suffix(REGISTER_PATH)
             .or_else(|| text.strip_suffix("/services/%24register"))
             .unwrap_or(&text);
-        format!("{base}/services/{id}")
-            .parse()
-            .unwrap_or_else(|_| self.register_url.clone())
+        let derived: Uri = format!("{base}/services/{id}").parse().ok()?;
+        let given = ping_url.parse::<Uri>().ok().filter(|u| {
+            u.scheme() == self.register_url.scheme()
+                && u.authority() == self.register_url.authority()
+        });
+        let Some(ping) = given else {
+            return Some((format!("{derived}/$ping").parse().ok()?, derived));
+        };
+        let ping_text = ping.to_string();
+        let entry = ping_text
+            .strip_suffix("/$ping")
+            .or_else(|| ping_text.strip_suffix("/%24ping"))
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(derived);
+        Some((ping, entry))
     }
 
     /// `PUT` a keepalive to `ping_url`, bounded by `within` (at most the client's timeout): a
@@ -412,13 +409,14 @@ mod tests {
         let client =
             |url: &str| OrchestratorClient::new(url.parse().unwrap(), None, Duration::from_secs(1));
         let id = Ulid::from_string("01JDQ9J4XWAZ3M5S1X2VQ7N8C4").unwrap();
+        let entry = |c: OrchestratorClient| c.urls_of(id, "").map(|(_, e)| e.to_string());
         assert_eq!(
-            client("http://o:9000/services/$register").entry_url(id),
-            "http://o:9000/services/01JDQ9J4XWAZ3M5S1X2VQ7N8C4"
+            entry(client("http://o:9000/services/$register")).as_deref(),
+            Some("http://o:9000/services/01JDQ9J4XWAZ3M5S1X2VQ7N8C4")
         );
         assert_eq!(
-            client("http://gw/registry/services/%24register").entry_url(id),
-            "http://gw/registry/services/01JDQ9J4XWAZ3M5S1X2VQ7N8C4"
+            entry(client("http://gw/registry/services/%24register")).as_deref(),
+            Some("http://gw/registry/services/01JDQ9J4XWAZ3M5S1X2VQ7N8C4")
         );
     }
 

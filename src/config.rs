@@ -448,26 +448,12 @@ impl From<String> for RegistrationKey {
     }
 }
 
-/// `text` with the user name and password of a `user:password@` part replaced by `***`.
-pub(crate) fn redact(text: &str) -> String {
-    let Some(scheme_end) = text.find("://").map(|i| i + 3) else {
-        return text.to_owned();
-    };
-    let rest = &text[scheme_end..];
-    // A password may hold '/', so the user information ends at the last '@' before the query.
-    let authority_end = rest.find(['?', '#']).unwrap_or(rest.len());
-    match rest[..authority_end].rfind('@') {
-        Some(at) => format!("{}***{}", &text[..scheme_end], &rest[at..]),
-        None => text.to_owned(),
-    }
-}
-
 /// The registration endpoint from the orchestrator URL the user gave: its base URL
 /// (`http://orchestrator:9000`, optionally with a path prefix) gets `/services/$register`
 /// appended; the full endpoint is kept as it is.
 fn registration_endpoint(text: &str, source: &Source) -> Result<Uri, ConfigError> {
     let bad = |reason: &str| ConfigError::InvalidOrchestratorUrl {
-        value: redact(text.trim()),
+        value: crate::redact::url(text.trim()),
         origin: source.to_string(),
         reason: reason.to_owned(),
     };

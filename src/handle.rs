@@ -194,22 +194,14 @@ impl StatusWriter {
     /// The orchestrator confirmed a registration under `id`.
     pub(crate) fn registered(&self, id: Ulid) {
         self.tx.send_modify(|s| {
-            s.phase = Phase::Registered;
             s.id = Some(id);
-            s.last_ping = Some(SystemTime::now());
-            s.ping_failures = 0;
-            s.error = None;
+            confirmed(s);
         });
     }
 
     /// A ping succeeded.
     pub(crate) fn pinged(&self) {
-        self.tx.send_modify(|s| {
-            s.phase = Phase::Registered;
-            s.last_ping = Some(SystemTime::now());
-            s.ping_failures = 0;
-            s.error = None;
-        });
+        self.tx.send_modify(confirmed);
     }
 
     /// `failures` pings in a row failed; once the entry must have `expired`, the service is
@@ -260,4 +252,12 @@ impl StatusWriter {
     pub(crate) fn stopped(&self) {
         self.tx.send_modify(|s| s.phase = Phase::Stopped);
     }
+}
+
+/// The orchestrator just confirmed the entry (a registration or a ping).
+fn confirmed(s: &mut Status) {
+    s.phase = Phase::Registered;
+    s.last_ping = Some(SystemTime::now());
+    s.ping_failures = 0;
+    s.error = None;
 }

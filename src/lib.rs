@@ -65,6 +65,7 @@ mod lifecycle;
 #[cfg(feature = "layer")]
 mod probe;
 pub mod protocol;
+pub mod redact;
 #[cfg(feature = "layer")]
 mod schedule;
 #[cfg(feature = "signal")]

@@ -237,8 +237,7 @@ impl<O: Orchestrator> Task<O> {
                     return Outcome::Done(entry);
                 }
                 Err(e) if !e.is_retryable() => {
-                    let hint = wrong_url_hint(&e);
-                    return Outcome::Fatal(RegistrationError::Rejected { source: e, hint });
+                    return Outcome::Fatal(rejected(e));
                 }
                 Err(e) => e,
             };
@@ -339,8 +338,7 @@ impl<O: Orchestrator> Task<O> {
                                 // The same answer the first registration treats as a
                                 // configuration problem (a rotated key, say): show it, and
                                 // with fail_on_error give up as the first registration would.
-                                let hint = wrong_url_hint(&e);
-                                let error = RegistrationError::Rejected { source: e, hint };
+                                let error = rejected(e);
                                 if self.status.fail_on_error() {
                                     return Err((entry, error));
                                 }
@@ -424,6 +422,13 @@ fn log_registered(r: &Registered, service_url: &str, attempt: u32) {
         ttl_seconds = r.answer.ttl_seconds,
         "registration.success"
     );
+}
+
+/// A registration the orchestrator refused: a configuration problem, with a hint when the
+/// answer suggests one.
+fn rejected(e: ClientError) -> RegistrationError {
+    let hint = wrong_url_hint(&e);
+    RegistrationError::Rejected { source: e, hint }
 }
 
 /// For a 404 or 405 on registration: which URL was tried and what a correct one looks like.

@@ -24,6 +24,7 @@
 pub mod api;
 pub mod config;
 pub mod problem;
-pub mod redact;
+/// Secret redaction, shared with the library.
+pub use servicekit::redact;
 pub mod server;
 pub mod store;

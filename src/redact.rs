@@ -1,5 +1,6 @@
 //! Secrets out of anything printed: the password of a Valkey URL, wherever the URL is shown
-//! (`--help`, `Debug`, connection errors, log lines).
+//! (`--help`, `Debug`, connection errors, log lines). One implementation for the library and
+//! the orchestrator, so both hide the same thing.
 
 /// What a secret is shown as.
 pub const REDACTED: &str = "***";
@@ -8,7 +9,7 @@ pub const REDACTED: &str = "***";
 /// user information, or the whole user information when it has no `:` (some clients read a
 /// lone user name as a password, so it is treated as one). The user information ends at the
 /// last `@` after the scheme, so a password holding an unescaped `@` or `/` is covered whole.
-pub(crate) fn password_range(url: &str) -> Option<std::ops::Range<usize>> {
+pub fn password_range(url: &str) -> Option<std::ops::Range<usize>> {
     let start = url.find("://").map_or(0, |i| i + 3);
     let at = start + url[start..].rfind('@')?;
     let userinfo = &url[start..at];
@@ -53,7 +54,7 @@ fn password_parameters(url: &str) -> String {
 }
 
 /// `%XX` sequences decoded (lossily), to find a password as a client library would print it.
-pub(crate) fn percent_decoded(text: &str) -> String {
+pub fn percent_decoded(text: &str) -> String {
     let bytes = text.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
