@@ -169,8 +169,8 @@ impl Route {
 
 impl<S: Store> Api<S> {
     /// An API over `store`, every call to it bounded in time. `local_addr` is the fallback
-    /// base URL for requests without a Host. Body size and time limits are the server's
-    /// middleware (see [`crate::server`]); `max_body_bytes` is only quoted in its 413.
+    /// base URL for requests without a Host; `max_body_bytes` is enforced by the server's
+    /// middleware ([`crate::server`]) and quoted in 413 answers.
     pub fn new(
         store: S,
         public_url: Option<String>,
@@ -185,6 +185,11 @@ impl<S: Store> Api<S> {
             max_body_bytes,
             local_addr,
         }
+    }
+
+    /// The largest request body.
+    pub fn max_body_bytes(&self) -> usize {
+        self.max_body_bytes
     }
 
     /// The store behind the API, with every call bounded.

@@ -186,10 +186,6 @@ fn spawn_server<S: Store>(
         local_addr,
     ));
     let sweeper = tokio::spawn(sweep_forever(api.clone(), stop.clone()));
-    let api = Limits {
-        api,
-        max_body_bytes: config.max_body_bytes,
-    };
     let connections = Arc::new(Semaphore::new(config.max_connections as usize));
     tokio::spawn(async move {
         accept_loop(listener, api, connections, stop).await;
@@ -215,25 +211,10 @@ async fn sweep_forever<S: Store>(api: Arc<Api<S>>, mut stop: watch::Receiver<boo
     }
 }
 
-/// The API and the limits its middleware applies.
-struct Limits<S> {
-    api: Arc<Api<S>>,
-    max_body_bytes: usize,
-}
-
-impl<S> Clone for Limits<S> {
-    fn clone(&self) -> Self {
-        Limits {
-            api: self.api.clone(),
-            max_body_bytes: self.max_body_bytes,
-        }
-    }
-}
-
 /// The middleware stack of one connection around the API, outermost first. Built once per
 /// connection and cloned per request (every layer is a copy or an `Arc`, no allocation).
 fn stack<S, B>(
-    limits: Limits<S>,
+    api: Arc<Api<S>>,
     peer: SocketAddr,
 ) -> impl Service<
     Request<B>,
@@ -248,7 +229,7 @@ where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    let api = limits.api;
+    let max_body_bytes = api.max_body_bytes();
     ServiceBuilder::new()
         // One debug line per request. The span and its fields cost nothing when debug is off;
         // the path is untrusted, so it is logged escaped (`?`).
@@ -270,10 +251,10 @@ where
                 .on_failure(()),
         )
         .layer(ProblemLayer {
-            max_body_bytes: limits.max_body_bytes,
+            max_body_bytes,
             request_timeout: REQUEST_TIMEOUT,
         })
-        .layer(RequestBodyLimitLayer::new(limits.max_body_bytes))
+        .layer(RequestBodyLimitLayer::new(max_body_bytes))
         .layer(TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
             REQUEST_TIMEOUT,
@@ -287,7 +268,7 @@ where
 
 async fn accept_loop<S: Store>(
     listener: TcpListener,
-    api: Limits<S>,
+    api: Arc<Api<S>>,
     connections: Arc<Semaphore>,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -359,18 +340,14 @@ mod tests {
 
     const LIMIT: usize = 1024;
 
-    fn limits() -> Limits<MemoryStore> {
-        let api = Api::new(
+    fn api() -> Arc<Api<MemoryStore>> {
+        Arc::new(Api::new(
             MemoryStore::new(Duration::from_secs(30)),
             None,
             None,
             LIMIT,
             SocketAddr::from(([127, 0, 0, 1], 9)),
-        );
-        Limits {
-            api: Arc::new(api),
-            max_body_bytes: LIMIT,
-        }
+        ))
     }
 
     /// A request body that sends one byte every `every`, `left` times.
@@ -416,7 +393,7 @@ mod tests {
         B::Error: Into<BoxError>,
     {
         let peer = SocketAddr::from(([127, 0, 0, 1], 1));
-        let Ok(response) = stack(limits(), peer).oneshot(req).await;
+        let Ok(response) = stack(api(), peer).oneshot(req).await;
         let status = response.status();
         let content_type = response
             .headers()
