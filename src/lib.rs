@@ -36,6 +36,7 @@
 //! - [`RegistrationError`], [`ConfigError`], [`client::ClientError`]: what can go wrong.
 //! - [`client`]: the orchestrator HTTP client.
 //! - [`protocol`]: the wire types shared with the orchestrator.
+//! - [`redact`]: secrets out of printed URLs and text, for both crates.
 //! - [`signal`]: SIGTERM / Ctrl-C for the shutdown hook.
 //!
 //! Cargo features, so a crate compiles only what it uses:
@@ -44,7 +45,7 @@
 //! |---|---|---|
 //! | `layer` | yes | the layer, its lifecycle and the orchestrator client (turns on `signal`) |
 //! | `signal` | with `layer` | [`signal::shutdown_signal`] |
-//! | — | always | [`protocol`], the wire types (all the orchestrator needs) |
+//! | — | always | [`protocol`], the wire types, and [`redact`] (all the orchestrator needs) |
 #![warn(missing_docs)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 

@@ -11,6 +11,7 @@
 //! - [`api`]: routing, validation and JSON answers.
 //! - [`problem`]: RFC 9457 errors, also for the middleware's own answers.
 //! - [`store`]: the storage contract and its two implementations.
+//! - [`redact`]: the library's secret redaction, re-exported.
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), servicekit_orchestrator::server::StartError> {
