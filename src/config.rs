@@ -478,7 +478,7 @@ fn registration_endpoint(text: &str, source: &Source) -> Result<Uri, ConfigError
         return Err(bad("it has no host"));
     }
     let before_query = text.split(['?', '#']).next().unwrap_or_default();
-    if authority.as_str().contains('@') || before_query.contains('@') {
+    if before_query.contains('@') {
         return Err(bad(&format!(
             "it contains credentials; give the key with {REGISTRATION_KEY_ENV} instead"
         )));
@@ -489,22 +489,14 @@ fn registration_endpoint(text: &str, source: &Source) -> Result<Uri, ConfigError
     if uri.query().is_some() {
         return Err(bad("it may not have a query"));
     }
-    let path = uri.path();
-    let path = if path.len() > 1 {
-        path.trim_end_matches('/')
+    let trimmed = uri.path().trim_end_matches('/');
+    let path = if trimmed.ends_with(REGISTER_PATH) || trimmed.ends_with("/services/%24register") {
+        trimmed.to_owned()
     } else {
-        path
-    };
-    let path = if path.ends_with(REGISTER_PATH) || path.ends_with("/services/%24register") {
-        path.to_owned()
-    } else if let Some(base) = path
-        .strip_suffix("/services/")
-        .or_else(|| path.strip_suffix("/services"))
-    {
-        // `…/services/$register` in double quotes loses `$register` to the shell.
+        // A base URL (perhaps with a path prefix), or `…/services`: what a shell leaves of
+        // `…/services/$register` in double quotes.
+        let base = trimmed.strip_suffix("/services").unwrap_or(trimmed);
         format!("{base}{REGISTER_PATH}")
-    } else {
-        format!("{}{REGISTER_PATH}", path.trim_end_matches('/'))
     };
     Uri::builder()
         .scheme("http")
