@@ -1,0 +1,232 @@
+//! Property tests: the wire types, timestamps, URL canonicalisation and the request handler,
+//! each checked on generated input rather than a handful of examples.
+//!
+//! The handler property drives the same harness as the fuzz target in `fuzz/` (run by hand,
+//! see `fuzz/README.md`), so the harness itself is compiled and exercised by every CI run.
+
+use proptest::prelude::*;
+use serde_json::{Map, Value};
+use servicekit::protocol::{
+    ListResponse, Problem, RegisterRequest, RegisterResponse, RegistrationStatus, ServiceInfo,
+    ServiceRecord, Timestamp,
+};
+use servicekit_orchestrator::api::canonical_url;
+use ulid::Ulid;
+
+#[path = "../fuzz/harness.rs"]
+mod harness;
+
+/// The largest timestamp the RFC 3339 text form can hold: 9999-12-31T23:59:59.999Z.
+const MAX_MILLIS: u64 = 253_402_300_799_999;
+
+fn timestamp() -> impl Strategy<Value = Timestamp> {
+    (0..=MAX_MILLIS).prop_map(Timestamp::from_millis)
+}
+
+fn ulid() -> impl Strategy<Value = Ulid> {
+    any::<u128>().prop_map(Ulid)
+}
+
+/// JSON values as a service's info may hold them: scalars, arrays and objects, two levels deep.
+fn json_value() -> impl Strategy<Value = Value> {
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::Bool),
+        any::<i64>().prop_map(Value::from),
+        // Finite floats only: JSON has no NaN or infinity.
+        (-1e12f64..1e12).prop_map(Value::from),
+        any::<String>().prop_map(Value::String),
+    ];
+    leaf.prop_recursive(2, 16, 4, |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+            prop::collection::btree_map(any::<String>(), inner, 0..4)
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+        ]
+    })
+}
+
+fn service_info() -> impl Strategy<Value = ServiceInfo> {
+    (
+        any::<String>(),
+        proptest::option::of(any::<String>()),
+        proptest::option::of(any::<String>()),
+        prop::collection::btree_map("[a-z_]{1,12}", json_value(), 0..4),
+    )
+        .prop_map(|(display_name, version, description, extra)| {
+            let mut info = ServiceInfo::new(display_name);
+            info.version = version;
+            info.description = description;
+            // The named fields are not extra fields: a generated `version` key would be read
+            // back into `version` and the value would not round-trip as generated.
+            info.extra = extra
+                .into_iter()
+                .filter(|(k, _)| !matches!(k.as_str(), "display_name" | "version" | "description"))
+                .collect::<Map<String, Value>>();
+            info
+        })
+}
+
+fn service_record() -> impl Strategy<Value = ServiceRecord> {
+    (
+        ulid(),
+        any::<String>(),
+        service_info(),
+        [timestamp(), timestamp(), timestamp(), timestamp()],
+    )
+        .prop_map(|(id, url, info, [a, b, c, d])| ServiceRecord {
+            id,
+            url,
+            info,
+            registered_at: a,
+            last_updated: b,
+            last_ping_at: c,
+            expires_at: d,
+        })
+}
+
+fn round_trips<T>(value: &T) -> Result<(), TestCaseError>
+where
+    T: serde::Serialize + serde::de::DeserializeOwned + PartialEq + std::fmt::Debug,
+{
+    let text = serde_json::to_string(value).map_err(|e| TestCaseError::fail(e.to_string()))?;
+    let back: T = serde_json::from_str(&text).map_err(|e| TestCaseError::fail(e.to_string()))?;
+    prop_assert_eq!(&back, value, "through {}", text);
+    Ok(())
+}
+
+proptest! {
+    #[test]
+    fn timestamps_round_trip_through_their_text(t in timestamp()) {
+        let text = t.to_string();
+        prop_assert_eq!(text.len(), "2025-10-27T12:00:30.000Z".len());
+        prop_assert_eq!(text.parse::<Timestamp>().ok(), Some(t));
+    }
+
+    #[test]
+    fn an_offset_names_the_same_instant(t in (86_400_000u64..MAX_MILLIS - 86_400_000), minutes in -1439i64..=1439) {
+        // Render the instant in a local time `minutes` east of UTC, with that offset.
+        let shifted = (t as i64 + minutes * 60_000) as u64;
+        let utc = Timestamp::from_millis(shifted).to_string();
+        let sign = if minutes < 0 { '-' } else { '+' };
+        let text = format!(
+            "{}{sign}{:02}:{:02}",
+            &utc[..utc.len() - 1],
+            minutes.abs() / 60,
+            minutes.abs() % 60
+        );
+        prop_assert_eq!(text.parse::<Timestamp>().ok(), Some(Timestamp::from_millis(t)), "{}", text);
+    }
+
+    #[test]
+    fn parsing_any_text_never_panics(text in any::<String>()) {
+        let _ = text.parse::<Timestamp>();
+    }
+
+    #[test]
+    fn service_records_round_trip(record in service_record()) {
+        round_trips(&record)?;
+    }
+
+    #[test]
+    fn list_answers_round_trip(services in prop::collection::vec(service_record(), 0..4)) {
+        round_trips(&ListResponse { count: services.len(), services })?;
+    }
+
+    #[test]
+    fn register_requests_round_trip(id in proptest::option::of(any::<String>()), url in any::<String>(), info in service_info()) {
+        round_trips(&RegisterRequest { id, url, info })?;
+    }
+
+    #[test]
+    fn register_answers_round_trip(
+        id in ulid(),
+        status in prop_oneof![
+            Just(RegistrationStatus::Registered),
+            Just(RegistrationStatus::Updated),
+            "[a-z]{0,10}".prop_map(RegistrationStatus::Other),
+        ],
+        service_url in any::<String>(),
+        message in any::<String>(),
+        ttl_seconds in any::<u64>(),
+        ping_url in any::<String>(),
+    ) {
+        // "registered" and "updated" read back as the named variants, not as `Other`.
+        let status = match status {
+            RegistrationStatus::Other(s) if s == "registered" => RegistrationStatus::Registered,
+            RegistrationStatus::Other(s) if s == "updated" => RegistrationStatus::Updated,
+            s => s,
+        };
+        round_trips(&RegisterResponse { id, status, service_url, message, ttl_seconds, ping_url })?;
+    }
+
+    #[test]
+    fn problems_round_trip(
+        kind in any::<String>(),
+        title in any::<String>(),
+        status in 100u16..600,
+        detail in proptest::option::of(any::<String>()),
+        instance in proptest::option::of(any::<String>()),
+    ) {
+        round_trips(&Problem { kind, title, status, detail, instance })?;
+    }
+
+    #[test]
+    fn canonical_urls_are_fixed_points(text in any::<String>()) {
+        if let Ok(url) = canonical_url(&text) {
+            prop_assert_eq!(canonical_url(&url), Ok(url.clone()));
+            prop_assert!(url.starts_with("http://") || url.starts_with("https://"), "{}", url);
+        }
+    }
+
+    #[test]
+    fn spellings_of_one_url_are_one_registration(
+        https in any::<bool>(),
+        host in "[a-z][a-z0-9-]{0,20}(\\.[a-z]{2,6}){0,2}",
+        port in proptest::option::of(1u16..),
+        path in "(/[a-zA-Z0-9._~-]{1,8}){0,3}",
+        upper_scheme in any::<bool>(),
+        upper_host in any::<bool>(),
+        explicit_default_port in any::<bool>(),
+        trailing_slash in any::<bool>(),
+        padding in "[ \t]{0,2}",
+    ) {
+        let scheme = if https { "https" } else { "http" };
+        let default_port = if https { 443 } else { 80 };
+        let port = port.filter(|&p| p != default_port);
+        let plain = format!(
+            "{scheme}://{host}{}{path}",
+            port.map(|p| format!(":{p}")).unwrap_or_default()
+        );
+        let spelled = format!(
+            "{padding}{}://{}{}{path}{}{padding}",
+            if upper_scheme { scheme.to_uppercase() } else { scheme.to_owned() },
+            if upper_host { host.to_uppercase() } else { host.clone() },
+            match (port, explicit_default_port) {
+                (Some(p), _) => format!(":{p}"),
+                (None, true) => format!(":{default_port}"),
+                (None, false) => String::new(),
+            },
+            if trailing_slash && path.is_empty() { "/" } else { "" },
+        );
+        let canonical = canonical_url(&plain);
+        prop_assert!(canonical.is_ok(), "{} rejected: {:?}", plain, canonical);
+        prop_assert_eq!(canonical_url(&spelled), canonical, "{} vs {}", spelled, plain);
+    }
+}
+
+proptest! {
+    // Every case starts an API and sends it one request: fewer cases than the pure properties.
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    /// Whatever a client sends, the handler answers without panicking, never with a 5xx
+    /// (the in-memory store cannot fail), and every error is problem+json.
+    #[test]
+    fn the_handler_answers_any_request_with_a_problem_or_success(data in prop::collection::vec(any::<u8>(), 0..512)) {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| TestCaseError::fail(e.to_string()))?;
+        runtime.block_on(harness::check(&data)).map_err(TestCaseError::fail)?;
+    }
+}
