@@ -230,3 +230,101 @@ proptest! {
         runtime.block_on(harness::check(&data)).map_err(TestCaseError::fail)?;
     }
 }
+
+/// Sends `req` to `api` and returns the status and the JSON answer.
+async fn call(
+    api: &servicekit_orchestrator::api::Api<servicekit_orchestrator::store::MemoryStore>,
+    req: http::Request<http_body_util::Full<bytes::Bytes>>,
+) -> Result<(http::StatusCode, Value), String> {
+    use http_body_util::BodyExt;
+    let response = api.handle(req).await;
+    let status = response.status();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    let json = serde_json::from_slice(&body).map_err(|e| format!("{status}: {e}"))?;
+    Ok((status, json))
+}
+
+/// Registers one service per name, then asks for each name and each info field through the
+/// query string: parsing the filter (percent- and plus-decoding included) and matching it
+/// must find exactly the services that carry that value.
+async fn filters_find_what_was_registered(services: Vec<(String, String)>) -> Result<(), String> {
+    use servicekit_orchestrator::{api::Api, store::MemoryStore};
+    use std::net::{Ipv4Addr, SocketAddr};
+    let api = Api::new(
+        MemoryStore::new(std::time::Duration::from_secs(30)),
+        None,
+        None,
+        64 * 1024,
+        SocketAddr::from((Ipv4Addr::LOCALHOST, 8080)),
+    );
+    for (i, (name, team)) in services.iter().enumerate() {
+        let body = serde_json::json!({
+            "url": format!("http://svc-{i}.example"),
+            "info": {"display_name": name, "team": team},
+        });
+        let req = http::Request::post("/services/$register")
+            .header("content-type", "application/json")
+            .body(http_body_util::Full::new(bytes::Bytes::from(
+                body.to_string(),
+            )))
+            .map_err(|e| e.to_string())?;
+        let (status, answer) = call(&api, req).await?;
+        if !status.is_success() {
+            return Err(format!("register {name:?}: {status} {answer}"));
+        }
+    }
+    let expect = |key: &str, value: &str| -> usize {
+        services
+            .iter()
+            .filter(|(name, team)| match key {
+                // Leading and trailing white space is not part of a display name.
+                "display_name" => name.trim() == value,
+                _ => team == value,
+            })
+            .count()
+    };
+    for (name, team) in &services {
+        for (key, value) in [("display_name", name.trim()), ("info.team", team.as_str())] {
+            let query: String = url::form_urlencoded::Serializer::new(String::new())
+                .append_pair(key, value)
+                .finish();
+            let req = http::Request::get(format!("/services?{query}"))
+                .body(http_body_util::Full::new(bytes::Bytes::new()))
+                .map_err(|e| e.to_string())?;
+            let (status, answer) = call(&api, req).await?;
+            let count = answer["services"].as_array().map(Vec::len);
+            if status != http::StatusCode::OK || count != Some(expect(key, value)) {
+                return Err(format!(
+                    "?{query}: {status}, {count:?} services, expected {}: {answer}",
+                    expect(key, value)
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(128))]
+
+    #[test]
+    fn list_filters_find_exactly_the_matching_services(
+        // A small alphabet with the characters a query string must escape, so names collide
+        // and decoding matters.
+        services in prop::collection::vec(("[ab&=+%# é\u{1F600}]{1,4}", "[xy&=+ ]{0,3}"), 1..6)
+            .prop_filter("display names are not blank", |s| s.iter().all(|(n, _)| !n.trim().is_empty())),
+    ) {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| TestCaseError::fail(e.to_string()))?;
+        runtime
+            .block_on(filters_find_what_was_registered(services))
+            .map_err(TestCaseError::fail)?;
+    }
+}
