@@ -488,7 +488,7 @@ async fn attack(addr: &str) {
     ] {
         api.post_json(
             "/services/$register",
-            &json!({"url": "http://svca:8000", "info": {"display_name": name}}),
+            &json!({"url": "http://svcn:8000", "info": {"display_name": name}}),
         )
         .await
         .assert_problem(400, t::BAD_REQUEST);
