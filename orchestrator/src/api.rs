@@ -1,6 +1,6 @@
 //! The HTTP API: routing, request validation and the JSON answers.
 //!
-//! Hand-routed on purpose: six routes do not justify a framework, and owning the routing means
+//! Hand-routed on purpose: seven routes do not justify a framework, and owning the routing means
 //! every miss (unknown path, wrong method, bad id) gets a problem+json answer instead of a
 //! framework's default body. Handlers validate everything a client controls before the store
 //! sees it, so a client mistake is a 4xx and never a 500.
