@@ -403,7 +403,8 @@ pub struct DeregisterResponse {
 /// Answer to `GET /health`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HealthResponse {
-    /// `"healthy"` (HTTP 200) or `"unhealthy"` (HTTP 503).
+    /// `"healthy"` (HTTP 200), `"degraded"` (HTTP 503: the store answers but refuses writes)
+    /// or `"unhealthy"` (HTTP 503: the store does not answer).
     pub status: String,
     /// One entry per dependency (`store`).
     pub checks: Map<String, Value>,

@@ -1,12 +1,13 @@
 //! The HTTP API: routing, request validation and the JSON answers.
 //!
-//! Hand-routed on purpose: six routes do not justify a framework, and owning the routing means
+//! Hand-routed on purpose: seven routes do not justify a framework, and owning the routing means
 //! every miss (unknown path, wrong method, bad id) gets a problem+json answer instead of a
 //! framework's default body. Handlers validate everything a client controls before the store
 //! sees it, so a client mistake is a 4xx and never a 500.
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -27,6 +28,8 @@ use tower_http::BoxError;
 use ulid::Ulid;
 use url::Url;
 
+use crate::logsafe::Untrusted;
+use crate::metrics::Metrics;
 use crate::problem::ApiError;
 use crate::store::{ListFilter, Pinged, Registered, Registration, Store, StoreError, StoreHealth};
 
@@ -40,15 +43,37 @@ const LIST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A store whose every call is bounded in time: the one place where store deadlines are
 /// applied, so no handler (and no future handler) can forget one. A call that runs out of
-/// time is [`StoreError::Unavailable`], which the API answers with 503.
+/// time is [`StoreError::Unavailable`], which the API answers with 503. Also the one place
+/// where store calls are timed for `servicekit_store_operation_duration_seconds`.
 pub struct Bounded<S> {
     inner: S,
+    metrics: Arc<Metrics>,
 }
 
-impl<S> Bounded<S> {
-    /// `inner`, with every call bounded.
+impl<S: Store> Bounded<S> {
+    /// `inner`, with every call bounded, and fresh metrics (see [`Bounded::metrics`]).
     pub fn new(inner: S) -> Self {
-        Bounded { inner }
+        let metrics = Arc::new(Metrics::new(inner.reconnects()));
+        Bounded { inner, metrics }
+    }
+
+    /// The metrics of the orchestrator this store serves.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Runs `op` within `limit`, timed as store operation `name`.
+    async fn timed<T>(
+        &self,
+        name: &'static str,
+        limit: Duration,
+        op: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let started = tokio::time::Instant::now();
+        let result = within(limit, op).await;
+        self.metrics
+            .store_op(name, started.elapsed(), result.is_ok());
+        result
     }
 }
 
@@ -78,41 +103,49 @@ impl<S: Store> Store for Bounded<S> {
         &self,
         reg: Registration,
     ) -> impl Future<Output = Result<Registered, StoreError>> + Send {
-        within(STORE_TIMEOUT, self.inner.register(reg))
+        self.timed("register", STORE_TIMEOUT, self.inner.register(reg))
     }
 
     fn ping(&self, id: Ulid) -> impl Future<Output = Result<Option<Pinged>, StoreError>> + Send {
-        within(STORE_TIMEOUT, self.inner.ping(id))
+        self.timed("ping", STORE_TIMEOUT, self.inner.ping(id))
     }
 
     fn get(
         &self,
         id: Ulid,
     ) -> impl Future<Output = Result<Option<ServiceRecord>, StoreError>> + Send {
-        within(STORE_TIMEOUT, self.inner.get(id))
+        self.timed("get", STORE_TIMEOUT, self.inner.get(id))
     }
 
     fn list(
         &self,
         filter: &ListFilter,
     ) -> impl Future<Output = Result<Vec<ServiceRecord>, StoreError>> + Send {
-        within(LIST_TIMEOUT, self.inner.list(filter))
+        self.timed("list", LIST_TIMEOUT, self.inner.list(filter))
     }
 
     fn deregister(
         &self,
         id: Ulid,
     ) -> impl Future<Output = Result<Option<ServiceRecord>, StoreError>> + Send {
-        within(STORE_TIMEOUT, self.inner.deregister(id))
+        self.timed("deregister", STORE_TIMEOUT, self.inner.deregister(id))
     }
 
     fn sweep(&self) -> impl Future<Output = Result<usize, StoreError>> + Send {
         // Walks the indexes, like a listing.
-        within(LIST_TIMEOUT, self.inner.sweep())
+        self.timed("sweep", LIST_TIMEOUT, self.inner.sweep())
     }
 
     fn health(&self) -> impl Future<Output = Result<StoreHealth, StoreError>> + Send {
-        within(HEALTH_TIMEOUT, self.inner.health())
+        self.timed("health", HEALTH_TIMEOUT, self.inner.health())
+    }
+
+    fn count(&self) -> impl Future<Output = Result<u64, StoreError>> + Send {
+        self.timed("count", HEALTH_TIMEOUT, self.inner.count())
+    }
+
+    fn reconnects(&self) -> Option<prometheus_client::metrics::counter::Counter> {
+        self.inner.reconnects()
     }
 }
 
@@ -130,6 +163,7 @@ pub struct Api<S> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Route {
     Health,
+    Metrics,
     Services,
     Register,
     Service(Option<Ulid>),
@@ -140,6 +174,7 @@ impl Route {
     fn parse(path: &str) -> Option<Route> {
         let rest = match path {
             "/health" => return Some(Route::Health),
+            "/metrics" => return Some(Route::Metrics),
             "/services" | "/services/" => return Some(Route::Services),
             p => p.strip_prefix("/services/")?,
         };
@@ -159,12 +194,30 @@ impl Route {
 
     fn allow(&self) -> &'static str {
         match self {
-            Route::Health | Route::Services => "GET, HEAD",
+            Route::Health | Route::Metrics | Route::Services => "GET, HEAD",
             Route::Register => "POST",
             Route::Service(_) => "GET, HEAD, DELETE",
             Route::Ping(_) => "PUT",
         }
     }
+
+    /// The route's pattern: the `route` label of the HTTP metrics.
+    fn pattern(&self) -> &'static str {
+        match self {
+            Route::Health => "/health",
+            Route::Metrics => "/metrics",
+            Route::Services => "/services",
+            Route::Register => "/services/$register",
+            Route::Service(_) => "/services/{id}",
+            Route::Ping(_) => "/services/{id}/$ping",
+        }
+    }
+}
+
+/// The route pattern `path` matches, or `unmatched`: the metrics' `route` label, whose values
+/// are this short fixed list whatever clients send.
+pub fn route_label(path: &str) -> &'static str {
+    Route::parse(path).map_or("unmatched", |r| r.pattern())
 }
 
 impl<S: Store> Api<S> {
@@ -195,6 +248,11 @@ impl<S: Store> Api<S> {
     /// The store behind the API, with every call bounded.
     pub fn store(&self) -> &Bounded<S> {
         &self.store
+    }
+
+    /// This orchestrator's metrics, served on `GET /metrics`.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        self.store.metrics()
     }
 
     /// Answers one request. Never fails: every error becomes a problem+json response.
@@ -231,6 +289,7 @@ impl<S: Store> Api<S> {
         let read = method == Method::GET || method == Method::HEAD;
         match (route, method) {
             (Route::Health, _) if read => self.health().await,
+            (Route::Metrics, _) if read => self.scrape().await,
             (Route::Services, _) if read => self.list(req.uri().query()).await,
             (Route::Service(id), _) if read => self.get(id.ok_or_else(no_such_id)?).await,
             (Route::Service(id), &Method::DELETE) => {
@@ -291,13 +350,14 @@ impl<S: Store> Api<S> {
         let registered = self.store.register(registration).await?;
         let record = registered.record;
         let name = &record.info.display_name;
-        // The name is the client's text: control characters are escaped in the log line.
+        // Client text, escaped in the log line even though validation already refused control
+        // characters: the record may come from a store written by something else.
         let (status, code, message) = if registered.created {
-            tracing::info!(id = %record.id, url = %record.url, name = %name.escape_debug(), "service.registered");
+            tracing::info!(id = %record.id, url = %Untrusted(&record.url), name = %Untrusted(name), "service.registered");
             let message = format!("{name} registered successfully");
             (RegistrationStatus::Registered, StatusCode::CREATED, message)
         } else {
-            tracing::info!(id = %record.id, url = %record.url, name = %name.escape_debug(), "service.updated");
+            tracing::info!(id = %record.id, url = %Untrusted(&record.url), name = %Untrusted(name), "service.updated");
             let message = format!("{name} registration updated");
             (RegistrationStatus::Updated, StatusCode::OK, message)
         };
@@ -344,7 +404,7 @@ impl<S: Store> Api<S> {
             .deregister(id)
             .await?
             .ok_or_else(|| not_found(id))?;
-        tracing::info!(id = %id, url = %record.url, "service.deregistered");
+        tracing::info!(id = %id, url = %Untrusted(&record.url), "service.deregistered");
         json_response(
             StatusCode::OK,
             &DeregisterResponse {
@@ -366,25 +426,40 @@ impl<S: Store> Api<S> {
         )
     }
 
+    /// `healthy` (200) when the store answers and takes a write, `degraded` (503) when it
+    /// answers but refuses the write (every register and ping would fail too), `unhealthy`
+    /// (503) when it does not answer.
     async fn health(&self) -> Result<Response<Full<Bytes>>, ApiError> {
-        let (healthy, check) = match self.store.health().await {
-            Ok(h) => (
-                true,
-                json!({
-                    "status": "healthy",
-                    "kind": h.kind,
-                    "latency_ms": h.latency.as_secs_f64() * 1000.0,
-                }),
-            ),
+        let (status, check) = match self.store.health().await {
+            Ok(h) => {
+                let latency_ms = h.latency.as_secs_f64() * 1000.0;
+                match h.write_refused {
+                    None => (
+                        "healthy",
+                        json!({"status": "healthy", "kind": h.kind, "latency_ms": latency_ms}),
+                    ),
+                    Some(error) => (
+                        "degraded",
+                        json!({
+                            "status": "degraded",
+                            "kind": h.kind,
+                            "latency_ms": latency_ms,
+                            "writable": false,
+                            "error": error,
+                        }),
+                    ),
+                }
+            }
             Err(e) => (
-                false,
+                "unhealthy",
                 json!({"status": "unhealthy", "kind": self.store.kind(), "error": e.to_string()}),
             ),
         };
+        let healthy = status == "healthy";
         let mut checks = Map::new();
         checks.insert("store".into(), check);
         let body = HealthResponse {
-            status: if healthy { "healthy" } else { "unhealthy" }.into(),
+            status: status.into(),
             checks,
         };
         let code = if healthy {
@@ -398,6 +473,22 @@ impl<S: Store> Api<S> {
                 .headers_mut()
                 .insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
+        Ok(response)
+    }
+
+    /// `GET /metrics`: the text exposition. The store is asked for its entry count first; a
+    /// store that does not answer leaves `servicekit_registrations` out, not the whole page.
+    async fn scrape(&self) -> Result<Response<Full<Bytes>>, ApiError> {
+        let live = self.store.count().await.ok();
+        let text = self
+            .metrics()
+            .encode(live)
+            .map_err(|e| ApiError::Internal(format!("encoding metrics: {e}")))?;
+        let mut response = Response::new(Full::new(Bytes::from(text)));
+        response.headers_mut().insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
+        );
         Ok(response)
     }
 
@@ -538,6 +629,20 @@ pub fn validate_registration(request: RegisterRequest) -> Result<Registration, A
         return Err(ApiError::BadRequest(
             "info.display_name must be a non-empty string".into(),
         ));
+    }
+    // Names end up in logs, terminals and dashboards: no line breaks, escape sequences or
+    // reordering of what follows. The detail says where, not what (the name is untrusted).
+    let forbidden = name
+        .chars()
+        .enumerate()
+        .find(|(_, c)| crate::logsafe::is_forbidden_in_names(*c));
+    if let Some((at, c)) = forbidden {
+        return Err(ApiError::BadRequest(format!(
+            "info.display_name must not contain control characters (C0, DEL, C1) or \
+             bidirectional controls (U+202A-U+202E, U+2066-U+2069); found U+{:04X} at \
+             character {at}",
+            u32::from(c)
+        )));
     }
     if name.len() != info.display_name.len() {
         info.display_name = name.to_owned();

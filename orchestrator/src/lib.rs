@@ -10,6 +10,8 @@
 //!   sweeper and graceful shutdown.
 //! - [`api`]: routing, validation and JSON answers.
 //! - [`problem`]: RFC 9457 errors, also for the middleware's own answers.
+//! - [`metrics`]: `GET /metrics` (Prometheus text format).
+//! - [`logsafe`]: untrusted text in log lines.
 //! - [`store`]: the storage contract and its two implementations.
 //! - [`redact`]: the library's secret redaction, re-exported.
 //!
@@ -24,6 +26,8 @@
 
 pub mod api;
 pub mod config;
+pub mod logsafe;
+pub mod metrics;
 pub mod problem;
 /// Secret redaction, shared with the library.
 pub use servicekit::redact;

@@ -34,6 +34,7 @@ use tower_http::{BoxError, LatencyUnit};
 
 use crate::api::Api;
 use crate::config::Config;
+use crate::metrics::MetricsLayer;
 use crate::problem::ProblemLayer;
 use crate::store::{MemoryStore, Store, StoreError, ValkeyStore};
 
@@ -205,7 +206,10 @@ async fn sweep_forever<S: Store>(api: Arc<Api<S>>, mut stop: watch::Receiver<boo
         }
         match api.store().sweep().await {
             Ok(0) => {}
-            Ok(n) => tracing::debug!(removed = n, "store.swept"),
+            Ok(n) => {
+                api.metrics().swept(n);
+                tracing::debug!(removed = n, "store.swept");
+            }
             Err(e) => tracing::debug!(error = %e, "store.sweep_failed"),
         }
     }
@@ -230,6 +234,7 @@ where
     B::Error: Into<BoxError>,
 {
     let max_body_bytes = api.max_body_bytes();
+    let metrics = MetricsLayer::new(api.metrics().clone(), crate::api::route_label);
     ServiceBuilder::new()
         // One debug line per request. The span and its fields cost nothing when debug is off;
         // the path is untrusted, so it is logged escaped (`?`).
@@ -250,6 +255,8 @@ where
                 // A 5xx is the store's trouble, logged by the store; not an error per request.
                 .on_failure(()),
         )
+        // Counts every answer, the middleware's own (408, 413) included.
+        .layer(metrics)
         .layer(ProblemLayer {
             max_body_bytes,
             request_timeout: REQUEST_TIMEOUT,
@@ -303,6 +310,7 @@ async fn accept_loop<S: Store>(
             }
         };
         let _ = stream.set_nodelay(true);
+        let counted = api.metrics().connection_opened();
         let service = TowerToHyperService::new(stack(api.clone(), peer));
         let conn = builder.serve_connection(TokioIo::new(stream), service);
         let conn = graceful.watch(conn.into_owned());
@@ -311,6 +319,7 @@ async fn accept_loop<S: Store>(
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
             drop(permit);
+            drop(counted);
         });
     }
     drop(listener);

@@ -43,6 +43,9 @@ impl Store for Hangs {
     fn health(&self) -> impl Future<Output = Result<StoreHealth, StoreError>> + Send {
         std::future::pending()
     }
+    fn count(&self) -> impl Future<Output = Result<u64, StoreError>> + Send {
+        std::future::pending()
+    }
 }
 
 /// `op`'s outcome, failing the test when it is not bounded (a minute of paused time).
@@ -82,6 +85,7 @@ async fn every_store_call_is_bounded() {
     );
     unavailable("sweep", settles("sweep", store.sweep()).await);
     unavailable("health", settles("health", store.health()).await);
+    unavailable("count", settles("count", store.count()).await);
 }
 
 #[tokio::test(start_paused = true)]
@@ -125,6 +129,24 @@ async fn a_hung_store_is_a_503_for_every_route_that_uses_it() {
         .expect("request");
     let response = settles("GET /health", api.handle(req)).await;
     assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    // The metrics still answer, without the count the store could not give.
+    let req = Request::get("/metrics")
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    let response = settles("GET /metrics", api.handle(req)).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    let text = String::from_utf8_lossy(&body);
+    assert!(
+        text.contains("servicekit_store_operation_errors_total{op=\"count\"} 1"),
+        "{text}"
+    );
+    assert!(!text.contains("servicekit_registrations "), "{text}");
 }
 
 #[test]
@@ -180,6 +202,68 @@ fn routes_parse() {
     assert!(Route::parse("/services/X/other").is_none());
     assert!(Route::parse("/services/X/$ping/y").is_none());
     assert!(Route::parse("/nope").is_none());
+    assert_eq!(Route::parse("/metrics"), Some(Route::Metrics));
+}
+
+#[test]
+fn route_labels_are_patterns_never_paths() {
+    let id = Ulid::new();
+    for (path, label) in [
+        ("/health".to_owned(), "/health"),
+        ("/metrics".to_owned(), "/metrics"),
+        ("/services".to_owned(), "/services"),
+        ("/services/".to_owned(), "/services"),
+        ("/services/$register".to_owned(), "/services/$register"),
+        ("/services/%24register".to_owned(), "/services/$register"),
+        (format!("/services/{id}"), "/services/{id}"),
+        ("/services/not-an-id".to_owned(), "/services/{id}"),
+        (format!("/services/{id}/$ping"), "/services/{id}/$ping"),
+        (format!("/services/{id}/%24ping"), "/services/{id}/$ping"),
+        ("/nope".to_owned(), "unmatched"),
+        ("/services/a/b/c".to_owned(), "unmatched"),
+        ("/\u{1b}[31m".to_owned(), "unmatched"),
+    ] {
+        assert_eq!(route_label(&path), label, "{path:?}");
+    }
+}
+
+#[test]
+fn display_names_with_control_or_bidi_characters_are_refused() {
+    let reg = |name: &str| {
+        validate_registration(
+            serde_json::from_value(
+                json!({"url": "http://svca:8000", "info": {"display_name": name}}),
+            )
+            .expect("request"),
+        )
+    };
+    for bad in [
+        "x\n2026-01-01T00:00:00Z INFO service.deregistered id=forged",
+        "red \u{1b}[31m",
+        "a\rb",
+        "tab\there",
+        "nul\0",
+        "del\u{7f}",
+        "c1\u{9b}31m",
+        "evil\u{202e}gnp.exe",
+        "iso\u{2066}late",
+    ] {
+        match reg(bad) {
+            Err(ApiError::BadRequest(detail)) => {
+                assert!(detail.contains("control characters"), "{detail}");
+                assert!(
+                    !detail.contains(bad),
+                    "the detail repeats the name: {detail}"
+                );
+            }
+            other => panic!("{bad:?} accepted: {other:?}"),
+        }
+    }
+    // Surrounding whitespace (newlines included) is trimmed, not refused; letters of any
+    // script, emoji and joiners are fine.
+    for good in ["A", "  A\n", "Zürich 日本 👩‍💻", "a\u{200d}b"] {
+        assert!(reg(good).is_ok(), "{good:?} refused");
+    }
 }
 
 #[test]

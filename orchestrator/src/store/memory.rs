@@ -252,10 +252,16 @@ impl Store for MemoryStore {
     async fn health(&self) -> Result<StoreHealth, StoreError> {
         let start = Instant::now();
         drop(self.lock());
+        // Always writable: memory is checked by the limits on registrations, not here.
         Ok(StoreHealth {
             kind: "memory",
             latency: start.elapsed(),
+            write_refused: None,
         })
+    }
+
+    async fn count(&self) -> Result<u64, StoreError> {
+        Ok(u64::try_from(self.lock().entries.len()).unwrap_or(u64::MAX))
     }
 }
 

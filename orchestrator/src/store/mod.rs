@@ -148,6 +148,9 @@ pub struct StoreHealth {
     pub kind: &'static str,
     /// How long the check took.
     pub latency: Duration,
+    /// Why the store refused the health check's test write although it answers (Valkey out
+    /// of memory with `noeviction`, a read-only replica): `GET /health` is then `degraded`.
+    pub write_refused: Option<String>,
 }
 
 /// Why a store operation failed. Client mistakes never reach the store, so every variant
@@ -210,8 +213,18 @@ pub trait Store: Send + Sync + 'static {
     /// Drops index entries of expired registrations; returns how many were dropped.
     fn sweep(&self) -> impl Future<Output = Result<usize, StoreError>> + Send;
 
-    /// Checks that the store answers.
+    /// Checks that the store answers and accepts a write.
     fn health(&self) -> impl Future<Output = Result<StoreHealth, StoreError>> + Send;
+
+    /// About how many registrations the store holds, for `/metrics`: cheap (one read), and
+    /// counting expired entries until the next [`Store::sweep`] drops them.
+    fn count(&self) -> impl Future<Output = Result<u64, StoreError>> + Send;
+
+    /// The store's count of connections to its backend that came back after being lost, for
+    /// `/metrics`; `None` for a store without a connection.
+    fn reconnects(&self) -> Option<prometheus_client::metrics::counter::Counter> {
+        None
+    }
 }
 
 #[cfg(test)]

@@ -42,6 +42,10 @@ pub(super) struct ConnState {
     timeouts: AtomicU32,
     /// Whether a forced reconnection is under way.
     forcing: AtomicBool,
+    /// Whether the client was ever connected: later connections are reconnections.
+    was_up: AtomicBool,
+    /// Reconnections: `valkey.connected` after the first (`servicekit_valkey_reconnects_total`).
+    pub(super) reconnects: prometheus_client::metrics::counter::Counter,
 }
 
 /// Builds the client for `url`, starts connecting and waits at most [`COMMAND_TIMEOUT`] for the
@@ -179,6 +183,9 @@ fn watch_connection(client: &Client, conn: &Arc<ConnState>) {
         client.on_reconnect(move |server| {
             if !conn.up.swap(true, AtomicOrdering::SeqCst) {
                 conn.reported.store(false, AtomicOrdering::SeqCst);
+                if conn.was_up.swap(true, AtomicOrdering::SeqCst) {
+                    conn.reconnects.inc();
+                }
                 tracing::info!(server = %server, detail = "connected to Valkey", "valkey.connected");
             }
             async { Ok(()) }

@@ -57,6 +57,13 @@ impl Keys {
     pub(super) fn names(&self) -> String {
         format!("{}{{all}}:names", self.prefix)
     }
+
+    /// The health check's test key of one orchestrator (`instance`). In the slot of the
+    /// all-index, which every registration writes: if that node refuses writes, so does
+    /// every register. One key per orchestrator, expiring on its own.
+    pub(super) fn health(&self, instance: Ulid) -> String {
+        format!("{}{{all}}:health:{instance}", self.prefix)
+    }
 }
 
 #[cfg(test)]

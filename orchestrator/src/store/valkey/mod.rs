@@ -14,8 +14,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fred::clients::Client;
-use fred::interfaces::{ClientLike, KeysInterface, SetsInterface};
-use fred::types::Value;
+use fred::error::Error as FredError;
+use fred::interfaces::{ClientLike, KeysInterface, SetsInterface, SortedSetsInterface};
+use fred::types::{Expiration, Value};
 use servicekit::protocol::{ServiceRecord, Timestamp};
 use ulid::Ulid;
 
@@ -33,6 +34,8 @@ use super::{
     StoreHealth,
 };
 
+/// Lifetime of the health check's test key.
+const HEALTH_KEY_TTL_MS: i64 = 5_000;
 /// How often register re-reads the URL key when it loses a race.
 const REGISTER_ATTEMPTS: usize = 8;
 
@@ -43,6 +46,8 @@ pub struct ValkeyStore {
     keys: Keys,
     ttl: Duration,
     conn: Arc<ConnState>,
+    /// This orchestrator's health-check key (see [`Keys::health`]).
+    health_key: Arc<str>,
 }
 
 impl std::fmt::Debug for ValkeyStore {
@@ -90,11 +95,13 @@ impl ValkeyStore {
             )));
         }
         let (client, conn) = connection::open(url).await?;
+        let keys = Keys {
+            prefix: Arc::from(prefix),
+        };
         Ok(ValkeyStore {
             client,
-            keys: Keys {
-                prefix: Arc::from(prefix),
-            },
+            health_key: Arc::from(keys.health(Ulid::new())),
+            keys,
             ttl,
             conn,
         })
@@ -322,10 +329,33 @@ impl Store for ValkeyStore {
 
     async fn health(&self) -> Result<StoreHealth, StoreError> {
         let started = Instant::now();
+        // First whether it answers at all (unhealthy), then whether it takes a write
+        // (degraded): out of memory with `noeviction`, every register and ping fails while
+        // PING still answers.
         let _: String = self.note(self.client.ping(None).await)?;
+        let write: Result<(), FredError> = self
+            .client
+            .set(
+                &*self.health_key,
+                "1",
+                Some(Expiration::PX(HEALTH_KEY_TTL_MS)),
+                None,
+                false,
+            )
+            .await;
+        let write_refused = self.note(write).err().map(|e| e.to_string());
         Ok(StoreHealth {
             kind: "valkey",
             latency: started.elapsed(),
+            write_refused,
         })
+    }
+
+    async fn count(&self) -> Result<u64, StoreError> {
+        self.note(self.client.zcard(self.keys.all_idx()).await)
+    }
+
+    fn reconnects(&self) -> Option<prometheus_client::metrics::counter::Counter> {
+        Some(self.conn.reconnects.clone())
     }
 }
