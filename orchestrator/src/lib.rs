@@ -8,6 +8,8 @@
 //! - [`config`]: flags and environment variables.
 //! - [`server`]: the accept loop, the tower middleware in front of the API, the index
 //!   sweeper and graceful shutdown.
+//! - [`connection`]: how one accepted connection is served: deadlines, idle limits, head
+//!   limits; [`fd_limit`]: the connection cap against the open-file limit.
 //! - [`api`]: routing, validation and JSON answers.
 //! - [`problem`]: RFC 9457 errors, also for the middleware's own answers.
 //! - [`store`]: the storage contract and its two implementations.
@@ -24,6 +26,8 @@
 
 pub mod api;
 pub mod config;
+pub mod connection;
+pub mod fd_limit;
 pub mod problem;
 /// Secret redaction, shared with the library.
 pub use servicekit::redact;
