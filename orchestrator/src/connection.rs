@@ -317,6 +317,11 @@ pub struct PeerLimit {
     open: Mutex<HashMap<IpAddr, usize>>,
 }
 
+/// A peer already has `--max-connections-per-ip` connections open.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("too many connections from one peer")]
+pub struct PeerFull;
+
 /// One connection's place in its peer's count, given back on drop.
 #[derive(Debug)]
 pub struct PeerSlot {
@@ -333,8 +338,9 @@ impl PeerLimit {
         })
     }
 
-    /// A slot for one more connection from `peer`, or `Err` when it has `max` open already.
-    pub fn admit(self: &Arc<Self>, peer: IpAddr) -> Result<Option<PeerSlot>, ()> {
+    /// A slot for one more connection from `peer` (`None` when there is no limit), or
+    /// `Err` when it has `max` open already.
+    pub fn admit(self: &Arc<Self>, peer: IpAddr) -> Result<Option<PeerSlot>, PeerFull> {
         if self.max == 0 {
             return Ok(None);
         }
@@ -342,7 +348,7 @@ impl PeerLimit {
         let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
         let count = open.entry(peer).or_insert(0);
         if *count >= self.max {
-            return Err(());
+            return Err(PeerFull);
         }
         *count += 1;
         Ok(Some(PeerSlot {
