@@ -424,6 +424,10 @@ pub mod problem_type {
     pub const REQUEST_TIMEOUT: &str = "urn:servicekit:error:request-timeout";
     /// The request body is larger than the orchestrator takes.
     pub const PAYLOAD_TOO_LARGE: &str = "urn:servicekit:error:payload-too-large";
+    /// The request target (path and query) is longer than the orchestrator takes.
+    pub const URI_TOO_LONG: &str = "urn:servicekit:error:uri-too-long";
+    /// The request's header section is larger than the orchestrator takes.
+    pub const HEADER_FIELDS_TOO_LARGE: &str = "urn:servicekit:error:header-fields-too-large";
     /// A body whose `Content-Type` is not JSON.
     pub const UNSUPPORTED_MEDIA_TYPE: &str = "urn:servicekit:error:unsupported-media-type";
     /// The store did not answer in time (the answer has `Retry-After`).

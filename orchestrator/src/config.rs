@@ -112,10 +112,29 @@ pub struct Config {
     #[arg(long, env = "ORCHESTRATOR_REGISTRATION_KEY", hide_env_values = true)]
     pub registration_key: Option<String>,
 
-    /// Most connections served at once; further clients wait in the listen backlog.
+    /// Most connections served at once; further clients wait in the listen backlog. Lowered
+    /// at start (with a warning) when the open-file limit cannot hold it.
     #[arg(long, env = "ORCHESTRATOR_MAX_CONNECTIONS", default_value_t = 10_000,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections: u32,
+
+    /// Most connections served at once from one peer IP address; 0: no per-peer limit. Behind
+    /// a proxy or load balancer every client has the proxy's address: leave it off there.
+    #[arg(long, env = "ORCHESTRATOR_MAX_CONNECTIONS_PER_IP", default_value_t = 0)]
+    pub max_connections_per_ip: u32,
+
+    /// Seconds a new connection has to deliver its first complete request head (HTTP/1 or
+    /// HTTP/2, the protocol detection included); for HTTP/1 also how long a kept-alive
+    /// connection may wait for its next request. Then it is closed.
+    #[arg(long, env = "ORCHESTRATOR_HEADER_TIMEOUT_SECONDS", default_value_t = 5,
+          value_parser = clap::value_parser!(u64).range(1..=300))]
+    pub header_timeout_seconds: u64,
+
+    /// Seconds a connection may stay open with no request in flight before it is closed
+    /// (HTTP/2 with GOAWAY; HTTP/1 normally goes sooner, by the header timeout).
+    #[arg(long, env = "ORCHESTRATOR_IDLE_TIMEOUT_SECONDS", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub idle_timeout_seconds: u64,
 
     /// Largest request body accepted, in bytes.
     #[arg(long, env = "ORCHESTRATOR_MAX_BODY_BYTES", default_value_t = 65_536)]
@@ -139,6 +158,9 @@ impl std::fmt::Debug for Config {
                 &self.registration_key.as_ref().map(|_| redact::REDACTED),
             )
             .field("max_connections", &self.max_connections)
+            .field("max_connections_per_ip", &self.max_connections_per_ip)
+            .field("header_timeout_seconds", &self.header_timeout_seconds)
+            .field("idle_timeout_seconds", &self.idle_timeout_seconds)
             .field("max_body_bytes", &self.max_body_bytes)
             .field("log_format", &self.log_format)
             .finish()
@@ -189,6 +211,9 @@ impl Config {
             public_url: None,
             registration_key: None,
             max_connections: 10_000,
+            max_connections_per_ip: 0,
+            header_timeout_seconds: 5,
+            idle_timeout_seconds: 30,
             max_body_bytes: 65_536,
             log_format: LogFormat::Pretty,
         }
@@ -203,6 +228,16 @@ impl Config {
     /// The entry time-to-live.
     pub fn ttl(&self) -> Duration {
         Duration::from_secs(self.ttl_seconds)
+    }
+
+    /// How long a request head may take to arrive (see `--header-timeout-seconds`).
+    pub fn header_timeout(&self) -> Duration {
+        Duration::from_secs(self.header_timeout_seconds)
+    }
+
+    /// How long a connection may sit with no request in flight.
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.idle_timeout_seconds)
     }
 }
 

@@ -8,6 +8,8 @@
 //! - [`config`]: flags and environment variables.
 //! - [`server`]: the accept loop, the tower middleware in front of the API, the index
 //!   sweeper and graceful shutdown.
+//! - [`connection`]: how one accepted connection is served: deadlines, idle limits, head
+//!   limits; [`fd_limit`]: the connection cap against the open-file limit.
 //! - [`api`]: routing, validation and JSON answers.
 //! - [`problem`]: RFC 9457 errors, also for the middleware's own answers.
 //! - [`metrics`]: `GET /metrics` (Prometheus text format).
@@ -26,6 +28,8 @@
 
 pub mod api;
 pub mod config;
+pub mod connection;
+pub mod fd_limit;
 pub mod logsafe;
 pub mod metrics;
 pub mod problem;

@@ -28,6 +28,10 @@ pub enum ApiError {
     RequestTimeout(std::time::Duration),
     #[error("request body exceeds the limit of {limit} bytes")]
     PayloadTooLarge { limit: usize },
+    #[error("the request target exceeds the limit of {limit} bytes")]
+    UriTooLong { limit: usize },
+    #[error("the request header section exceeds the limit of {limit} bytes")]
+    HeaderFieldsTooLarge { limit: usize },
     #[error("content type {0:?} is not supported; send application/json")]
     UnsupportedMediaType(String),
     #[error("the registry store is unavailable: {0}")]
@@ -66,6 +70,14 @@ impl ApiError {
                 StatusCode::PAYLOAD_TOO_LARGE,
                 t::PAYLOAD_TOO_LARGE,
                 "Payload Too Large",
+            ),
+            ApiError::UriTooLong { .. } => {
+                (StatusCode::URI_TOO_LONG, t::URI_TOO_LONG, "URI Too Long")
+            }
+            ApiError::HeaderFieldsTooLarge { .. } => (
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                t::HEADER_FIELDS_TOO_LARGE,
+                "Request Header Fields Too Large",
             ),
             ApiError::UnsupportedMediaType(_) => (
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,

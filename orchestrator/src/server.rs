@@ -19,9 +19,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use hyper::body::Body;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
@@ -34,14 +32,13 @@ use tower_http::{BoxError, LatencyUnit};
 
 use crate::api::Api;
 use crate::config::Config;
+use crate::connection::{self, AcceptErrors, PeerLimit};
 use crate::metrics::MetricsLayer;
 use crate::problem::ProblemLayer;
 use crate::store::{MemoryStore, Store, StoreError, ValkeyStore};
 
 /// How long shutdown waits for in-flight requests before giving up on them.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a client may take to send request headers (HTTP/1).
-const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a request body may go without a byte arriving (408).
 pub(crate) const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Upper bound of a whole request, body and answer (408): a body trickled in byte by byte
@@ -187,9 +184,16 @@ fn spawn_server<S: Store>(
         local_addr,
     ));
     let sweeper = tokio::spawn(sweep_forever(api.clone(), stop.clone()));
-    let connections = Arc::new(Semaphore::new(config.max_connections as usize));
+    let accept = Accept {
+        max_connections: crate::fd_limit::fit_connection_cap(config.max_connections),
+        peers: PeerLimit::new(config.max_connections_per_ip),
+        limits: connection::Limits {
+            header_timeout: config.header_timeout(),
+            idle_timeout: config.idle_timeout(),
+        },
+    };
     tokio::spawn(async move {
-        accept_loop(listener, api, connections, stop).await;
+        accept_loop(listener, api, accept, stop).await;
         sweeper.abort();
     })
 }
@@ -273,19 +277,24 @@ where
         }))
 }
 
+/// What the accept loop enforces.
+struct Accept {
+    /// Connections served at once (after [`crate::fd_limit::fit_connection_cap`]).
+    max_connections: u32,
+    peers: Arc<PeerLimit>,
+    limits: connection::Limits,
+}
+
 async fn accept_loop<S: Store>(
     listener: TcpListener,
     api: Arc<Api<S>>,
-    connections: Arc<Semaphore>,
+    accept: Accept,
     mut stop: watch::Receiver<bool>,
 ) {
-    let graceful = GracefulShutdown::new();
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_TIMEOUT);
-    builder.http2().timer(TokioTimer::new());
+    let connections = Arc::new(Semaphore::new(accept.max_connections as usize));
+    let builder = Arc::new(connection::builder(accept.limits));
+    let mut accept_errors = AcceptErrors::default();
+    let mut refused_peers = AcceptErrors::default();
     loop {
         // At the connection limit, stop accepting until a connection ends (backpressure
         // through the listen backlog instead of accepting and dropping).
@@ -301,30 +310,54 @@ async fn accept_loop<S: Store>(
             _ = stop.wait_for(|stopped| *stopped) => break,
         };
         let (stream, peer) = match accepted {
-            Ok(conn) => conn,
+            Ok(conn) => {
+                accept_errors.succeeded();
+                conn
+            }
             Err(e) => {
-                // Out of file descriptors and similar: back off instead of spinning.
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
+                // Out of file descriptors and similar: back off instead of spinning, and
+                // say so once in a while rather than on every attempt.
+                let (pause, report) = accept_errors.failed(tokio::time::Instant::now());
+                if let Some(failures) = report {
+                    tracing::warn!(error = %e, failures, "accept failed");
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => continue,
+                    _ = stop.wait_for(|stopped| *stopped) => break,
+                }
             }
         };
+        let Ok(peer_slot) = accept.peers.admit(peer.ip()) else {
+            if let (_, Some(refused)) = refused_peers.failed(tokio::time::Instant::now()) {
+                tracing::warn!(%peer, refused, "too many connections from one peer; closing");
+            }
+            continue;
+        };
+        let accepted_at = tokio::time::Instant::now();
         let _ = stream.set_nodelay(true);
         let counted = api.metrics().connection_opened();
         let service = TowerToHyperService::new(stack(api.clone(), peer));
-        let conn = builder.serve_connection(TokioIo::new(stream), service);
-        let conn = graceful.watch(conn.into_owned());
+        let conn = connection::serve(
+            builder.clone(),
+            TokioIo::new(stream),
+            service,
+            accept.limits,
+            accepted_at,
+            stop.clone(),
+            DRAIN_TIMEOUT,
+        );
         tokio::spawn(async move {
             if let Err(e) = conn.await {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
+                tracing::debug!(%peer, error = %e, "connection closed");
             }
-            drop(permit);
-            drop(counted);
+            drop((permit, peer_slot, counted));
         });
     }
     drop(listener);
     tracing::info!("orchestrator.draining");
-    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
+    // Every connection holds a permit until it is done: all permits back means drained.
+    let all = accept.max_connections;
+    if tokio::time::timeout(DRAIN_TIMEOUT, connections.acquire_many(all))
         .await
         .is_err()
     {
