@@ -11,6 +11,7 @@
 //! - [`api`]: routing, validation and JSON answers.
 //! - [`problem`]: RFC 9457 errors, also for the middleware's own answers.
 //! - [`store`]: the storage contract and its two implementations.
+//! - [`tls`]: serving HTTPS with `--tls-cert`/`--tls-key` (the `tls` feature, on by default).
 //! - [`redact`]: the library's secret redaction, re-exported.
 //!
 //! ```no_run
@@ -29,3 +30,4 @@ pub mod problem;
 pub use servicekit::redact;
 pub mod server;
 pub mod store;
+pub mod tls;

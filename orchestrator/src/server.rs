@@ -58,11 +58,14 @@ pub enum StartError {
     },
     #[error("cannot use the Valkey store: {0}")]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// A running orchestrator.
 pub struct Running {
     local_addr: SocketAddr,
+    scheme: &'static str,
     store_kind: &'static str,
     shutdown: watch::Sender<bool>,
     task: JoinHandle<()>,
@@ -74,9 +77,10 @@ impl Running {
         self.local_addr
     }
 
-    /// Base URL for clients on this machine, e.g. `http://127.0.0.1:9000`.
+    /// Base URL for clients on this machine, e.g. `http://127.0.0.1:9000` (`https://…` when
+    /// serving TLS).
     pub fn base_url(&self) -> String {
-        format!("http://{}", self.local_addr)
+        format!("{}://{}", self.scheme, self.local_addr)
     }
 
     /// `"memory"` or `"valkey"`.
@@ -106,6 +110,8 @@ pub async fn start_with_signal(
     config: Config,
     signal: impl Future<Output = ()> + Send + 'static,
 ) -> Result<Running, StartError> {
+    // Unusable certificate files fail the start before anything listens.
+    let tls = crate::tls::from_config(&config)?;
     let listener = TcpListener::bind(config.bind)
         .await
         .map_err(|source| StartError::Bind {
@@ -132,7 +138,7 @@ pub async fn start_with_signal(
             log_start(&config, local_addr, "valkey");
             (
                 "valkey",
-                spawn_server(&config, local_addr, listener, store, stop),
+                spawn_server(&config, local_addr, listener, store, tls.clone(), stop),
             )
         }
         None => {
@@ -140,12 +146,13 @@ pub async fn start_with_signal(
             let store = MemoryStore::new(ttl);
             (
                 "memory",
-                spawn_server(&config, local_addr, listener, store, stop),
+                spawn_server(&config, local_addr, listener, store, tls.clone(), stop),
             )
         }
     };
     Ok(Running {
         local_addr,
+        scheme: if tls.is_some() { "https" } else { "http" },
         store_kind,
         shutdown,
         task,
@@ -162,6 +169,7 @@ fn log_start(config: &Config, local_addr: SocketAddr, store: &str) {
             .as_deref()
             .map_or_else(|| "(from Host header)".to_owned(), crate::redact::url),
         registration_key = config.required_key().is_some(),
+        tls = config.tls_cert.is_some(),
         "orchestrator.starting"
     );
     if store == "memory" {
@@ -176,19 +184,23 @@ fn spawn_server<S: Store>(
     local_addr: SocketAddr,
     listener: TcpListener,
     store: S,
+    tls: Option<crate::tls::Acceptor>,
     stop: watch::Receiver<bool>,
 ) -> JoinHandle<()> {
-    let api = Arc::new(Api::new(
-        store,
-        config.public_url.clone(),
-        config.required_key().map(str::to_owned),
-        config.max_body_bytes,
-        local_addr,
-    ));
+    let api = Arc::new(
+        Api::new(
+            store,
+            config.public_url.clone(),
+            config.required_key().map(str::to_owned),
+            config.max_body_bytes,
+            local_addr,
+        )
+        .with_tls(tls.is_some()),
+    );
     let sweeper = tokio::spawn(sweep_forever(api.clone(), stop.clone()));
     let connections = Arc::new(Semaphore::new(config.max_connections as usize));
     tokio::spawn(async move {
-        accept_loop(listener, api, connections, stop).await;
+        accept_loop(listener, api, connections, tls, stop).await;
         sweeper.abort();
     })
 }
@@ -270,6 +282,7 @@ async fn accept_loop<S: Store>(
     listener: TcpListener,
     api: Arc<Api<S>>,
     connections: Arc<Semaphore>,
+    tls: Option<crate::tls::Acceptor>,
     mut stop: watch::Receiver<bool>,
 ) {
     let graceful = GracefulShutdown::new();
@@ -279,6 +292,7 @@ async fn accept_loop<S: Store>(
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_TIMEOUT);
     builder.http2().timer(TokioTimer::new());
+    let builder = Arc::new(builder);
     loop {
         // At the connection limit, stop accepting until a connection ends (backpressure
         // through the listen backlog instead of accepting and dropping).
@@ -304,9 +318,18 @@ async fn accept_loop<S: Store>(
         };
         let _ = stream.set_nodelay(true);
         let service = TowerToHyperService::new(stack(api.clone(), peer));
-        let conn = builder.serve_connection(TokioIo::new(stream), service);
-        let conn = graceful.watch(conn.into_owned());
+        let (builder, watcher, tls) = (builder.clone(), graceful.watcher(), tls.clone());
         tokio::spawn(async move {
+            // The TLS handshake (when on) runs here, under its own deadline, not in the loop.
+            let stream = match crate::tls::accept(tls.as_ref(), stream).await {
+                Ok(stream) => stream,
+                Err(e) => {
+                    tracing::debug!(%peer, error = %e, "tls.handshake_failed");
+                    return;
+                }
+            };
+            let conn = builder.serve_connection(TokioIo::new(stream), service);
+            let conn = watcher.watch(conn.into_owned());
             if let Err(e) = conn.await {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
