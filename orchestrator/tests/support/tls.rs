@@ -24,14 +24,16 @@ pub struct Pki {
 
 impl Pki {
     pub fn new() -> Pki {
-        let dir = std::env::temp_dir().join(format!("servicekit-tls-{}", ulid::Ulid::new()));
+        let name = format!("servicekit-tls-{}", ulid::Ulid::new());
+        let dir = std::env::temp_dir().join(&name);
         std::fs::create_dir_all(&dir).expect("temp dir");
 
         let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
         ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         ca_params
             .distinguished_name
-            .push(DnType::CommonName, "servicekit test CA");
+            // Unique, so another test CA is a stranger, not an issuer of the same name.
+            .push(DnType::CommonName, format!("{name} CA"));
         ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         let ca_key = KeyPair::generate().expect("CA key");
         let ca = ca_params.self_signed(&ca_key).expect("CA certificate");
