@@ -4,6 +4,11 @@
 //! connection each time). Every call is bounded, and every failure is classified here, once,
 //! into what the caller should do about it: retry, back off for a while, re-register, or stop
 //! because the configuration is wrong.
+//!
+//! With the `tls` feature, `https` orchestrators are reached through rustls (on ring) trusting
+//! the system's roots, or only the certificates in `SSL_CERT_FILE` / `SSL_CERT_DIR` when set
+//! (OpenSSL's convention, read by rustls-native-certs); the roots are read once per client and
+//! only for an https registration URL.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -135,10 +140,62 @@ pub struct Registered {
     pub entry_url: Uri,
 }
 
+#[cfg(feature = "tls")]
+type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
+#[cfg(not(feature = "tls"))]
+type Connector = HttpConnector;
+
+/// The connector under the client: plain TCP, or with the `tls` feature TCP plus rustls for
+/// `https` URLs.
+#[cfg(not(feature = "tls"))]
+fn connector(http: HttpConnector, _register_url: &Uri) -> Connector {
+    http
+}
+
+#[cfg(feature = "tls")]
+fn connector(mut http: HttpConnector, register_url: &Uri) -> Connector {
+    // The TLS connector wraps this one and hands it https URLs too.
+    http.enforce_http(false);
+    let https = register_url.scheme_str() == Some("https");
+    hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls_config(https))
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http)
+}
+
+/// rustls on ring, named explicitly (a process where another crate enables aws-lc-rs as well
+/// would otherwise have no default provider). `load_roots`: read the system's trust roots, or
+/// `SSL_CERT_FILE` / `SSL_CERT_DIR` instead when set; what cannot be read is logged here,
+/// once, since every https call would then fail with an unknown-issuer error.
+#[cfg(feature = "tls")]
+fn tls_config(load_roots: bool) -> rustls::ClientConfig {
+    let mut roots = rustls::RootCertStore::empty();
+    if load_roots {
+        let found = rustls_native_certs::load_native_certs();
+        for e in &found.errors {
+            tracing::warn!(error = %crate::error::ErrorChain(e), "tls.roots_unreadable");
+        }
+        let (added, _ignored) = roots.add_parsable_certificates(found.certs);
+        if added == 0 {
+            tracing::warn!(
+                "tls.no_roots: no trusted root certificate found; https calls to the orchestrator will fail (install the system's CA certificates or set SSL_CERT_FILE)"
+            );
+        }
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        // Fails only for a provider without TLS 1.2 and 1.3; ring has both.
+        .expect("ring supports rustls's default protocol versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth()
+}
+
 /// A client for one orchestrator.
 #[derive(Clone)]
 pub struct OrchestratorClient {
-    http: Client<HttpConnector, Full<Bytes>>,
+    http: Client<Connector, Full<Bytes>>,
     register_url: Uri,
     key: Option<HeaderValue>,
     timeout: Duration,
@@ -159,12 +216,12 @@ impl OrchestratorClient {
     /// `…/services/$register`), sending `key` as `X-Service-Key`, bounding every call by
     /// `timeout`.
     pub fn new(register_url: Uri, key: Option<&RegistrationKey>, timeout: Duration) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(timeout));
+        let mut http_connector = HttpConnector::new();
+        http_connector.set_nodelay(true);
+        http_connector.set_connect_timeout(Some(timeout));
         let http = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(90))
-            .build(connector);
+            .build(connector(http_connector, &register_url));
         let key = key
             .and_then(|k| HeaderValue::from_str(k.expose()).ok())
             .map(|mut v| {

@@ -53,6 +53,15 @@ pub enum ConfigError {
         /// What is wrong with it.
         reason: String,
     },
+    /// The orchestrator URL is `https`, and this build of servicekit has no TLS: its `tls`
+    /// feature is off.
+    #[error("orchestrator URL {value:?} from {origin} is https, but servicekit was built without TLS: enable its `tls` feature (servicekit = {{ features = [\"tls\"] }}) or use an http URL")]
+    TlsNotEnabled {
+        /// The value, with any password replaced by `***`.
+        value: String,
+        /// Where it came from (`parameter` or `env:VAR`).
+        origin: String,
+    },
     /// The port is not a number from 1 to 65535.
     #[error("invalid port {value:?} from {origin}: expected a number from 1 to 65535")]
     InvalidPort {
@@ -461,16 +470,18 @@ fn registration_endpoint(text: &str, source: &Source) -> Result<Uri, ConfigError
         .trim()
         .parse()
         .map_err(|e| bad(&format!("not a URL ({e})")))?;
-    match uri.scheme_str() {
-        Some("http") => {}
+    let scheme = match uri.scheme_str() {
+        Some("http") => "http",
+        Some("https") if cfg!(feature = "tls") => "https",
         Some("https") => {
-            return Err(bad(
-                "https is not supported by this build; use http (e.g. inside the cluster network) or a TLS sidecar",
-            ))
+            return Err(ConfigError::TlsNotEnabled {
+                value: crate::redact::url(text.trim()),
+                origin: source.to_string(),
+            })
         }
-        Some(_) => return Err(bad("the scheme must be http")),
+        Some(_) => return Err(bad("the scheme must be http or https")),
         None => return Err(bad("it must be absolute, e.g. http://orchestrator:9000")),
-    }
+    };
     let Some(authority) = uri.authority() else {
         return Err(bad("it has no host"));
     };
@@ -499,7 +510,7 @@ fn registration_endpoint(text: &str, source: &Source) -> Result<Uri, ConfigError
         format!("{base}{REGISTER_PATH}")
     };
     Uri::builder()
-        .scheme("http")
+        .scheme(scheme)
         .authority(authority.clone())
         .path_and_query(path)
         .build()

@@ -45,6 +45,7 @@
 //! |---|---|---|
 //! | `layer` | yes | the layer, its lifecycle and the orchestrator client (turns on `signal`) |
 //! | `signal` | with `layer` | [`signal::shutdown_signal`] |
+//! | `tls` | no | `https` orchestrator URLs: rustls on ring, the system's trust roots or `SSL_CERT_FILE` (turns on `layer`); without it an https URL is [`ConfigError::TlsNotEnabled`] |
 //! | — | always | [`protocol`], the wire types, and [`redact`] (all the orchestrator needs) |
 #![warn(missing_docs)]
 #![cfg_attr(docsrs, feature(doc_cfg))]

@@ -156,6 +156,8 @@ pub struct Api<S> {
     registration_key: Option<Vec<u8>>,
     max_body_bytes: usize,
     local_addr: SocketAddr,
+    /// `https` when the server speaks TLS: the scheme of base URLs built from the Host header.
+    scheme: &'static str,
 }
 
 /// The routes, as matched from a path. A service id that is not the canonical text of a ULID
@@ -237,7 +239,14 @@ impl<S: Store> Api<S> {
             registration_key: registration_key.map(String::into_bytes),
             max_body_bytes,
             local_addr,
+            scheme: "http",
         }
+    }
+
+    /// Base URLs built from the Host header say `https` when `tls` (the server speaks TLS).
+    pub fn with_tls(mut self, tls: bool) -> Self {
+        self.scheme = if tls { "https" } else { "http" };
+        self
     }
 
     /// The largest request body.
@@ -543,7 +552,7 @@ impl<S: Store> Api<S> {
                     self.local_addr.to_string()
                 }
             });
-        format!("http://{host}")
+        format!("{}://{host}", self.scheme)
     }
 }
 

@@ -5,6 +5,7 @@
 
 use crate::redact;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -82,7 +83,7 @@ impl HealthcheckArgs {
 #[derive(Clone, Parser)]
 #[command(name = "orchestrator", version, about, long_about = None)]
 pub struct Config {
-    /// Address to listen on (HTTP/1.1 and HTTP/2 cleartext).
+    /// Address to listen on (HTTP/1.1 and HTTP/2; cleartext unless --tls-cert is set).
     #[arg(long, env = "ORCHESTRATOR_BIND", default_value = "0.0.0.0:9000")]
     pub bind: SocketAddr,
 
@@ -111,6 +112,16 @@ pub struct Config {
     /// Authorization: Bearer. When unset or empty, writes are open.
     #[arg(long, env = "ORCHESTRATOR_REGISTRATION_KEY", hide_env_values = true)]
     pub registration_key: Option<String>,
+
+    /// PEM file with the certificate chain to serve HTTPS with (leaf first). Together with
+    /// --tls-key the orchestrator serves TLS only (HTTP/2 and HTTP/1.1 through ALPN); neither:
+    /// cleartext.
+    #[arg(long, env = "ORCHESTRATOR_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM file with the private key of --tls-cert (PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, env = "ORCHESTRATOR_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
 
     /// Most connections served at once; further clients wait in the listen backlog. Lowered
     /// at start (with a warning) when the open-file limit cannot hold it.
@@ -157,6 +168,8 @@ impl std::fmt::Debug for Config {
                 "registration_key",
                 &self.registration_key.as_ref().map(|_| redact::REDACTED),
             )
+            .field("tls_cert", &self.tls_cert)
+            .field("tls_key", &self.tls_key)
             .field("max_connections", &self.max_connections)
             .field("max_connections_per_ip", &self.max_connections_per_ip)
             .field("header_timeout_seconds", &self.header_timeout_seconds)
@@ -210,6 +223,8 @@ impl Config {
             ttl_seconds: 30,
             public_url: None,
             registration_key: None,
+            tls_cert: None,
+            tls_key: None,
             max_connections: 10_000,
             max_connections_per_ip: 0,
             header_timeout_seconds: 5,

@@ -15,6 +15,7 @@
 //! - [`metrics`]: `GET /metrics` (Prometheus text format).
 //! - [`logsafe`]: untrusted text in log lines.
 //! - [`store`]: the storage contract and its two implementations.
+//! - [`tls`]: serving HTTPS with `--tls-cert`/`--tls-key` (the `tls` feature, on by default).
 //! - [`redact`]: the library's secret redaction, re-exported.
 //!
 //! ```no_run
@@ -37,3 +38,4 @@ pub mod problem;
 pub use servicekit::redact;
 pub mod server;
 pub mod store;
+pub mod tls;

@@ -56,11 +56,14 @@ pub enum StartError {
     },
     #[error("cannot use the Valkey store: {0}")]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// A running orchestrator.
 pub struct Running {
     local_addr: SocketAddr,
+    scheme: &'static str,
     store_kind: &'static str,
     shutdown: watch::Sender<bool>,
     task: JoinHandle<()>,
@@ -72,9 +75,10 @@ impl Running {
         self.local_addr
     }
 
-    /// Base URL for clients on this machine, e.g. `http://127.0.0.1:9000`.
+    /// Base URL for clients on this machine, e.g. `http://127.0.0.1:9000` (`https://…` when
+    /// serving TLS).
     pub fn base_url(&self) -> String {
-        format!("http://{}", self.local_addr)
+        format!("{}://{}", self.scheme, self.local_addr)
     }
 
     /// `"memory"` or `"valkey"`.
@@ -104,6 +108,8 @@ pub async fn start_with_signal(
     config: Config,
     signal: impl Future<Output = ()> + Send + 'static,
 ) -> Result<Running, StartError> {
+    // Unusable certificate files fail the start before anything listens.
+    let tls = crate::tls::from_config(&config)?;
     let listener = TcpListener::bind(config.bind)
         .await
         .map_err(|source| StartError::Bind {
@@ -130,7 +136,7 @@ pub async fn start_with_signal(
             log_start(&config, local_addr, "valkey");
             (
                 "valkey",
-                spawn_server(&config, local_addr, listener, store, stop),
+                spawn_server(&config, local_addr, listener, store, tls.clone(), stop),
             )
         }
         None => {
@@ -138,12 +144,13 @@ pub async fn start_with_signal(
             let store = MemoryStore::new(ttl);
             (
                 "memory",
-                spawn_server(&config, local_addr, listener, store, stop),
+                spawn_server(&config, local_addr, listener, store, tls.clone(), stop),
             )
         }
     };
     Ok(Running {
         local_addr,
+        scheme: if tls.is_some() { "https" } else { "http" },
         store_kind,
         shutdown,
         task,
@@ -160,6 +167,7 @@ fn log_start(config: &Config, local_addr: SocketAddr, store: &str) {
             .as_deref()
             .map_or_else(|| "(from Host header)".to_owned(), crate::redact::url),
         registration_key = config.required_key().is_some(),
+        tls = config.tls_cert.is_some(),
         "orchestrator.starting"
     );
     if store == "memory" {
@@ -174,15 +182,19 @@ fn spawn_server<S: Store>(
     local_addr: SocketAddr,
     listener: TcpListener,
     store: S,
+    tls: Option<crate::tls::Acceptor>,
     stop: watch::Receiver<bool>,
 ) -> JoinHandle<()> {
-    let api = Arc::new(Api::new(
-        store,
-        config.public_url.clone(),
-        config.required_key().map(str::to_owned),
-        config.max_body_bytes,
-        local_addr,
-    ));
+    let api = Arc::new(
+        Api::new(
+            store,
+            config.public_url.clone(),
+            config.required_key().map(str::to_owned),
+            config.max_body_bytes,
+            local_addr,
+        )
+        .with_tls(tls.is_some()),
+    );
     let sweeper = tokio::spawn(sweep_forever(api.clone(), stop.clone()));
     let accept = Accept {
         max_connections: crate::fd_limit::fit_connection_cap(config.max_connections),
@@ -193,7 +205,7 @@ fn spawn_server<S: Store>(
         },
     };
     tokio::spawn(async move {
-        accept_loop(listener, api, accept, stop).await;
+        accept_loop(listener, api, accept, tls, stop).await;
         sweeper.abort();
     })
 }
@@ -289,6 +301,7 @@ async fn accept_loop<S: Store>(
     listener: TcpListener,
     api: Arc<Api<S>>,
     accept: Accept,
+    tls: Option<crate::tls::Acceptor>,
     mut stop: watch::Receiver<bool>,
 ) {
     let connections = Arc::new(Semaphore::new(accept.max_connections as usize));
@@ -337,16 +350,33 @@ async fn accept_loop<S: Store>(
         let _ = stream.set_nodelay(true);
         let counted = api.metrics().connection_opened();
         let service = TowerToHyperService::new(stack(api.clone(), peer));
-        let conn = connection::serve(
-            builder.clone(),
-            TokioIo::new(stream),
-            service,
-            accept.limits,
-            accepted_at,
-            stop.clone(),
-            DRAIN_TIMEOUT,
-        );
+        let (builder, tls, stop, limits) =
+            (builder.clone(), tls.clone(), stop.clone(), accept.limits);
         tokio::spawn(async move {
+            // The TLS handshake (when on) runs here, not in the loop, and counts against the
+            // connection's first-request deadline as well as its own.
+            let deadline = accepted_at + limits.header_timeout;
+            let handshake = crate::tls::accept(tls.as_ref(), stream);
+            let stream = match tokio::time::timeout_at(deadline, handshake).await {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "tls.handshake_failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, "tls.handshake_failed: no handshake before the deadline");
+                    return;
+                }
+            };
+            let conn = connection::serve(
+                builder,
+                TokioIo::new(stream),
+                service,
+                limits,
+                accepted_at,
+                stop,
+                DRAIN_TIMEOUT,
+            );
             if let Err(e) = conn.await {
                 tracing::debug!(%peer, error = %e, "connection closed");
             }

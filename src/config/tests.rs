@@ -113,7 +113,6 @@ fn orchestrator_url_is_required_and_must_be_http() {
     for bad in [
         "orch:9000",
         "ftp://orch/x",
-        "https://orch/x",
         "http://",
         "not a url",
         "/services",
@@ -129,6 +128,42 @@ fn orchestrator_url_is_required_and_must_be_http() {
             "{text}"
         );
     }
+}
+
+#[cfg(not(feature = "tls"))]
+#[test]
+fn https_without_the_tls_feature_names_the_feature() {
+    let err = resolve(
+        &Overrides::default(),
+        &[(ORCHESTRATOR_URL_ENV, "https://u:secret@orch:9443")],
+    )
+    .unwrap_err();
+    assert_eq!(
+        err,
+        ConfigError::TlsNotEnabled {
+            value: "https://u:***@orch:9443".into(),
+            origin: "env:SERVICEKIT_ORCHESTRATOR_URL".into(),
+        }
+    );
+    let text = err.to_string();
+    assert!(
+        text.contains("`tls` feature") && text.contains("SERVICEKIT_ORCHESTRATOR_URL"),
+        "{text}"
+    );
+}
+
+#[cfg(feature = "tls")]
+#[test]
+fn https_is_kept_with_the_tls_feature() {
+    let config = resolve(
+        &Overrides::default(),
+        &[(ORCHESTRATOR_URL_ENV, "https://orch:9443")],
+    )
+    .unwrap();
+    assert_eq!(
+        config.orchestrator_url.to_string(),
+        "https://orch:9443/services/$register"
+    );
 }
 
 #[test]

@@ -6,6 +6,8 @@
 
 #[path = "../../orchestrator/tests/support/http.rs"]
 pub mod http;
+#[path = "../../orchestrator/tests/support/tls.rs"]
+pub mod tls;
 #[path = "../../orchestrator/tests/support/valkey.rs"]
 pub mod valkey;
 
