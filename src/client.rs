@@ -201,7 +201,13 @@ impl OrchestratorClient {
             reason: e.to_string(),
         })?;
         let answer: RegisterResponse = self
-            .call(Method::POST, target.clone(), Some(bytes), self.timeout, lease)
+            .call(
+                Method::POST,
+                target.clone(),
+                Some(bytes),
+                self.timeout,
+                lease,
+            )
             .await?;
         let (ping_url, entry_url) =
             self.urls_of(answer.id, &answer.ping_url)

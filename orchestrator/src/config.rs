@@ -112,6 +112,16 @@ pub struct Config {
     #[arg(long, env = "ORCHESTRATOR_REGISTRATION_KEY", hide_env_values = true)]
     pub registration_key: Option<String>,
 
+    /// Key that may do any write, leased entries included, presented in X-Admin-Key (it also
+    /// stands in for the registration key). When unset or empty, there is no admin.
+    #[arg(long, env = "ORCHESTRATOR_ADMIN_KEY", hide_env_values = true)]
+    pub admin_key: Option<String>,
+
+    /// Refuse registrations that do not ask for a lease ("lease": true) with 400. Clients
+    /// without leases (the reference Python client) cannot register then.
+    #[arg(long, env = "ORCHESTRATOR_REQUIRE_LEASE")]
+    pub require_lease: bool,
+
     /// Most connections served at once; further clients wait in the listen backlog.
     #[arg(long, env = "ORCHESTRATOR_MAX_CONNECTIONS", default_value_t = 10_000,
           value_parser = clap::value_parser!(u32).range(1..))]
@@ -138,6 +148,11 @@ impl std::fmt::Debug for Config {
                 "registration_key",
                 &self.registration_key.as_ref().map(|_| redact::REDACTED),
             )
+            .field(
+                "admin_key",
+                &self.admin_key.as_ref().map(|_| redact::REDACTED),
+            )
+            .field("require_lease", &self.require_lease)
             .field("max_connections", &self.max_connections)
             .field("max_body_bytes", &self.max_body_bytes)
             .field("log_format", &self.log_format)
@@ -152,6 +167,9 @@ impl Config {
     pub fn redact_secrets(&self, text: &str) -> String {
         let mut secrets: Vec<String> = Vec::new();
         if let Some(key) = self.required_key() {
+            secrets.push(key.to_owned());
+        }
+        if let Some(key) = self.admin_key.as_deref().filter(|k| !k.is_empty()) {
             secrets.push(key.to_owned());
         }
         if let Some(url) = &self.valkey_url {
@@ -188,6 +206,8 @@ impl Config {
             ttl_seconds: 30,
             public_url: None,
             registration_key: None,
+            admin_key: None,
+            require_lease: false,
             max_connections: 10_000,
             max_body_bytes: 65_536,
             log_format: LogFormat::Pretty,
@@ -250,6 +270,7 @@ mod tests {
         let mut config = Config::for_tests();
         config.valkey_url = Some("redis://admin:hunter2-valkey@valkey:6379/0".into());
         config.registration_key = Some("hunter2-key".into());
+        config.admin_key = Some("hunter2-admin".into());
         for text in [
             format!("{config:?}"),
             format!("{config:#?}"),
@@ -265,6 +286,7 @@ mod tests {
             assert!(text.contains("redis://admin:***@valkey:6379/0"), "{text}");
         }
         assert!(format!("{config:?}").contains("registration_key: Some(\"***\")"));
+        assert!(format!("{config:?}").contains("admin_key: Some(\"***\")"));
         config.registration_key = None;
         assert!(format!("{config:?}").contains("registration_key: None"));
     }

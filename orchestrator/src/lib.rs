@@ -10,6 +10,7 @@
 //!   sweeper and graceful shutdown.
 //! - [`api`]: routing, validation and JSON answers.
 //! - [`problem`]: RFC 9457 errors, also for the middleware's own answers.
+//! - [`lease`]: lease tokens: minting and hashing.
 //! - [`store`]: the storage contract and its two implementations.
 //! - [`redact`]: the library's secret redaction, re-exported.
 //!
@@ -24,6 +25,7 @@
 
 pub mod api;
 pub mod config;
+pub mod lease;
 pub mod problem;
 /// Secret redaction, shared with the library.
 pub use servicekit::redact;

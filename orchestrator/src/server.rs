@@ -162,6 +162,8 @@ fn log_start(config: &Config, local_addr: SocketAddr, store: &str) {
             .as_deref()
             .map_or_else(|| "(from Host header)".to_owned(), crate::redact::url),
         registration_key = config.required_key().is_some(),
+        admin_key = config.admin_key.as_deref().is_some_and(|k| !k.is_empty()),
+        require_lease = config.require_lease,
         "orchestrator.starting"
     );
     if store == "memory" {
@@ -178,13 +180,16 @@ fn spawn_server<S: Store>(
     store: S,
     stop: watch::Receiver<bool>,
 ) -> JoinHandle<()> {
-    let api = Arc::new(Api::new(
-        store,
-        config.public_url.clone(),
-        config.required_key().map(str::to_owned),
-        config.max_body_bytes,
-        local_addr,
-    ));
+    let api = Arc::new(
+        Api::new(
+            store,
+            config.public_url.clone(),
+            config.required_key().map(str::to_owned),
+            config.max_body_bytes,
+            local_addr,
+        )
+        .with_leases(config.admin_key.as_deref(), config.require_lease),
+    );
     let sweeper = tokio::spawn(sweep_forever(api.clone(), stop.clone()));
     let connections = Arc::new(Semaphore::new(config.max_connections as usize));
     tokio::spawn(async move {

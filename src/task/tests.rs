@@ -258,7 +258,11 @@ async fn the_lease_token_is_kept_and_presented_on_every_write() {
     r.request_stop();
     r.task.await.unwrap();
     let token = Some("t0k3n-1".to_owned());
-    assert_eq!(r.fake.presented("register"), vec![None], "none to present yet");
+    assert_eq!(
+        r.fake.presented("register"),
+        vec![None],
+        "none to present yet"
+    );
     let pings = r.fake.presented("ping");
     assert!(pings.len() >= 2, "{} pings", pings.len());
     assert!(pings.iter().all(|t| *t == token), "{pings:?}");
@@ -297,7 +301,10 @@ async fn without_a_token_from_the_orchestrator_none_is_presented() {
     for what in ["register", "ping", "deregister"] {
         let presented = r.fake.presented(what);
         assert!(!presented.is_empty(), "no {what} call");
-        assert!(presented.iter().all(Option::is_none), "{what}: {presented:?}");
+        assert!(
+            presented.iter().all(Option::is_none),
+            "{what}: {presented:?}"
+        );
     }
 }
 
