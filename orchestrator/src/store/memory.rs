@@ -7,8 +7,8 @@
 //! entries. State is lost when the process exits; run several orchestrators on Valkey instead.
 //!
 //! Id bindings (see the store module docs) are two maps beside the entries: the URLs whose
-//! entry expired, and the tombstones of deregistered ids, each kept for one TTL and dropped
-//! by [`Store::sweep`].
+//! entry expired, and the tombstones of deregistered ids, each kept for the binding grace and
+//! dropped by [`Store::sweep`].
 //!
 //! Deadlines are [`tokio::time::Instant`]s, so expiry follows tokio's clock and can be tested
 //! on paused time; the timestamps shown in records still come from the wall clock.
@@ -43,7 +43,7 @@ struct Inner {
     expired: HashMap<String, (Ulid, Instant)>,
     /// Deregistered ids, with the URL they stay bound to until the instant given.
     tombstones: HashMap<Ulid, (String, Instant)>,
-    /// How long bindings and tombstones outlive their entry: one TTL.
+    /// How long bindings and tombstones outlive their entry.
     grace: Duration,
 }
 
@@ -60,10 +60,17 @@ impl MemoryStore {
         MemoryStore {
             ttl,
             inner: Arc::new(Mutex::new(Inner {
-                grace: ttl,
+                grace: super::binding_grace(ttl),
                 ..Inner::default()
             })),
         }
+    }
+
+    /// The same store with another binding grace (at least the TTL): how long a URL stays
+    /// bound to its id after the entry expired or was deregistered. For tests.
+    pub fn with_binding_grace(self, grace: Duration) -> Self {
+        self.lock().grace = grace.max(self.ttl);
+        self
     }
 
     /// Total entries held in the indexes, live or not yet swept; for tests of index cleanup.

@@ -17,13 +17,15 @@
 //! it presents (the tag alone would not do: a URL with the same 15-bit tag takes about 30k
 //! hash tries to find). A registration gets, in this order: the id of the URL's live entry;
 //! the id the URL had while that *binding* is remembered; the id the client presents, when
-//! its tombstone names this URL; else a fresh one. Bindings are remembered for one TTL after
-//! the entry expired (Valkey: the URL key lives `2 × ttl`, refreshed with the record) and a
-//! tombstone for one TTL after a deregistration, so a service that lost its entry (a network
-//! partition longer than the TTL, a deregistration it did not mean) and comes back within a
-//! TTL keeps its id; later it gets a new one. Remembering longer would cost memory for every
-//! URL that ever registered; a new id after two TTLs of silence is what the reference did
-//! every time. Both stores apply this rule; `docs/valkey-store.md` has the keys.
+//! its tombstone names this URL; else a fresh one. A binding is remembered for a *grace*
+//! ([`binding_grace`]: one TTL, at least a minute) after the entry expired (Valkey: the URL
+//! key lives `ttl + grace`, refreshed with the record), and a tombstone for the grace after a
+//! deregistration. So a service that lost its entry (a network partition or an orchestrator
+//! outage longer than the TTL, a deregistration it did not mean) and comes back within the
+//! grace keeps its id; later, or after the store lost its data, it gets a new one (nothing
+//! proves the old one was its own any more). Remembering longer would cost memory for every
+//! URL that ever registered; a new id every time is what the reference did. Both stores apply
+//! this rule; `docs/valkey-store.md` has the keys.
 //!
 //! # Leases
 //!
@@ -51,6 +53,15 @@ pub use valkey::ValkeyStore;
 /// Number of low id bits that carry the URL's slot tag.
 const TAG_BITS: u32 = 15;
 const TAG_MASK: u128 = (1 << TAG_BITS) - 1;
+
+/// The shortest grace during which a URL stays bound to its id after its entry expired or was
+/// deregistered (see the module docs).
+pub const MIN_BINDING_GRACE: Duration = Duration::from_secs(60);
+
+/// The default grace for a TTL: one TTL, at least [`MIN_BINDING_GRACE`].
+pub fn binding_grace(ttl: Duration) -> Duration {
+    ttl.max(MIN_BINDING_GRACE)
+}
 
 /// The slot tag of a service URL: 15 bits of a stable (FNV-1a) hash of its canonical form.
 pub fn url_tag(url: &str) -> u16 {

@@ -42,6 +42,8 @@ pub struct ValkeyStore {
     client: Client,
     keys: Keys,
     ttl: Duration,
+    /// How long a URL stays bound to its id after its entry expired or was deregistered.
+    grace: Duration,
     conn: Arc<ConnState>,
 }
 
@@ -108,8 +110,16 @@ impl ValkeyStore {
                 prefix: Arc::from(prefix),
             },
             ttl,
+            grace: super::binding_grace(ttl),
             conn,
         })
+    }
+
+    /// The same store with another binding grace (at least the TTL): how long a URL stays
+    /// bound to its id after the entry expired or was deregistered. For tests.
+    pub fn with_binding_grace(mut self, grace: Duration) -> Self {
+        self.grace = grace.max(self.ttl);
+        self
     }
 
     /// The underlying client (tests inspect keys with it).
@@ -133,10 +143,18 @@ impl ValkeyStore {
             .max(1)
     }
 
-    /// How long a URL key lives after its last refresh: one TTL past its record, so the
-    /// URL's binding to its id outlives an expiry by a TTL (see the store module docs).
+    /// How long a URL key lives after its last refresh: the grace past its record, so the
+    /// URL's binding to its id outlives an expiry (see the store module docs).
     fn url_key_ms(&self) -> u64 {
-        self.ttl_ms().saturating_mul(2)
+        self.ttl_ms().saturating_add(self.grace_ms())
+    }
+
+    /// The binding grace, also the tombstone's life (at least the TTL, which the index
+    /// rules need).
+    fn grace_ms(&self) -> u64 {
+        u64::try_from(self.grace.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(self.ttl_ms())
     }
 
     /// Whether the live record of `id` (if any) would let `access` write it, read ahead of
@@ -369,7 +387,7 @@ impl Store for ValkeyStore {
                     vec![
                         self.keys.url_prefix_of(id),
                         id.to_string(),
-                        self.ttl_ms().to_string(),
+                        self.grace_ms().to_string(),
                         token,
                         admin,
                     ],

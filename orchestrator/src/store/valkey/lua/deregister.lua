@@ -1,7 +1,7 @@
 -- Deregister: delete the record, leave its tombstone, drop its URL key if still ours; only
 -- if the caller may.
--- KEYS: record key, tombstone. ARGV: url key prefix (same slot), id, ttl ms, presented lease
--- hash ('' = none), '1' for the admin key.
+-- KEYS: record key, tombstone. ARGV: url key prefix (same slot), id, tombstone ms (the
+-- binding grace, at least the ttl), presented lease hash ('' = none), '1' for the admin key.
 -- Returns nil for a missing record, a FORBIDDEN error for a leased one without its lease,
 -- else the record's value. A malformed record is deleted too (its URL key and tombstone only
 -- as far as they can be read from it).
