@@ -451,6 +451,40 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn bindings_and_tombstones_last_the_grace_and_sweep_frees_them() {
+        let s = MemoryStore::new(TTL);
+        let grace = super::super::binding_grace(TTL);
+        let expiring = register(&s, "http://a:1", "A").await;
+        advance(TTL).await;
+        // Expired just now; deregistered just now: both bound until now + grace.
+        let deleted = register(&s, "http://b:1", "B").await;
+        s.deregister(deleted)
+            .await
+            .expect("deregister")
+            .expect("existed");
+        assert_eq!(s.sweep().await.expect("sweep"), 1);
+        let held = |s: &MemoryStore| {
+            let inner = s.lock();
+            (inner.expired.len(), inner.tombstones.len())
+        };
+        assert_eq!(held(&s), (1, 1), "both bindings held through the grace");
+        advance(grace - MS).await;
+        assert_eq!(s.sweep().await.expect("sweep"), 0);
+        assert_eq!(held(&s), (1, 1));
+        advance(MS).await;
+        s.sweep().await.expect("sweep");
+        assert_eq!(held(&s), (0, 0), "the sweep frees them after the grace");
+        let again = s
+            .register(Registration {
+                requested_id: Some(expiring),
+                ..reg("http://a:1", "A")
+            })
+            .await
+            .expect("register");
+        assert_ne!(again.record.id, expiring, "a new id after the grace");
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn list_skips_expired_entries_before_any_sweep() {
         let s = MemoryStore::new(TTL);
         let dying = register(&s, "http://dying:1", "D").await;
