@@ -118,8 +118,10 @@ pub struct Config {
     pub admin_key: Option<String>,
 
     /// Refuse registrations that do not ask for a lease ("lease": true) with 400. Clients
-    /// without leases (the reference Python client) cannot register then.
-    #[arg(long, env = "ORCHESTRATOR_REQUIRE_LEASE")]
+    /// without leases (the reference Python client) cannot register then. The environment
+    /// variable takes true/false, 1/0, yes/no, on/off.
+    #[arg(long, env = "ORCHESTRATOR_REQUIRE_LEASE", action = clap::ArgAction::SetTrue,
+          value_parser = clap::builder::BoolishValueParser::new())]
     pub require_lease: bool,
 
     /// Most connections served at once; further clients wait in the listen backlog.
@@ -263,6 +265,9 @@ mod tests {
         assert!(Config::try_parse_from(["orchestrator", "--ttl-seconds", "0"]).is_err());
         assert!(Config::try_parse_from(["orchestrator", "--public-url", "ftp://x"]).is_err());
         assert!(Config::try_parse_from(["orchestrator", "--bind", "nope"]).is_err());
+        assert!(!c.require_lease);
+        let leased = Config::try_parse_from(["orchestrator", "--require-lease"]).unwrap();
+        assert!(leased.require_lease);
     }
 
     #[test]
