@@ -24,8 +24,8 @@ use ulid::Ulid;
 
 use crate::config::RegistrationKey;
 use crate::protocol::{
-    PingResponse, Problem, RegisterRequest, RegisterResponse, ServiceInfo, REGISTER_PATH,
-    SERVICE_KEY_HEADER,
+    LeaseToken, PingResponse, Problem, RegisterRequest, RegisterResponse, ServiceInfo,
+    LEASE_TOKEN_HEADER, REGISTER_PATH, SERVICE_KEY_HEADER,
 };
 
 /// Largest answer read from the orchestrator.
@@ -236,17 +236,20 @@ impl OrchestratorClient {
         }
     }
 
-    /// `POST` the registration; `previous` is the id this instance had before, if any.
+    /// `POST` the registration, asking for a lease; `previous` is the id this instance had
+    /// before, if any, and `lease` the token of its lease (sent as `X-Lease-Token`).
     pub async fn register(
         &self,
         url: &str,
         info: &ServiceInfo,
         previous: Option<Ulid>,
+        lease: Option<&LeaseToken>,
     ) -> Result<Registered, ClientError> {
         let body = RegisterRequest {
             id: previous.map(|id| id.to_string()),
             url: url.to_owned(),
             info: info.clone(),
+            lease: Some(true),
         };
         let target = self.register_url.clone();
         let bytes = serde_json::to_vec(&body).map_err(|e| ClientError::Protocol {
@@ -255,7 +258,13 @@ impl OrchestratorClient {
             reason: e.to_string(),
         })?;
         let answer: RegisterResponse = self
-            .call(Method::POST, target.clone(), Some(bytes), self.timeout)
+            .call(
+                Method::POST,
+                target.clone(),
+                Some(bytes),
+                self.timeout,
+                lease,
+            )
             .await?;
         let (ping_url, entry_url) =
             self.urls_of(answer.id, &answer.ping_url)
@@ -300,11 +309,13 @@ impl OrchestratorClient {
 
     /// `PUT` a keepalive to `ping_url`, bounded by `within` (at most the client's timeout): a
     /// ping stuck on a dead connection must not outlive the keepalive interval. Any 2xx is a
-    /// success; the answer's details when it has the usual shape.
+    /// success; the answer's details when it has the usual shape. `lease` is sent as
+    /// `X-Lease-Token`.
     pub async fn ping(
         &self,
         ping_url: &Uri,
         within: Duration,
+        lease: Option<&LeaseToken>,
     ) -> Result<Option<PingResponse>, ClientError> {
         let answer: serde_json::Value = self
             .call(
@@ -312,6 +323,7 @@ impl OrchestratorClient {
                 ping_url.clone(),
                 None,
                 within.min(self.timeout),
+                lease,
             )
             .await?;
         Ok(serde_json::from_value(answer).ok())
@@ -319,13 +331,20 @@ impl OrchestratorClient {
 
     /// `DELETE` the entry, bounded by `within` (at most the client's timeout). A 404 means
     /// the entry is already gone, which is what deregistration wants: it is `Ok(false)`.
-    pub async fn deregister(&self, entry_url: &Uri, within: Duration) -> Result<bool, ClientError> {
+    /// `lease` is sent as `X-Lease-Token`.
+    pub async fn deregister(
+        &self,
+        entry_url: &Uri,
+        within: Duration,
+        lease: Option<&LeaseToken>,
+    ) -> Result<bool, ClientError> {
         match self
             .call::<serde_json::Value>(
                 Method::DELETE,
                 entry_url.clone(),
                 None,
                 within.min(self.timeout),
+                lease,
             )
             .await
         {
@@ -341,6 +360,7 @@ impl OrchestratorClient {
         url: Uri,
         body: Option<Vec<u8>>,
         timeout: Duration,
+        lease: Option<&LeaseToken>,
     ) -> Result<T, ClientError> {
         let url_text = url.to_string();
         let mut req = Request::builder().method(method.clone()).uri(url);
@@ -349,6 +369,12 @@ impl OrchestratorClient {
         }
         if let Some(key) = &self.key {
             req = req.header(SERVICE_KEY_HEADER, key.clone());
+        }
+        // A token that is no valid header value cannot have come from an orchestrator's
+        // answer intact; leaving it out gets a 403, which the caller reports.
+        if let Some(mut token) = lease.and_then(|t| HeaderValue::from_str(t.expose()).ok()) {
+            token.set_sensitive(true);
+            req = req.header(LEASE_TOKEN_HEADER, token);
         }
         let protocol = |reason: String| ClientError::Protocol {
             method: method.clone(),
@@ -508,7 +534,10 @@ mod tests {
         let info = ServiceInfo::new("a");
         let mut got = Vec::new();
         for _ in 0..3 {
-            let r = client.register("http://svc:1", &info, None).await.unwrap();
+            let r = client
+                .register("http://svc:1", &info, None, None)
+                .await
+                .unwrap();
             got.push((r.ping_url.to_string(), r.entry_url.to_string()));
         }
         server.await.unwrap();

@@ -18,6 +18,12 @@ pub const REGISTER_PATH: &str = "/services/$register";
 /// Header that carries the registration key (the reference client's header).
 pub const SERVICE_KEY_HEADER: &str = "x-service-key";
 
+/// Header that carries a registration's lease token on ping, deregister and re-register.
+pub const LEASE_TOKEN_HEADER: &str = "x-lease-token";
+
+/// Header that carries the orchestrator's admin key, which may do any write.
+pub const ADMIN_KEY_HEADER: &str = "x-admin-key";
+
 /// Media type of every error body (RFC 9457).
 pub const PROBLEM_JSON: &str = "application/problem+json";
 
@@ -264,6 +270,34 @@ pub struct RegisterRequest {
     pub url: String,
     /// What the service says about itself.
     pub info: ServiceInfo,
+    /// `Some(true)` asks for a lease: the answer carries a [`LeaseToken`] that every later
+    /// write of this entry must present. Left out when not set, as the reference client does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<bool>,
+}
+
+/// The secret of a leased registration, as the orchestrator hands it out (`lease_token`) and
+/// clients present it (`X-Lease-Token`). Its `Debug` never shows it.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct LeaseToken(String);
+
+impl LeaseToken {
+    /// Wraps a token's text.
+    pub fn new(token: impl Into<String>) -> Self {
+        LeaseToken(token.into())
+    }
+
+    /// The token's text, to put in a header. Never log it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for LeaseToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("LeaseToken(***)")
+    }
 }
 
 fn lenient_id<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
@@ -348,6 +382,10 @@ pub struct RegisterResponse {
     /// Where to send pings; empty when the orchestrator did not say.
     #[serde(default)]
     pub ping_url: String,
+    /// The lease token, when the registration asked for a lease and the orchestrator grants
+    /// them (the reference orchestrator does not: then it is absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_token: Option<LeaseToken>,
 }
 
 /// Answer to `PUT /services/{id}/$ping`.
@@ -416,6 +454,8 @@ pub mod problem_type {
     pub const BAD_REQUEST: &str = "urn:servicekit:error:bad-request";
     /// A write without the configured registration key.
     pub const UNAUTHORIZED: &str = "urn:servicekit:error:unauthorized";
+    /// A write of a leased entry without its lease token (`X-Lease-Token`) or the admin key.
+    pub const FORBIDDEN: &str = "urn:servicekit:error:forbidden";
     /// An unknown or expired id (or one that is not a canonical ULID), or an unknown route.
     pub const NOT_FOUND: &str = "urn:servicekit:error:not-found";
     /// A known route with the wrong method (the answer has `Allow`).
@@ -561,6 +601,46 @@ mod tests {
             serde_json::from_str(r#"{"id":"svc-a","url":"http://a","info":{"display_name":"A"}}"#)
                 .unwrap();
         assert_eq!(r.id.as_deref(), Some("svc-a"));
+    }
+
+    #[test]
+    fn lease_fields_are_left_out_unless_set_and_the_token_never_shows() {
+        let request = RegisterRequest {
+            id: None,
+            url: "http://a".into(),
+            info: ServiceInfo::new("A"),
+            lease: None,
+        };
+        let json = serde_json::to_value(&request).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"url": "http://a", "info": {"display_name": "A"}}),
+            "the reference client's body, byte for byte"
+        );
+        let leased = RegisterRequest {
+            lease: Some(true),
+            ..request
+        };
+        assert_eq!(serde_json::to_value(&leased).unwrap()["lease"], true);
+        let r: RegisterResponse = serde_json::from_str(
+            r#"{"id":"01JDQ9J4XWAZ3M5S1X2VQ7N8C4","lease_token":"hunter2-token"}"#,
+        )
+        .unwrap();
+        let token = r.lease_token.clone().expect("token");
+        assert_eq!(token.expose(), "hunter2-token");
+        assert!(!format!("{r:?}").contains("hunter2"), "{r:?}");
+        assert_eq!(
+            serde_json::to_value(&r).unwrap()["lease_token"],
+            "hunter2-token"
+        );
+        let unleased = RegisterResponse {
+            lease_token: None,
+            ..r
+        };
+        assert!(serde_json::to_value(&unleased)
+            .unwrap()
+            .get("lease_token")
+            .is_none());
     }
 
     #[test]

@@ -19,27 +19,31 @@ use crate::config::Config;
 use crate::error::{ErrorChain, RegistrationError};
 use crate::handle::StatusWriter;
 use crate::probe::Probe;
-use crate::protocol::{PingResponse, RegistrationStatus, ServiceInfo};
+use crate::protocol::{LeaseToken, PingResponse, RegistrationStatus, ServiceInfo};
 use crate::schedule::{self, PingOutcome, MAX_TTL, MIN_PING_RETRY};
 
 /// The calls the task makes. [`OrchestratorClient`] in production; a fake in the unit tests,
-/// which run on tokio's paused clock.
+/// which run on tokio's paused clock. `lease` is the token of the entry's lease, when the
+/// orchestrator granted one.
 pub(crate) trait Orchestrator: Send + Sync + 'static {
     fn register(
         &self,
         url: &str,
         info: &ServiceInfo,
         previous: Option<Ulid>,
+        lease: Option<&LeaseToken>,
     ) -> impl Future<Output = Result<Registered, ClientError>> + Send;
     fn ping(
         &self,
         ping_url: &Uri,
         within: Duration,
+        lease: Option<&LeaseToken>,
     ) -> impl Future<Output = Result<Option<PingResponse>, ClientError>> + Send;
     fn deregister(
         &self,
         entry_url: &Uri,
         within: Duration,
+        lease: Option<&LeaseToken>,
     ) -> impl Future<Output = Result<bool, ClientError>> + Send;
 }
 
@@ -49,18 +53,25 @@ impl Orchestrator for OrchestratorClient {
         url: &str,
         info: &ServiceInfo,
         previous: Option<Ulid>,
+        lease: Option<&LeaseToken>,
     ) -> Result<Registered, ClientError> {
-        OrchestratorClient::register(self, url, info, previous).await
+        OrchestratorClient::register(self, url, info, previous, lease).await
     }
     async fn ping(
         &self,
         ping_url: &Uri,
         within: Duration,
+        lease: Option<&LeaseToken>,
     ) -> Result<Option<PingResponse>, ClientError> {
-        OrchestratorClient::ping(self, ping_url, within).await
+        OrchestratorClient::ping(self, ping_url, within, lease).await
     }
-    async fn deregister(&self, entry_url: &Uri, within: Duration) -> Result<bool, ClientError> {
-        OrchestratorClient::deregister(self, entry_url, within).await
+    async fn deregister(
+        &self,
+        entry_url: &Uri,
+        within: Duration,
+        lease: Option<&LeaseToken>,
+    ) -> Result<bool, ClientError> {
+        OrchestratorClient::deregister(self, entry_url, within, lease).await
     }
 }
 
@@ -75,6 +86,9 @@ struct Entry {
     ttl: Duration,
     /// When the entry expires unless pinged, by our clock.
     expires: Instant,
+    /// The lease token the orchestrator granted, presented on every later write; `None` from
+    /// an orchestrator without leases (the reference). Its `Debug` is redacted; never logged.
+    lease: Option<LeaseToken>,
 }
 
 impl Entry {
@@ -87,6 +101,7 @@ impl Entry {
             entry_url: r.entry_url,
             ttl,
             expires: sent + ttl,
+            lease: r.answer.lease_token,
         }
     }
 }
@@ -197,13 +212,17 @@ impl<O: Orchestrator> Task<O> {
     async fn register_once(
         &mut self,
         previous: Option<Ulid>,
+        lease: Option<&LeaseToken>,
     ) -> Option<Result<Registered, ClientError>> {
         if self.stop_requested() {
             return None;
         }
-        let call =
-            self.orchestrator
-                .register(&self.config.service_url, &self.config.info, previous);
+        let call = self.orchestrator.register(
+            &self.config.service_url,
+            &self.config.info,
+            previous,
+            lease,
+        );
         let budget = self.config.tunables.shutdown_timeout;
         let mut stop = self.stop.clone();
         tokio::select! {
@@ -221,7 +240,7 @@ impl<O: Orchestrator> Task<O> {
         loop {
             attempt = attempt.saturating_add(1);
             let sent = Instant::now();
-            let Some(result) = self.register_once(None).await else {
+            let Some(result) = self.register_once(None, None).await else {
                 return Outcome::Stopped;
             };
             // A failure that ends after the signal is part of going away, not a reason to
@@ -296,7 +315,9 @@ impl<O: Orchestrator> Task<O> {
             let sent = Instant::now();
             let interval = interval_of(&entry);
             // A ping stuck on a dead connection must not outlive the interval.
-            let call = self.orchestrator.ping(&entry.ping_url, interval);
+            let call = self
+                .orchestrator
+                .ping(&entry.ping_url, interval, entry.lease.as_ref());
             let mut stop = self.stop.clone();
             let Some(result) = unless_stopped(&mut stop, call).await else {
                 break;
@@ -313,7 +334,10 @@ impl<O: Orchestrator> Task<O> {
                 Err(e) if e.status() == Some(StatusCode::NOT_FOUND) => {
                     tracing::warn!(id = %entry.id, "keepalive.service_not_found");
                     self.status.registering();
-                    match self.register_once(Some(entry.id)).await {
+                    // Presented in case the URL's entry is still live under this lease; for
+                    // an entry that is gone, the orchestrator ignores it.
+                    let lease = entry.lease.clone();
+                    match self.register_once(Some(entry.id), lease.as_ref()).await {
                         None => break, // going away: do not register again
                         Some(Ok(registered)) => {
                             let fresh = Entry::from(registered, sent);
@@ -397,7 +421,11 @@ impl<O: Orchestrator> Task<O> {
                 tracing::warn!(id = %entry.id, error = "the shutdown budget was spent registering",
                     "deregistration.failed");
             } else {
-                match self.orchestrator.deregister(&entry.entry_url, left).await {
+                match self
+                    .orchestrator
+                    .deregister(&entry.entry_url, left, entry.lease.as_ref())
+                    .await
+                {
                     Ok(existed) => tracing::info!(id = %entry.id, already_gone = !existed,
                         "deregistration.success"),
                     Err(e) => tracing::warn!(id = %entry.id, error = %ErrorChain(&e),

@@ -97,8 +97,19 @@ async fn a_forgotten_entry_is_registered_again_with_the_same_id() {
     let first = registered(&api, &url, WAIT).await;
     let id = first["id"].as_str().unwrap().to_owned();
 
-    let r = api.delete(&format!("/services/{id}")).await;
-    assert_eq!(r.status, 200);
+    // The layer holds a lease: a stranger cannot delete its entry, the admin can.
+    let entry = format!("/services/{id}");
+    let r = api.delete(&entry).await;
+    assert_eq!(r.status, 403, "{r:?}");
+    let r = api
+        .send(
+            axum::http::Method::DELETE,
+            &entry,
+            &[("x-admin-key", support::ADMIN_KEY)],
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 200, "{r:?}");
     // Within one keepalive interval (1 s) plus a little: the next ping's 404 re-registers.
     let again = eventually("re-registration", Duration::from_secs(5), || async {
         entries_for(&api, &url).await.into_iter().next()
@@ -505,7 +516,8 @@ async fn an_orchestrator_restart_that_lost_everything_is_healed() {
     let first = registered(&api, &url, WAIT).await;
 
     // The orchestrator goes away (pings fail), then comes back on the same address with an
-    // empty in-memory store (pings answer 404): the service registers again, same id.
+    // empty in-memory store (pings answer 404): the service registers again, under a fresh id
+    // (the restart lost the URL's binding to its old one).
     orch.shutdown().await;
     let failing = handle
         .wait_for(WAIT, |s| s.ping_failures >= 2)
@@ -518,7 +530,7 @@ async fn an_orchestrator_restart_that_lost_everything_is_healed() {
     );
     let (orch, api) = orchestrator_on(orch_addr, 3, None).await;
     let again = registered(&api, &url, WAIT).await;
-    assert_eq!(again["id"], first["id"]);
+    assert_ne!(again["id"], first["id"]);
     served.shutdown().await;
     orch.shutdown().await;
 }

@@ -20,7 +20,7 @@ use serde_json::{json, Map};
 use servicekit::protocol::ServiceRecord;
 use servicekit::protocol::{
     DeregisterResponse, HealthResponse, ListResponse, PingResponse, RegisterRequest,
-    RegisterResponse, RegistrationStatus, SERVICE_KEY_HEADER,
+    RegisterResponse, RegistrationStatus, ADMIN_KEY_HEADER, LEASE_TOKEN_HEADER, SERVICE_KEY_HEADER,
 };
 use subtle::ConstantTimeEq;
 use tower_http::timeout::TimeoutError;
@@ -28,10 +28,14 @@ use tower_http::BoxError;
 use ulid::Ulid;
 use url::Url;
 
+use crate::lease::{self, LeaseHash};
 use crate::logsafe::Untrusted;
 use crate::metrics::Metrics;
 use crate::problem::ApiError;
-use crate::store::{ListFilter, Pinged, Registered, Registration, Store, StoreError, StoreHealth};
+use crate::store::{
+    Access, LeaseOutcome, ListFilter, Pinged, Registered, Registration, Store, StoreError,
+    StoreHealth,
+};
 
 /// Upper bound for the health check, so `/health` answers even when the store hangs.
 const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
@@ -99,15 +103,25 @@ impl<S: Store> Store for Bounded<S> {
         self.inner.ttl()
     }
 
-    fn register(
+    fn register_as(
         &self,
         reg: Registration,
+        access: Access,
+        new_lease: Option<LeaseHash>,
     ) -> impl Future<Output = Result<Registered, StoreError>> + Send {
-        self.timed("register", STORE_TIMEOUT, self.inner.register(reg))
+        self.timed(
+            "register",
+            STORE_TIMEOUT,
+            self.inner.register_as(reg, access, new_lease),
+        )
     }
 
-    fn ping(&self, id: Ulid) -> impl Future<Output = Result<Option<Pinged>, StoreError>> + Send {
-        self.timed("ping", STORE_TIMEOUT, self.inner.ping(id))
+    fn ping_as(
+        &self,
+        id: Ulid,
+        access: Access,
+    ) -> impl Future<Output = Result<Option<Pinged>, StoreError>> + Send {
+        self.timed("ping", STORE_TIMEOUT, self.inner.ping_as(id, access))
     }
 
     fn get(
@@ -124,11 +138,16 @@ impl<S: Store> Store for Bounded<S> {
         self.timed("list", LIST_TIMEOUT, self.inner.list(filter))
     }
 
-    fn deregister(
+    fn deregister_as(
         &self,
         id: Ulid,
+        access: Access,
     ) -> impl Future<Output = Result<Option<ServiceRecord>, StoreError>> + Send {
-        self.timed("deregister", STORE_TIMEOUT, self.inner.deregister(id))
+        self.timed(
+            "deregister",
+            STORE_TIMEOUT,
+            self.inner.deregister_as(id, access),
+        )
     }
 
     fn sweep(&self) -> impl Future<Output = Result<usize, StoreError>> + Send {
@@ -154,6 +173,10 @@ pub struct Api<S> {
     store: Bounded<S>,
     public_url: Option<String>,
     registration_key: Option<Vec<u8>>,
+    /// The SHA-256 of the admin key: compared as digests, so neither its content nor its
+    /// length shows in the timing.
+    admin_key: Option<LeaseHash>,
+    require_lease: bool,
     max_body_bytes: usize,
     local_addr: SocketAddr,
     /// `https` when the server speaks TLS: the scheme of base URLs built from the Host header.
@@ -237,6 +260,8 @@ impl<S: Store> Api<S> {
             store: Bounded::new(store),
             public_url,
             registration_key: registration_key.map(String::into_bytes),
+            admin_key: None,
+            require_lease: false,
             max_body_bytes,
             local_addr,
             scheme: "http",
@@ -246,6 +271,16 @@ impl<S: Store> Api<S> {
     /// Base URLs built from the Host header say `https` when `tls` (the server speaks TLS).
     pub fn with_tls(mut self, tls: bool) -> Self {
         self.scheme = if tls { "https" } else { "http" };
+        self
+    }
+
+    /// The same API with an admin key (`X-Admin-Key`, may do any write; `None` or empty: no
+    /// admin) and, with `require_lease`, refusing registrations that ask for no lease.
+    pub fn with_leases(mut self, admin_key: Option<&str>, require_lease: bool) -> Self {
+        self.admin_key = admin_key
+            .filter(|k| !k.is_empty())
+            .map(|k| LeaseHash::of(k.as_bytes()));
+        self.require_lease = require_lease;
         self
     }
 
@@ -275,7 +310,12 @@ impl<S: Store> Api<S> {
         let head = req.method() == Method::HEAD;
         let mut response = match self.route(req).await {
             Ok(response) => response,
-            Err(e) => e.into_response(uri.path()),
+            Err(e) => {
+                if matches!(e, ApiError::Forbidden) {
+                    self.store.metrics().lease_rejected();
+                }
+                e.into_response(uri.path())
+            }
         };
         if head {
             *response.body_mut() = Full::new(Bytes::new());
@@ -302,16 +342,16 @@ impl<S: Store> Api<S> {
             (Route::Services, _) if read => self.list(req.uri().query()).await,
             (Route::Service(id), _) if read => self.get(id.ok_or_else(no_such_id)?).await,
             (Route::Service(id), &Method::DELETE) => {
-                self.authorize(&req)?;
-                self.deregister(id.ok_or_else(no_such_id)?).await
+                let access = self.authorize(&req)?;
+                self.deregister(id.ok_or_else(no_such_id)?, access).await
             }
             (Route::Register, &Method::POST) => {
-                self.authorize(&req)?;
-                self.register(req).await
+                let access = self.authorize(&req)?;
+                self.register(req, access).await
             }
             (Route::Ping(id), &Method::PUT) => {
-                self.authorize(&req)?;
-                self.ping(id.ok_or_else(no_such_id)?).await
+                let access = self.authorize(&req)?;
+                self.ping(id.ok_or_else(no_such_id)?, access).await
             }
             (route, method) => Err(ApiError::MethodNotAllowed {
                 method: method.to_string(),
@@ -320,11 +360,29 @@ impl<S: Store> Api<S> {
         }
     }
 
-    fn authorize<B>(&self, req: &Request<B>) -> Result<(), ApiError> {
-        let Some(expected) = &self.registration_key else {
-            return Ok(());
-        };
+    /// Checks the registration key of a write (the admin key passes too) and says what the
+    /// request presents for leased entries: the hash of its `X-Lease-Token`, and whether it
+    /// carries the admin key.
+    fn authorize<B>(&self, req: &Request<B>) -> Result<Access, ApiError> {
         let headers = req.headers();
+        let admin = match (&self.admin_key, headers.get(ADMIN_KEY_HEADER)) {
+            (Some(expected), Some(presented)) => {
+                LeaseHash::of(presented.as_bytes()).matches(expected)
+            }
+            _ => false,
+        };
+        let access = Access {
+            token: headers
+                .get(LEASE_TOKEN_HEADER)
+                .map(|t| LeaseHash::of(t.as_bytes())),
+            admin,
+        };
+        let Some(expected) = &self.registration_key else {
+            return Ok(access);
+        };
+        if admin {
+            return Ok(access);
+        }
         // The scheme name is case-insensitive (RFC 9110 11.1).
         let bearer = headers.get(AUTHORIZATION).and_then(|v| {
             let v = v.as_bytes();
@@ -340,23 +398,57 @@ impl<S: Store> Api<S> {
             ok |= bool::from(key.ct_eq(expected));
         }
         if ok {
-            Ok(())
+            Ok(access)
         } else {
             Err(ApiError::Unauthorized)
         }
     }
 
-    async fn register<B>(&self, req: Request<B>) -> Result<Response<Full<Bytes>>, ApiError>
+    async fn register<B>(
+        &self,
+        req: Request<B>,
+        access: Access,
+    ) -> Result<Response<Full<Bytes>>, ApiError>
     where
         B: Body<Data = Bytes> + Send,
         B::Error: Into<BoxError>,
     {
         let base = self.base_url(&req);
+        // Echoed when it still holds the lease: it is the token this orchestrator minted.
+        let presented = req
+            .headers()
+            .get(LEASE_TOKEN_HEADER)
+            .and_then(|t| t.to_str().ok())
+            .map(servicekit::protocol::LeaseToken::new);
         let body = self.json_body(req).await?;
         let request: RegisterRequest = serde_json::from_slice(&body)
             .map_err(|e| ApiError::BadRequest(format!("invalid registration body: {e}")))?;
+        let wants_lease = request.lease == Some(true);
+        if self.require_lease && !wants_lease {
+            return Err(ApiError::BadRequest(
+                "this orchestrator only accepts leased registrations: send \"lease\": true \
+                 and present the lease_token of the answer in X-Lease-Token on later writes"
+                    .into(),
+            ));
+        }
         let registration = validate_registration(request)?;
-        let registered = self.store.register(registration).await?;
+        let minted =
+            if wants_lease {
+                Some(lease::mint().map_err(|e| {
+                    ApiError::Internal(format!("no randomness for a lease token: {e}"))
+                })?)
+            } else {
+                None
+            };
+        let registered = self
+            .store
+            .register_as(registration, access, minted.as_ref().map(|(_, h)| *h))
+            .await?;
+        let lease_token = match registered.lease {
+            LeaseOutcome::New => minted.map(|(token, _)| token),
+            LeaseOutcome::Kept => presented,
+            LeaseOutcome::None | LeaseOutcome::Held => None,
+        };
         let record = registered.record;
         let name = &record.info.display_name;
         // Client text, escaped in the log line even though validation already refused control
@@ -378,6 +470,7 @@ impl<S: Store> Api<S> {
             message,
             ttl_seconds: self.store.ttl().as_secs(),
             ping_url: format!("{location}/$ping"),
+            lease_token,
         };
         let mut response = json_response(code, &answer)?;
         if registered.created {
@@ -388,8 +481,12 @@ impl<S: Store> Api<S> {
         Ok(response)
     }
 
-    async fn ping(&self, id: Ulid) -> Result<Response<Full<Bytes>>, ApiError> {
-        let pinged = self.store.ping(id).await?.ok_or_else(|| not_found(id))?;
+    async fn ping(&self, id: Ulid, access: Access) -> Result<Response<Full<Bytes>>, ApiError> {
+        let pinged = self
+            .store
+            .ping_as(id, access)
+            .await?
+            .ok_or_else(|| not_found(id))?;
         tracing::debug!(id = %id, "service.pinged");
         json_response(
             StatusCode::OK,
@@ -407,10 +504,14 @@ impl<S: Store> Api<S> {
         json_response(StatusCode::OK, &record)
     }
 
-    async fn deregister(&self, id: Ulid) -> Result<Response<Full<Bytes>>, ApiError> {
+    async fn deregister(
+        &self,
+        id: Ulid,
+        access: Access,
+    ) -> Result<Response<Full<Bytes>>, ApiError> {
         let record = self
             .store
-            .deregister(id)
+            .deregister_as(id, access)
             .await?
             .ok_or_else(|| not_found(id))?;
         tracing::info!(id = %id, url = %Untrusted(&record.url), "service.deregistered");

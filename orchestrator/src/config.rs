@@ -123,6 +123,18 @@ pub struct Config {
     #[arg(long, env = "ORCHESTRATOR_TLS_KEY")]
     pub tls_key: Option<PathBuf>,
 
+    /// Key that may do any write, leased entries included, presented in X-Admin-Key (it also
+    /// stands in for the registration key). When unset or empty, there is no admin.
+    #[arg(long, env = "ORCHESTRATOR_ADMIN_KEY", hide_env_values = true)]
+    pub admin_key: Option<String>,
+
+    /// Refuse registrations that do not ask for a lease ("lease": true) with 400. Clients
+    /// without leases (the reference Python client) cannot register then. The environment
+    /// variable takes true/false, 1/0, yes/no, on/off.
+    #[arg(long, env = "ORCHESTRATOR_REQUIRE_LEASE", action = clap::ArgAction::SetTrue,
+          value_parser = clap::builder::BoolishValueParser::new())]
+    pub require_lease: bool,
+
     /// Most connections served at once; further clients wait in the listen backlog. Lowered
     /// at start (with a warning) when the open-file limit cannot hold it.
     #[arg(long, env = "ORCHESTRATOR_MAX_CONNECTIONS", default_value_t = 10_000,
@@ -170,6 +182,11 @@ impl std::fmt::Debug for Config {
             )
             .field("tls_cert", &self.tls_cert)
             .field("tls_key", &self.tls_key)
+            .field(
+                "admin_key",
+                &self.admin_key.as_ref().map(|_| redact::REDACTED),
+            )
+            .field("require_lease", &self.require_lease)
             .field("max_connections", &self.max_connections)
             .field("max_connections_per_ip", &self.max_connections_per_ip)
             .field("header_timeout_seconds", &self.header_timeout_seconds)
@@ -187,6 +204,9 @@ impl Config {
     pub fn redact_secrets(&self, text: &str) -> String {
         let mut secrets: Vec<String> = Vec::new();
         if let Some(key) = self.required_key() {
+            secrets.push(key.to_owned());
+        }
+        if let Some(key) = self.admin_key.as_deref().filter(|k| !k.is_empty()) {
             secrets.push(key.to_owned());
         }
         if let Some(url) = &self.valkey_url {
@@ -225,6 +245,8 @@ impl Config {
             registration_key: None,
             tls_cert: None,
             tls_key: None,
+            admin_key: None,
+            require_lease: false,
             max_connections: 10_000,
             max_connections_per_ip: 0,
             header_timeout_seconds: 5,
@@ -293,6 +315,9 @@ mod tests {
         assert!(Config::try_parse_from(["orchestrator", "--ttl-seconds", "0"]).is_err());
         assert!(Config::try_parse_from(["orchestrator", "--public-url", "ftp://x"]).is_err());
         assert!(Config::try_parse_from(["orchestrator", "--bind", "nope"]).is_err());
+        assert!(!c.require_lease);
+        let leased = Config::try_parse_from(["orchestrator", "--require-lease"]).unwrap();
+        assert!(leased.require_lease);
     }
 
     #[test]
@@ -300,6 +325,7 @@ mod tests {
         let mut config = Config::for_tests();
         config.valkey_url = Some("redis://admin:hunter2-valkey@valkey:6379/0".into());
         config.registration_key = Some("hunter2-key".into());
+        config.admin_key = Some("hunter2-admin".into());
         for text in [
             format!("{config:?}"),
             format!("{config:#?}"),
@@ -315,6 +341,7 @@ mod tests {
             assert!(text.contains("redis://admin:***@valkey:6379/0"), "{text}");
         }
         assert!(format!("{config:?}").contains("registration_key: Some(\"***\")"));
+        assert!(format!("{config:?}").contains("admin_key: Some(\"***\")"));
         config.registration_key = None;
         assert!(format!("{config:?}").contains("registration_key: None"));
     }

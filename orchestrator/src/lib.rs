@@ -14,6 +14,7 @@
 //! - [`problem`]: RFC 9457 errors, also for the middleware's own answers.
 //! - [`metrics`]: `GET /metrics` (Prometheus text format).
 //! - [`logsafe`]: untrusted text in log lines.
+//! - [`lease`]: lease tokens: minting and hashing.
 //! - [`store`]: the storage contract and its two implementations.
 //! - [`tls`]: serving HTTPS with `--tls-cert`/`--tls-key` (the `tls` feature, on by default).
 //! - [`redact`]: the library's secret redaction, re-exported.
@@ -31,6 +32,7 @@ pub mod api;
 pub mod config;
 pub mod connection;
 pub mod fd_limit;
+pub mod lease;
 pub mod logsafe;
 pub mod metrics;
 pub mod problem;

@@ -18,6 +18,8 @@ pub enum ApiError {
     BadRequest(String),
     #[error("a valid registration key is required in X-Service-Key or Authorization: Bearer")]
     Unauthorized,
+    #[error("the entry is leased: present its lease token in X-Lease-Token, or the admin key in X-Admin-Key")]
+    Forbidden,
     #[error("{0}")]
     NotFound(String),
     #[error("method {method} is not allowed here; allowed: {allow}")]
@@ -45,6 +47,7 @@ impl From<StoreError> for ApiError {
         match e {
             StoreError::Unavailable(msg) => ApiError::StoreUnavailable(msg),
             StoreError::Config(msg) | StoreError::Corrupt(msg) => ApiError::Internal(msg),
+            StoreError::Forbidden => ApiError::Forbidden,
         }
     }
 }
@@ -55,6 +58,7 @@ impl ApiError {
         match self {
             ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, t::BAD_REQUEST, "Bad Request"),
             ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, t::UNAUTHORIZED, "Unauthorized"),
+            ApiError::Forbidden => (StatusCode::FORBIDDEN, t::FORBIDDEN, "Forbidden"),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, t::NOT_FOUND, "Resource Not Found"),
             ApiError::MethodNotAllowed { .. } => (
                 StatusCode::METHOD_NOT_ALLOWED,

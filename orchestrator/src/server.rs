@@ -168,6 +168,8 @@ fn log_start(config: &Config, local_addr: SocketAddr, store: &str) {
             .map_or_else(|| "(from Host header)".to_owned(), crate::redact::url),
         registration_key = config.required_key().is_some(),
         tls = config.tls_cert.is_some(),
+        admin_key = config.admin_key.as_deref().is_some_and(|k| !k.is_empty()),
+        require_lease = config.require_lease,
         "orchestrator.starting"
     );
     if store == "memory" {
@@ -193,7 +195,8 @@ fn spawn_server<S: Store>(
             config.max_body_bytes,
             local_addr,
         )
-        .with_tls(tls.is_some()),
+        .with_tls(tls.is_some())
+        .with_leases(config.admin_key.as_deref(), config.require_lease),
     );
     let sweeper = tokio::spawn(sweep_forever(api.clone(), stop.clone()));
     let accept = Accept {

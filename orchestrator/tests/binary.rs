@@ -172,6 +172,10 @@ fn help_documents_every_flag_and_variable() {
         "ORCHESTRATOR_PUBLIC_URL",
         "--registration-key",
         "ORCHESTRATOR_REGISTRATION_KEY",
+        "--admin-key",
+        "ORCHESTRATOR_ADMIN_KEY",
+        "--require-lease",
+        "ORCHESTRATOR_REQUIRE_LEASE",
         "--max-body-bytes",
         "ORCHESTRATOR_MAX_BODY_BYTES",
         "65536",
@@ -185,6 +189,7 @@ fn help_documents_every_flag_and_variable() {
 /// Secrets the tests below hand the binary; none may come out.
 const VALKEY_PASSWORD: &str = "hunter2-valkey-password";
 const REGISTRATION_KEY: &str = "hunter2-registration-key";
+const ADMIN_KEY: &str = "hunter2-admin-key";
 
 #[test]
 fn help_prints_no_secret_from_the_environment() {
@@ -196,6 +201,7 @@ fn help_prints_no_secret_from_the_environment() {
                 format!("redis://admin:{VALKEY_PASSWORD}@valkey:6379/0"),
             )
             .env("ORCHESTRATOR_REGISTRATION_KEY", REGISTRATION_KEY)
+            .env("ORCHESTRATOR_ADMIN_KEY", ADMIN_KEY)
             .output()
             .expect("runs");
         assert!(out.status.success(), "{args:?}");
@@ -204,7 +210,7 @@ fn help_prints_no_secret_from_the_environment() {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        for secret in [VALKEY_PASSWORD, REGISTRATION_KEY] {
+        for secret in [VALKEY_PASSWORD, REGISTRATION_KEY, ADMIN_KEY] {
             assert!(!text.contains(secret), "{args:?} prints {secret}:\n{text}");
         }
         if args[0] != "healthcheck" {

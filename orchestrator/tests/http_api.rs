@@ -665,6 +665,83 @@ async fn registration_key_guards_writes_only() {
 }
 
 #[tokio::test]
+async fn leased_entries_refuse_strangers() {
+    let (running, api) = start_default().await;
+    support::lease::leased_entries_refuse_strangers(&api, None).await;
+    // Three strangers, each refused on ping, DELETE and at least one re-registration.
+    let metrics = api.get("/metrics").await;
+    let text = String::from_utf8_lossy(&metrics.body);
+    let rejections = text
+        .lines()
+        .find_map(|l| l.strip_prefix("servicekit_lease_rejections_total "))
+        .and_then(|v| v.trim().parse::<f64>().ok());
+    assert!(
+        rejections.is_some_and(|n| n >= 9.0),
+        "lease rejections counted: {rejections:?}\n{text}"
+    );
+    running.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_admin_key_may_do_any_write_and_stands_in_for_the_registration_key() {
+    let mut config = Config::for_tests();
+    config.admin_key = Some("adm1n".into());
+    let (running, api) = start(config).await;
+    support::lease::leased_entries_refuse_strangers(&api, Some("adm1n")).await;
+    running.shutdown().await;
+
+    let mut config = Config::for_tests();
+    config.admin_key = Some("adm1n".into());
+    config.registration_key = Some("s3cret".into());
+    let (running, api) = start(config).await;
+    let body =
+        serde_json::to_vec(&json!({"url": "http://svca:8000", "info": {"display_name": "A"}}))
+            .unwrap();
+    let json_ct = ("content-type", "application/json");
+    for (headers, status) in [
+        (vec![json_ct, ("x-admin-key", "adm1n")], 201),
+        (vec![json_ct, ("x-admin-key", "wrong")], 401),
+        (vec![json_ct, ("x-lease-token", "adm1n")], 401),
+    ] {
+        let r = api
+            .send(
+                Method::POST,
+                "/services/$register",
+                &headers,
+                Some(body.clone()),
+            )
+            .await;
+        assert_eq!(r.status, status, "{headers:?}: {r:?}");
+    }
+    running.shutdown().await;
+}
+
+#[tokio::test]
+async fn require_lease_refuses_registrations_without_one() {
+    let mut config = Config::for_tests();
+    config.require_lease = true;
+    let (running, api) = start(config).await;
+    for body in [
+        json!({"url": "http://svca:8000", "info": {"display_name": "A"}}),
+        json!({"url": "http://svca:8000", "info": {"display_name": "A"}, "lease": false}),
+    ] {
+        let r = api.post_json("/services/$register", &body).await;
+        let p = r.assert_problem(400, t::BAD_REQUEST);
+        assert!(p["detail"].as_str().unwrap().contains("lease"), "{p}");
+    }
+    assert_eq!(api.get("/services").await.json::<Value>()["count"], 0);
+    let r = api
+        .post_json(
+            "/services/$register",
+            &json!({"url": "http://svca:8000", "info": {"display_name": "A"}, "lease": true}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{r:?}");
+    assert!(r.json::<Value>()["lease_token"].is_string());
+    running.shutdown().await;
+}
+
+#[tokio::test]
 async fn an_empty_registration_key_means_none() {
     let mut config = Config::for_tests();
     config.registration_key = Some(String::new());

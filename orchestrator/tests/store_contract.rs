@@ -20,8 +20,8 @@ use fred::types::{ClusterHash, CustomCommand};
 use serde_json::json;
 use servicekit::protocol::{ServiceInfo, ServiceRecord, Timestamp};
 use servicekit_orchestrator::store::{
-    id_fits_url, mint_id, url_tag, ListFilter, MemoryStore, Registration, Store, StoreError,
-    ValkeyStore,
+    binding_grace, id_fits_url, mint_id, url_tag, Access, LeaseHash, LeaseOutcome, ListFilter,
+    MemoryStore, Registration, Store, StoreError, ValkeyStore,
 };
 use support::valkey::ValkeyServer;
 use tokio::time::Instant;
@@ -55,6 +55,8 @@ trait Harness: Sized + Send + Sync + 'static {
 
     async fn open(ttl: Duration) -> Self;
     fn store(&self) -> &Self::S;
+    /// The same harness with another binding grace (see `store::binding_grace`).
+    fn with_grace(self, grace: Duration) -> Self;
     /// Entries held in the store's indexes, live or dead.
     async fn index_len(&self) -> usize;
 }
@@ -78,6 +80,12 @@ impl Harness for Memory {
 
     fn store(&self) -> &MemoryStore {
         &self.store
+    }
+
+    fn with_grace(self, grace: Duration) -> Self {
+        Memory {
+            store: self.store.with_binding_grace(grace),
+        }
     }
 
     async fn index_len(&self) -> usize {
@@ -140,6 +148,13 @@ impl Harness for Valkey {
 
     fn store(&self) -> &ValkeyStore {
         &self.store
+    }
+
+    fn with_grace(self, grace: Duration) -> Self {
+        Valkey {
+            store: self.store.with_binding_grace(grace),
+            ..self
+        }
     }
 
     async fn index_len(&self) -> usize {
@@ -205,6 +220,9 @@ contract_tests!(
         ping_and_deregister_race_leaves_nothing,
         list_filters,
         display_name_change_moves_between_indexes,
+        a_deregistered_id_is_never_handed_to_another_url,
+        a_lease_guards_every_write_of_its_entry,
+        an_unleased_entry_can_take_a_lease,
     ],
     expiry: [
         reregister_restarts_the_ttl,
@@ -213,6 +231,9 @@ contract_tests!(
         ping_of_expired_is_none_and_stays_gone,
         expired_entries_are_never_listed,
         sweep_drops_dead_index_entries,
+        an_expired_id_is_never_handed_to_another_url,
+        a_binding_ends_one_ttl_after_expiry,
+        an_expired_lease_frees_the_url,
     ],
 );
 
@@ -423,6 +444,26 @@ fn assert_timestamps_sane(r: &ServiceRecord, before: Timestamp, after: Timestamp
         r.last_ping_at.saturating_add(ttl),
         "expires_at = last_ping_at + ttl"
     );
+}
+
+fn lease(secret: &str) -> LeaseHash {
+    LeaseHash::of(secret.as_bytes())
+}
+
+fn holding(secret: &str) -> Access {
+    Access {
+        token: Some(lease(secret)),
+        admin: false,
+    }
+}
+
+const ADMIN: Access = Access {
+    token: None,
+    admin: true,
+};
+
+fn forbidden<T: std::fmt::Debug>(what: &str, r: Result<T, StoreError>) {
+    assert!(matches!(r, Err(StoreError::Forbidden)), "{what}: {r:?}");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -686,6 +727,239 @@ async fn requested_id_not_fitting_the_url_gets_a_fresh_id<H: Harness>() {
     assert_ne!(r.record.id, foreign);
     assert!(id_fits_url(r.record.id, url));
     assert!(s.get(foreign).await.expect("get").is_none());
+}
+
+/// Finding 3 of issue 9: an attacker with a URL of the same slot tag deletes the victim and
+/// registers presenting the victim's id. It gets a fresh id, and the victim's pings never
+/// answer for the attacker's entry. The victim itself gets its id back.
+async fn a_deregistered_id_is_never_handed_to_another_url<H: Harness>() {
+    let h = H::open(LONG_TTL).await;
+    let s = h.store();
+    let victim = "http://victim:8000";
+    let attacker = same_tag_url(victim);
+    let v = s.register(reg(victim, "V")).await.expect("register victim");
+    let id = v.record.id;
+    assert!(id_fits_url(id, &attacker), "precondition: same tag");
+    s.deregister(id)
+        .await
+        .expect("deregister")
+        .expect("existed");
+
+    let a = s
+        .register(with_id(reg(&attacker, "A"), id))
+        .await
+        .expect("register attacker");
+    assert!(a.created);
+    assert_ne!(
+        a.record.id, id,
+        "the victim's id is not handed to another URL"
+    );
+    assert!(
+        s.ping(id).await.expect("ping").is_none(),
+        "victim's ping: 404"
+    );
+    assert!(s.get(id).await.expect("get").is_none());
+    assert_eq!(
+        s.list(&by_url(&attacker)).await.expect("list").len(),
+        1,
+        "one entry for the attacker, under its own id"
+    );
+    // A second try after the attacker deregisters fares no better.
+    s.deregister(a.record.id)
+        .await
+        .expect("deregister")
+        .expect("existed");
+    let again = s
+        .register(with_id(reg(&attacker, "A"), id))
+        .await
+        .expect("register attacker again");
+    assert_ne!(again.record.id, id);
+
+    // The victim presenting its own id gets it back: its tombstone names its URL.
+    let back = s
+        .register(with_id(reg(victim, "V"), id))
+        .await
+        .expect("victim back");
+    assert!(back.created);
+    assert_eq!(back.record.id, id);
+    assert_eq!(
+        s.ping(id).await.expect("ping").map(|p| p.id),
+        Some(id),
+        "the victim's pings answer for the victim"
+    );
+    assert_eq!(
+        s.get(id).await.expect("get").map(|r| r.url),
+        Some(victim.to_owned())
+    );
+}
+
+/// The same attack on an entry that expired instead of being deleted.
+async fn an_expired_id_is_never_handed_to_another_url<H: Harness>() {
+    let ttl = EXPIRY_TTL;
+    in_time::<H>("an_expired_id_is_never_handed_to_another_url", async || {
+        let h = H::open(ttl).await;
+        let s = h.store();
+        let victim = "http://victim:8000";
+        let attacker = same_tag_url(victim);
+        let (v, registered) = timed(s.register(reg(victim, "V"))).await;
+        let id = v.expect("register victim").record.id;
+        wait_gone(s, id).await;
+        let a = s
+            .register(with_id(reg(&attacker, "A"), id))
+            .await
+            .expect("register attacker");
+        assert!(a.created);
+        assert_ne!(
+            a.record.id, id,
+            "an expired id is not handed to another URL"
+        );
+        assert!(
+            s.ping(id).await.expect("ping").is_none(),
+            "victim's ping: 404"
+        );
+        assert!(s.get(id).await.expect("get").is_none());
+        // Within the grace after the expiry, the victim gets its id back.
+        let (back, b) = timed(s.register(with_id(reg(victim, "V"), id))).await;
+        if registered.end + ttl + binding_grace(ttl) <= b.end + CLOCK_SLACK {
+            return Err(Missed("came back after the binding ended"));
+        }
+        let back = back.expect("victim back");
+        assert!(back.created);
+        assert_eq!(back.record.id, id, "the binding outlived the record");
+        Ok(())
+    })
+    .await;
+}
+
+/// A URL's binding to its id lasts the grace past the entry's expiry, not forever. (The grace
+/// is set to the shortest allowed, one TTL, so the test need not wait a minute.)
+async fn a_binding_ends_one_ttl_after_expiry<H: Harness>() {
+    let ttl = EXPIRY_TTL;
+    let h = H::open(ttl).await.with_grace(Duration::ZERO);
+    let s = h.store();
+    let url = "http://svc-a:8000";
+    let (first, registered) = timed(s.register(reg(url, "A"))).await;
+    let id = first.expect("register").record.id;
+    tokio::time::sleep_until(registered.surely_expired(2 * ttl)).await;
+    s.sweep().await.expect("sweep");
+    let later = s
+        .register(with_id(reg(url, "A"), id))
+        .await
+        .expect("register again");
+    assert!(later.created);
+    assert_ne!(later.record.id, id, "a new id after the grace");
+    assert!(id_fits_url(later.record.id, url));
+}
+
+async fn a_lease_guards_every_write_of_its_entry<H: Harness>() {
+    let h = H::open(LONG_TTL).await;
+    let s = h.store();
+    let url = "http://leased:8000";
+    let r = s
+        .register_as(reg(url, "L"), Access::default(), Some(lease("one")))
+        .await
+        .expect("register leased");
+    assert!(r.created);
+    assert_eq!(r.lease, LeaseOutcome::New);
+    let id = r.record.id;
+
+    // Nobody else writes it: no token, a wrong token.
+    for access in [Access::default(), holding("wrong")] {
+        forbidden("ping", s.ping_as(id, access).await);
+        forbidden("deregister", s.deregister_as(id, access).await);
+        forbidden(
+            "re-register",
+            s.register_as(reg(url, "Hijacked"), access, Some(lease("mine")))
+                .await,
+        );
+    }
+    forbidden("plain ping", s.ping(id).await);
+    forbidden("plain deregister", s.deregister(id).await);
+    forbidden("plain register", s.register(reg(url, "Hijacked")).await);
+    let still = s.get(id).await.expect("get").expect("untouched");
+    assert_eq!(still, r.record, "refused writes changed nothing");
+    assert!(s.list(&by_name("Hijacked")).await.expect("list").is_empty());
+
+    // The holder does all of it; asking for a new lease keeps the one it holds.
+    let pinged = s.ping_as(id, holding("one")).await.expect("ping");
+    assert_eq!(pinged.map(|p| p.id), Some(id));
+    let again = s
+        .register_as(reg(url, "L2"), holding("one"), Some(lease("two")))
+        .await
+        .expect("re-register");
+    assert!(!again.created);
+    assert_eq!(again.record.id, id);
+    assert_eq!(again.lease, LeaseOutcome::Kept);
+    forbidden("the unused new lease", s.ping_as(id, holding("two")).await);
+
+    // The admin does any write: without asking, the lease stays; asking replaces it.
+    assert!(s.ping_as(id, ADMIN).await.expect("admin ping").is_some());
+    let held = s
+        .register_as(reg(url, "L3"), ADMIN, None)
+        .await
+        .expect("admin re-register");
+    assert_eq!(held.lease, LeaseOutcome::Held);
+    assert!(s.ping_as(id, holding("one")).await.expect("ping").is_some());
+    let replaced = s
+        .register_as(reg(url, "L4"), ADMIN, Some(lease("three")))
+        .await
+        .expect("admin takes over");
+    assert_eq!(replaced.lease, LeaseOutcome::New);
+    forbidden("the old lease", s.ping_as(id, holding("one")).await);
+    let gone = s
+        .deregister_as(id, holding("three"))
+        .await
+        .expect("deregister")
+        .expect("existed");
+    assert_eq!(gone.info.display_name, "L4");
+
+    // Deregistered: the URL is free for anyone, without a lease.
+    let free = s.register(reg(url, "Free")).await.expect("register");
+    assert!(free.created);
+    assert_eq!(free.lease, LeaseOutcome::None);
+    assert!(s.ping(free.record.id).await.expect("ping").is_some());
+    assert_eq!(h.index_len().await, H::PER_ENTRY);
+}
+
+async fn an_unleased_entry_can_take_a_lease<H: Harness>() {
+    let h = H::open(LONG_TTL).await;
+    let s = h.store();
+    let url = "http://plain:8000";
+    let plain = s.register(reg(url, "P")).await.expect("register");
+    assert_eq!(plain.lease, LeaseOutcome::None);
+    let id = plain.record.id;
+    // Presenting some token to an unleased entry is harmless.
+    assert!(s.ping_as(id, holding("x")).await.expect("ping").is_some());
+    let leased = s
+        .register_as(reg(url, "P"), Access::default(), Some(lease("now")))
+        .await
+        .expect("take a lease");
+    assert!(!leased.created);
+    assert_eq!(leased.record.id, id);
+    assert_eq!(leased.lease, LeaseOutcome::New);
+    forbidden("plain ping", s.ping(id).await);
+    assert!(s.ping_as(id, holding("now")).await.expect("ping").is_some());
+}
+
+/// A lease ends with its entry: after expiry the URL is anyone's.
+async fn an_expired_lease_frees_the_url<H: Harness>() {
+    let h = H::open(EXPIRY_TTL).await;
+    let s = h.store();
+    let url = "http://leased:8000";
+    let r = s
+        .register_as(reg(url, "L"), Access::default(), Some(lease("one")))
+        .await
+        .expect("register leased");
+    wait_gone(s, r.record.id).await;
+    let next = s.register(reg(url, "M")).await.expect("register");
+    assert!(next.created);
+    assert_eq!(next.lease, LeaseOutcome::None);
+    assert!(s.ping(next.record.id).await.expect("ping").is_some());
+    assert!(s
+        .deregister(next.record.id)
+        .await
+        .expect("deregister")
+        .is_some());
 }
 
 async fn unknown_ids_are_none<H: Harness>() {
@@ -1249,9 +1523,10 @@ async fn valkey_key_layout() {
     let stored_id: Option<String> = c.get(&url_key).await.expect("GET");
     assert_eq!(stored_id, Some(r.id.to_string()));
     let url_pttl: i64 = c.pttl(&url_key).await.expect("PTTL");
+    let bound_ms = ttl_ms + binding_grace(LONG_TTL).as_millis() as i64;
     assert!(
-        url_pttl > ttl_ms - 5_000 && url_pttl <= ttl_ms,
-        "url PTTL {url_pttl}"
+        url_pttl > bound_ms - 5_000 && url_pttl <= bound_ms,
+        "url PTTL {url_pttl}: the binding outlives the record by the grace"
     );
     let score: Option<f64> = c
         .zscore(h.all_idx(), r.id.to_string())
@@ -1297,18 +1572,26 @@ async fn valkey_key_layout() {
     );
     let after: i64 = c.pttl(&url_key).await.expect("PTTL");
     assert!(
-        after > ttl_ms - 5_000 && after <= ttl_ms,
+        after > bound_ms - 5_000 && after <= bound_ms,
         "url key TTL refreshed by ping ({AGED_MS} -> {after})"
     );
 
-    // Deregistration removes every key of the registration.
-    h.store
+    // Deregistration removes every key of the registration, and leaves a tombstone that
+    // binds the id to its URL: expires_at in the header width, then the URL.
+    let gone = h
+        .store
         .deregister(r.id)
         .await
         .expect("deregister")
         .expect("existed");
     let left: i64 = c.exists(vec![svc, url_key]).await.expect("EXISTS");
     assert_eq!(left, 0);
+    let tomb = format!("{}{{{}}}:gone:{}", h.prefix, Valkey::tag(r.id), r.id);
+    let tombstone: Option<String> = c.get(&tomb).await.expect("GET");
+    assert_eq!(
+        tombstone,
+        Some(format!("{:013}{url}", gone.expires_at.as_millis()))
+    );
     assert_eq!(h.zcard(&h.all_idx()).await, 0);
     assert_eq!(h.zcard(&h.name_idx("A")).await, 0);
 }

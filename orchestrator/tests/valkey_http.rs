@@ -43,6 +43,27 @@ async fn wait_for_status(api: &Api, path: &str, status: u16, within: Duration) -
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leased_entries_refuse_strangers_on_valkey() {
+    let valkey = ValkeyServer::new();
+    let (running, api) = start(&valkey).await;
+    support::lease::leased_entries_refuse_strangers(&api, None).await;
+    running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_key_may_do_any_write_on_valkey() {
+    let valkey = ValkeyServer::new();
+    let mut config = Config::for_tests();
+    config.valkey_url = Some(valkey.url());
+    config.key_prefix = format!("test:{}:", ulid::Ulid::new());
+    config.admin_key = Some("adm1n".into());
+    let running = server::start(config).await.expect("orchestrator starts");
+    let api = Api::new(running.base_url());
+    support::lease::leased_entries_refuse_strangers(&api, Some("adm1n")).await;
+    running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_round_trip_on_valkey() {
     let valkey = ValkeyServer::new();
     let (running, api) = start(&valkey).await;
@@ -157,12 +178,11 @@ async fn valkey_outage_gives_bounded_503s_and_recovers_without_restart() {
         )
         .await;
     assert_eq!(r.status, 201, "{r:?}");
-    assert_eq!(
-        r.json::<Value>()["id"],
-        id.as_str(),
-        "the instance keeps its identity"
-    );
-    assert_eq!(api.get(&format!("/services/{id}")).await.status, 200);
+    // Nothing binds the old id to the URL any more (the data is gone), so nothing proves it
+    // was this URL's: a fresh one (store/mod.rs docs).
+    let fresh = r.json::<Value>()["id"].as_str().expect("id").to_owned();
+    assert_ne!(fresh, id, "a new id after Valkey lost its data");
+    assert_eq!(api.get(&format!("/services/{fresh}")).await.status, 200);
     running.shutdown().await;
 }
 

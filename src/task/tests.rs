@@ -9,7 +9,7 @@ use http::Method;
 use super::*;
 use crate::config::{Overrides, Tunables};
 use crate::handle::Phase;
-use crate::protocol::{RegisterResponse, Timestamp};
+use crate::protocol::{LeaseToken, RegisterResponse, Timestamp};
 
 const ID: &str = "01JDQ9J4XWAZ3M5S1X2VQ7N8C4";
 
@@ -28,17 +28,26 @@ struct Script {
     register: VecDeque<Answer>,
     ping: VecDeque<Answer>,
     deregister: VecDeque<Answer>,
-    /// (what, when, presented id) of every call.
-    calls: Vec<(&'static str, Instant, Option<Ulid>)>,
+    /// The lease token each successful registration grants, in order; none when empty (an
+    /// orchestrator without leases, as the reference).
+    grant: VecDeque<&'static str>,
+    /// (what, when, presented id, presented lease token) of every call.
+    calls: Vec<(&'static str, Instant, Option<Ulid>, Option<String>)>,
 }
 
 #[derive(Clone, Default)]
 struct Fake(Arc<Mutex<Script>>);
 
 impl Fake {
-    fn next(&self, what: &'static str, previous: Option<Ulid>) -> Answer {
+    fn next(
+        &self,
+        what: &'static str,
+        previous: Option<Ulid>,
+        lease: Option<&LeaseToken>,
+    ) -> Answer {
         let mut s = self.0.lock().unwrap();
-        s.calls.push((what, Instant::now(), previous));
+        let token = lease.map(|t| t.expose().to_owned());
+        s.calls.push((what, Instant::now(), previous, token));
         let queue = match what {
             "register" => &mut s.register,
             "ping" => &mut s.ping,
@@ -53,6 +62,16 @@ impl Fake {
             .iter()
             .filter(|c| c.0 == what)
             .map(|c| (c.1, c.2))
+            .collect()
+    }
+
+    /// The lease token each call of `what` presented.
+    fn presented(&self, what: &str) -> Vec<Option<String>> {
+        let s = self.0.lock().unwrap();
+        s.calls
+            .iter()
+            .filter(|c| c.0 == what)
+            .map(|c| c.3.clone())
             .collect()
     }
 
@@ -81,8 +100,13 @@ impl Orchestrator for Fake {
         _url: &str,
         _info: &ServiceInfo,
         previous: Option<Ulid>,
+        lease: Option<&LeaseToken>,
     ) -> Result<Registered, ClientError> {
-        let answer = self.next("register", previous);
+        let answer = self.next("register", previous, lease);
+        let granted = match answer {
+            Answer::Ok => self.0.lock().unwrap().grant.pop_front(),
+            _ => None,
+        };
         let r = RegisterResponse {
             id: Ulid::from_string(ID).unwrap(),
             status: RegistrationStatus::Registered,
@@ -90,6 +114,7 @@ impl Orchestrator for Fake {
             message: String::new(),
             ttl_seconds: 30,
             ping_url: format!("http://o:9000/services/{ID}/$ping"),
+            lease_token: granted.map(LeaseToken::new),
         };
         let ok = Registered {
             ping_url: r.ping_url.parse().unwrap(),
@@ -103,8 +128,9 @@ impl Orchestrator for Fake {
         &self,
         _url: &Uri,
         within: Duration,
+        lease: Option<&LeaseToken>,
     ) -> Result<Option<PingResponse>, ClientError> {
-        let answer = self.next("ping", None);
+        let answer = self.next("ping", None, lease);
         let pong = PingResponse {
             id: Ulid::from_string(ID).unwrap(),
             status: "alive".into(),
@@ -121,8 +147,13 @@ impl Orchestrator for Fake {
         }
     }
 
-    async fn deregister(&self, _url: &Uri, within: Duration) -> Result<bool, ClientError> {
-        let answer = self.next("deregister", None);
+    async fn deregister(
+        &self,
+        _url: &Uri,
+        within: Duration,
+        lease: Option<&LeaseToken>,
+    ) -> Result<bool, ClientError> {
+        let answer = self.next("deregister", None, lease);
         match tokio::time::timeout(within, Fake::answer(answer, true)).await {
             Ok(r) => r,
             Err(_) => Err(ClientError::Timeout {
@@ -216,6 +247,65 @@ async fn a_forgotten_entry_is_registered_again_presenting_its_id() {
     assert_eq!(registers[0].1, None);
     assert_eq!(registers[1].1, Some(Ulid::from_string(ID).unwrap()));
     assert_eq!(r.status.snapshot().phase, Phase::Registered);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_lease_token_is_kept_and_presented_on_every_write() {
+    let fake = with_script(|s| s.grant = ["t0k3n-1"].into());
+    let r = start(fake, Tunables::default(), false);
+    r.wait_phase(Phase::Registered).await;
+    tokio::time::sleep(Duration::from_secs(25)).await;
+    r.request_stop();
+    r.task.await.unwrap();
+    let token = Some("t0k3n-1".to_owned());
+    assert_eq!(
+        r.fake.presented("register"),
+        vec![None],
+        "none to present yet"
+    );
+    let pings = r.fake.presented("ping");
+    assert!(pings.len() >= 2, "{} pings", pings.len());
+    assert!(pings.iter().all(|t| *t == token), "{pings:?}");
+    assert_eq!(r.fake.presented("deregister"), vec![token]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_re_registration_after_a_404_presents_the_lease_and_keeps_the_new_one() {
+    let fake = with_script(|s| {
+        s.grant = ["first", "second"].into();
+        s.ping = [Answer::Ok, Answer::Status(404)].into();
+    });
+    let r = start(fake, Tunables::default(), false);
+    tokio::time::sleep(Duration::from_secs(35)).await;
+    r.request_stop();
+    r.task.await.unwrap();
+    let presented = r.fake.presented("register");
+    assert_eq!(presented, vec![None, Some("first".to_owned())]);
+    let pings = r.fake.presented("ping");
+    assert_eq!(pings[..2], [Some("first".into()), Some("first".into())]);
+    assert!(pings.len() >= 3, "pinged again after re-registering");
+    assert!(
+        pings[2..].iter().all(|t| t.as_deref() == Some("second")),
+        "{pings:?}"
+    );
+    assert_eq!(r.fake.presented("deregister"), vec![Some("second".into())]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_a_token_from_the_orchestrator_none_is_presented() {
+    let fake = with_script(|s| s.ping = [Answer::Ok, Answer::Status(404)].into());
+    let r = start(fake, Tunables::default(), false);
+    tokio::time::sleep(Duration::from_secs(35)).await;
+    r.request_stop();
+    r.task.await.unwrap();
+    for what in ["register", "ping", "deregister"] {
+        let presented = r.fake.presented(what);
+        assert!(!presented.is_empty(), "no {what} call");
+        assert!(
+            presented.iter().all(Option::is_none),
+            "{what}: {presented:?}"
+        );
+    }
 }
 
 #[tokio::test(start_paused = true)]

@@ -24,7 +24,11 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-/// An in-process orchestrator on the in-memory store (or Valkey when `valkey_url` is given).
+/// The admin key of the orchestrators the tests start.
+pub const ADMIN_KEY: &str = "test-admin-key";
+
+/// An in-process orchestrator on the in-memory store (or Valkey when `valkey_url` is given),
+/// with [`ADMIN_KEY`] as its admin key.
 pub async fn orchestrator(ttl_seconds: u64, valkey_url: Option<String>) -> (Running, http::Api) {
     orchestrator_on(
         "127.0.0.1:0".parse().expect("addr"),
@@ -45,6 +49,7 @@ pub async fn orchestrator_on(
     config.ttl_seconds = ttl_seconds;
     config.key_prefix = format!("test:{}:", ulid::Ulid::new());
     config.valkey_url = valkey_url;
+    config.admin_key = Some(ADMIN_KEY.to_owned());
     let running = server::start(config).await.expect("orchestrator starts");
     let api = http::Api::new(running.base_url());
     (running, api)

@@ -10,13 +10,19 @@ impl Store for Hangs {
     fn ttl(&self) -> Duration {
         Duration::from_secs(30)
     }
-    fn register(
+    fn register_as(
         &self,
         _: Registration,
+        _: Access,
+        _: Option<LeaseHash>,
     ) -> impl Future<Output = Result<Registered, StoreError>> + Send {
         std::future::pending()
     }
-    fn ping(&self, _: Ulid) -> impl Future<Output = Result<Option<Pinged>, StoreError>> + Send {
+    fn ping_as(
+        &self,
+        _: Ulid,
+        _: Access,
+    ) -> impl Future<Output = Result<Option<Pinged>, StoreError>> + Send {
         std::future::pending()
     }
     fn get(
@@ -31,9 +37,10 @@ impl Store for Hangs {
     ) -> impl Future<Output = Result<Vec<ServiceRecord>, StoreError>> + Send {
         std::future::pending()
     }
-    fn deregister(
+    fn deregister_as(
         &self,
         _: Ulid,
+        _: Access,
     ) -> impl Future<Output = Result<Option<ServiceRecord>, StoreError>> + Send {
         std::future::pending()
     }

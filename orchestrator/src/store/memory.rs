@@ -6,6 +6,10 @@
 //! passes, whether or not it was swept), and [`Store::sweep`] frees the memory of expired
 //! entries. State is lost when the process exits; run several orchestrators on Valkey instead.
 //!
+//! Id bindings (see the store module docs) are two maps beside the entries: the URLs whose
+//! entry expired, and the tombstones of deregistered ids, each kept for the binding grace and
+//! dropped by [`Store::sweep`].
+//!
 //! Deadlines are [`tokio::time::Instant`]s, so expiry follows tokio's clock and can be tested
 //! on paused time; the timestamps shown in records still come from the wall clock.
 
@@ -18,8 +22,8 @@ use tokio::time::Instant;
 use ulid::Ulid;
 
 use super::{
-    id_fits_url, mint_id, ListFilter, Pinged, Registered, Registration, Store, StoreError,
-    StoreHealth,
+    mint_id, Access, LeaseHash, LeaseOutcome, ListFilter, Pinged, Registered, Registration, Store,
+    StoreError, StoreHealth,
 };
 
 /// In-process store; cheap to clone (clones share the same entries).
@@ -35,11 +39,19 @@ struct Inner {
     entries: BTreeMap<Ulid, Entry>,
     by_url: HashMap<String, Ulid>,
     by_name: HashMap<String, BTreeSet<Ulid>>,
+    /// URLs whose entry expired, with the id still bound to them until the instant given.
+    expired: HashMap<String, (Ulid, Instant)>,
+    /// Deregistered ids, with the URL they stay bound to until the instant given.
+    tombstones: HashMap<Ulid, (String, Instant)>,
+    /// How long bindings and tombstones outlive their entry.
+    grace: Duration,
 }
 
 struct Entry {
     record: ServiceRecord,
     deadline: Instant,
+    /// The hash of the entry's lease token, when it is leased.
+    lease: Option<LeaseHash>,
 }
 
 impl MemoryStore {
@@ -47,8 +59,18 @@ impl MemoryStore {
     pub fn new(ttl: Duration) -> Self {
         MemoryStore {
             ttl,
-            inner: Arc::new(Mutex::new(Inner::default())),
+            inner: Arc::new(Mutex::new(Inner {
+                grace: super::binding_grace(ttl),
+                ..Inner::default()
+            })),
         }
+    }
+
+    /// The same store with another binding grace (at least the TTL): how long a URL stays
+    /// bound to its id after the entry expired or was deregistered. For tests.
+    pub fn with_binding_grace(self, grace: Duration) -> Self {
+        self.lock().grace = grace.max(self.ttl);
+        self
     }
 
     /// Total entries held in the indexes, live or not yet swept; for tests of index cleanup.
@@ -72,9 +94,20 @@ impl Inner {
     fn live(&mut self, id: Ulid, now: Instant) -> Option<&mut Entry> {
         let expired = self.entries.get(&id).is_some_and(|e| e.deadline <= now);
         if expired {
-            self.remove(id);
+            self.expire(id);
         }
         self.entries.get_mut(&id)
+    }
+
+    /// Removes an expired entry; its URL stays bound to its id for the grace period.
+    fn expire(&mut self, id: Ulid) {
+        let Some(deadline) = self.entries.get(&id).map(|e| e.deadline) else {
+            return;
+        };
+        if let Some(record) = self.remove(id) {
+            let until = deadline + self.grace;
+            self.expired.insert(record.url, (id, until));
+        }
     }
 
     fn remove(&mut self, id: Ulid) -> Option<ServiceRecord> {
@@ -106,7 +139,12 @@ impl Store for MemoryStore {
         self.ttl
     }
 
-    async fn register(&self, reg: Registration) -> Result<Registered, StoreError> {
+    async fn register_as(
+        &self,
+        reg: Registration,
+        access: Access,
+        new_lease: Option<LeaseHash>,
+    ) -> Result<Registered, StoreError> {
         let now = Instant::now();
         let stamp = Timestamp::now();
         let expires_at = stamp.saturating_add(self.ttl);
@@ -120,6 +158,10 @@ impl Store for MemoryStore {
                     "url index points to missing {id}"
                 )));
             };
+            let lease = LeaseOutcome::decide(entry.lease.as_ref(), access, new_lease.as_ref())?;
+            if lease == LeaseOutcome::New {
+                entry.lease = new_lease;
+            }
             let old_name = std::mem::replace(&mut entry.record.info, reg.info).display_name;
             entry.record.last_updated = stamp;
             entry.record.last_ping_at = stamp;
@@ -137,13 +179,29 @@ impl Store for MemoryStore {
             return Ok(Registered {
                 record,
                 created: false,
+                lease,
             });
         }
 
-        let requested = reg
-            .requested_id
-            .filter(|id| id_fits_url(*id, &reg.url) && inner.live(*id, now).is_none());
-        let id = requested.unwrap_or_else(|| mint_id(&reg.url));
+        let lease = LeaseOutcome::decide(None, access, new_lease.as_ref())?;
+        // The id still bound to this URL, else the requested one if its tombstone names this
+        // URL (see the store module docs); never one bound to another URL.
+        let bound = inner
+            .expired
+            .remove(&reg.url)
+            .filter(|(_, until)| *until > now)
+            .map(|(id, _)| id);
+        let claimed = reg.requested_id.filter(|id| {
+            inner
+                .tombstones
+                .get(id)
+                .is_some_and(|(url, until)| *url == reg.url && *until > now)
+        });
+        let id = match bound.or(claimed) {
+            Some(id) if inner.live(id, now).is_none() => id,
+            _ => mint_id(&reg.url),
+        };
+        inner.tombstones.remove(&id);
         let record = ServiceRecord {
             id,
             url: reg.url,
@@ -164,28 +222,32 @@ impl Store for MemoryStore {
             Entry {
                 record: record.clone(),
                 deadline: now + self.ttl,
+                lease: new_lease.filter(|_| lease == LeaseOutcome::New),
             },
         );
         Ok(Registered {
             record,
             created: true,
+            lease,
         })
     }
 
-    async fn ping(&self, id: Ulid) -> Result<Option<Pinged>, StoreError> {
+    async fn ping_as(&self, id: Ulid, access: Access) -> Result<Option<Pinged>, StoreError> {
         let now = Instant::now();
         let stamp = Timestamp::now();
         let ttl = self.ttl;
         let mut inner = self.lock();
-        Ok(inner.live(id, now).map(|entry| {
-            entry.deadline = now + ttl;
-            entry.record.last_ping_at = stamp;
-            entry.record.expires_at = stamp.saturating_add(ttl);
-            Pinged {
-                id,
-                last_ping_at: stamp,
-                expires_at: entry.record.expires_at,
-            }
+        let Some(entry) = inner.live(id, now) else {
+            return Ok(None);
+        };
+        LeaseOutcome::decide(entry.lease.as_ref(), access, None)?;
+        entry.deadline = now + ttl;
+        entry.record.last_ping_at = stamp;
+        entry.record.expires_at = stamp.saturating_add(ttl);
+        Ok(Some(Pinged {
+            id,
+            last_ping_at: stamp,
+            expires_at: entry.record.expires_at,
         }))
     }
 
@@ -226,12 +288,23 @@ impl Store for MemoryStore {
         Ok(out)
     }
 
-    async fn deregister(&self, id: Ulid) -> Result<Option<ServiceRecord>, StoreError> {
+    async fn deregister_as(
+        &self,
+        id: Ulid,
+        access: Access,
+    ) -> Result<Option<ServiceRecord>, StoreError> {
+        let now = Instant::now();
         let mut inner = self.lock();
-        if inner.live(id, Instant::now()).is_none() {
+        let Some(entry) = inner.live(id, now) else {
             return Ok(None);
+        };
+        LeaseOutcome::decide(entry.lease.as_ref(), access, None)?;
+        let record = inner.remove(id);
+        if let Some(record) = &record {
+            let until = now + inner.grace;
+            inner.tombstones.insert(id, (record.url.clone(), until));
         }
-        Ok(inner.remove(id))
+        Ok(record)
     }
 
     async fn sweep(&self) -> Result<usize, StoreError> {
@@ -244,8 +317,10 @@ impl Store for MemoryStore {
             .map(|(id, _)| *id)
             .collect();
         for id in &dead {
-            inner.remove(*id);
+            inner.expire(*id);
         }
+        inner.expired.retain(|_, (_, until)| *until > now);
+        inner.tombstones.retain(|_, (_, until)| *until > now);
         Ok(dead.len())
     }
 
@@ -379,6 +454,40 @@ mod tests {
         assert!(!live(&s, old).await);
         assert!(live(&s, young).await);
         assert_eq!(s.sweep().await.expect("sweep again"), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn bindings_and_tombstones_last_the_grace_and_sweep_frees_them() {
+        let s = MemoryStore::new(TTL);
+        let grace = super::super::binding_grace(TTL);
+        let expiring = register(&s, "http://a:1", "A").await;
+        advance(TTL).await;
+        // Expired just now; deregistered just now: both bound until now + grace.
+        let deleted = register(&s, "http://b:1", "B").await;
+        s.deregister(deleted)
+            .await
+            .expect("deregister")
+            .expect("existed");
+        assert_eq!(s.sweep().await.expect("sweep"), 1);
+        let held = |s: &MemoryStore| {
+            let inner = s.lock();
+            (inner.expired.len(), inner.tombstones.len())
+        };
+        assert_eq!(held(&s), (1, 1), "both bindings held through the grace");
+        advance(grace - MS).await;
+        assert_eq!(s.sweep().await.expect("sweep"), 0);
+        assert_eq!(held(&s), (1, 1));
+        advance(MS).await;
+        s.sweep().await.expect("sweep");
+        assert_eq!(held(&s), (0, 0), "the sweep frees them after the grace");
+        let again = s
+            .register(Registration {
+                requested_id: Some(expiring),
+                ..reg("http://a:1", "A")
+            })
+            .await
+            .expect("register");
+        assert_ne!(again.record.id, expiring, "a new id after the grace");
     }
 
     #[tokio::test(start_paused = true)]

@@ -11,15 +11,38 @@
 //! characters of the text form) are a hash of the service URL: the *slot tag*. Valkey keys of
 //! one registration carry that tag in braces, so in Valkey Cluster every key of a registration
 //! lands in one hash slot and every script touches one slot, whether the caller knows the id
-//! (ping, get, delete) or only the URL (register). A client may present a previous id when it
-//! registers again; it is kept when it is a ULID whose tag matches the URL and no other URL
-//! holds it. Every other id is ignored and a fresh one minted. Both stores apply this rule.
+//! (ping, get, delete) or only the URL (register).
+//!
+//! An id is minted for one URL and stays bound to it: no other URL can ever get it, whatever
+//! it presents (the tag alone would not do: a URL with the same 15-bit tag takes about 30k
+//! hash tries to find). A registration gets, in this order: the id of the URL's live entry;
+//! the id the URL had while that *binding* is remembered; the id the client presents, when
+//! its tombstone names this URL; else a fresh one. A binding is remembered for a *grace*
+//! ([`binding_grace`]: one TTL, at least a minute) after the entry expired (Valkey: the URL
+//! key lives `ttl + grace`, refreshed with the record), and a tombstone for the grace after a
+//! deregistration. So a service that lost its entry (a network partition or an orchestrator
+//! outage longer than the TTL, a deregistration it did not mean) and comes back within the
+//! grace keeps its id; later, or after the store lost its data, it gets a new one (nothing
+//! proves the old one was its own any more). Remembering longer would cost memory for every
+//! URL that ever registered; a new id every time is what the reference did. Both stores apply
+//! this rule; `docs/valkey-store.md` has the keys.
+//!
+//! # Leases
+//!
+//! A registration may take a lease: the store keeps the SHA-256 of a token ([`LeaseHash`])
+//! with the entry, and from then on a ping, deregistration or re-registration of that entry
+//! must present the same hash or the admin key ([`Access`]); otherwise it fails with
+//! [`StoreError::Forbidden`] and changes nothing. Check and write are one atomic step (the
+//! lock of the memory store, one script in Valkey). A lease ends with its entry: once the
+//! entry expired or was deregistered, its URL is free for anyone.
 
 use std::future::Future;
 use std::time::Duration;
 
 use servicekit::protocol::{ServiceInfo, ServiceRecord, Timestamp};
 use ulid::Ulid;
+
+pub use crate::lease::LeaseHash;
 
 pub mod memory;
 pub mod valkey;
@@ -30,6 +53,15 @@ pub use valkey::ValkeyStore;
 /// Number of low id bits that carry the URL's slot tag.
 const TAG_BITS: u32 = 15;
 const TAG_MASK: u128 = (1 << TAG_BITS) - 1;
+
+/// The shortest grace during which a URL stays bound to its id after its entry expired or was
+/// deregistered (see the module docs).
+pub const MIN_BINDING_GRACE: Duration = Duration::from_secs(60);
+
+/// The default grace for a TTL: one TTL, at least [`MIN_BINDING_GRACE`].
+pub fn binding_grace(ttl: Duration) -> Duration {
+    ttl.max(MIN_BINDING_GRACE)
+}
 
 /// The slot tag of a service URL: 15 bits of a stable (FNV-1a) hash of its canonical form.
 pub fn url_tag(url: &str) -> u16 {
@@ -73,6 +105,52 @@ pub struct Registered {
     pub record: ServiceRecord,
     /// `true` for a new entry, `false` when the URL was already registered.
     pub created: bool,
+    /// What became of the entry's lease.
+    pub lease: LeaseOutcome,
+}
+
+/// What a write presents for an entry that may be leased. The default presents nothing,
+/// which is enough for every entry without a lease.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Access {
+    /// The hash of the `X-Lease-Token` the request carried.
+    pub token: Option<LeaseHash>,
+    /// Whether the request carried the admin key: every lease check passes.
+    pub admin: bool,
+}
+
+/// What became of the lease in a registration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseOutcome {
+    /// The entry has no lease.
+    None,
+    /// The lease asked for (its hash was given) now guards the entry.
+    New,
+    /// The entry's lease is unchanged; the caller presented its token.
+    Kept,
+    /// The entry's lease is unchanged; the caller (with the admin key) does not know it.
+    Held,
+}
+
+impl LeaseOutcome {
+    /// The outcome of a write on an entry leased with `held` (if any) by a caller presenting
+    /// `access` and asking for `new`; `Err(())` when the caller may not write. The one
+    /// statement of the rule; `lua/register.lua` mirrors it.
+    pub fn decide(
+        held: Option<&LeaseHash>,
+        access: Access,
+        new: Option<&LeaseHash>,
+    ) -> Result<LeaseOutcome, StoreError> {
+        let presented = |h: &LeaseHash| access.token.as_ref().is_some_and(|t| t.matches(h));
+        Ok(match (held, new) {
+            (Some(h), _) if presented(h) => LeaseOutcome::Kept,
+            (Some(_), Some(_)) if access.admin => LeaseOutcome::New,
+            (Some(_), None) if access.admin => LeaseOutcome::Held,
+            (Some(_), _) => return Err(StoreError::Forbidden),
+            (None, Some(_)) => LeaseOutcome::New,
+            (None, None) => LeaseOutcome::None,
+        })
+    }
 }
 
 /// The result of a successful ping.
@@ -166,6 +244,10 @@ pub enum StoreError {
     /// The store answered with something this code does not understand.
     #[error("store returned unexpected data: {0}")]
     Corrupt(String),
+    /// The entry is leased and the write presented neither its token nor the admin key. The
+    /// one client-caused variant: only the store can tell, atomically with the write.
+    #[error("the entry is leased: present its lease token or the admin key")]
+    Forbidden,
 }
 
 /// The registry's storage contract.
@@ -175,6 +257,9 @@ pub enum StoreError {
 ///   or until it is deregistered; expired entries are never returned by any method;
 /// - `register` is idempotent per URL (same id, `registered_at` kept, info replaced);
 /// - `ping` is atomic: it extends a live entry and never brings back a deleted or expired one;
+/// - a leased entry is written only by a caller presenting its lease or the admin key, and
+///   the check is atomic with the write (see the module docs);
+/// - an id is never handed to another URL than the one it was minted for;
 /// - indexes shrink as entries go, at the latest on the next [`Store::sweep`].
 pub trait Store: Send + Sync + 'static {
     /// `"memory"` or `"valkey"`, for logs and health.
@@ -183,14 +268,37 @@ pub trait Store: Send + Sync + 'static {
     /// The time-to-live of entries.
     fn ttl(&self) -> Duration;
 
-    /// Creates or refreshes the registration of `reg.url`.
+    /// Creates or refreshes the registration of `reg.url`, presenting nothing and asking for
+    /// no lease ([`Store::register_as`]).
     fn register(
         &self,
         reg: Registration,
+    ) -> impl Future<Output = Result<Registered, StoreError>> + Send {
+        self.register_as(reg, Access::default(), None)
+    }
+
+    /// Creates or refreshes the registration of `reg.url` as a caller presenting `access`;
+    /// `new_lease` asks for a lease with that hash (see [`LeaseOutcome::decide`]). A live
+    /// leased entry the caller may not write is [`StoreError::Forbidden`].
+    fn register_as(
+        &self,
+        reg: Registration,
+        access: Access,
+        new_lease: Option<LeaseHash>,
     ) -> impl Future<Output = Result<Registered, StoreError>> + Send;
 
-    /// Extends a live entry's TTL; `None` when it is unknown or expired.
-    fn ping(&self, id: Ulid) -> impl Future<Output = Result<Option<Pinged>, StoreError>> + Send;
+    /// Extends a live entry's TTL; `None` when it is unknown or expired. Presents nothing.
+    fn ping(&self, id: Ulid) -> impl Future<Output = Result<Option<Pinged>, StoreError>> + Send {
+        self.ping_as(id, Access::default())
+    }
+
+    /// [`Store::ping`] as a caller presenting `access`; [`StoreError::Forbidden`] for a live
+    /// leased entry it may not write.
+    fn ping_as(
+        &self,
+        id: Ulid,
+        access: Access,
+    ) -> impl Future<Output = Result<Option<Pinged>, StoreError>> + Send;
 
     /// One entry, `None` when unknown or expired.
     fn get(
@@ -204,10 +312,21 @@ pub trait Store: Send + Sync + 'static {
         filter: &ListFilter,
     ) -> impl Future<Output = Result<Vec<ServiceRecord>, StoreError>> + Send;
 
-    /// Removes an entry and returns what it was; `None` when unknown or expired.
+    /// Removes an entry and returns what it was; `None` when unknown or expired. Presents
+    /// nothing.
     fn deregister(
         &self,
         id: Ulid,
+    ) -> impl Future<Output = Result<Option<ServiceRecord>, StoreError>> + Send {
+        self.deregister_as(id, Access::default())
+    }
+
+    /// [`Store::deregister`] as a caller presenting `access`; [`StoreError::Forbidden`] for a
+    /// live leased entry it may not write.
+    fn deregister_as(
+        &self,
+        id: Ulid,
+        access: Access,
     ) -> impl Future<Output = Result<Option<ServiceRecord>, StoreError>> + Send;
 
     /// Drops index entries of expired registrations; returns how many were dropped.

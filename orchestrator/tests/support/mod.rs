@@ -2,5 +2,6 @@
 #![allow(dead_code)]
 
 pub mod http;
+pub mod lease;
 pub mod tls;
 pub mod valkey;

@@ -227,6 +227,8 @@ pub(super) fn map_err(e: FredError) -> StoreError {
         }
         // A script's verdict on a record that does not follow the layout.
         _ if e.details().starts_with("CORRUPT") => StoreError::Corrupt(e.to_string()),
+        // A script's verdict on a write of a leased record without its lease.
+        _ if e.details().starts_with("FORBIDDEN") => StoreError::Forbidden,
         _ => StoreError::Unavailable(e.to_string()),
     }
 }

@@ -26,12 +26,12 @@ pub use keys::tag_text;
 use connection::ConnState;
 use index::{DropMode, BATCH};
 use keys::Keys;
-use record::{record_body, record_from_value, RawRecord, MAX_TTL};
+use record::{record_from_value, record_head, RawRecord, MAX_TTL};
 use scripts::{DEREGISTER, PING, REGISTER};
 
 use super::{
-    id_fits_url, mint_id, ListFilter, Pinged, Registered, Registration, Store, StoreError,
-    StoreHealth,
+    id_fits_url, mint_id, Access, LeaseHash, LeaseOutcome, ListFilter, Pinged, Registered,
+    Registration, Store, StoreError, StoreHealth,
 };
 
 /// Lifetime of the health check's test key.
@@ -45,6 +45,8 @@ pub struct ValkeyStore {
     client: Client,
     keys: Keys,
     ttl: Duration,
+    /// How long a URL stays bound to its id after its entry expired or was deregistered.
+    grace: Duration,
     conn: Arc<ConnState>,
     /// This orchestrator's health-check key (see [`Keys::health`]).
     health_key: Arc<str>,
@@ -64,6 +66,15 @@ impl ValkeyStore {
     /// the load benchmark can drive Valkey with exactly this command, without HTTP, and
     /// compare (see BENCHMARKS.md).
     pub fn ping_command(&self, id: Ulid) -> (&'static str, Vec<String>, Vec<String>) {
+        self.ping_command_as(id, Access::default())
+    }
+
+    fn ping_command_as(
+        &self,
+        id: Ulid,
+        access: Access,
+    ) -> (&'static str, Vec<String>, Vec<String>) {
+        let [token, admin] = access_args(access);
         (
             PING.lua(),
             vec![self.keys.svc(id)],
@@ -71,6 +82,9 @@ impl ValkeyStore {
                 self.keys.url_prefix_of(id),
                 id.to_string(),
                 self.ttl_ms().to_string(),
+                token,
+                admin,
+                self.url_key_ms().to_string(),
             ],
         )
     }
@@ -103,8 +117,16 @@ impl ValkeyStore {
             health_key: Arc::from(keys.health(Ulid::new())),
             keys,
             ttl,
+            grace: super::binding_grace(ttl),
             conn,
         })
+    }
+
+    /// The same store with another binding grace (at least the TTL): how long a URL stays
+    /// bound to its id after the entry expired or was deregistered. For tests.
+    pub fn with_binding_grace(mut self, grace: Duration) -> Self {
+        self.grace = grace.max(self.ttl);
+        self
     }
 
     /// The underlying client (tests inspect keys with it).
@@ -127,6 +149,43 @@ impl ValkeyStore {
             .unwrap_or(u64::MAX)
             .max(1)
     }
+
+    /// How long a URL key lives after its last refresh: the grace past its record, so the
+    /// URL's binding to its id outlives an expiry (see the store module docs).
+    fn url_key_ms(&self) -> u64 {
+        self.ttl_ms().saturating_add(self.grace_ms())
+    }
+
+    /// The binding grace, also the tombstone's life (at least the TTL, which the index
+    /// rules need).
+    fn grace_ms(&self) -> u64 {
+        u64::try_from(self.grace.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(self.ttl_ms())
+    }
+
+    /// Whether the live record of `id` (if any) would let `access` write it, read ahead of
+    /// the script that decides atomically: a register that is going to be refused adds no
+    /// index hint.
+    async fn may_write(&self, id: Ulid, access: Access) -> Result<bool, StoreError> {
+        let reply: Value = self.note(self.client.get(self.keys.svc(id)).await)?;
+        let Some(bytes) = reply.as_bytes() else {
+            return Ok(true);
+        };
+        let held = RawRecord::parse(bytes)
+            .ok()
+            .and_then(|raw| raw.lease.and_then(LeaseHash::from_hex));
+        Ok(LeaseOutcome::decide(held.as_ref(), access, None).is_ok())
+    }
+}
+
+/// The script arguments of an [`Access`]: the presented lease hash ('' for none) and the
+/// admin flag.
+fn access_args(access: Access) -> [String; 2] {
+    [
+        access.token.map(|h| h.hex()).unwrap_or_default(),
+        if access.admin { "1" } else { "0" }.to_owned(),
+    ]
 }
 
 fn ms_of(v: &Value, what: &str) -> Result<Timestamp, StoreError> {
@@ -157,12 +216,19 @@ impl Store for ValkeyStore {
         self.ttl
     }
 
-    async fn register(&self, reg: Registration) -> Result<Registered, StoreError> {
+    async fn register_as(
+        &self,
+        reg: Registration,
+        access: Access,
+        new_lease: Option<LeaseHash>,
+    ) -> Result<Registered, StoreError> {
         let info_json = serde_json::to_string(&reg.info)
             .map_err(|e| StoreError::Corrupt(format!("cannot encode info: {e}")))?;
         let name = reg.info.display_name.clone();
-        let body = record_body(&reg.url, &name, &info_json);
+        let head = record_head(&reg.url, &name);
         let url_key = self.keys.url(&reg.url);
+        let [token, admin] = access_args(access);
+        let new_lease_hex = new_lease.map(|h| h.hex()).unwrap_or_default();
         let mut rejected: Vec<Ulid> = Vec::new();
         for _ in 0..REGISTER_ATTEMPTS {
             let current: Option<String> = self.note(self.client.get(&url_key).await)?;
@@ -170,11 +236,19 @@ impl Store for ValkeyStore {
                 .as_deref()
                 .and_then(|s| Ulid::from_string(s).ok())
                 .filter(|id| id_fits_url(*id, &reg.url) && !rejected.contains(id));
+            // A proposed id counts only where the URL key names none; the script keeps it
+            // only when its tombstone names this URL.
             let requested = reg
                 .requested_id
                 .filter(|id| id_fits_url(*id, &reg.url) && !rejected.contains(id));
+            let claimed = current_id.is_none() && requested.is_some();
             let chosen = current_id.or(requested);
             let id = chosen.unwrap_or_else(|| mint_id(&reg.url));
+            if let Some(current) = current_id {
+                if !self.may_write(current, access).await? {
+                    return Err(StoreError::Forbidden);
+                }
+            }
             // Index first, so the record is listed even if this call stops after the script.
             let hint = self.hint_score();
             self.add_hint(id, &name, hint).await?;
@@ -187,8 +261,14 @@ impl Store for ValkeyStore {
                             current.clone().unwrap_or_default(),
                             id.to_string(),
                             reg.url.clone(),
-                            body.clone(),
+                            head.clone(),
                             self.ttl_ms().to_string(),
+                            info_json.clone(),
+                            if claimed { "1" } else { "0" }.to_owned(),
+                            token.clone(),
+                            new_lease_hex.clone(),
+                            admin.clone(),
+                            self.url_key_ms().to_string(),
                         ],
                     )
                     .await,
@@ -196,8 +276,8 @@ impl Store for ValkeyStore {
             let items = array_of(reply, "register")?;
             let status = items.first().and_then(Value::as_string).unwrap_or_default();
             match status.as_str() {
-                "retry" | "conflict" => {
-                    if status == "conflict" {
+                "retry" | "conflict" | "unbound" => {
+                    if status != "retry" {
                         rejected.push(id);
                     }
                     // Nobody else knows an id minted here, so its hint can go at once. Hints
@@ -223,6 +303,17 @@ impl Store for ValkeyStore {
             let expires_at = ms_of(&items[3], "expires_at")?;
             let old_name = items.get(4).and_then(Value::as_string);
             let old_expires = items.get(5).and_then(Value::as_string);
+            let lease = match items.get(6).and_then(Value::as_string).as_deref() {
+                Some("none") => LeaseOutcome::None,
+                Some("new") => LeaseOutcome::New,
+                Some("kept") => LeaseOutcome::Kept,
+                Some("held") => LeaseOutcome::Held,
+                other => {
+                    return Err(StoreError::Corrupt(format!(
+                        "register answered lease {other:?}"
+                    )))
+                }
+            };
             let previous = match (old_name, old_expires) {
                 (Some(old), Some(expires)) if old != name => Some((old, expires)),
                 _ => None,
@@ -240,6 +331,7 @@ impl Store for ValkeyStore {
                     expires_at,
                 },
                 created: status == "created",
+                lease,
             });
         }
         Err(StoreError::Unavailable(format!(
@@ -248,8 +340,8 @@ impl Store for ValkeyStore {
         )))
     }
 
-    async fn ping(&self, id: Ulid) -> Result<Option<Pinged>, StoreError> {
-        let (_, keys, args) = self.ping_command(id);
+    async fn ping_as(&self, id: Ulid, access: Access) -> Result<Option<Pinged>, StoreError> {
+        let (_, keys, args) = self.ping_command_as(id, access);
         let reply = self.note(PING.run(&self.client, keys, args).await)?;
         if reply.is_null() {
             return Ok(None);
@@ -288,7 +380,12 @@ impl Store for ValkeyStore {
         Ok(records)
     }
 
-    async fn deregister(&self, id: Ulid) -> Result<Option<ServiceRecord>, StoreError> {
+    async fn deregister_as(
+        &self,
+        id: Ulid,
+        access: Access,
+    ) -> Result<Option<ServiceRecord>, StoreError> {
+        let [token, admin] = access_args(access);
         let reply = self.note(
             DEREGISTER
                 .run(
@@ -297,7 +394,9 @@ impl Store for ValkeyStore {
                     vec![
                         self.keys.url_prefix_of(id),
                         id.to_string(),
-                        self.ttl_ms().to_string(),
+                        self.grace_ms().to_string(),
+                        token,
+                        admin,
                     ],
                 )
                 .await,

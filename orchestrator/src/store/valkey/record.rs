@@ -1,6 +1,6 @@
 //! The record codec: one string per registration, a fixed-width header of four timestamps,
-//! then the length-prefixed URL and display name and the info JSON (see
-//! `docs/valkey-store.md`). Never panics on a malformed value. The constants here are the one
+//! then the length-prefixed URL and display name, the length-prefixed lease hash of a leased
+//! record, and the info JSON (see `docs/valkey-store.md`). Never panics on a malformed value. The constants here are the one
 //! statement of the layout: the Lua scripts get them from a prelude rendered from them.
 
 use std::time::Duration;
@@ -21,9 +21,11 @@ pub(super) const PING_OFFSET: usize = 2 * STAMP_DIGITS;
 /// until past the year 2180.
 pub(super) const MAX_TTL: Duration = Duration::from_secs(100 * 366 * 24 * 3600);
 
-/// and the display name with their byte lengths, then the info JSON.
-pub(super) fn record_body(url: &str, name: &str, info_json: &str) -> String {
-    format!("{}:{url}{}:{name}{info_json}", url.len(), name.len())
+/// The part of a record after the header that the caller encodes: the URL and the display
+/// name with their byte lengths. The register script appends the lease field (it decides the
+/// lease) and the info JSON.
+pub(super) fn record_head(url: &str, name: &str) -> String {
+    format!("{}:{url}{}:{name}", url.len(), name.len())
 }
 
 /// A record value split into its parts, borrowing from the value.
@@ -35,6 +37,8 @@ pub(super) struct RawRecord<'a> {
     pub(super) expires_at: u64,
     pub(super) url: &'a str,
     pub(super) name: &'a str,
+    /// The hex SHA-256 of the lease token, for a leased record.
+    pub(super) lease: Option<&'a str>,
     pub(super) info_json: &'a str,
 }
 
@@ -63,7 +67,15 @@ impl<'a> RawRecord<'a> {
             *stamp = digits.iter().fold(0, |n, d| n * 10 + u64::from(d - b'0'));
         }
         let (url, rest) = length_prefixed(body, "url")?;
-        let (name, info) = length_prefixed(rest, "display name")?;
+        let (name, rest) = length_prefixed(rest, "display name")?;
+        // The info JSON starts with '{', so a digit here starts the lease field.
+        let (lease, info) = match rest.first() {
+            Some(b) if b.is_ascii_digit() => {
+                let (lease, info) = length_prefixed(rest, "lease")?;
+                (Some(lease), info)
+            }
+            _ => (None, rest),
+        };
         let info_json = std::str::from_utf8(info).map_err(|e| format!("info is not UTF-8: {e}"))?;
         let [registered_at, last_updated, last_ping_at, expires_at] = stamps;
         Ok(RawRecord {
@@ -73,6 +85,7 @@ impl<'a> RawRecord<'a> {
             expires_at,
             url,
             name,
+            lease,
             info_json,
         })
     }
@@ -151,8 +164,37 @@ mod tests {
 
     /// A whole record value as the register script writes it.
     fn value(stamps: [u64; 4], url: &str, name: &str, info_json: &str) -> Vec<u8> {
+        leased_value(stamps, url, name, None, info_json)
+    }
+
+    fn leased_value(
+        stamps: [u64; 4],
+        url: &str,
+        name: &str,
+        lease: Option<&str>,
+        info_json: &str,
+    ) -> Vec<u8> {
         let header: String = stamps.iter().map(|ms| format!("{ms:013}")).collect();
-        format!("{header}{}", record_body(url, name, info_json)).into_bytes()
+        let lease = lease.map_or(String::new(), |h| format!("{}:{h}", h.len()));
+        format!("{header}{}{lease}{info_json}", record_head(url, name)).into_bytes()
+    }
+
+    #[test]
+    fn a_leased_record_keeps_its_lease_between_the_name_and_the_info() {
+        let hash = "ab".repeat(32);
+        let v = leased_value([1, 2, 3, 4], "http://h:1", "7:x", Some(&hash), r#"{"a":1}"#);
+        let raw = RawRecord::parse(&v).expect("parses");
+        assert_eq!(raw.lease, Some(hash.as_str()));
+        assert_eq!(
+            (raw.url, raw.name, raw.info_json),
+            ("http://h:1", "7:x", r#"{"a":1}"#)
+        );
+        let unleased = value([1, 2, 3, 4], "http://h:1", "7:x", r#"{"a":1}"#);
+        assert_eq!(RawRecord::parse(&unleased).expect("parses").lease, None);
+        // A lease field whose length runs past the end is malformed.
+        let mut cut = leased_value([1, 2, 3, 4], "http://h:1", "n", Some(&hash), "");
+        cut.truncate(cut.len() - 1);
+        assert!(RawRecord::parse(&cut).is_err());
     }
 
     #[test]
@@ -181,6 +223,7 @@ mod tests {
                     expires_at: stamps[3],
                     url,
                     name,
+                    lease: None,
                     info_json,
                 }
             );

@@ -1,10 +1,14 @@
--- Ping: refresh an existing record (never resurrect one) and its URL key.
--- KEYS: record key. ARGV: url key prefix (same slot), id, ttl ms.
--- Returns nil for a missing record, else {last_ping_at, expires_at}.
+-- Ping: refresh an existing record (never resurrect one) and its URL key, if the caller may.
+-- KEYS: record key. ARGV: url key prefix (same slot), id, ttl ms, presented lease hash
+-- ('' = none), '1' for the admin key, url key ms (ttl + the binding's grace).
+-- Returns nil for a missing record, a FORBIDDEN error for a leased one without its lease,
+-- else {last_ping_at, expires_at}.
 local v = redis.call('GET', KEYS[1])
 if not v then return false end
 local url = field(v, HEADER_LEN + 1)
-if not url then return malformed(KEYS[1]) end
+local lease = lease_of(v)
+if not url or lease == nil then return malformed(KEYS[1]) end
+if lease and ARGV[4] ~= lease and ARGV[5] ~= '1' then return forbidden() end
 local now = server_now()
 local ttl = tonumber(ARGV[3])
 local stamps = stamp_text(now) .. stamp_text(now + ttl)
@@ -18,8 +22,8 @@ redis.call('PEXPIRE', KEYS[1], ttl)
 local ukey = ARGV[1] .. url
 local cur = redis.call('GET', ukey)
 if cur == ARGV[2] then
-  redis.call('PEXPIRE', ukey, ttl)
+  redis.call('PEXPIRE', ukey, ARGV[6])
 elseif not cur then
-  redis.call('SET', ukey, ARGV[2], 'PX', ttl)
+  redis.call('SET', ukey, ARGV[2], 'PX', ARGV[6])
 end
 return {ms_text(now), ms_text(now + ttl)}

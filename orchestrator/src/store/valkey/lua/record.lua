@@ -43,3 +43,26 @@ local function malformed(key)
   return redis.error_reply('CORRUPT servicekit record ' .. key .. ' does not follow the layout')
 end
 
+
+-- The lease hash of a record: the length-prefixed field between the display name and the info
+-- JSON (which starts with '{'), present only on leased records. false when unleased, nil when
+-- malformed.
+local function lease_of(v)
+  local _, p = field(v, HEADER_LEN + 1)
+  if not p then return nil end
+  local _, q = field(v, p)
+  if not q then return nil end
+  if not string.find(v, '^%d', q) then return false end
+  return field(v, q)
+end
+
+-- The lease field of a record with lease hash h ('' = unleased).
+local function lease_field(h)
+  if h == '' then return '' end
+  return #h .. ':' .. h
+end
+
+-- The error reply for a write of a leased record without its lease (StoreError::Forbidden).
+local function forbidden()
+  return redis.error_reply('FORBIDDEN the entry is leased')
+end
