@@ -219,8 +219,10 @@ impl OrchestratorClient {
         let mut http_connector = HttpConnector::new();
         http_connector.set_nodelay(true);
         http_connector.set_connect_timeout(Some(timeout));
+        // Below the servers' own keep-alive limits (5 s for ours and for uvicorn, which serves
+        // the reference), so a ping never picks a connection the server is just closing.
         let http = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_idle_timeout(Duration::from_secs(4))
             .build(connector(http_connector, &register_url));
         let key = key
             .and_then(|k| HeaderValue::from_str(k.expose()).ok())
