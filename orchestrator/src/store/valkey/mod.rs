@@ -310,12 +310,15 @@ impl Store for ValkeyStore {
             other => return Err(StoreError::Corrupt(format!("ping answered {other:?}"))),
         };
         // The script asks for it once per TTL period: re-add the id where it belongs, in case
-        // an index write was lost (docs/valkey-store.md, "Index consistency").
+        // an index write was lost (docs/valkey-store.md, "Index consistency"). Off the
+        // request's path: the ping's answer does not depend on it.
         if let Some(name) = repair {
-            let expires_at = pinged.expires_at.as_millis();
-            if let Err(e) = self.index_at(id, &name, expires_at).await {
-                tracing::debug!(error = %e, %id, "index repair on ping failed");
-            }
+            let (store, expires_at) = (self.clone(), pinged.expires_at.as_millis());
+            tokio::spawn(async move {
+                if let Err(e) = store.index_at(id, &name, expires_at).await {
+                    tracing::debug!(error = %e, %id, "index repair on ping failed");
+                }
+            });
         }
         Ok(Some(pinged))
     }
