@@ -336,14 +336,14 @@ async fn cut_off_registrations_leave_no_entry_beyond_their_record() {
     c.close().await;
 }
 
-/// Registrations, renames, deregistrations and pings of one URL racing through two
+/// Registrations, renames, deregistrations and pings of one URL racing through three
 /// orchestrators, some of them cut off, with a TTL short enough that the record also expires
 /// between rounds. After every round the live record (if any) is listed where it belongs;
 /// at the end nothing is left once the record has expired.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn registrations_deregistrations_pings_and_expiry_keep_indexes_consistent() {
-    const ROUNDS: usize = 60;
-    let c = Cluster::open(SHORT_TTL, 2).await;
+    const ROUNDS: usize = 200;
+    let c = Cluster::open(SHORT_TTL, 3).await;
     let mut rng = Rng::from_time("registrations_deregistrations_pings");
     let url = "http://churn:8000";
     let first = c
@@ -355,7 +355,7 @@ async fn registrations_deregistrations_pings_and_expiry_keep_indexes_consistent(
         .id;
     for round in 0..ROUNDS {
         let mut tasks = Vec::new();
-        for i in 0..24 {
+        for i in 0..8 {
             let store = c.store(i).clone();
             let name = NAMES[rng.below(5) as usize];
             let kind = rng.below(4);
@@ -387,6 +387,23 @@ async fn registrations_deregistrations_pings_and_expiry_keep_indexes_consistent(
         for task in tasks {
             task.await.expect("task");
         }
+        // The tightest race: a deregistration and re-registrations under some names at once.
+        let again = |rng: &mut Rng| {
+            let mut r = reg(url, NAMES[rng.below(5) as usize]);
+            r.requested_id = Some(first);
+            r
+        };
+        let (a, b, c2) = (again(&mut rng), again(&mut rng), again(&mut rng));
+        let (gone, x, y, z) = tokio::join!(
+            c.store(0).deregister(first),
+            c.store(1).register(a),
+            c.store(2).register(b),
+            c.store(1).register(c2),
+        );
+        gone.expect("deregister");
+        for back in [x, y, z] {
+            back.expect("re-register");
+        }
         eventually(
             &format!("round {round}: the live record listed where it belongs"),
             SETTLE,
@@ -394,7 +411,7 @@ async fn registrations_deregistrations_pings_and_expiry_keep_indexes_consistent(
         )
         .await;
         // Now and then, let it expire before the next round.
-        if round % 15 == 14 {
+        if round % 50 == 49 {
             let s = c.store(0);
             eventually("the record to expire", SHORT_TTL + SETTLE, || async {
                 match s.get(first).await {
