@@ -209,33 +209,55 @@ async fn listed_where_it_belongs(c: &Cluster, id: Ulid) -> Result<(), String> {
     Ok(())
 }
 
-/// Waits until every record is gone (nothing pings them, so within one TTL of its last
-/// write), sweeps, and checks that no index entry and no name is left. Entries of records
-/// still live are allowed only while a straggling write may still be running.
+/// The server's clock in ms (scores and expiries are on it).
+async fn server_now(c: &Cluster) -> u64 {
+    let cmd = CustomCommand::new_static("TIME", ClusterHash::Random, false);
+    let parts: Vec<String> = c.stores[0]
+        .client()
+        .custom(cmd, Vec::<String>::new())
+        .await
+        .expect("TIME");
+    let secs: u64 = parts[0].parse().expect("seconds");
+    let micros: u64 = parts[1].parse().expect("microseconds");
+    secs * 1000 + micros / 1000
+}
+
+/// Waits until every record is gone (nothing pings them any more), then checks the bound of
+/// the invariant: no index entry is scored more than one TTL ahead, and once a sweep ran after
+/// an entry's score had passed, no entry and no name is left.
 async fn swept_clean(c: &Cluster) {
     let ttl = c.store(0).ttl();
+    let ahead = u64::try_from(ttl.as_millis()).expect("ttl") + 1_000;
     eventually(
-        "every record to expire and one sweep to leave empty indexes",
-        ttl + SETTLE,
+        "every record to expire and a sweep to leave empty indexes",
+        ttl * 2 + SETTLE,
         || async {
             let records = c.record_keys().await;
             if !records.is_empty() {
                 return Err(format!("{} records still live", records.len()));
             }
+            let before = server_now(c).await;
             c.store(0).sweep().await.map_err(|e| e.to_string())?;
             let left = c.all_entries().await;
             let names = c.names_set().await;
-            if !left.is_empty() || !names.is_empty() {
-                // No record is live: every entry left is a dead one the sweep kept.
-                let records = c.record_keys().await;
-                assert!(
-                    !records.is_empty(),
-                    "dead index entries survived a sweep after every record expired: \
-                     {left:?}, names {names:?}"
-                );
-                return Err("a straggling write brought a record back".to_owned());
+            if left.is_empty() && names.is_empty() {
+                return Ok(());
             }
-            Ok(())
+            let now = server_now(c).await;
+            for (index, member, score) in &left {
+                assert!(
+                    (*score as u64) <= now + ahead,
+                    "{index} {member} scored {} ms ahead, more than one TTL",
+                    *score as u64 - now
+                );
+                // A straggling write may add an entry after the sweep; never one that passed
+                // before it.
+                assert!(
+                    (*score as u64) > before || !c.record_keys().await.is_empty(),
+                    "a dead entry whose score had passed survived a sweep: {index} {member}"
+                );
+            }
+            Err(format!("entries not due yet: {left:?}, names {names:?}"))
         },
     )
     .await;
