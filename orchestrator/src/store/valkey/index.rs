@@ -1,9 +1,15 @@
-//! Index maintenance. The sorted sets live in other slots than the records, so they are kept
-//! consistent by order and conditional removal rather than atomically (the rules are in
-//! `docs/valkey-store.md`): hints before the record, settle after it, drops only of a score
-//! seen, and the sweeper.
-
-use std::time::Duration;
+//! Index maintenance. The sorted sets live in other slots than the records, so they cannot
+//! change atomically with them. Instead every score is an expiry: the `expires_at` of a version
+//! of the id's record (which the register script makes strictly increase from version to
+//! version), or a register's hint (the expiry it expects, written before its script). Scores
+//! are only ever raised (`ZADD GT`), so (details in `docs/valkey-store.md`, "Index
+//! consistency"):
+//! - *a live record is in `{all}:idx` and in its name's index* once its register returned,
+//!   because entries are removed only where the score is at most an older version's expiry or
+//!   is the very score a reader saw with the record gone, which no later version can have; and
+//!   whatever was lost anyway, its next ping in each TTL period puts back;
+//! - *no entry outlives its record by more than about one TTL*: no score lies more than one TTL
+//!   beyond its write, and the sweeper drops dead entries once their score has passed.
 
 use fred::interfaces::{ClientLike, KeysInterface, SetsInterface, SortedSetsInterface};
 use fred::types::sorted_sets::Ordering as ZOrdering;
@@ -13,15 +19,12 @@ use ulid::Ulid;
 
 use super::connection::queue;
 use super::record::{expiry_and_name, record_from_value};
-use super::scripts::{INDEX_DROP, INDEX_SETTLE};
+use super::scripts::INDEX_DROP;
 use super::ValkeyStore;
 use crate::store::StoreError;
 
 /// Records fetched per pipelined round trip when listing, candidates per sweep pass.
 pub(super) const BATCH: usize = 1000;
-/// How far a register's index hint lies beyond the real expiry: longer than any stall a
-/// register could survive, shorter than a dead hint should linger.
-const HINT_MARGIN: Duration = Duration::from_secs(3600);
 
 /// Whether an index entry is dropped with an exact score match or any score up to it.
 #[derive(Debug, Clone, Copy)]
@@ -51,28 +54,73 @@ impl ValkeyStore {
         }
     }
 
-    /// The score a register gives its id before writing the record: above any real expiry.
-    pub(super) fn hint_score(&self) -> u64 {
-        Timestamp::now()
-            .saturating_add(self.ttl + HINT_MARGIN)
-            .as_millis()
-    }
-
-    /// Indexes `id` under `name` with the hint score, before its record is written.
-    pub(super) async fn add_hint(&self, id: Ulid, name: &str, hint: u64) -> Result<(), StoreError> {
+    /// Indexes `id` under `name` with `score`, never lowering a score already there (`ZADD
+    /// GT`; absent entries are added). The name goes into the names set only after the entry
+    /// is in, so the sweeper's "forget empty names" step cannot miss it.
+    pub(super) async fn index_at(
+        &self,
+        id: Ulid,
+        name: &str,
+        score: u64,
+    ) -> Result<(), StoreError> {
         let pipeline = self.client.pipeline();
         let member = id.to_string();
-        let score = hint as f64;
+        let score = score as f64;
         for index in [self.keys.all_idx(), self.keys.name_idx(name)] {
             queue(
                 pipeline
-                    .zadd::<(), _, _>(index, None, None, false, false, (score, member.clone()))
+                    .zadd::<(), _, _>(
+                        index,
+                        None,
+                        Some(ZOrdering::GreaterThan),
+                        false,
+                        false,
+                        (score, member.clone()),
+                    )
                     .await,
             )?;
         }
-        queue(pipeline.sadd::<(), _, _>(self.keys.names(), name).await)?;
         let _: Vec<Value> = self.note(pipeline.all().await)?;
+        let _: i64 = self.note(self.client.sadd(self.keys.names(), name).await)?;
         Ok(())
+    }
+
+    /// After the record script wrote version `expires_at` of `id` under `name`: raises its
+    /// entries to that expiry (adding them if a reader dropped the hint before the script ran)
+    /// and drops the id from its previous name's index (only up to the replaced version's
+    /// expiry). Best effort: the hint keeps the record listed, and pings repair the rest.
+    pub(super) async fn index_version(
+        &self,
+        id: Ulid,
+        name: &str,
+        expires_at: Timestamp,
+        previous: Option<(String, String)>,
+    ) {
+        let old_index = async {
+            match &previous {
+                Some((old_name, old_expires)) => {
+                    let entry = [id.to_string(), old_expires.clone()];
+                    let index = self.keys.name_idx(old_name);
+                    self.drop_entries(&index, &entry, DropMode::AtMost)
+                        .await
+                        .map(|_| ())
+                }
+                None => Ok(()),
+            }
+        };
+        let (a, b) = tokio::join!(self.index_at(id, name, expires_at.as_millis()), old_index);
+        if let Err(e) = a.and(b) {
+            tracing::debug!(error = %e, %id, "index update after register failed; the hint stays");
+        }
+    }
+
+    /// The score a register gives its id before the record script runs: the expiry the
+    /// record will get, by this process's clock. A hint that is low (a slow clock, a script
+    /// that ran late) is harmless: ZADD GT replaces it by the real expiry after the script,
+    /// and the sweeper rescores it from a live record; a high one (a fast clock) only delays
+    /// the drop of a dead hint.
+    pub(super) fn hint_score(&self) -> u64 {
+        Timestamp::now().saturating_add(self.ttl).as_millis()
     }
 
     /// Drops `id` from both of its indexes where its score is `score` (mode `Equal`) or at
@@ -86,47 +134,6 @@ impl ValkeyStore {
         );
         if let Err(e) = a.and(b) {
             tracing::debug!(error = %e, %id, "index cleanup failed; the sweeper will finish it");
-        }
-    }
-
-    /// After the record script: replaces the hint by the record's expiry in both indexes and
-    /// drops the id from its previous name's index (only that version's entry). Best effort:
-    /// the hint already keeps the record listed.
-    pub(super) async fn settle(
-        &self,
-        id: Ulid,
-        name: &str,
-        expires_at: Timestamp,
-        hint: u64,
-        previous: Option<(String, String)>,
-    ) {
-        let args = vec![
-            id.to_string(),
-            expires_at.as_millis().to_string(),
-            hint.to_string(),
-        ];
-        let settle_in = |index: String| INDEX_SETTLE.run(&self.client, vec![index], args.clone());
-        let old_index = async {
-            match &previous {
-                Some((old_name, old_expires)) => {
-                    let entry = [id.to_string(), old_expires.clone()];
-                    let index = self.keys.name_idx(old_name);
-                    self.drop_entries(&index, &entry, DropMode::AtMost)
-                        .await
-                        .map(|_| ())
-                }
-                None => Ok(()),
-            }
-        };
-        let (a, b, c) = tokio::join!(
-            settle_in(self.keys.all_idx()),
-            settle_in(self.keys.name_idx(name)),
-            old_index,
-        );
-        let (a, b) = (self.note(a), self.note(b));
-        let result = a.and(b).and(c);
-        if let Err(e) = result {
-            tracing::debug!(error = %e, %id, "index update after register failed; the hint stays");
         }
     }
 

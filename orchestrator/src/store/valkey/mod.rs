@@ -10,6 +10,7 @@ mod keys;
 mod record;
 mod scripts;
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -188,35 +189,9 @@ fn access_args(access: Access) -> [String; 2] {
     ]
 }
 
-fn ms_of(v: &Value, what: &str) -> Result<Timestamp, StoreError> {
-    let text = v
-        .as_string()
-        .ok_or_else(|| StoreError::Corrupt(format!("{what}: expected a number, got {v:?}")))?;
-    text.parse::<u64>()
-        .map(Timestamp::from_millis)
-        .map_err(|_| StoreError::Corrupt(format!("{what}: not a millisecond count: {text:?}")))
-}
-
-/// The elements of a script's array reply.
-fn array_of(v: Value, what: &str) -> Result<Vec<Value>, StoreError> {
-    match v {
-        Value::Array(items) => Ok(items),
-        other => Err(StoreError::Corrupt(format!(
-            "{what}: expected an array, got {other:?}"
-        ))),
-    }
-}
-
-impl Store for ValkeyStore {
-    fn kind(&self) -> &'static str {
-        "valkey"
-    }
-
-    fn ttl(&self) -> Duration {
-        self.ttl
-    }
-
-    async fn register_as(
+impl ValkeyStore {
+    /// [`Store::register_as`]'s steps, run to completion by [`to_completion`].
+    async fn register_steps(
         &self,
         reg: Registration,
         access: Access,
@@ -249,9 +224,9 @@ impl Store for ValkeyStore {
                     return Err(StoreError::Forbidden);
                 }
             }
-            // Index first, so the record is listed even if this call stops after the script.
+            // Index first, so the record is listed even if a later step fails.
             let hint = self.hint_score();
-            self.add_hint(id, &name, hint).await?;
+            self.index_at(id, &name, hint).await?;
             let reply = self.note(
                 REGISTER
                     .run(
@@ -318,7 +293,7 @@ impl Store for ValkeyStore {
                 (Some(old), Some(expires)) if old != name => Some((old, expires)),
                 _ => None,
             };
-            self.settle(id, &name, expires_at, hint, previous).await;
+            self.index_version(id, &name, expires_at, previous).await;
 
             return Ok(Registered {
                 record: ServiceRecord {
@@ -340,47 +315,8 @@ impl Store for ValkeyStore {
         )))
     }
 
-    async fn ping_as(&self, id: Ulid, access: Access) -> Result<Option<Pinged>, StoreError> {
-        let (_, keys, args) = self.ping_command_as(id, access);
-        let reply = self.note(PING.run(&self.client, keys, args).await)?;
-        if reply.is_null() {
-            return Ok(None);
-        }
-        let items = array_of(reply, "ping")?;
-        match items.as_slice() {
-            [last, expires] => Ok(Some(Pinged {
-                id,
-                last_ping_at: ms_of(last, "last_ping_at")?,
-                expires_at: ms_of(expires, "expires_at")?,
-            })),
-            other => Err(StoreError::Corrupt(format!("ping answered {other:?}"))),
-        }
-    }
-
-    async fn get(&self, id: Ulid) -> Result<Option<ServiceRecord>, StoreError> {
-        let reply: Value = self.note(self.client.get(self.keys.svc(id)).await)?;
-        record_from_value(id, &reply)
-    }
-
-    async fn list(&self, filter: &ListFilter) -> Result<Vec<ServiceRecord>, StoreError> {
-        let mut records = if let Some(url) = &filter.url {
-            let id: Option<String> = self.note(self.client.get(self.keys.url(url)).await)?;
-            match id.as_deref().map(Ulid::from_string) {
-                Some(Ok(id)) => self.get(id).await?.into_iter().collect(),
-                Some(Err(_)) | None => Vec::new(),
-            }
-        } else if let Some(name) = &filter.display_name {
-            self.list_index(&self.keys.name_idx(name)).await?
-        } else {
-            self.list_index(&self.keys.all_idx()).await?
-        };
-        records.retain(|r| filter.matches(r));
-        records.sort_by_key(|r| r.id);
-        records.dedup_by_key(|r| r.id);
-        Ok(records)
-    }
-
-    async fn deregister_as(
+    /// [`Store::deregister_as`]'s steps, run to completion by [`to_completion`].
+    async fn deregister_steps(
         &self,
         id: Ulid,
         access: Access,
@@ -414,6 +350,122 @@ impl Store for ValkeyStore {
         self.unindex(id, raw.name, &raw.expires_at.to_string(), DropMode::AtMost)
             .await;
         raw.into_record(id).map(Some)
+    }
+}
+
+/// Runs a store operation of several steps as a task of its own, so that a caller who stops
+/// waiting (a timeout, a closed connection) cannot stop it half way, between its record script
+/// and its index update (docs/valkey-store.md, "Index consistency").
+async fn to_completion<T: Send + 'static>(
+    op: impl Future<Output = Result<T, StoreError>> + Send + 'static,
+) -> Result<T, StoreError> {
+    match tokio::spawn(op).await {
+        Ok(result) => result,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(e) => Err(StoreError::Unavailable(format!("store task ended: {e}"))),
+    }
+}
+
+fn ms_of(v: &Value, what: &str) -> Result<Timestamp, StoreError> {
+    let text = v
+        .as_string()
+        .ok_or_else(|| StoreError::Corrupt(format!("{what}: expected a number, got {v:?}")))?;
+    text.parse::<u64>()
+        .map(Timestamp::from_millis)
+        .map_err(|_| StoreError::Corrupt(format!("{what}: not a millisecond count: {text:?}")))
+}
+
+/// The elements of a script's array reply.
+fn array_of(v: Value, what: &str) -> Result<Vec<Value>, StoreError> {
+    match v {
+        Value::Array(items) => Ok(items),
+        other => Err(StoreError::Corrupt(format!(
+            "{what}: expected an array, got {other:?}"
+        ))),
+    }
+}
+
+impl Store for ValkeyStore {
+    fn kind(&self) -> &'static str {
+        "valkey"
+    }
+
+    fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    async fn register_as(
+        &self,
+        reg: Registration,
+        access: Access,
+        new_lease: Option<LeaseHash>,
+    ) -> Result<Registered, StoreError> {
+        let store = self.clone();
+        to_completion(async move { store.register_steps(reg, access, new_lease).await }).await
+    }
+
+    async fn ping_as(&self, id: Ulid, access: Access) -> Result<Option<Pinged>, StoreError> {
+        let (_, keys, args) = self.ping_command_as(id, access);
+        let reply = self.note(PING.run(&self.client, keys, args).await)?;
+        if reply.is_null() {
+            return Ok(None);
+        }
+        let items = array_of(reply, "ping")?;
+        let (pinged, repair) = match items.as_slice() {
+            [last, expires, rest @ ..] if rest.len() <= 1 => (
+                Pinged {
+                    id,
+                    last_ping_at: ms_of(last, "last_ping_at")?,
+                    expires_at: ms_of(expires, "expires_at")?,
+                },
+                rest.first().and_then(Value::as_string),
+            ),
+            other => return Err(StoreError::Corrupt(format!("ping answered {other:?}"))),
+        };
+        // The script asks for it once per TTL period: re-add the id where it belongs, in case
+        // an index write was lost (docs/valkey-store.md, "Index consistency"). Off the
+        // request's path: the ping's answer does not depend on it.
+        if let Some(name) = repair {
+            let (store, expires_at) = (self.clone(), pinged.expires_at.as_millis());
+            tokio::spawn(async move {
+                if let Err(e) = store.index_at(id, &name, expires_at).await {
+                    tracing::debug!(error = %e, %id, "index repair on ping failed");
+                }
+            });
+        }
+        Ok(Some(pinged))
+    }
+
+    async fn get(&self, id: Ulid) -> Result<Option<ServiceRecord>, StoreError> {
+        let reply: Value = self.note(self.client.get(self.keys.svc(id)).await)?;
+        record_from_value(id, &reply)
+    }
+
+    async fn list(&self, filter: &ListFilter) -> Result<Vec<ServiceRecord>, StoreError> {
+        let mut records = if let Some(url) = &filter.url {
+            let id: Option<String> = self.note(self.client.get(self.keys.url(url)).await)?;
+            match id.as_deref().map(Ulid::from_string) {
+                Some(Ok(id)) => self.get(id).await?.into_iter().collect(),
+                Some(Err(_)) | None => Vec::new(),
+            }
+        } else if let Some(name) = &filter.display_name {
+            self.list_index(&self.keys.name_idx(name)).await?
+        } else {
+            self.list_index(&self.keys.all_idx()).await?
+        };
+        records.retain(|r| filter.matches(r));
+        records.sort_by_key(|r| r.id);
+        records.dedup_by_key(|r| r.id);
+        Ok(records)
+    }
+
+    async fn deregister_as(
+        &self,
+        id: Ulid,
+        access: Access,
+    ) -> Result<Option<ServiceRecord>, StoreError> {
+        let store = self.clone();
+        to_completion(async move { store.deregister_steps(id, access).await }).await
     }
 
     async fn sweep(&self) -> Result<usize, StoreError> {

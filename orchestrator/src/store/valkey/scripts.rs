@@ -40,9 +40,6 @@ pub(super) static DEREGISTER: LazyLock<LuaScript> =
 /// See `lua/index_drop.lua`.
 pub(super) static INDEX_DROP: LazyLock<LuaScript> =
     LazyLock::new(|| LuaScript::new(include_str!("lua/index_drop.lua").to_owned()));
-/// See `lua/index_settle.lua`.
-pub(super) static INDEX_SETTLE: LazyLock<LuaScript> =
-    LazyLock::new(|| LuaScript::new(include_str!("lua/index_settle.lua").to_owned()));
 
 /// A Lua script run with `EVALSHA`, loaded on first use and re-sent with `EVAL` whenever a
 /// node answers `NOSCRIPT` (a restarted server, another Cluster node, a promoted replica).

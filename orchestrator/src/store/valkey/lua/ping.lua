@@ -2,15 +2,24 @@
 -- KEYS: record key. ARGV: url key prefix (same slot), id, ttl ms, presented lease hash
 -- ('' = none), '1' for the admin key, url key ms (ttl + the binding's grace).
 -- Returns nil for a missing record, a FORBIDDEN error for a leased one without its lease,
--- else {last_ping_at, expires_at}.
+-- else {last_ping_at, expires_at}, plus the display name when the caller should re-add the
+-- id to its indexes (see below).
 local v = redis.call('GET', KEYS[1])
 if not v then return false end
-local url = field(v, HEADER_LEN + 1)
+local url, p = field(v, HEADER_LEN + 1)
 local lease = lease_of(v)
 if not url or lease == nil then return malformed(KEYS[1]) end
 if lease and ARGV[4] ~= lease and ARGV[5] ~= '1' then return forbidden() end
 local now = server_now()
 local ttl = tonumber(ARGV[3])
+-- Index repair (docs/valkey-store.md, "Index consistency"): the first ping after a register,
+-- and the first in each later TTL period counted from it, return the name.
+local updated, last = stamp(v, 1), stamp(v, 2)
+local repair = false
+if updated and last then
+  repair = last <= updated
+    or math.floor((now - updated) / ttl) > math.floor((last - updated) / ttl)
+end
 local stamps = stamp_text(now) .. stamp_text(now + ttl)
 if #stamps ~= HEADER_LEN - PING_OFFSET then
   return redis.error_reply('ERR expiry beyond ' .. STAMP_DIGITS .. ' digits')
@@ -25,5 +34,9 @@ if cur == ARGV[2] then
   redis.call('PEXPIRE', ukey, ARGV[6])
 elseif not cur then
   redis.call('SET', ukey, ARGV[2], 'PX', ARGV[6])
+end
+if repair then
+  local name = field(v, p)
+  if name then return {ms_text(now), ms_text(now + ttl), name} end
 end
 return {ms_text(now), ms_text(now + ttl)}
