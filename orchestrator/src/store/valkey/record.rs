@@ -179,6 +179,38 @@ mod tests {
         format!("{header}{}{lease}{info_json}", record_head(url, name)).into_bytes()
     }
 
+    proptest::proptest! {
+        /// Whatever the URL, the name (colons, digits, braces, non-ASCII), the lease and the
+        /// info hold, a value splits back into exactly the parts it was written from.
+        #[test]
+        fn any_record_value_splits_into_its_parts(
+            stamps in proptest::array::uniform4(0u64..10_000_000_000_000),
+            // Short, length-like (digits, colons, braces) and long enough for 3-digit lengths.
+            url in "(.{0,8}|[0-9:{}]{0,12}|.{90,300})",
+            name in "(.{0,8}|[0-9:{}]{0,12}|.{90,300})",
+            lease in proptest::option::of("[0-9a-f]{64}"),
+            info in proptest::collection::btree_map(".*", ".*", 0..4),
+        ) {
+            let info_json = serde_json::to_string(&info).expect("a map of strings encodes");
+            let v = leased_value(stamps, &url, &name, lease.as_deref(), &info_json);
+            let raw = RawRecord::parse(&v).map_err(proptest::test_runner::TestCaseError::fail)?;
+            proptest::prop_assert_eq!(
+                [raw.registered_at, raw.last_updated, raw.last_ping_at, raw.expires_at],
+                stamps
+            );
+            proptest::prop_assert_eq!(
+                (raw.url, raw.name, raw.lease, raw.info_json),
+                (url.as_str(), name.as_str(), lease.as_deref(), info_json.as_str())
+            );
+        }
+
+        /// Any bytes at all: an error or a record, never a panic.
+        #[test]
+        fn any_bytes_parse_or_fail_without_panicking(v in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200)) {
+            let _ = RawRecord::parse(&v);
+        }
+    }
+
     #[test]
     fn a_leased_record_keeps_its_lease_between_the_name_and_the_info() {
         let hash = "ab".repeat(32);
