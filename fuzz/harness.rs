@@ -24,6 +24,7 @@ pub async fn check(data: &[u8]) -> Result<(), String> {
         id: None,
         url: "http://seed.example:8000".into(),
         info: ServiceInfo::new("seed"),
+        lease: None,
     })
     .map_err(|e| format!("seed registration rejected: {e:?}"))?;
     let live = store

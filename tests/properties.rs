@@ -7,7 +7,7 @@
 use proptest::prelude::*;
 use serde_json::{Map, Value};
 use servicekit::protocol::{
-    ListResponse, Problem, RegisterRequest, RegisterResponse, RegistrationStatus, ServiceInfo,
+    LeaseToken, ListResponse, Problem, RegisterRequest, RegisterResponse, RegistrationStatus, ServiceInfo,
     ServiceRecord, Timestamp,
 };
 use servicekit_orchestrator::api::canonical_url;
@@ -134,8 +134,13 @@ proptest! {
     }
 
     #[test]
-    fn register_requests_round_trip(id in proptest::option::of(any::<String>()), url in any::<String>(), info in service_info()) {
-        round_trips(&RegisterRequest { id, url, info })?;
+    fn register_requests_round_trip(
+        id in proptest::option::of(any::<String>()),
+        url in any::<String>(),
+        info in service_info(),
+        lease in proptest::option::of(any::<bool>()),
+    ) {
+        round_trips(&RegisterRequest { id, url, info, lease })?;
     }
 
     #[test]
@@ -150,6 +155,7 @@ proptest! {
         message in any::<String>(),
         ttl_seconds in any::<u64>(),
         ping_url in any::<String>(),
+        lease_token in proptest::option::of("[0-9a-f]{64}"),
     ) {
         // "registered" and "updated" read back as the named variants, not as `Other`.
         let status = match status {
@@ -157,7 +163,8 @@ proptest! {
             RegistrationStatus::Other(s) if s == "updated" => RegistrationStatus::Updated,
             s => s,
         };
-        round_trips(&RegisterResponse { id, status, service_url, message, ttl_seconds, ping_url })?;
+        let lease_token = lease_token.map(LeaseToken::new);
+        round_trips(&RegisterResponse { id, status, service_url, message, ttl_seconds, ping_url, lease_token })?;
     }
 
     #[test]
