@@ -121,6 +121,18 @@ pub struct Config {
     #[arg(long, env = "ORCHESTRATOR_MAX_BODY_BYTES", default_value_t = 65_536)]
     pub max_body_bytes: usize,
 
+    /// Most registrations held at once: a new URL beyond it is refused with 507 (renewals of
+    /// registered URLs always pass). Soft: concurrent registrations may overshoot it, and
+    /// entries expired but not yet swept still count (see the README).
+    #[arg(long, env = "ORCHESTRATOR_MAX_REGISTRATIONS", default_value_t = 100_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_registrations: u64,
+
+    /// Largest `info` of a registration, in bytes of JSON; a larger one is refused with 413.
+    #[arg(long, env = "ORCHESTRATOR_MAX_INFO_BYTES", default_value_t = 16_384,
+          value_parser = clap::value_parser!(u64).range(2..))]
+    pub max_info_bytes: u64,
+
     /// Log output: human-readable or one JSON object per line.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Pretty)]
     pub log_format: LogFormat,
@@ -140,6 +152,8 @@ impl std::fmt::Debug for Config {
             )
             .field("max_connections", &self.max_connections)
             .field("max_body_bytes", &self.max_body_bytes)
+            .field("max_registrations", &self.max_registrations)
+            .field("max_info_bytes", &self.max_info_bytes)
             .field("log_format", &self.log_format)
             .finish()
     }
@@ -190,6 +204,8 @@ impl Config {
             registration_key: None,
             max_connections: 10_000,
             max_body_bytes: 65_536,
+            max_registrations: 100_000,
+            max_info_bytes: 16_384,
             log_format: LogFormat::Pretty,
         }
     }
@@ -201,6 +217,14 @@ impl Config {
     }
 
     /// The entry time-to-live.
+    /// The limits the API enforces (`--max-registrations`, `--max-info-bytes`).
+    pub fn limits(&self) -> crate::api::Limits {
+        crate::api::Limits {
+            max_registrations: usize::try_from(self.max_registrations).unwrap_or(usize::MAX),
+            max_info_bytes: usize::try_from(self.max_info_bytes).unwrap_or(usize::MAX),
+        }
+    }
+
     pub fn ttl(&self) -> Duration {
         Duration::from_secs(self.ttl_seconds)
     }
@@ -243,6 +267,19 @@ mod tests {
         assert!(Config::try_parse_from(["orchestrator", "--ttl-seconds", "0"]).is_err());
         assert!(Config::try_parse_from(["orchestrator", "--public-url", "ftp://x"]).is_err());
         assert!(Config::try_parse_from(["orchestrator", "--bind", "nope"]).is_err());
+        let c = Config::try_parse_from([
+            "orchestrator",
+            "--max-registrations",
+            "7",
+            "--max-info-bytes",
+            "100",
+        ])
+        .unwrap();
+        assert_eq!(c.limits().max_registrations, 7);
+        assert_eq!(c.limits().max_info_bytes, 100);
+        let defaults = Config::try_parse_from(["orchestrator"]).unwrap();
+        assert_eq!(defaults.limits(), crate::api::Limits::default());
+        assert!(Config::try_parse_from(["orchestrator", "--max-registrations", "0"]).is_err());
     }
 
     #[test]

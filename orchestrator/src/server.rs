@@ -178,13 +178,16 @@ fn spawn_server<S: Store>(
     store: S,
     stop: watch::Receiver<bool>,
 ) -> JoinHandle<()> {
-    let api = Arc::new(Api::new(
-        store,
-        config.public_url.clone(),
-        config.required_key().map(str::to_owned),
-        config.max_body_bytes,
-        local_addr,
-    ));
+    let api = Arc::new(
+        Api::new(
+            store,
+            config.public_url.clone(),
+            config.required_key().map(str::to_owned),
+            config.max_body_bytes,
+            local_addr,
+        )
+        .with_limits(config.limits()),
+    );
     let sweeper = tokio::spawn(sweep_forever(api.clone(), stop.clone()));
     let connections = Arc::new(Semaphore::new(config.max_connections as usize));
     tokio::spawn(async move {

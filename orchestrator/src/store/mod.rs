@@ -16,6 +16,7 @@
 //! holds it. Every other id is ignored and a fresh one minted. Both stores apply this rule.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use servicekit::protocol::{ServiceInfo, ServiceRecord, Timestamp};
@@ -24,8 +25,8 @@ use ulid::Ulid;
 pub mod memory;
 pub mod valkey;
 
-pub use memory::MemoryStore;
-pub use valkey::ValkeyStore;
+pub use memory::{MemoryListing, MemoryStore};
+pub use valkey::{ValkeyListing, ValkeyStore};
 
 /// Number of low id bits that carry the URL's slot tag.
 const TAG_BITS: u32 = 15;
@@ -165,6 +166,19 @@ pub enum StoreError {
     Corrupt(String),
 }
 
+/// Records a listing reads per step when the caller has no page size of its own.
+pub const LIST_BATCH: usize = 500;
+
+/// A listing in progress: the pages of [`Store::listing`], in id order.
+pub trait Listing: Send + 'static {
+    /// The next at most `limit` (≥ 1) records; empty once the listing is done. Records are
+    /// shared (`Arc`), so a store hands them out without copying them.
+    fn next_page(
+        &mut self,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<Arc<ServiceRecord>>, StoreError>> + Send;
+}
+
 /// The registry's storage contract.
 ///
 /// Every implementation guarantees:
@@ -174,6 +188,9 @@ pub enum StoreError {
 /// - `ping` is atomic: it extends a live entry and never brings back a deleted or expired one;
 /// - indexes shrink as entries go, at the latest on the next [`Store::sweep`].
 pub trait Store: Send + Sync + 'static {
+    /// A listing in progress; see [`Store::listing`].
+    type Listing: Listing;
+
     /// `"memory"` or `"valkey"`, for logs and health.
     fn kind(&self) -> &'static str;
 
@@ -195,11 +212,39 @@ pub trait Store: Send + Sync + 'static {
         id: Ulid,
     ) -> impl Future<Output = Result<Option<ServiceRecord>, StoreError>> + Send;
 
-    /// Live entries matching `filter`, in id order (registration order).
+    /// Starts a listing of the live entries matching `filter` with an id greater than `after`,
+    /// read page by page in id order (registration order), so no caller ever holds all of
+    /// them. An entry live from the start of the listing to its end is returned exactly once;
+    /// one registered or removed meanwhile may or may not be.
+    fn listing(
+        &self,
+        filter: ListFilter,
+        after: Option<Ulid>,
+    ) -> impl Future<Output = Result<Self::Listing, StoreError>> + Send;
+
+    /// Every live entry matching `filter`, in id order: a whole listing in one `Vec`, for
+    /// tests and tools. The API never calls it.
     fn list(
         &self,
         filter: &ListFilter,
-    ) -> impl Future<Output = Result<Vec<ServiceRecord>, StoreError>> + Send;
+    ) -> impl Future<Output = Result<Vec<ServiceRecord>, StoreError>> + Send {
+        let filter = filter.clone();
+        async move {
+            let mut listing = self.listing(filter, None).await?;
+            let mut out = Vec::new();
+            loop {
+                let page = listing.next_page(LIST_BATCH).await?;
+                if page.is_empty() {
+                    return Ok(out);
+                }
+                out.extend(page.into_iter().map(Arc::unwrap_or_clone));
+            }
+        }
+    }
+
+    /// How many entries count against `--max-registrations`: every live one, plus expired
+    /// ones the store has not dropped yet (at most until the next [`Store::sweep`]).
+    fn count(&self) -> impl Future<Output = Result<usize, StoreError>> + Send;
 
     /// Removes an entry and returns what it was; `None` when unknown or expired.
     fn deregister(
