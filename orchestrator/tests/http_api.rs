@@ -494,7 +494,10 @@ async fn limits_are_problems_but_never_refuse_a_known_url() {
         )
         .await
         .assert_problem(507, t::LIMIT_EXCEEDED);
-    assert!(p["detail"].as_str().unwrap_or_default().contains('2'), "{p}");
+    assert!(
+        p["detail"].as_str().unwrap_or_default().contains('2'),
+        "{p}"
+    );
     // Known URLs renew and ping as before.
     let r = api
         .post_json(
@@ -513,7 +516,10 @@ async fn limits_are_problems_but_never_refuse_a_known_url() {
         )
         .await
         .assert_problem(413, t::LIMIT_EXCEEDED);
-    assert!(p["detail"].as_str().unwrap_or_default().contains("100"), "{p}");
+    assert!(
+        p["detail"].as_str().unwrap_or_default().contains("100"),
+        "{p}"
+    );
     // Room again after a deregistration.
     assert_eq!(api.delete(&format!("/services/{a}")).await.status, 200);
     let r = api

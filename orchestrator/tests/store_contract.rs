@@ -274,7 +274,11 @@ async fn walk<S: Store>(s: &S, filter: &ListFilter, size: usize) -> Vec<Ulid> {
     let mut out = Vec::new();
     loop {
         let page = listing.next_page(size).await.expect("page");
-        assert!(page.len() <= size, "a page of {} for size {size}", page.len());
+        assert!(
+            page.len() <= size,
+            "a page of {} for size {size}",
+            page.len()
+        );
         if page.is_empty() {
             // Done stays done.
             assert!(listing.next_page(size).await.expect("page").is_empty());
@@ -1128,7 +1132,11 @@ async fn pages_return_every_entry_once_in_id_order<H: Harness>() {
     let want = sorted(want);
     assert_eq!(ids(&s.list(&all()).await.expect("list")), want);
     for size in [1, 2, 5, 22, 23, 24, 1000] {
-        assert_eq!(walk(s, &all(), size).await, want, "one listing, pages of {size}");
+        assert_eq!(
+            walk(s, &all(), size).await,
+            want,
+            "one listing, pages of {size}"
+        );
         assert_eq!(
             walk_by_cursor(s, &all(), size).await,
             want,
@@ -1137,9 +1145,14 @@ async fn pages_return_every_entry_once_in_id_order<H: Harness>() {
     }
     // A listing starts after its cursor, whatever the cursor is.
     assert_eq!(page_after(s, &all(), Some(want[9]), 3).await, want[10..13]);
-    assert_eq!(page_after(s, &all(), Some(want[22]), 3).await, Vec::<Ulid>::new());
+    assert_eq!(
+        page_after(s, &all(), Some(want[22]), 3).await,
+        Vec::<Ulid>::new()
+    );
     assert_eq!(page_after(s, &all(), Some(Ulid(0)), 2).await, want[..2]);
-    assert!(page_after(s, &all(), Some(Ulid(u128::MAX)), 2).await.is_empty());
+    assert!(page_after(s, &all(), Some(Ulid(u128::MAX)), 2)
+        .await
+        .is_empty());
     assert_eq!(h.store().count().await.expect("count"), 23);
 }
 
@@ -1205,7 +1218,13 @@ async fn pages_across_registrations_and_removals<H: Harness>() {
         let mut ids_ = Vec::new();
         for i in 0..12 {
             let url = format!("http://c{round}-{i}:8000");
-            ids_.push(s.register(reg(&url, "C")).await.expect("register").record.id);
+            ids_.push(
+                s.register(reg(&url, "C"))
+                    .await
+                    .expect("register")
+                    .record
+                    .id,
+            );
         }
         let ids_ = sorted(ids_);
         let mut listing = s.listing(all(), None).await.expect("listing");
@@ -1255,7 +1274,10 @@ async fn pages_across_registrations_and_removals<H: Harness>() {
             .map(|(_, id)| *id)
             .collect();
         for id in &stayed {
-            assert!(seen.contains(id), "{what}: {id} lived throughout, not listed");
+            assert!(
+                seen.contains(id),
+                "{what}: {id} lived throughout, not listed"
+            );
         }
         assert!(!seen.contains(&ids_[9]), "{what}: removed before its page");
         assert!(seen.len() <= stayed.len() + 1, "{what}: {seen:?}");
