@@ -427,6 +427,10 @@ pub struct ListResponse {
     pub count: usize,
     /// The records, in registration order.
     pub services: Vec<ServiceRecord>,
+    /// Present when the request asked for a page (`?limit=N`) and more records remain: pass
+    /// it as `?cursor=` (with the same filters) for the next page. Opaque.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<String>,
 }
 
 /// Answer to `DELETE /services/{id}`.
@@ -470,6 +474,9 @@ pub mod problem_type {
     pub const HEADER_FIELDS_TOO_LARGE: &str = "urn:servicekit:error:header-fields-too-large";
     /// A body whose `Content-Type` is not JSON.
     pub const UNSUPPORTED_MEDIA_TYPE: &str = "urn:servicekit:error:unsupported-media-type";
+    /// A limit was reached: `info` too large (413), the registry full for new URLs (507), too
+    /// many listings at once (429, with `Retry-After`).
+    pub const LIMIT_EXCEEDED: &str = "urn:servicekit:error:limit-exceeded";
     /// The store did not answer in time (the answer has `Retry-After`).
     pub const STORE_UNAVAILABLE: &str = "urn:servicekit:error:store-unavailable";
     /// The store returned data the orchestrator cannot read (a bug).

@@ -7,8 +7,8 @@
 use proptest::prelude::*;
 use serde_json::{Map, Value};
 use servicekit::protocol::{
-    LeaseToken, ListResponse, Problem, RegisterRequest, RegisterResponse, RegistrationStatus, ServiceInfo,
-    ServiceRecord, Timestamp,
+    LeaseToken, ListResponse, Problem, RegisterRequest, RegisterResponse, RegistrationStatus,
+    ServiceInfo, ServiceRecord, Timestamp,
 };
 use servicekit_orchestrator::api::canonical_url;
 use ulid::Ulid;
@@ -129,8 +129,11 @@ proptest! {
     }
 
     #[test]
-    fn list_answers_round_trip(services in prop::collection::vec(service_record(), 0..4)) {
-        round_trips(&ListResponse { count: services.len(), services })?;
+    fn list_answers_round_trip(
+        services in prop::collection::vec(service_record(), 0..4),
+        next_cursor in proptest::option::of(ulid().prop_map(|id| id.to_string())),
+    ) {
+        round_trips(&ListResponse { count: services.len(), services, next_cursor })?;
     }
 
     #[test]

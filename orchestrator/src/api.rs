@@ -7,20 +7,22 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, HOST, LOCATION};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, LengthLimitError};
-use hyper::body::Body;
+use hyper::body::{Body, Frame};
 use serde::Serialize;
 use serde_json::{json, Map};
 use servicekit::protocol::ServiceRecord;
 use servicekit::protocol::{
-    DeregisterResponse, HealthResponse, ListResponse, PingResponse, RegisterRequest,
-    RegisterResponse, RegistrationStatus, ADMIN_KEY_HEADER, LEASE_TOKEN_HEADER, SERVICE_KEY_HEADER,
+    DeregisterResponse, HealthResponse, PingResponse, RegisterRequest, RegisterResponse,
+    RegistrationStatus, ADMIN_KEY_HEADER, LEASE_TOKEN_HEADER, SERVICE_KEY_HEADER,
 };
 use subtle::ConstantTimeEq;
 use tower_http::timeout::TimeoutError;
@@ -33,8 +35,8 @@ use crate::logsafe::Untrusted;
 use crate::metrics::Metrics;
 use crate::problem::ApiError;
 use crate::store::{
-    Access, LeaseOutcome, ListFilter, Pinged, Registered, Registration, Store, StoreError,
-    StoreHealth,
+    Access, LeaseOutcome, ListFilter, Listing, Pinged, Registered, Registration, Store, StoreError,
+    StoreHealth, LIST_BATCH,
 };
 
 /// Upper bound for the health check, so `/health` answers even when the store hangs.
@@ -42,8 +44,82 @@ const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
 /// Upper bound of one store operation on behalf of a request. The Valkey store bounds each
 /// command by 2 s; an operation of several commands could add those up during a stall.
 const STORE_TIMEOUT: Duration = Duration::from_millis(2500);
-/// Listing 100k entries legitimately takes longer than a single-entry operation.
+/// Opening a listing (reading an index of 100k ids) or taking one page of it (which, with an
+/// `info.` filter, may examine many entries) legitimately takes longer than a single-entry
+/// operation.
 const LIST_TIMEOUT: Duration = Duration::from_secs(10);
+/// The largest `?limit=`.
+pub const MAX_PAGE: usize = 1000;
+/// Listings served at once. A Valkey listing keeps its index's ids (32 bytes per entry) until
+/// its answer is sent; this bounds what slow readers can make the process hold.
+pub const MAX_LISTINGS: usize = 64;
+/// How long a listing waits for one of the [`MAX_LISTINGS`] places before a 429.
+const LISTING_WAIT: Duration = Duration::from_secs(5);
+/// How long a streamed listing waits for the client to take its next part before giving up.
+const STREAM_SEND_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The body of every answer: a whole JSON document, or a listing streamed part by part.
+/// (Not `http_body_util::Either`: the timeout middleware needs a `Default` body.)
+pub enum ApiBody {
+    Whole(Full<Bytes>),
+    Stream(ListBody),
+}
+
+impl Default for ApiBody {
+    fn default() -> Self {
+        ApiBody::Whole(Full::default())
+    }
+}
+
+impl Body for ApiBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        // Both variants are `Unpin`.
+        match self.get_mut() {
+            ApiBody::Whole(full) => Pin::new(full)
+                .poll_frame(cx)
+                .map(|frame| frame.map(|frame| frame.map_err(|never| match never {}))),
+            ApiBody::Stream(stream) => Pin::new(stream).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ApiBody::Whole(full) => full.is_end_stream(),
+            ApiBody::Stream(_) => false,
+        }
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        match self {
+            ApiBody::Whole(full) => full.size_hint(),
+            ApiBody::Stream(_) => hyper::body::SizeHint::default(),
+        }
+    }
+}
+
+/// Limits on what clients may make the orchestrator hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Registrations counted by [`Store::count`] above which a new URL is refused (507).
+    pub max_registrations: usize,
+    /// Largest `info`, as the JSON the store keeps, in bytes (413).
+    pub max_info_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_registrations: 100_000,
+            max_info_bytes: 16_384,
+        }
+    }
+}
 
 /// A store whose every call is bounded in time: the one place where store deadlines are
 /// applied, so no handler (and no future handler) can forget one. A call that runs out of
@@ -73,12 +149,23 @@ impl<S: Store> Bounded<S> {
         limit: Duration,
         op: impl Future<Output = Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
-        let started = tokio::time::Instant::now();
-        let result = within(limit, op).await;
-        self.metrics
-            .store_op(name, started.elapsed(), result.is_ok());
-        result
+        timed(&self.metrics, name, limit, op).await
     }
+}
+
+/// Runs a store operation within `limit`, timed as store operation `name`. A refusal (a lease
+/// the caller does not hold) is an answer, not a failure of the store.
+async fn timed<T>(
+    metrics: &Metrics,
+    name: &'static str,
+    limit: Duration,
+    op: impl Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    let started = tokio::time::Instant::now();
+    let result = within(limit, op).await;
+    let failed = matches!(&result, Err(e) if !matches!(e, StoreError::Forbidden));
+    metrics.store_op(name, started.elapsed(), !failed);
+    result
 }
 
 /// Runs a store operation within `limit`.
@@ -94,7 +181,29 @@ async fn within<T>(
     }
 }
 
+/// A listing whose every page is bounded in time and timed (`list_page`).
+pub struct BoundedListing<L> {
+    inner: L,
+    metrics: Arc<Metrics>,
+}
+
+impl<L: Listing> Listing for BoundedListing<L> {
+    fn next_page(
+        &mut self,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<Arc<ServiceRecord>>, StoreError>> + Send {
+        timed(
+            &self.metrics,
+            "list_page",
+            LIST_TIMEOUT,
+            self.inner.next_page(limit),
+        )
+    }
+}
+
 impl<S: Store> Store for Bounded<S> {
+    type Listing = BoundedListing<S::Listing>;
+
     fn kind(&self) -> &'static str {
         self.inner.kind()
     }
@@ -131,11 +240,14 @@ impl<S: Store> Store for Bounded<S> {
         self.timed("get", STORE_TIMEOUT, self.inner.get(id))
     }
 
-    fn list(
+    fn listing(
         &self,
-        filter: &ListFilter,
-    ) -> impl Future<Output = Result<Vec<ServiceRecord>, StoreError>> + Send {
-        self.timed("list", LIST_TIMEOUT, self.inner.list(filter))
+        filter: ListFilter,
+        after: Option<Ulid>,
+    ) -> impl Future<Output = Result<BoundedListing<S::Listing>, StoreError>> + Send {
+        let metrics = self.metrics.clone();
+        let open = self.timed("list", LIST_TIMEOUT, self.inner.listing(filter, after));
+        async move { open.await.map(|inner| BoundedListing { inner, metrics }) }
     }
 
     fn deregister_as(
@@ -181,6 +293,8 @@ pub struct Api<S> {
     local_addr: SocketAddr,
     /// `https` when the server speaks TLS: the scheme of base URLs built from the Host header.
     scheme: &'static str,
+    limits: Limits,
+    listings: Arc<tokio::sync::Semaphore>,
 }
 
 /// The routes, as matched from a path. A service id that is not the canonical text of a ULID
@@ -265,6 +379,8 @@ impl<S: Store> Api<S> {
             max_body_bytes,
             local_addr,
             scheme: "http",
+            limits: Limits::default(),
+            listings: Arc::new(tokio::sync::Semaphore::new(MAX_LISTINGS)),
         }
     }
 
@@ -284,6 +400,12 @@ impl<S: Store> Api<S> {
         self
     }
 
+    /// The same API with `limits` instead of the defaults.
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+
     /// The largest request body.
     pub fn max_body_bytes(&self) -> usize {
         self.max_body_bytes
@@ -300,7 +422,7 @@ impl<S: Store> Api<S> {
     }
 
     /// Answers one request. Never fails: every error becomes a problem+json response.
-    pub async fn handle<B>(&self, req: Request<B>) -> Response<Full<Bytes>>
+    pub async fn handle<B>(&self, req: Request<B>) -> Response<ApiBody>
     where
         B: Body<Data = Bytes> + Send,
         B::Error: Into<BoxError>,
@@ -314,16 +436,16 @@ impl<S: Store> Api<S> {
                 if matches!(e, ApiError::Forbidden) {
                     self.store.metrics().lease_rejected();
                 }
-                e.into_response(uri.path())
+                e.into_response(uri.path()).map(ApiBody::Whole)
             }
         };
         if head {
-            *response.body_mut() = Full::new(Bytes::new());
+            *response.body_mut() = ApiBody::default();
         }
         response
     }
 
-    async fn route<B>(&self, req: Request<B>) -> Result<Response<Full<Bytes>>, ApiError>
+    async fn route<B>(&self, req: Request<B>) -> Result<Response<ApiBody>, ApiError>
     where
         B: Body<Data = Bytes> + Send,
         B::Error: Into<BoxError>,
@@ -338,7 +460,7 @@ impl<S: Store> Api<S> {
         let read = method == Method::GET || method == Method::HEAD;
         match (route, method) {
             (Route::Health, _) if read => self.health().await,
-            (Route::Metrics, _) if read => self.scrape().await,
+            (Route::Metrics, _) if read => self.scrape().await.map(|r| r.map(ApiBody::Whole)),
             (Route::Services, _) if read => self.list(req.uri().query()).await,
             (Route::Service(id), _) if read => self.get(id.ok_or_else(no_such_id)?).await,
             (Route::Service(id), &Method::DELETE) => {
@@ -408,7 +530,7 @@ impl<S: Store> Api<S> {
         &self,
         req: Request<B>,
         access: Access,
-    ) -> Result<Response<Full<Bytes>>, ApiError>
+    ) -> Result<Response<ApiBody>, ApiError>
     where
         B: Body<Data = Bytes> + Send,
         B::Error: Into<BoxError>,
@@ -432,6 +554,7 @@ impl<S: Store> Api<S> {
             ));
         }
         let registration = validate_registration(request)?;
+        self.check_limits(&registration).await?;
         let minted =
             if wants_lease {
                 Some(lease::mint().map_err(|e| {
@@ -481,7 +604,7 @@ impl<S: Store> Api<S> {
         Ok(response)
     }
 
-    async fn ping(&self, id: Ulid, access: Access) -> Result<Response<Full<Bytes>>, ApiError> {
+    async fn ping(&self, id: Ulid, access: Access) -> Result<Response<ApiBody>, ApiError> {
         let pinged = self
             .store
             .ping_as(id, access)
@@ -499,16 +622,12 @@ impl<S: Store> Api<S> {
         )
     }
 
-    async fn get(&self, id: Ulid) -> Result<Response<Full<Bytes>>, ApiError> {
+    async fn get(&self, id: Ulid) -> Result<Response<ApiBody>, ApiError> {
         let record = self.store.get(id).await?.ok_or_else(|| not_found(id))?;
         json_response(StatusCode::OK, &record)
     }
 
-    async fn deregister(
-        &self,
-        id: Ulid,
-        access: Access,
-    ) -> Result<Response<Full<Bytes>>, ApiError> {
+    async fn deregister(&self, id: Ulid, access: Access) -> Result<Response<ApiBody>, ApiError> {
         let record = self
             .store
             .deregister_as(id, access)
@@ -524,14 +643,74 @@ impl<S: Store> Api<S> {
         )
     }
 
-    async fn list(&self, query: Option<&str>) -> Result<Response<Full<Bytes>>, ApiError> {
-        let filter = parse_filter(query.unwrap_or(""))?;
-        let services = self.store.list(&filter).await?;
+    /// Refuses an `info` over its size limit, and a new URL while the registry is full. A URL
+    /// that is registered already is never refused for the count: its renewal adds nothing.
+    async fn check_limits(&self, registration: &Registration) -> Result<(), ApiError> {
+        let size = serde_json::to_vec(&registration.info)
+            .map_err(|e| ApiError::Internal(format!("cannot encode info: {e}")))?
+            .len();
+        let limit = self.limits.max_info_bytes;
+        if size > limit {
+            return Err(ApiError::InfoTooLarge { size, limit });
+        }
+        let limit = self.limits.max_registrations;
+        if self.store.count().await? < u64::try_from(limit).unwrap_or(u64::MAX) {
+            return Ok(());
+        }
+        let known = ListFilter {
+            url: Some(registration.url.clone()),
+            ..ListFilter::default()
+        };
+        let mut listing = self.store.listing(known, None).await?;
+        if listing.next_page(1).await?.is_empty() {
+            return Err(ApiError::RegistryFull { limit });
+        }
+        Ok(())
+    }
+
+    /// `GET /services`: one page with `?limit=`, else every match, streamed.
+    async fn list(&self, query: Option<&str>) -> Result<Response<ApiBody>, ApiError> {
+        let query = parse_list_query(query.unwrap_or(""))?;
+        let permit =
+            match tokio::time::timeout(LISTING_WAIT, self.listings.clone().acquire_owned()).await {
+                Ok(Ok(permit)) => permit,
+                Ok(Err(_)) | Err(_) => {
+                    return Err(ApiError::TooManyListings {
+                        limit: MAX_LISTINGS,
+                    })
+                }
+            };
+        let mut listing = self.store.listing(query.filter, query.cursor).await?;
+        let Some(limit) = query.limit else {
+            // The first part is read before answering, so a store that fails at once is still
+            // a problem+json answer and not a cut-off 200.
+            let first = listing.next_page(LIST_BATCH).await?;
+            let (tx, rx) = tokio::sync::mpsc::channel(1);
+            tokio::spawn(async move {
+                stream_listing(listing, first, tx).await;
+                drop(permit);
+            });
+            let mut response = Response::new(ApiBody::Stream(ListBody { rx }));
+            response
+                .headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            return Ok(response);
+        };
+        let mut page = listing.next_page(limit + 1).await?;
+        drop(permit);
+        let next_cursor = if page.len() > limit {
+            page.truncate(limit);
+            page.last().map(|r| r.id.to_string())
+        } else {
+            None
+        };
+        let services: Vec<&ServiceRecord> = page.iter().map(|r| &**r).collect();
         json_response(
             StatusCode::OK,
-            &ListResponse {
+            &ListPage {
                 count: services.len(),
                 services,
+                next_cursor,
             },
         )
     }
@@ -539,7 +718,7 @@ impl<S: Store> Api<S> {
     /// `healthy` (200) when the store answers and takes a write, `degraded` (503) when it
     /// answers but refuses the write (every register and ping would fail too), `unhealthy`
     /// (503) when it does not answer.
-    async fn health(&self) -> Result<Response<Full<Bytes>>, ApiError> {
+    async fn health(&self) -> Result<Response<ApiBody>, ApiError> {
         let (status, check) = match self.store.health().await {
             Ok(h) => {
                 let latency_ms = h.latency.as_secs_f64() * 1000.0;
@@ -657,6 +836,87 @@ impl<S: Store> Api<S> {
     }
 }
 
+/// One page of `GET /services?limit=`: [`servicekit::protocol::ListResponse`] over shared
+/// records.
+#[derive(Serialize)]
+struct ListPage<'a> {
+    count: usize,
+    services: Vec<&'a ServiceRecord>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next_cursor: Option<String>,
+}
+
+/// The body of a streamed listing: the parts [`stream_listing`] produces, as they come. The
+/// channel holds one part, so at most two pages of JSON exist at a time and a slow reader
+/// slows the listing down instead of making it pile up.
+pub struct ListBody {
+    rx: tokio::sync::mpsc::Receiver<Result<Bytes, BoxError>>,
+}
+
+impl Body for ListBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.rx
+            .poll_recv(cx)
+            .map(|part| part.map(|part| part.map(Frame::data)))
+    }
+}
+
+/// Writes `{"services":[…],"count":N}` page by page into `tx`. `count` comes last because it
+/// is known only at the end (JSON object members have no order; ours and the reference
+/// client read them by name). A store error after the first page can no longer become a
+/// problem answer: the body ends with an error, so the client sees a cut-off answer and
+/// never a short list that looks complete.
+async fn stream_listing<L: Listing>(
+    mut listing: L,
+    first: Vec<Arc<ServiceRecord>>,
+    tx: tokio::sync::mpsc::Sender<Result<Bytes, BoxError>>,
+) {
+    let send = |part: Result<Bytes, BoxError>| {
+        let tx = tx.clone();
+        async move {
+            matches!(
+                tokio::time::timeout(STREAM_SEND_TIMEOUT, tx.send(part)).await,
+                Ok(Ok(()))
+            )
+        }
+    };
+    let mut count = 0usize;
+    let mut part = b"{\"services\":[".to_vec();
+    let mut page = first;
+    while !page.is_empty() {
+        for record in &page {
+            if count > 0 {
+                part.push(b',');
+            }
+            if let Err(e) = serde_json::to_writer(&mut part, &**record) {
+                send(Err(e.into())).await;
+                return;
+            }
+            count += 1;
+        }
+        drop(page);
+        if !send(Ok(Bytes::from(std::mem::take(&mut part)))).await {
+            return; // the client went away or stopped reading
+        }
+        page = match listing.next_page(LIST_BATCH).await {
+            Ok(page) => page,
+            Err(e) => {
+                tracing::debug!(error = %e, "listing cut off by a store error");
+                send(Err(e.into())).await;
+                return;
+            }
+        };
+    }
+    part.extend_from_slice(format!("],\"count\":{count}}}").as_bytes());
+    send(Ok(Bytes::from(part))).await;
+}
+
 fn not_found(id: Ulid) -> ApiError {
     ApiError::NotFound(format!("Service with ID {id} not found"))
 }
@@ -716,12 +976,9 @@ fn body_error(e: BoxError, limit: usize) -> ApiError {
     }
 }
 
-fn json_response<T: Serialize>(
-    code: StatusCode,
-    body: &T,
-) -> Result<Response<Full<Bytes>>, ApiError> {
+fn json_response<T: Serialize>(code: StatusCode, body: &T) -> Result<Response<ApiBody>, ApiError> {
     let bytes = serde_json::to_vec(body).map_err(|e| ApiError::Internal(e.to_string()))?;
-    let mut response = Response::new(Full::new(Bytes::from(bytes)));
+    let mut response = Response::new(ApiBody::Whole(Full::new(Bytes::from(bytes))));
     *response.status_mut() = code;
     response
         .headers_mut()
@@ -789,31 +1046,59 @@ pub fn canonical_url(text: &str) -> Result<String, &'static str> {
     Ok(s)
 }
 
+/// What `GET /services` asks for.
+#[derive(Debug, Default)]
+struct ListQuery {
+    filter: ListFilter,
+    /// `?limit=N`: one page of at most N; `None`: everything, streamed.
+    limit: Option<usize>,
+    /// `?cursor=C`: continue after the page that handed out C.
+    cursor: Option<Ulid>,
+}
+
 /// Parses `GET /services` query parameters.
-fn parse_filter(query: &str) -> Result<ListFilter, ApiError> {
-    let mut filter = ListFilter::default();
+fn parse_list_query(query: &str) -> Result<ListQuery, ApiError> {
+    let mut q = ListQuery::default();
     for (key, value) in url::form_urlencoded::parse(query.as_bytes()) {
         match key.as_ref() {
-            "display_name" => filter.display_name = Some(value.into_owned()),
+            "display_name" => q.filter.display_name = Some(value.into_owned()),
             "url" => {
                 let url = canonical_url(&value).map_err(|why| {
                     ApiError::BadRequest(format!("invalid url filter {value:?}: {why}"))
                 })?;
-                filter.url = Some(url);
+                q.filter.url = Some(url);
             }
+            "limit" => match value.parse::<usize>() {
+                Ok(n @ 1..=MAX_PAGE) => q.limit = Some(n),
+                _ => {
+                    return Err(ApiError::BadRequest(format!(
+                        "invalid limit {value:?}: a whole number from 1 to {MAX_PAGE}"
+                    )))
+                }
+            },
+            // The cursor is the last id of the previous page, but clients treat it as opaque.
+            "cursor" => match parse_id(&value) {
+                Some(id) => q.cursor = Some(id),
+                None => {
+                    return Err(ApiError::BadRequest(format!(
+                        "invalid cursor {value:?}: pass the next_cursor of a previous answer"
+                    )))
+                }
+            },
             k => match k.strip_prefix("info.") {
                 Some(field) if !field.is_empty() => {
-                    filter.info.push((field.to_owned(), value.into_owned()));
+                    q.filter.info.push((field.to_owned(), value.into_owned()));
                 }
                 _ => {
                     return Err(ApiError::BadRequest(format!(
-                        "unknown query parameter {k:?}; use display_name, url or info.FIELD"
+                        "unknown query parameter {k:?}; use display_name, url, info.FIELD, \
+                         limit or cursor"
                     )))
                 }
             },
         }
     }
-    Ok(filter)
+    Ok(q)
 }
 
 #[cfg(test)]

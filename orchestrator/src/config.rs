@@ -163,6 +163,18 @@ pub struct Config {
     #[arg(long, env = "ORCHESTRATOR_MAX_BODY_BYTES", default_value_t = 65_536)]
     pub max_body_bytes: usize,
 
+    /// Most registrations held at once: a new URL beyond it is refused with 507 (renewals of
+    /// registered URLs always pass). Soft: concurrent registrations may overshoot it, and
+    /// entries expired but not yet swept still count (see the README).
+    #[arg(long, env = "ORCHESTRATOR_MAX_REGISTRATIONS", default_value_t = 100_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_registrations: u64,
+
+    /// Largest `info` of a registration, in bytes of JSON; a larger one is refused with 413.
+    #[arg(long, env = "ORCHESTRATOR_MAX_INFO_BYTES", default_value_t = 16_384,
+          value_parser = clap::value_parser!(u64).range(2..))]
+    pub max_info_bytes: u64,
+
     /// Log output: human-readable or one JSON object per line.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Pretty)]
     pub log_format: LogFormat,
@@ -192,6 +204,8 @@ impl std::fmt::Debug for Config {
             .field("header_timeout_seconds", &self.header_timeout_seconds)
             .field("idle_timeout_seconds", &self.idle_timeout_seconds)
             .field("max_body_bytes", &self.max_body_bytes)
+            .field("max_registrations", &self.max_registrations)
+            .field("max_info_bytes", &self.max_info_bytes)
             .field("log_format", &self.log_format)
             .finish()
     }
@@ -252,6 +266,8 @@ impl Config {
             header_timeout_seconds: 5,
             idle_timeout_seconds: 30,
             max_body_bytes: 65_536,
+            max_registrations: 100_000,
+            max_info_bytes: 16_384,
             log_format: LogFormat::Pretty,
         }
     }
@@ -263,6 +279,14 @@ impl Config {
     }
 
     /// The entry time-to-live.
+    /// The limits the API enforces (`--max-registrations`, `--max-info-bytes`).
+    pub fn limits(&self) -> crate::api::Limits {
+        crate::api::Limits {
+            max_registrations: usize::try_from(self.max_registrations).unwrap_or(usize::MAX),
+            max_info_bytes: usize::try_from(self.max_info_bytes).unwrap_or(usize::MAX),
+        }
+    }
+
     pub fn ttl(&self) -> Duration {
         Duration::from_secs(self.ttl_seconds)
     }
@@ -318,6 +342,19 @@ mod tests {
         assert!(!c.require_lease);
         let leased = Config::try_parse_from(["orchestrator", "--require-lease"]).unwrap();
         assert!(leased.require_lease);
+        let c = Config::try_parse_from([
+            "orchestrator",
+            "--max-registrations",
+            "7",
+            "--max-info-bytes",
+            "100",
+        ])
+        .unwrap();
+        assert_eq!(c.limits().max_registrations, 7);
+        assert_eq!(c.limits().max_info_bytes, 100);
+        let defaults = Config::try_parse_from(["orchestrator"]).unwrap();
+        assert_eq!(defaults.limits(), crate::api::Limits::default());
+        assert!(Config::try_parse_from(["orchestrator", "--max-registrations", "0"]).is_err());
     }
 
     #[test]

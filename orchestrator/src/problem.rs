@@ -34,6 +34,12 @@ pub enum ApiError {
     UriTooLong { limit: usize },
     #[error("the request header section exceeds the limit of {limit} bytes")]
     HeaderFieldsTooLarge { limit: usize },
+    #[error("info is {size} bytes as JSON; the limit is {limit}")]
+    InfoTooLarge { size: usize, limit: usize },
+    #[error("the registry holds its limit of {limit} registrations; only known URLs may renew")]
+    RegistryFull { limit: usize },
+    #[error("{limit} listings are in progress; try again shortly")]
+    TooManyListings { limit: usize },
     #[error("content type {0:?} is not supported; send application/json")]
     UnsupportedMediaType(String),
     #[error("the registry store is unavailable: {0}")]
@@ -83,6 +89,21 @@ impl ApiError {
                 t::HEADER_FIELDS_TOO_LARGE,
                 "Request Header Fields Too Large",
             ),
+            ApiError::InfoTooLarge { .. } => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                t::LIMIT_EXCEEDED,
+                "Limit Exceeded",
+            ),
+            ApiError::RegistryFull { .. } => (
+                StatusCode::INSUFFICIENT_STORAGE,
+                t::LIMIT_EXCEEDED,
+                "Limit Exceeded",
+            ),
+            ApiError::TooManyListings { .. } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                t::LIMIT_EXCEEDED,
+                "Limit Exceeded",
+            ),
             ApiError::UnsupportedMediaType(_) => (
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 t::UNSUPPORTED_MEDIA_TYPE,
@@ -120,7 +141,7 @@ impl ApiError {
             ApiError::MethodNotAllowed { allow, .. } => {
                 headers.insert(ALLOW, HeaderValue::from_static(allow));
             }
-            ApiError::StoreUnavailable(_) => {
+            ApiError::StoreUnavailable(_) | ApiError::TooManyListings { .. } => {
                 headers.insert(RETRY_AFTER, HeaderValue::from_static("1"));
             }
             ApiError::Unauthorized => {

@@ -196,7 +196,8 @@ fn spawn_server<S: Store>(
             local_addr,
         )
         .with_tls(tls.is_some())
-        .with_leases(config.admin_key.as_deref(), config.require_lease),
+        .with_leases(config.admin_key.as_deref(), config.require_lease)
+        .with_limits(config.limits()),
     );
     let sweeper = tokio::spawn(sweep_forever(api.clone(), stop.clone()));
     let accept = Accept {

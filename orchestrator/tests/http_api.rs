@@ -376,6 +376,162 @@ async fn list_filters() {
     running.shutdown().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_pages_with_limit_and_cursor() {
+    let (running, api) = start_default().await;
+    let mut registered = Vec::new();
+    let mut only_a = Vec::new();
+    for i in 0..9 {
+        let name = if i % 3 == 0 { "A" } else { "B" };
+        let id = api.register(&format!("http://p{i}:8000"), name).await["id"]
+            .as_str()
+            .expect("id")
+            .to_owned();
+        if name == "A" {
+            only_a.push(id.clone());
+        }
+        registered.push(id);
+    }
+    registered.sort();
+    only_a.sort();
+    let all = api.list_streamed("").await;
+    assert_eq!(all, registered, "streamed: every entry, in id order");
+    for limit in [1, 2, 3, 4, 8, 9, 10, 1000] {
+        assert_eq!(api.walk_pages("", limit).await, all, "limit {limit}");
+    }
+    assert_eq!(api.list_streamed("display_name=A").await, only_a);
+    assert_eq!(api.walk_pages("display_name=A", 1).await, only_a);
+    assert_eq!(api.walk_pages("display_name=A", 2).await, only_a);
+    assert_eq!(
+        api.walk_pages("info.display_name=B", 4).await,
+        api.list_streamed("info.display_name=B").await
+    );
+    assert_eq!(
+        api.walk_pages("url=http://p4:8000", 1).await,
+        [registered_of(&api, "http://p4:8000").await]
+    );
+    // Exactly a page left: the last full page has no cursor.
+    let r: Value = api.get("/services?limit=9").await.json();
+    assert_eq!(r["count"], 9);
+    assert!(r.get("next_cursor").is_none(), "{r}");
+    // The answer keeps the reference's shape: count first, then services.
+    let text = api.get("/services?limit=1").await.body;
+    assert!(text.starts_with(br#"{"count":1,"services":["#), "{text:?}");
+    // HEAD: the status and headers, no body.
+    let r = api.send(Method::HEAD, "/services", &[], None).await;
+    assert_eq!(r.status, 200);
+    assert!(r.body.is_empty());
+    running.shutdown().await;
+}
+
+async fn registered_of(api: &Api, url: &str) -> String {
+    let list: Value = api.get(&format!("/services?url={url}")).await.json();
+    list["services"][0]["id"].as_str().expect("id").to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_list_streams_as_one_json_document() {
+    let (running, api) = start_default().await;
+    // More than two of the listing's 500-record parts.
+    const N: usize = 1203;
+    let mut ids = Vec::with_capacity(N);
+    for i in 0..N {
+        let answer = api.register(&format!("http://s{i}:8000"), "S").await;
+        ids.push(answer["id"].as_str().expect("id").to_owned());
+    }
+    ids.sort();
+    let streamed = api.list_streamed("").await;
+    assert_eq!(streamed.len(), N);
+    assert_eq!(streamed, ids);
+    assert_eq!(api.walk_pages("", 1000).await, ids);
+    let body = api.get("/services").await.body;
+    assert!(body.ends_with(format!(r#"],"count":{N}}}"#).as_bytes()));
+    running.shutdown().await;
+}
+
+#[tokio::test]
+async fn bad_limits_and_cursors_are_400_problems() {
+    let (running, api) = start_default().await;
+    api.register("http://svca:8000", "A").await;
+    for query in [
+        "limit=0",
+        "limit=1001",
+        "limit=-1",
+        "limit=ten",
+        "limit=",
+        "cursor=nope",
+        "limit=5&cursor=01jdq9j4xwaz3m5s1x2vq7n8c4",
+        "cursor=",
+    ] {
+        let p = api
+            .get(&format!("/services?{query}"))
+            .await
+            .assert_problem(400, t::BAD_REQUEST);
+        let detail = p["detail"].as_str().unwrap_or_default();
+        assert!(
+            detail.contains("limit") || detail.contains("cursor"),
+            "{query}: {p}"
+        );
+    }
+    running.shutdown().await;
+}
+
+#[tokio::test]
+async fn limits_are_problems_but_never_refuse_a_known_url() {
+    let mut config = Config::for_tests();
+    config.max_registrations = 2;
+    config.max_info_bytes = 100;
+    let (running, api) = start(config).await;
+    let a = api.register("http://a:8000", "A").await["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    api.register("http://b:8000", "B").await;
+    let p = api
+        .post_json(
+            "/services/$register",
+            &json!({"url": "http://c:8000", "info": {"display_name": "C"}}),
+        )
+        .await
+        .assert_problem(507, t::LIMIT_EXCEEDED);
+    assert!(
+        p["detail"].as_str().unwrap_or_default().contains('2'),
+        "{p}"
+    );
+    // Known URLs renew and ping as before.
+    let r = api
+        .post_json(
+            "/services/$register",
+            &json!({"url": "http://a:8000", "info": {"display_name": "A2"}}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(api.put(&format!("/services/{a}/$ping")).await.status, 200);
+    // An info over the limit, on a known URL too.
+    let big = "x".repeat(100);
+    let p = api
+        .post_json(
+            "/services/$register",
+            &json!({"url": "http://a:8000", "info": {"display_name": "A", "blob": big}}),
+        )
+        .await
+        .assert_problem(413, t::LIMIT_EXCEEDED);
+    assert!(
+        p["detail"].as_str().unwrap_or_default().contains("100"),
+        "{p}"
+    );
+    // Room again after a deregistration.
+    assert_eq!(api.delete(&format!("/services/{a}")).await.status, 200);
+    let r = api
+        .post_json(
+            "/services/$register",
+            &json!({"url": "http://c:8000", "info": {"display_name": "C"}}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{r:?}");
+    running.shutdown().await;
+}
+
 #[tokio::test]
 async fn health_reports_the_store() {
     let (running, api) = start_default().await;

@@ -21,7 +21,7 @@ use serde_json::json;
 use servicekit::protocol::{ServiceInfo, ServiceRecord, Timestamp};
 use servicekit_orchestrator::store::{
     binding_grace, id_fits_url, mint_id, url_tag, Access, LeaseHash, LeaseOutcome, ListFilter,
-    MemoryStore, Registration, Store, StoreError, ValkeyStore,
+    Listing, MemoryStore, Registration, Store, StoreError, ValkeyStore,
 };
 use support::valkey::ValkeyServer;
 use tokio::time::Instant;
@@ -223,6 +223,9 @@ contract_tests!(
         a_deregistered_id_is_never_handed_to_another_url,
         a_lease_guards_every_write_of_its_entry,
         an_unleased_entry_can_take_a_lease,
+        pages_return_every_entry_once_in_id_order,
+        pages_honour_every_filter,
+        pages_across_registrations_and_removals,
     ],
     expiry: [
         reregister_restarts_the_ttl,
@@ -284,6 +287,51 @@ fn by_info(field: &str, value: &str) -> ListFilter {
 
 fn ids(records: &[ServiceRecord]) -> Vec<Ulid> {
     records.iter().map(|r| r.id).collect()
+}
+
+/// Every id of one listing, read `size` at a time.
+async fn walk<S: Store>(s: &S, filter: &ListFilter, size: usize) -> Vec<Ulid> {
+    let mut listing = s.listing(filter.clone(), None).await.expect("listing");
+    let mut out = Vec::new();
+    loop {
+        let page = listing.next_page(size).await.expect("page");
+        assert!(
+            page.len() <= size,
+            "a page of {} for size {size}",
+            page.len()
+        );
+        if page.is_empty() {
+            // Done stays done.
+            assert!(listing.next_page(size).await.expect("page").is_empty());
+            return out;
+        }
+        out.extend(page.iter().map(|r| r.id));
+    }
+}
+
+/// One page of at most `size` after `cursor`, as `GET /services?limit=&cursor=` reads it: a
+/// fresh listing per page.
+async fn page_after<S: Store>(
+    s: &S,
+    filter: &ListFilter,
+    cursor: Option<Ulid>,
+    size: usize,
+) -> Vec<Ulid> {
+    let mut listing = s.listing(filter.clone(), cursor).await.expect("listing");
+    let page = listing.next_page(size).await.expect("page");
+    page.iter().map(|r| r.id).collect()
+}
+
+/// Every id, page by page through cursors.
+async fn walk_by_cursor<S: Store>(s: &S, filter: &ListFilter, size: usize) -> Vec<Ulid> {
+    let mut out: Vec<Ulid> = Vec::new();
+    loop {
+        let page = page_after(s, filter, out.last().copied(), size).await;
+        if page.is_empty() {
+            return out;
+        }
+        out.extend(page);
+    }
 }
 
 fn sorted(mut v: Vec<Ulid>) -> Vec<Ulid> {
@@ -1345,6 +1393,173 @@ async fn list_filters<H: Harness>() {
         list(combined(None, Some("http://s1:8000"), &[("priority", "3")])).await,
         Vec::<Ulid>::new()
     );
+}
+
+async fn pages_return_every_entry_once_in_id_order<H: Harness>() {
+    let h = H::open(LONG_TTL).await;
+    let s = h.store();
+    let mut want = Vec::new();
+    for i in 0..23 {
+        let r = s.register(reg(&format!("http://p{i}:8000"), "P")).await;
+        want.push(r.expect("register").record.id);
+    }
+    let want = sorted(want);
+    assert_eq!(ids(&s.list(&all()).await.expect("list")), want);
+    for size in [1, 2, 5, 22, 23, 24, 1000] {
+        assert_eq!(
+            walk(s, &all(), size).await,
+            want,
+            "one listing, pages of {size}"
+        );
+        assert_eq!(
+            walk_by_cursor(s, &all(), size).await,
+            want,
+            "cursors, pages of {size}"
+        );
+    }
+    // A listing starts after its cursor, whatever the cursor is.
+    assert_eq!(page_after(s, &all(), Some(want[9]), 3).await, want[10..13]);
+    assert_eq!(
+        page_after(s, &all(), Some(want[22]), 3).await,
+        Vec::<Ulid>::new()
+    );
+    assert_eq!(page_after(s, &all(), Some(Ulid(0)), 2).await, want[..2]);
+    assert!(page_after(s, &all(), Some(Ulid(u128::MAX)), 2)
+        .await
+        .is_empty());
+    assert_eq!(h.store().count().await.expect("count"), 23);
+}
+
+async fn pages_honour_every_filter<H: Harness>() {
+    let h = H::open(LONG_TTL).await;
+    let s = h.store();
+    let mut registered = Vec::new();
+    for i in 0..20 {
+        let name = if i % 2 == 0 { "even" } else { "odd" };
+        let team = if i % 3 == 0 { "data" } else { "web" };
+        let r = Registration {
+            url: format!("http://f{i}:8000"),
+            info: info(json!({"display_name": name, "team": team})),
+            requested_id: None,
+        };
+        registered.push((i, s.register(r).await.expect("register").record.id));
+    }
+    let matching = |keep: &dyn Fn(usize) -> bool| {
+        sorted(
+            registered
+                .iter()
+                .filter(|(i, _)| keep(*i))
+                .map(|(_, id)| *id)
+                .collect(),
+        )
+    };
+    let both = ListFilter {
+        display_name: Some("even".into()),
+        info: vec![("team".into(), "data".into())],
+        url: None,
+    };
+    let cases = [
+        (by_name("even"), matching(&|i| i % 2 == 0)),
+        (by_info("team", "data"), matching(&|i| i % 3 == 0)),
+        (both, matching(&|i| i % 6 == 0)),
+        (by_url("http://f7:8000"), matching(&|i| i == 7)),
+        (by_name("none"), Vec::new()),
+    ];
+    for (filter, want) in &cases {
+        for size in [1, 3, 50] {
+            assert_eq!(walk(s, filter, size).await, *want, "{filter:?}, {size}");
+            assert_eq!(
+                walk_by_cursor(s, filter, size).await,
+                *want,
+                "{filter:?}, cursors, {size}"
+            );
+        }
+    }
+    // A cursor past the one URL match: nothing.
+    let (_, f7) = registered[7];
+    assert!(page_after(s, &by_url("http://f7:8000"), Some(f7), 5)
+        .await
+        .is_empty());
+}
+
+/// Entries live from the first page to the last are returned exactly once, in id order;
+/// entries removed before their page never; entries added meanwhile at most once.
+async fn pages_across_registrations_and_removals<H: Harness>() {
+    let h = H::open(LONG_TTL).await;
+    let s = h.store();
+    for by_cursor in [false, true] {
+        let round = usize::from(by_cursor);
+        let mut ids_ = Vec::new();
+        for i in 0..12 {
+            let url = format!("http://c{round}-{i}:8000");
+            ids_.push(
+                s.register(reg(&url, "C"))
+                    .await
+                    .expect("register")
+                    .record
+                    .id,
+            );
+        }
+        let ids_ = sorted(ids_);
+        let mut listing = s.listing(all(), None).await.expect("listing");
+        let mut seen: Vec<Ulid> = Vec::new();
+        let mut step = 0;
+        loop {
+            let page: Vec<Ulid> = if by_cursor {
+                page_after(s, &all(), seen.last().copied(), 3).await
+            } else {
+                let page = listing.next_page(3).await.expect("page");
+                page.iter().map(|r| r.id).collect()
+            };
+            if page.is_empty() {
+                break;
+            }
+            seen.extend(page);
+            match step {
+                0 => {
+                    // Not reached yet, removed: never listed.
+                    s.deregister(ids_[9]).await.expect("deregister");
+                    // Already listed, removed: no effect on what follows.
+                    s.deregister(ids_[0]).await.expect("deregister");
+                    // Not reached yet, renewed under another name: listed once.
+                    let url = format!("http://c{round}-7:8000");
+                    s.register(reg(&url, "renamed")).await.expect("renew");
+                    // Already listed, renewed: not listed again.
+                    let url = format!("http://c{round}-1:8000");
+                    s.register(reg(&url, "renamed")).await.expect("renew");
+                }
+                1 => {
+                    let url = format!("http://c{round}-new:8000");
+                    s.register(reg(&url, "C")).await.expect("register");
+                }
+                _ => {}
+            }
+            step += 1;
+        }
+        let what = if by_cursor { "cursors" } else { "one listing" };
+        let mut unique = seen.clone();
+        unique.dedup();
+        assert_eq!(unique, seen, "{what}: in id order, each once: {seen:?}");
+        assert_eq!(sorted(seen.clone()), seen, "{what}: id order");
+        let stayed: Vec<Ulid> = ids_
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != 9)
+            .map(|(_, id)| *id)
+            .collect();
+        for id in &stayed {
+            assert!(
+                seen.contains(id),
+                "{what}: {id} lived throughout, not listed"
+            );
+        }
+        assert!(!seen.contains(&ids_[9]), "{what}: removed before its page");
+        assert!(seen.len() <= stayed.len() + 1, "{what}: {seen:?}");
+        // Clean slate for the next round.
+        for id in s.list(&all()).await.expect("list").iter().map(|r| r.id) {
+            s.deregister(id).await.expect("deregister");
+        }
+    }
 }
 
 async fn display_name_change_moves_between_indexes<H: Harness>() {

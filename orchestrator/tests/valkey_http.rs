@@ -16,7 +16,10 @@ use support::valkey::ValkeyServer;
 const OUTAGE_BOUND: Duration = Duration::from_secs(6);
 
 async fn start(valkey: &ValkeyServer) -> (Running, Api) {
-    let mut config = Config::for_tests();
+    start_with(valkey, Config::for_tests()).await
+}
+
+async fn start_with(valkey: &ValkeyServer, mut config: Config) -> (Running, Api) {
     config.valkey_url = Some(valkey.url());
     config.key_prefix = format!("test:{}:", ulid::Ulid::new());
     let running = server::start(config).await.expect("orchestrator starts");
@@ -108,6 +111,51 @@ async fn api_round_trip_on_valkey() {
         .assert_problem(404, t::NOT_FOUND);
     let list: Value = api.get("/services").await.json();
     assert_eq!(list["count"], 1);
+    running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn valkey_lists_in_pages_and_streams_and_counts_against_the_limit() {
+    let valkey = ValkeyServer::new();
+    // More than one 500-record part of a streamed listing.
+    const N: usize = 620;
+    let mut config = Config::for_tests();
+    config.max_registrations = N as u64;
+    let (running, api) = start_with(&valkey, config).await;
+    let mut ids = Vec::with_capacity(N);
+    let mut named = Vec::new();
+    for i in 0..N {
+        let name = if i % 100 == 0 { "H" } else { "S" };
+        let answer = api.register(&format!("http://s{i}:8000"), name).await;
+        let id = answer["id"].as_str().expect("id").to_owned();
+        if name == "H" {
+            named.push(id.clone());
+        }
+        ids.push(id);
+    }
+    ids.sort();
+    named.sort();
+    assert_eq!(api.list_streamed("").await, ids);
+    assert_eq!(api.walk_pages("", 250).await, ids);
+    assert_eq!(api.walk_pages("", 1000).await, ids);
+    assert_eq!(api.walk_pages("display_name=H", 2).await, named);
+    assert_eq!(api.walk_pages("info.display_name=H", 4).await, named);
+    assert_eq!(api.list_streamed("display_name=H").await, named);
+
+    // Full: a new URL is refused, a known one renews.
+    api.post_json(
+        "/services/$register",
+        &json!({"url": "http://new:8000", "info": {"display_name": "N"}}),
+    )
+    .await
+    .assert_problem(507, t::LIMIT_EXCEEDED);
+    let r = api
+        .post_json(
+            "/services/$register",
+            &json!({"url": "http://s7:8000", "info": {"display_name": "S"}}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{r:?}");
     running.shutdown().await;
 }
 

@@ -3,7 +3,18 @@ use super::*;
 /// A store that never answers.
 struct Hangs;
 
+impl Listing for Hangs {
+    fn next_page(
+        &mut self,
+        _: usize,
+    ) -> impl Future<Output = Result<Vec<Arc<ServiceRecord>>, StoreError>> + Send {
+        std::future::pending()
+    }
+}
+
 impl Store for Hangs {
+    type Listing = Hangs;
+
     fn kind(&self) -> &'static str {
         "hangs"
     }
@@ -31,10 +42,11 @@ impl Store for Hangs {
     ) -> impl Future<Output = Result<Option<ServiceRecord>, StoreError>> + Send {
         std::future::pending()
     }
-    fn list(
+    fn listing(
         &self,
-        _: &ListFilter,
-    ) -> impl Future<Output = Result<Vec<ServiceRecord>, StoreError>> + Send {
+        _: ListFilter,
+        _: Option<Ulid>,
+    ) -> impl Future<Output = Result<Hangs, StoreError>> + Send {
         std::future::pending()
     }
     fn deregister_as(
@@ -86,6 +98,12 @@ async fn every_store_call_is_bounded() {
     unavailable("get", settles("get", store.get(id)).await);
     let filter = ListFilter::default();
     unavailable("list", settles("list", store.list(&filter)).await);
+    unavailable("count", settles("count", store.count()).await);
+    let mut listing = BoundedListing {
+        inner: Hangs,
+        metrics: store.metrics().clone(),
+    };
+    unavailable("page", settles("page", listing.next_page(1)).await);
     unavailable(
         "deregister",
         settles("deregister", store.deregister(id)).await,
@@ -302,10 +320,29 @@ fn only_canonical_ulid_text_is_an_id() {
 
 #[test]
 fn filters_parse() {
-    let f = parse_filter("display_name=A%20B&info.team=data&url=http://x:1/").unwrap();
+    let q = parse_list_query("display_name=A%20B&info.team=data&url=http://x:1/").unwrap();
+    let f = q.filter;
     assert_eq!(f.display_name.as_deref(), Some("A B"));
     assert_eq!(f.url.as_deref(), Some("http://x:1"));
     assert_eq!(f.info, vec![("team".to_owned(), "data".to_owned())]);
-    assert!(parse_filter("colour=red").is_err());
-    assert!(parse_filter("info.=x").is_err());
+    assert_eq!((q.limit, q.cursor), (None, None));
+    assert!(parse_list_query("colour=red").is_err());
+    assert!(parse_list_query("info.=x").is_err());
+}
+
+#[test]
+fn limit_and_cursor_parse() {
+    let id = Ulid::new();
+    let q = parse_list_query(&format!("limit=10&cursor={id}&display_name=A")).unwrap();
+    assert_eq!((q.limit, q.cursor), (Some(10), Some(id)));
+    let q = parse_list_query(&format!("limit={MAX_PAGE}")).unwrap();
+    assert_eq!(q.limit, Some(MAX_PAGE));
+    let over = (MAX_PAGE + 1).to_string();
+    for bad in ["0", "-1", "x", "", "1.5", over.as_str()] {
+        assert!(parse_list_query(&format!("limit={bad}")).is_err(), "{bad}");
+    }
+    let lower = id.to_string().to_lowercase();
+    for bad in ["", "nope", lower.as_str()] {
+        assert!(parse_list_query(&format!("cursor={bad}")).is_err(), "{bad}");
+    }
 }

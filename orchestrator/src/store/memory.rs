@@ -10,10 +10,15 @@
 //! entry expired, and the tombstones of deregistered ids, each kept for the binding grace and
 //! dropped by [`Store::sweep`].
 //!
+//! Records are shared (`Arc`): a listing takes a page of them under the lock, a few hundred at
+//! a time, and serialises them after releasing it, so a listing of 100k entries never keeps a
+//! ping waiting for more than one page.
+//!
 //! Deadlines are [`tokio::time::Instant`]s, so expiry follows tokio's clock and can be tested
 //! on paused time; the timestamps shown in records still come from the wall clock.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::ops::{Bound, Deref, DerefMut};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -22,9 +27,12 @@ use tokio::time::Instant;
 use ulid::Ulid;
 
 use super::{
-    mint_id, Access, LeaseHash, LeaseOutcome, ListFilter, Pinged, Registered, Registration, Store,
-    StoreError, StoreHealth,
+    mint_id, Access, LeaseHash, LeaseOutcome, ListFilter, Listing, Pinged, Registered,
+    Registration, Store, StoreError, StoreHealth,
 };
+
+/// Index entries a listing examines per hold of the lock.
+const SCAN_STEP: usize = 1024;
 
 /// In-process store; cheap to clone (clones share the same entries).
 #[derive(Clone)]
@@ -48,10 +56,30 @@ struct Inner {
 }
 
 struct Entry {
-    record: ServiceRecord,
+    record: Shared,
     deadline: Instant,
     /// The hash of the entry's lease token, when it is leased.
     lease: Option<LeaseHash>,
+}
+
+/// A record that listings may hold on to after the lock is released. Reads go through `Deref`;
+/// writes through `DerefMut`, which copies the record only while a listing still holds the
+/// version being changed (`Arc::make_mut`). It is deliberately not `Clone`: `.clone()` on it
+/// copies the record itself, as it did before records were shared.
+struct Shared(Arc<ServiceRecord>);
+
+impl Deref for Shared {
+    type Target = ServiceRecord;
+
+    fn deref(&self) -> &ServiceRecord {
+        &self.0
+    }
+}
+
+impl DerefMut for Shared {
+    fn deref_mut(&mut self) -> &mut ServiceRecord {
+        Arc::make_mut(&mut self.0)
+    }
 }
 
 impl MemoryStore {
@@ -112,7 +140,7 @@ impl Inner {
 
     fn remove(&mut self, id: Ulid) -> Option<ServiceRecord> {
         let entry = self.entries.remove(&id)?;
-        let record = entry.record;
+        let record = Arc::unwrap_or_clone(entry.record.0);
         if self.by_url.get(&record.url) == Some(&id) {
             self.by_url.remove(&record.url);
         }
@@ -130,7 +158,75 @@ impl Inner {
     }
 }
 
+/// A listing of the memory store: the id after which the next page starts; the lock is held
+/// only while a page is taken, [`SCAN_STEP`] index entries at a time.
+pub struct MemoryListing {
+    store: MemoryStore,
+    filter: ListFilter,
+    /// The last id examined.
+    after: Option<Ulid>,
+    done: bool,
+}
+
+impl MemoryListing {
+    /// Examines at most [`SCAN_STEP`] candidates after `self.after` under one hold of the lock,
+    /// adding live matches to `page` until it holds `limit`.
+    fn scan(&mut self, limit: usize, page: &mut Vec<Arc<ServiceRecord>>) {
+        let now = Instant::now();
+        let inner = self.store.lock();
+        let filter = &self.filter;
+        let after = self.after;
+        let range = (
+            after.map_or(Bound::Unbounded, Bound::Excluded),
+            Bound::Unbounded,
+        );
+        let candidates: Box<dyn Iterator<Item = Ulid> + '_> = if let Some(url) = &filter.url {
+            let id = inner.by_url.get(url).copied();
+            Box::new(id.filter(|id| after.is_none_or(|a| *id > a)).into_iter())
+        } else if let Some(name) = &filter.display_name {
+            match inner.by_name.get(name) {
+                Some(ids) => Box::new(ids.range(range).copied()),
+                None => Box::new(std::iter::empty()),
+            }
+        } else {
+            Box::new(inner.entries.range(range).map(|(id, _)| *id))
+        };
+        let mut last = after;
+        let mut done = true;
+        for (examined, id) in candidates.enumerate() {
+            if examined == SCAN_STEP || page.len() == limit {
+                done = false;
+                break;
+            }
+            last = Some(id);
+            let entry = inner.entries.get(&id);
+            if let Some(e) = entry.filter(|e| e.deadline > now && filter.matches(&e.record)) {
+                page.push(e.record.0.clone());
+            }
+        }
+        drop(inner);
+        self.after = last;
+        self.done = done;
+    }
+}
+
+impl Listing for MemoryListing {
+    async fn next_page(&mut self, limit: usize) -> Result<Vec<Arc<ServiceRecord>>, StoreError> {
+        let mut page = Vec::new();
+        while !self.done && page.len() < limit {
+            if !page.is_empty() || self.after.is_some() {
+                // Between two holds of the lock, let waiting pings on this thread run.
+                tokio::task::yield_now().await;
+            }
+            self.scan(limit, &mut page);
+        }
+        Ok(page)
+    }
+}
+
 impl Store for MemoryStore {
+    type Listing = MemoryListing;
+
     fn kind(&self) -> &'static str {
         "memory"
     }
@@ -220,7 +316,7 @@ impl Store for MemoryStore {
         inner.entries.insert(
             id,
             Entry {
-                record: record.clone(),
+                record: Shared(Arc::new(record.clone())),
                 deadline: now + self.ttl,
                 lease: new_lease.filter(|_| lease == LeaseOutcome::New),
             },
@@ -256,36 +352,17 @@ impl Store for MemoryStore {
         Ok(inner.live(id, Instant::now()).map(|e| e.record.clone()))
     }
 
-    async fn list(&self, filter: &ListFilter) -> Result<Vec<ServiceRecord>, StoreError> {
-        let now = Instant::now();
-        let inner = self.lock();
-        let live = |id: &Ulid| {
-            inner
-                .entries
-                .get(id)
-                .filter(|e| e.deadline > now)
-                .map(|e| &e.record)
-        };
-        let candidates: Vec<&ServiceRecord> = if let Some(url) = &filter.url {
-            inner.by_url.get(url).and_then(live).into_iter().collect()
-        } else if let Some(name) = &filter.display_name {
-            inner
-                .by_name
-                .get(name)
-                .into_iter()
-                .flatten()
-                .filter_map(live)
-                .collect()
-        } else {
-            inner.entries.keys().filter_map(live).collect()
-        };
-        let mut out: Vec<ServiceRecord> = candidates
-            .into_iter()
-            .filter(|r| filter.matches(r))
-            .cloned()
-            .collect();
-        out.sort_by_key(|r| r.id);
-        Ok(out)
+    async fn listing(
+        &self,
+        filter: ListFilter,
+        after: Option<Ulid>,
+    ) -> Result<MemoryListing, StoreError> {
+        Ok(MemoryListing {
+            store: self.clone(),
+            filter,
+            after,
+            done: false,
+        })
     }
 
     async fn deregister_as(

@@ -37,6 +37,7 @@
 //! entry expired or was deregistered, its URL is free for anyone.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use servicekit::protocol::{ServiceInfo, ServiceRecord, Timestamp};
@@ -47,8 +48,8 @@ pub use crate::lease::LeaseHash;
 pub mod memory;
 pub mod valkey;
 
-pub use memory::MemoryStore;
-pub use valkey::ValkeyStore;
+pub use memory::{MemoryListing, MemoryStore};
+pub use valkey::{ValkeyListing, ValkeyStore};
 
 /// Number of low id bits that carry the URL's slot tag.
 const TAG_BITS: u32 = 15;
@@ -250,6 +251,19 @@ pub enum StoreError {
     Forbidden,
 }
 
+/// Records a listing reads per step when the caller has no page size of its own.
+pub const LIST_BATCH: usize = 500;
+
+/// A listing in progress: the pages of [`Store::listing`], in id order.
+pub trait Listing: Send + 'static {
+    /// The next at most `limit` (≥ 1) records; empty once the listing is done. Records are
+    /// shared (`Arc`), so a store hands them out without copying them.
+    fn next_page(
+        &mut self,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<Arc<ServiceRecord>>, StoreError>> + Send;
+}
+
 /// The registry's storage contract.
 ///
 /// Every implementation guarantees:
@@ -262,6 +276,9 @@ pub enum StoreError {
 /// - an id is never handed to another URL than the one it was minted for;
 /// - indexes shrink as entries go, at the latest on the next [`Store::sweep`].
 pub trait Store: Send + Sync + 'static {
+    /// A listing in progress; see [`Store::listing`].
+    type Listing: Listing;
+
     /// `"memory"` or `"valkey"`, for logs and health.
     fn kind(&self) -> &'static str;
 
@@ -306,11 +323,35 @@ pub trait Store: Send + Sync + 'static {
         id: Ulid,
     ) -> impl Future<Output = Result<Option<ServiceRecord>, StoreError>> + Send;
 
-    /// Live entries matching `filter`, in id order (registration order).
+    /// Starts a listing of the live entries matching `filter` with an id greater than `after`,
+    /// read page by page in id order (registration order), so no caller ever holds all of
+    /// them. An entry live from the start of the listing to its end is returned exactly once;
+    /// one registered or removed meanwhile may or may not be.
+    fn listing(
+        &self,
+        filter: ListFilter,
+        after: Option<Ulid>,
+    ) -> impl Future<Output = Result<Self::Listing, StoreError>> + Send;
+
+    /// Every live entry matching `filter`, in id order: a whole listing in one `Vec`, for
+    /// tests and tools. The API never calls it.
     fn list(
         &self,
         filter: &ListFilter,
-    ) -> impl Future<Output = Result<Vec<ServiceRecord>, StoreError>> + Send;
+    ) -> impl Future<Output = Result<Vec<ServiceRecord>, StoreError>> + Send {
+        let filter = filter.clone();
+        async move {
+            let mut listing = self.listing(filter, None).await?;
+            let mut out = Vec::new();
+            loop {
+                let page = listing.next_page(LIST_BATCH).await?;
+                if page.is_empty() {
+                    return Ok(out);
+                }
+                out.extend(page.into_iter().map(Arc::unwrap_or_clone));
+            }
+        }
+    }
 
     /// Removes an entry and returns what it was; `None` when unknown or expired. Presents
     /// nothing.
@@ -335,8 +376,9 @@ pub trait Store: Send + Sync + 'static {
     /// Checks that the store answers and accepts a write.
     fn health(&self) -> impl Future<Output = Result<StoreHealth, StoreError>> + Send;
 
-    /// About how many registrations the store holds, for `/metrics`: cheap (one read), and
-    /// counting expired entries until the next [`Store::sweep`] drops them.
+    /// About how many registrations the store holds, for `/metrics` and
+    /// `--max-registrations`: cheap (one read), and counting expired entries until the next
+    /// [`Store::sweep`] drops them.
     fn count(&self) -> impl Future<Output = Result<u64, StoreError>> + Send;
 
     /// The store's count of connections to its backend that came back after being lost, for

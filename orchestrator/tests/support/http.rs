@@ -143,3 +143,54 @@ impl Api {
         r.json()
     }
 }
+
+impl Api {
+    /// Every id of `GET /services?{query}`, read in pages of `limit` through `next_cursor`.
+    /// Checks each page's shape on the way: `count` is the page's length, at most `limit`,
+    /// and `next_cursor` is there exactly while more remain.
+    pub async fn walk_pages(&self, query: &str, limit: usize) -> Vec<String> {
+        let mut ids = Vec::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let mut path = format!("/services?limit={limit}");
+            if !query.is_empty() {
+                path.push('&');
+                path.push_str(query);
+            }
+            if let Some(c) = &cursor {
+                path.push_str(&format!("&cursor={c}"));
+            }
+            let r = self.get(&path).await;
+            assert_eq!(r.status, 200, "{path}: {r:?}");
+            let page: Value = r.json();
+            let services = page["services"].as_array().expect("services");
+            assert_eq!(page["count"], services.len(), "{path}: {page}");
+            assert!(services.len() <= limit, "{path}: {page}");
+            ids.extend(
+                services
+                    .iter()
+                    .map(|s| s["id"].as_str().expect("id").to_owned()),
+            );
+            match page.get("next_cursor") {
+                Some(next) => {
+                    assert_eq!(services.len(), limit, "a short page with a cursor: {page}");
+                    cursor = Some(next.as_str().expect("cursor text").to_owned());
+                }
+                None => return ids,
+            }
+        }
+    }
+
+    /// The ids of the streamed `GET /services?{query}`, checking it is one JSON document
+    /// whose `count` matches and that it came without a `Content-Length` (streamed).
+    pub async fn list_streamed(&self, query: &str) -> Vec<String> {
+        let r = self.get(&format!("/services?{query}")).await;
+        assert_eq!(r.status, 200, "{r:?}");
+        assert_eq!(r.header("content-type"), Some("application/json"));
+        assert_eq!(r.header("content-length"), None, "not streamed");
+        let list: servicekit::protocol::ListResponse = r.json();
+        assert_eq!(list.count, list.services.len());
+        assert_eq!(list.next_cursor, None);
+        list.services.iter().map(|s| s.id.to_string()).collect()
+    }
+}

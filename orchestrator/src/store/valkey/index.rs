@@ -14,11 +14,11 @@
 use fred::interfaces::{ClientLike, KeysInterface, SetsInterface, SortedSetsInterface};
 use fred::types::sorted_sets::Ordering as ZOrdering;
 use fred::types::{ClusterHash, CustomCommand, SetOptions, Value};
-use servicekit::protocol::{ServiceRecord, Timestamp};
+use servicekit::protocol::Timestamp;
 use ulid::Ulid;
 
 use super::connection::queue;
-use super::record::{expiry_and_name, record_from_value};
+use super::record::expiry_and_name;
 use super::scripts::INDEX_DROP;
 use super::ValkeyStore;
 use crate::store::StoreError;
@@ -137,40 +137,8 @@ impl ValkeyStore {
         }
     }
 
-    /// Fetches the records of `ids` in pipelined batches. Missing ones come back as `None`.
-    async fn fetch(&self, ids: &[Ulid]) -> Result<Vec<Option<ServiceRecord>>, StoreError> {
-        let mut out = Vec::with_capacity(ids.len());
-        for chunk in ids.chunks(BATCH) {
-            let pipeline = self.client.pipeline();
-            for id in chunk {
-                queue(pipeline.get::<(), _>(self.keys.svc(*id)).await)?;
-            }
-            let replies: Vec<Value> = self.note(pipeline.all().await)?;
-            if replies.len() != chunk.len() {
-                return Err(StoreError::Corrupt(format!(
-                    "pipeline of {} GET answered {} replies",
-                    chunk.len(),
-                    replies.len()
-                )));
-            }
-            for (id, reply) in chunk.iter().zip(replies) {
-                out.push(record_from_value(*id, &reply)?);
-            }
-        }
-        Ok(out)
-    }
-
-    /// Reads every member of an index with its score.
-    async fn read_index(&self, key: &str) -> Result<Vec<(String, f64)>, StoreError> {
-        self.note(
-            self.client
-                .zrange(key, 0, -1, None, false, None, true)
-                .await,
-        )
-    }
-
     /// Drops the given (member, score) pairs from `index` unless their score changed meanwhile.
-    async fn drop_from_index(
+    pub(super) async fn drop_from_index(
         &self,
         index: &str,
         entries: &[(String, f64)],
@@ -202,41 +170,6 @@ impl ValkeyStore {
                 .await,
         )?;
         Ok(usize::try_from(int_of(&n)?).unwrap_or(0))
-    }
-
-    /// Lists the live records of one index, dropping dead members from it in the background.
-    pub(super) async fn list_index(&self, index: &str) -> Result<Vec<ServiceRecord>, StoreError> {
-        let entries = self.read_index(index).await?;
-        let mut ids = Vec::with_capacity(entries.len());
-        let mut dead = Vec::new();
-        for (member, score) in &entries {
-            match Ulid::from_string(member) {
-                Ok(id) => ids.push((id, member, *score)),
-                // Not ours to interpret; drop it so it cannot pile up.
-                Err(_) => dead.push((member.clone(), *score)),
-            }
-        }
-        let only_ids: Vec<Ulid> = ids.iter().map(|(id, _, _)| *id).collect();
-        let records = self.fetch(&only_ids).await?;
-        let mut live = Vec::with_capacity(records.len());
-        for ((_, member, score), record) in ids.into_iter().zip(records) {
-            match record {
-                Some(r) => live.push(r),
-                None => dead.push((member.clone(), score)),
-            }
-        }
-        if !dead.is_empty() {
-            // Cleanup is best effort and the listing is already correct: neither wait for it
-            // nor fail because of it.
-            let store = self.clone();
-            let index = index.to_owned();
-            tokio::spawn(async move {
-                if let Err(e) = store.drop_from_index(&index, &dead).await {
-                    tracing::debug!(error = %e, index, "index cleanup on read failed");
-                }
-            });
-        }
-        Ok(live)
     }
 
     /// Sweeps one index; returns how many entries were dropped. For a by-name index (`name`

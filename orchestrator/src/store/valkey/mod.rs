@@ -7,6 +7,7 @@
 mod connection;
 mod index;
 mod keys;
+mod list;
 mod record;
 mod scripts;
 
@@ -23,6 +24,7 @@ use ulid::Ulid;
 
 pub use connection::{COMMAND_TIMEOUT, TIMEOUTS_BEFORE_RECONNECT};
 pub use keys::tag_text;
+pub use list::ValkeyListing;
 
 use connection::ConnState;
 use index::{DropMode, BATCH};
@@ -386,6 +388,8 @@ fn array_of(v: Value, what: &str) -> Result<Vec<Value>, StoreError> {
 }
 
 impl Store for ValkeyStore {
+    type Listing = ValkeyListing;
+
     fn kind(&self) -> &'static str {
         "valkey"
     }
@@ -441,24 +445,16 @@ impl Store for ValkeyStore {
         record_from_value(id, &reply)
     }
 
-    async fn list(&self, filter: &ListFilter) -> Result<Vec<ServiceRecord>, StoreError> {
-        let mut records = if let Some(url) = &filter.url {
-            let id: Option<String> = self.note(self.client.get(self.keys.url(url)).await)?;
-            match id.as_deref().map(Ulid::from_string) {
-                Some(Ok(id)) => self.get(id).await?.into_iter().collect(),
-                Some(Err(_)) | None => Vec::new(),
-            }
-        } else if let Some(name) = &filter.display_name {
-            self.list_index(&self.keys.name_idx(name)).await?
-        } else {
-            self.list_index(&self.keys.all_idx()).await?
-        };
-        records.retain(|r| filter.matches(r));
-        records.sort_by_key(|r| r.id);
-        records.dedup_by_key(|r| r.id);
-        Ok(records)
+    async fn listing(
+        &self,
+        filter: ListFilter,
+        after: Option<Ulid>,
+    ) -> Result<ValkeyListing, StoreError> {
+        self.open_listing(filter, after).await
     }
 
+    /// `ZCARD` of the all-index: live entries, plus hints of registrations that never
+    /// completed and expired entries, until a reader or the sweeper drops them.
     async fn deregister_as(
         &self,
         id: Ulid,

@@ -1,0 +1,333 @@
+//! Listing under load: the orchestrator's memory and its ping latency while 4 clients loop
+//! on `GET /services` (every entry) at 100k registrations, on the memory store and on Valkey.
+//! The issue it answers: a list-all used to build the whole answer in memory (in the memory
+//! store under its one lock), so looping lists moved RSS by hundreds of MB and ping p99 from
+//! milliseconds to half a second.
+//!
+//! ```sh
+//! cargo bench --bench list_load                        # 100k registrations, 10 s phases
+//! LIST_N=20000 LIST_SECS=5 cargo bench --bench list_load
+//! cargo bench --bench list_load -- --test              # smoke: 2,000 registrations, 1 s
+//! ```
+//!
+//! For each store it starts the orchestrator as a child process (this binary re-run with
+//! `--serve-orchestrator`, so RSS is the orchestrator's own; a `valkey-server` on a free port
+//! for the Valkey run), registers N entries (~200-byte info) over 64 connections, then runs
+//! two phases of the same length: pings alone over 16 connections, then the same pings while
+//! 4 more connections loop on `GET /services`. Reported: ping p50/p99 of both phases, lists
+//! completed, and the orchestrator's RSS at rest, its highest sample (every 50 ms) during the
+//! list phase, and its peak (`VmHWM`). It only uses what every version of the orchestrator
+//! has (flags through environment variables), so the same file measures an older build too.
+
+#[allow(dead_code)]
+#[path = "../orchestrator/tests/support/valkey.rs"]
+mod valkey;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use clap::Parser;
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+use serde_json::{json, Value};
+use servicekit_orchestrator::config::Config;
+use tokio::net::TcpStream;
+
+const REGISTER_CONNECTIONS: usize = 64;
+const PING_CONNECTIONS: usize = 16;
+const LISTERS: usize = 4;
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.iter().any(|a| a == "--serve-orchestrator") {
+        return serve_orchestrator();
+    }
+    // `cargo bench` passes --bench; `cargo test --all-targets` (CI) does not: smoke mode.
+    let quick = !args.iter().any(|a| a == "--bench")
+        || args.iter().any(|a| a == "--test")
+        || std::env::var_os("BENCH_QUICK").is_some();
+    let env_num = |name: &str, default: usize| {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    let n = if quick {
+        2_000
+    } else {
+        env_num("LIST_N", 100_000)
+    };
+    let secs = if quick { 1 } else { env_num("LIST_SECS", 10) } as u64;
+    let stores = std::env::var("LIST_STORES").unwrap_or_else(|_| "memory,valkey".into());
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    for store in stores.split(',') {
+        let valkey = (store == "valkey").then(valkey::ValkeyServer::new);
+        rt.block_on(run(store, valkey.as_ref(), n, Duration::from_secs(secs)));
+    }
+}
+
+/// The orchestrator process: configured from its environment, serves until stdin closes.
+fn serve_orchestrator() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let config = Config::try_parse_from(["orchestrator", "--bind", "127.0.0.1:0"])
+            .expect("configuration");
+        let running = servicekit_orchestrator::server::start(config)
+            .await
+            .expect("orchestrator starts");
+        println!("listening {}", running.local_addr());
+        let _ = tokio::task::spawn_blocking(|| {
+            let mut buf = [0u8; 1];
+            let _ = std::io::Read::read(&mut std::io::stdin(), &mut buf);
+        })
+        .await;
+        running.shutdown().await;
+    });
+}
+
+fn spawn_orchestrator(valkey: Option<&valkey::ValkeyServer>, n: usize) -> (Child, String) {
+    let exe = std::env::current_exe().expect("own path");
+    let mut cmd = Command::new(exe);
+    cmd.arg("--serve-orchestrator")
+        .env("RUST_LOG", "warn")
+        .env("ORCHESTRATOR_TTL_SECONDS", "3600")
+        // Builds with a registration limit must hold all N.
+        .env("ORCHESTRATOR_MAX_REGISTRATIONS", (n + 1000).to_string())
+        .env_remove("VALKEY_URL")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped());
+    if let Some(v) = valkey {
+        cmd.env("VALKEY_URL", v.url());
+    }
+    let mut child = cmd.spawn().expect("orchestrator process");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut line = String::new();
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .expect("listening line");
+    let addr = line.trim().trim_start_matches("listening ").to_owned();
+    (child, addr)
+}
+
+async fn run(store: &str, valkey: Option<&valkey::ValkeyServer>, n: usize, phase: Duration) {
+    let (mut child, addr) = spawn_orchestrator(valkey, n);
+    let pid = child.id();
+    let started = Instant::now();
+    let ids = Arc::new(register_range(&addr, n).await);
+    println!(
+        "[{store}] registered {n} in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    let rss_rest = rss(pid, "VmRSS");
+
+    let (alone, _) = ping_phase(&addr, ids.clone(), phase).await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let lists = Arc::new(AtomicUsize::new(0));
+    let list_bytes = Arc::new(AtomicU64::new(0));
+    let mut listers = Vec::new();
+    for _ in 0..LISTERS {
+        let (addr, stop, lists, list_bytes) = (
+            addr.clone(),
+            stop.clone(),
+            lists.clone(),
+            list_bytes.clone(),
+        );
+        listers.push(tokio::spawn(async move {
+            let mut sender = connect(&addr).await;
+            while !stop.load(Ordering::Relaxed) {
+                let (status, body) = send(&mut sender, "GET", "/services").await;
+                assert_eq!(status, 200, "list all");
+                list_bytes.fetch_add(body.len() as u64, Ordering::Relaxed);
+                lists.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    let sampler = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut high = 0;
+            while !stop.load(Ordering::Relaxed) {
+                high = high.max(rss(pid, "VmRSS"));
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            high
+        })
+    };
+    let (busy, rate) = ping_phase(&addr, ids.clone(), phase).await;
+    stop.store(true, Ordering::Relaxed);
+    let rss_high = sampler.await.expect("sampler");
+    for l in listers {
+        l.await.expect("lister");
+    }
+    let lists = lists.load(Ordering::Relaxed);
+    let mb = list_bytes.load(Ordering::Relaxed) as f64 / lists.max(1) as f64 / 1e6;
+    println!(
+        "[{store}] pings alone: p50 {} µs, p99 {} µs ({:.0}/s over {PING_CONNECTIONS} connections)",
+        alone.p50, alone.p99, alone.rate
+    );
+    println!(
+        "[{store}] pings while {LISTERS} clients list all {n}: p50 {} µs, p99 {} µs ({rate:.0}/s); {lists} lists of {mb:.1} MB in {:?}",
+        busy.p50, busy.p99, phase
+    );
+    println!(
+        "[{store}] orchestrator RSS: {rss_rest} KiB at rest, {rss_high} KiB highest while listing, peak {} KiB",
+        rss(pid, "VmHWM")
+    );
+    drop(child.stdin.take());
+    let _ = child.wait();
+}
+
+/// A field of /proc/PID/status in KiB.
+fn rss(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
+async fn connect(addr: &str) -> SendRequest<Full<Bytes>> {
+    let stream = TcpStream::connect(addr).await.expect("connect");
+    stream.set_nodelay(true).expect("nodelay");
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .expect("handshake");
+    tokio::spawn(conn);
+    sender
+}
+
+async fn send_body(
+    sender: &mut SendRequest<Full<Bytes>>,
+    method: &str,
+    path: &str,
+    body: Option<Vec<u8>>,
+) -> (u16, Bytes) {
+    let mut req = http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "bench");
+    if body.is_some() {
+        req = req.header("content-type", "application/json");
+    }
+    let req = req
+        .body(Full::new(Bytes::from(body.unwrap_or_default())))
+        .expect("request");
+    sender.ready().await.expect("connection ready");
+    let res = sender.send_request(req).await.expect("answer");
+    let status = res.status().as_u16();
+    let body = res.into_body().collect().await.expect("body").to_bytes();
+    (status, body)
+}
+
+async fn send(sender: &mut SendRequest<Full<Bytes>>, method: &str, path: &str) -> (u16, Bytes) {
+    send_body(sender, method, path, None).await
+}
+
+fn registration(i: usize) -> Vec<u8> {
+    serde_json::to_vec(&json!({
+        "url": format!("http://10.{}.{}.{}:8000", i / 65536 % 256, i / 256 % 256, i % 256),
+        "info": {
+            "display_name": format!("service-{:03}", i % 100),
+            "version": "1.4.2",
+            "description": "Example workload used by the servicekit list benchmark",
+            "team": "platform",
+            "deployment_env": "production",
+            "capabilities": ["http", "grpc"],
+            "priority": 5
+        }
+    }))
+    .expect("json")
+}
+
+async fn register_range(addr: &str, n: usize) -> Vec<String> {
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..REGISTER_CONNECTIONS {
+        let (addr, next) = (addr.to_owned(), next.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut sender = connect(&addr).await;
+            let mut ids = Vec::new();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= n {
+                    return ids;
+                }
+                let body = Some(registration(i));
+                let (status, body) =
+                    send_body(&mut sender, "POST", "/services/$register", body).await;
+                assert!(status == 201 || status == 200, "register: {status}");
+                let v: Value = serde_json::from_slice(&body).expect("json");
+                ids.push(v["id"].as_str().expect("id").to_owned());
+            }
+        }));
+    }
+    let mut ids = Vec::new();
+    for t in tasks {
+        ids.extend(t.await.expect("task"));
+    }
+    ids
+}
+
+struct Latency {
+    p50: u32,
+    p99: u32,
+    rate: f64,
+}
+
+/// Pings over [`PING_CONNECTIONS`] connections, each waiting for its answer, for `duration`.
+async fn ping_phase(addr: &str, ids: Arc<Vec<String>>, duration: Duration) -> (Latency, f64) {
+    let deadline = Instant::now() + duration;
+    let mut tasks = Vec::new();
+    for c in 0..PING_CONNECTIONS {
+        let (addr, ids) = (addr.to_owned(), ids.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut sender = connect(&addr).await;
+            let mut lat = Vec::with_capacity(100_000);
+            let mut i = c * 7919;
+            while Instant::now() < deadline {
+                i = i.wrapping_add(104_729);
+                let path = format!("/services/{}/$ping", ids[i % ids.len()]);
+                let started = Instant::now();
+                let (status, _) = send(&mut sender, "PUT", &path).await;
+                assert_eq!(status, 200, "ping");
+                lat.push(started.elapsed().as_micros().min(u32::MAX as u128) as u32);
+            }
+            lat
+        }));
+    }
+    let mut lat = Vec::new();
+    for t in tasks {
+        lat.extend(t.await.expect("task"));
+    }
+    lat.sort_unstable();
+    let pct = |p: f64| {
+        lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0)
+    };
+    let rate = lat.len() as f64 / duration.as_secs_f64();
+    (
+        Latency {
+            p50: pct(0.50),
+            p99: pct(0.99),
+            rate,
+        },
+        rate,
+    )
+}
