@@ -255,7 +255,11 @@ impl<O: Orchestrator> Task<O> {
                     self.status.registered(entry.id);
                     return Outcome::Done(entry);
                 }
-                Err(e) if !e.is_retryable() => {
+                // 403: the URL's live entry is leased by someone else, most often this
+                // service's previous process (restarted within the TTL, or this process's
+                // earlier attempt whose answer was lost). That entry expires within one TTL
+                // when nobody pings it, so it is waited out like an outage, not given up on.
+                Err(e) if !e.is_retryable() && e.status() != Some(StatusCode::FORBIDDEN) => {
                     return Outcome::Fatal(rejected(e));
                 }
                 Err(e) => e,

@@ -11,7 +11,11 @@
 //!   gracefully (HTTP/2: GOAWAY), and dropped if the client does not let it finish. For
 //!   HTTP/1, hyper's own header timer already runs while a kept-alive connection waits for its
 //!   next request, so HTTP/1 normally goes after the header timeout;
-//! - HTTP/2 pings the client when it goes quiet and closes when it does not answer.
+//! - HTTP/2 pings the client when it goes quiet and closes when it does not answer;
+//! - a connection whose requests are in flight but make no progress (no response started, no
+//!   body frame taken by the client) for the idle timeout plus [`STALL_GRACE`] is shut down the
+//!   same way: a client that stops reading its answers (an HTTP/2 window of 0, an HTTP/1
+//!   client that never reads) cannot hold its permit for ever either.
 //!
 //! hyper answers a malformed or oversized request head itself, with an empty body it lets no
 //! one change. The head limits here are set below hyper's so that a long target (414) or a
@@ -58,6 +62,10 @@ const HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
 /// ...and closed when the ping is not answered within this.
 const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Added to the idle timeout for a connection whose requests are in flight but stalled: longer
+/// than the 15 s request timeout, so a slow handler's own 408 or 503 still gets out.
+pub const STALL_GRACE: Duration = Duration::from_secs(15);
+
 /// The time limits of a connection (see the module docs).
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -65,6 +73,13 @@ pub struct Limits {
     pub header_timeout: Duration,
     /// With no request in flight.
     pub idle_timeout: Duration,
+}
+
+impl Limits {
+    /// How long requests in flight may make no progress.
+    fn stall_timeout(&self) -> Duration {
+        self.idle_timeout + STALL_GRACE
+    }
 }
 
 /// The HTTP/1-and-2 connection builder with the limits above.
@@ -118,6 +133,7 @@ where
         started: false,
         in_flight: 0,
         idle_since: accepted,
+        progress: accepted,
     });
     let service = Tracked {
         inner: service,
@@ -135,7 +151,7 @@ where
             Some(at) => Some(at),
             None if !now.started => Some(head_deadline),
             None if now.in_flight == 0 => Some(now.idle_since + limits.idle_timeout),
-            None => None,
+            None => Some(now.progress + limits.stall_timeout()),
         };
         tokio::select! {
             biased;
@@ -152,6 +168,13 @@ where
                 if !now.started {
                     // Nothing to finish: close the socket now.
                     return Err(Ended::NoRequest(limits.header_timeout));
+                }
+                // Progress is recorded without waking this loop: look again before acting.
+                let current = *watched.borrow();
+                if current.in_flight > 0
+                    && current.progress + limits.stall_timeout() > Instant::now()
+                {
+                    continue;
                 }
                 // Idle: let HTTP/2 say GOAWAY, and the client a header timeout to take it.
                 conn.as_mut().graceful_shutdown();
@@ -170,6 +193,8 @@ struct Activity {
     in_flight: usize,
     /// When `in_flight` last became 0.
     idle_since: Instant,
+    /// When a request last arrived, ended, or had a response body frame taken.
+    progress: Instant,
 }
 
 /// The service wrapper that counts requests in flight (until their response body ends or
@@ -186,8 +211,9 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.send_modify(|a| {
             a.in_flight = a.in_flight.saturating_sub(1);
+            a.progress = Instant::now();
             if a.in_flight == 0 {
-                a.idle_since = Instant::now();
+                a.idle_since = a.progress;
             }
         });
     }
@@ -205,6 +231,7 @@ where
         self.activity.send_modify(|a| {
             a.started = true;
             a.in_flight += 1;
+            a.progress = Instant::now();
         });
         let guard = Some(InFlight(self.activity.clone()));
         match head_too_large(&req) {
@@ -275,7 +302,7 @@ where
         let guard = this.guard.take();
         Poll::Ready(Ok(response.map(|inner| TrackedBody {
             inner,
-            _guard: guard,
+            guard,
         })))
     }
 }
@@ -285,7 +312,7 @@ pin_project_lite::pin_project! {
     pub struct TrackedBody<B> {
         #[pin]
         inner: B,
-        _guard: Option<InFlight>,
+        guard: Option<InFlight>,
     }
 }
 
@@ -297,7 +324,16 @@ impl<B: Body> Body for TrackedBody<B> {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
-        self.project().inner.poll_frame(cx)
+        let this = self.project();
+        let frame = this.inner.poll_frame(cx);
+        if let (Poll::Ready(Some(Ok(_))), Some(InFlight(activity))) = (&frame, &this.guard) {
+            // Silently: the serve loop reads it when its stall timer fires.
+            activity.send_if_modified(|a| {
+                a.progress = Instant::now();
+                false
+            });
+        }
+        frame
     }
 
     fn is_end_stream(&self) -> bool {

@@ -164,6 +164,42 @@ async fn an_idle_http2_connection_is_closed_after_the_idle_limit() {
 }
 
 #[tokio::test]
+async fn a_client_that_stops_reading_its_answers_is_closed() {
+    // An HTTP/2 client that grants no flow-control window: the answer's head arrives, its body
+    // can never be sent, and the request stays in flight. It must not hold its permit for ever.
+    let running = start(|c| {
+        c.header_timeout_seconds = 1;
+        c.idle_timeout_seconds = 1;
+    })
+    .await;
+    let socket = TcpStream::connect(running.local_addr())
+        .await
+        .expect("connect");
+    let (mut sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .adaptive_window(false)
+        .initial_stream_window_size(0)
+        .handshake(TokioIo::new(socket))
+        .await
+        .expect("HTTP/2 handshake");
+    let conn = tokio::spawn(conn);
+    let req = http::Request::get(format!("{}/health", running.base_url()))
+        .body(Empty::<Bytes>::new())
+        .expect("request");
+    let res = sender.send_request(req).await.expect("the answer's head");
+    assert_eq!(res.status(), 200);
+    // Never read the body. The stall limit is the idle timeout plus the server's grace for
+    // slow handlers, then the close itself takes up to a header timeout.
+    let stall = Duration::from_secs(1) + servicekit_orchestrator::connection::STALL_GRACE;
+    let ended = timeout(stall + PATIENCE, conn).await;
+    assert!(
+        ended.is_ok(),
+        "a connection whose answer cannot be sent is still open"
+    );
+    drop(res);
+    running.shutdown().await;
+}
+
+#[tokio::test]
 async fn a_kept_alive_http1_connection_is_closed_after_the_header_timeout() {
     // A long idle limit: only the header timer (which runs between requests) can close it.
     let running = start(|c| {

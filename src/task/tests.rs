@@ -407,6 +407,22 @@ async fn exhausted_attempts_fail_for_good_only_with_fail_on_error() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_lease_held_by_a_previous_process_is_waited_out() {
+    // Restarted within the TTL: the previous process's entry is still live under its lease,
+    // so the orchestrator refuses (403) until that entry expires, then registers.
+    let fake = with_script(|s| {
+        s.register = std::iter::repeat_n(Answer::Status(403), 4)
+            .chain(std::iter::once(Answer::Ok))
+            .collect();
+    });
+    let r = start(fake, Tunables::default(), true);
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    let s = r.status.snapshot();
+    assert_eq!(s.phase, Phase::Registered, "{:?}", s.error);
+    assert_eq!(r.fake.calls("register").len(), 5);
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_404_on_register_is_a_wrong_url_with_a_hint_and_not_retried() {
     let fake = with_script(|s| s.register = [Answer::Status(404)].into());
     let r = start(fake, Tunables::default(), false);

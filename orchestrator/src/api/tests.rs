@@ -167,8 +167,9 @@ async fn a_hung_store_is_a_503_for_every_route_that_uses_it() {
         .expect("body")
         .to_bytes();
     let text = String::from_utf8_lossy(&body);
+    // Two failed counts: the direct call above and the scrape's own.
     assert!(
-        text.contains("servicekit_store_operation_errors_total{op=\"count\"} 1"),
+        text.contains("servicekit_store_operation_errors_total{op=\"count\"} 2"),
         "{text}"
     );
     assert!(!text.contains("servicekit_registrations "), "{text}");
