@@ -129,7 +129,9 @@ where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    let (activity, mut watched) = watch::channel(Activity {
+    // Requests record what they do here; this loop reads it only when one of its timers
+    // fires, so a request costs it no wake-up (it is on every request's path).
+    let (activity, watched) = watch::channel(Activity {
         started: false,
         in_flight: 0,
         idle_since: accepted,
@@ -144,39 +146,51 @@ where
     let head_deadline = accepted + limits.header_timeout;
     // Set once a graceful close began: past it, the connection is dropped.
     let mut close_deadline: Option<Instant> = None;
-    let mut watching = true;
+    // When the connection is due to close, as its requests stand.
+    let due = |a: &Activity| {
+        if !a.started {
+            head_deadline
+        } else if a.in_flight == 0 {
+            a.idle_since + limits.idle_timeout
+        } else {
+            a.progress + limits.stall_timeout()
+        }
+    };
+    // When to look again: never later than the due time of any state the requests can move
+    // to from this one (their recorded times only grow, and every limit after the first
+    // request is at least the idle timeout), so the loop needs no wake-up from them.
+    let wake = |a: &Activity| {
+        if !a.started {
+            head_deadline.min(accepted + limits.idle_timeout)
+        } else if a.in_flight == 0 {
+            a.idle_since + limits.idle_timeout
+        } else {
+            a.progress + limits.idle_timeout
+        }
+    };
     loop {
-        let now = *watched.borrow_and_update();
-        let wake_at = match close_deadline {
-            Some(at) => Some(at),
-            None if !now.started => Some(head_deadline),
-            None if now.in_flight == 0 => Some(now.idle_since + limits.idle_timeout),
-            None => Some(now.progress + limits.stall_timeout()),
-        };
+        let wake_at = close_deadline.unwrap_or_else(|| wake(&watched.borrow()));
         tokio::select! {
             biased;
             ended = conn.as_mut() => return ended.map_err(Ended::Http),
-            changed = watched.changed(), if watching => watching = changed.is_ok(),
             _ = stop.wait_for(|stopped| *stopped), if close_deadline.is_none() => {
                 conn.as_mut().graceful_shutdown();
                 close_deadline = Some(Instant::now() + drain_timeout);
             }
-            _ = tokio::time::sleep_until(wake_at.unwrap_or(head_deadline)), if wake_at.is_some() => {
+            _ = tokio::time::sleep_until(wake_at) => {
                 if close_deadline.is_some() {
                     return Err(Ended::CloseTimedOut);
+                }
+                let now = *watched.borrow();
+                if due(&now) > Instant::now() {
+                    continue; // A request arrived, ended or progressed meanwhile.
                 }
                 if !now.started {
                     // Nothing to finish: close the socket now.
                     return Err(Ended::NoRequest(limits.header_timeout));
                 }
-                // Progress is recorded without waking this loop: look again before acting.
-                let current = *watched.borrow();
-                if current.in_flight > 0
-                    && current.progress + limits.stall_timeout() > Instant::now()
-                {
-                    continue;
-                }
-                // Idle: let HTTP/2 say GOAWAY, and the client a header timeout to take it.
+                // Idle or stalled: let HTTP/2 say GOAWAY, and the client a header timeout to
+                // take it.
                 conn.as_mut().graceful_shutdown();
                 close_deadline = Some(Instant::now() + limits.header_timeout);
             }
@@ -300,10 +314,7 @@ where
             },
         };
         let guard = this.guard.take();
-        Poll::Ready(Ok(response.map(|inner| TrackedBody {
-            inner,
-            guard,
-        })))
+        Poll::Ready(Ok(response.map(|inner| TrackedBody { inner, guard })))
     }
 }
 

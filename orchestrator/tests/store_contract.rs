@@ -1521,12 +1521,18 @@ async fn pages_across_registrations_and_removals<H: Harness>() {
                     s.deregister(ids_[9]).await.expect("deregister");
                     // Already listed, removed: no effect on what follows.
                     s.deregister(ids_[0]).await.expect("deregister");
+                    // Positions in id order, not URLs: ids minted in one millisecond are in
+                    // random order, so `c-7` need not be ids_[7].
+                    let url_of =
+                        |id: Ulid| async move { s.get(id).await.expect("get").expect("live").url };
                     // Not reached yet, renewed under another name: listed once.
-                    let url = format!("http://c{round}-7:8000");
-                    s.register(reg(&url, "renamed")).await.expect("renew");
+                    s.register(reg(&url_of(ids_[7]).await, "renamed"))
+                        .await
+                        .expect("renew");
                     // Already listed, renewed: not listed again.
-                    let url = format!("http://c{round}-1:8000");
-                    s.register(reg(&url, "renamed")).await.expect("renew");
+                    s.register(reg(&url_of(ids_[1]).await, "renamed"))
+                        .await
+                        .expect("renew");
                 }
                 1 => {
                     let url = format!("http://c{round}-new:8000");
@@ -1554,7 +1560,10 @@ async fn pages_across_registrations_and_removals<H: Harness>() {
             );
         }
         assert!(!seen.contains(&ids_[9]), "{what}: removed before its page");
-        assert!(seen.len() <= stayed.len() + 1, "{what}: {seen:?}");
+        assert!(
+            seen.len() <= stayed.len() + 1,
+            "{what}: {seen:?} of {ids_:?}"
+        );
         // Clean slate for the next round.
         for id in s.list(&all()).await.expect("list").iter().map(|r| r.id) {
             s.deregister(id).await.expect("deregister");

@@ -12,13 +12,13 @@ if not url or lease == nil then return malformed(KEYS[1]) end
 if lease and ARGV[4] ~= lease and ARGV[5] ~= '1' then return forbidden() end
 local now = server_now()
 local ttl = tonumber(ARGV[3])
--- Index repair (docs/valkey-store.md, "Index consistency"): the first ping after a register,
--- and the first in each later TTL period counted from it, return the name.
+-- Index repair (docs/valkey-store.md, "Index consistency"): the first ping in each TTL
+-- period after the register (counted from it) returns the name. Not the first ping after it:
+-- the register itself indexed the record, and every new registration would pay for it.
 local updated, last = stamp(v, 1), stamp(v, 2)
 local repair = false
 if updated and last then
-  repair = last <= updated
-    or math.floor((now - updated) / ttl) > math.floor((last - updated) / ttl)
+  repair = math.floor((now - updated) / ttl) > math.floor((last - updated) / ttl)
 end
 local stamps = stamp_text(now) .. stamp_text(now + ttl)
 if #stamps ~= HEADER_LEN - PING_OFFSET then
