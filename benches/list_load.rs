@@ -19,6 +19,7 @@
 //! list phase, and its peak (`VmHWM`). It only uses what every version of the orchestrator
 //! has (flags through environment variables), so the same file measures an older build too.
 
+mod common;
 #[allow(dead_code)]
 #[path = "../orchestrator/tests/support/valkey.rs"]
 mod valkey;
@@ -29,14 +30,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use clap::Parser;
-use http_body_util::{BodyExt, Full};
-use hyper::client::conn::http1::SendRequest;
-use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
 use servicekit_orchestrator::config::Config;
-use tokio::net::TcpStream;
+use common::{connect, rss, send};
 
 const REGISTER_CONNECTIONS: usize = 64;
 const PING_CONNECTIONS: usize = 16;
@@ -148,7 +145,7 @@ async fn run(store: &str, valkey: Option<&valkey::ValkeyServer>, n: usize, phase
         listers.push(tokio::spawn(async move {
             let mut sender = connect(&addr).await;
             while !stop.load(Ordering::Relaxed) {
-                let (status, body) = send(&mut sender, "GET", "/services").await;
+                let (status, body) = send(&mut sender, "GET", "/services", None).await;
                 assert_eq!(status, 200, "list all");
                 list_bytes.fetch_add(body.len() as u64, Ordering::Relaxed);
                 lists.fetch_add(1, Ordering::Relaxed);
@@ -190,54 +187,6 @@ async fn run(store: &str, valkey: Option<&valkey::ValkeyServer>, n: usize, phase
     let _ = child.wait();
 }
 
-/// A field of /proc/PID/status in KiB.
-fn rss(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with(field))
-                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
-        })
-        .unwrap_or(0)
-}
-
-async fn connect(addr: &str) -> SendRequest<Full<Bytes>> {
-    let stream = TcpStream::connect(addr).await.expect("connect");
-    stream.set_nodelay(true).expect("nodelay");
-    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .expect("handshake");
-    tokio::spawn(conn);
-    sender
-}
-
-async fn send_body(
-    sender: &mut SendRequest<Full<Bytes>>,
-    method: &str,
-    path: &str,
-    body: Option<Vec<u8>>,
-) -> (u16, Bytes) {
-    let mut req = http::Request::builder()
-        .method(method)
-        .uri(path)
-        .header("host", "bench");
-    if body.is_some() {
-        req = req.header("content-type", "application/json");
-    }
-    let req = req
-        .body(Full::new(Bytes::from(body.unwrap_or_default())))
-        .expect("request");
-    sender.ready().await.expect("connection ready");
-    let res = sender.send_request(req).await.expect("answer");
-    let status = res.status().as_u16();
-    let body = res.into_body().collect().await.expect("body").to_bytes();
-    (status, body)
-}
-
-async fn send(sender: &mut SendRequest<Full<Bytes>>, method: &str, path: &str) -> (u16, Bytes) {
-    send_body(sender, method, path, None).await
-}
 
 fn registration(i: usize) -> Vec<u8> {
     serde_json::to_vec(&json!({
@@ -270,7 +219,7 @@ async fn register_range(addr: &str, n: usize) -> Vec<String> {
                 }
                 let body = Some(registration(i));
                 let (status, body) =
-                    send_body(&mut sender, "POST", "/services/$register", body).await;
+                    send(&mut sender, "POST", "/services/$register", body).await;
                 assert!(status == 201 || status == 200, "register: {status}");
                 let v: Value = serde_json::from_slice(&body).expect("json");
                 ids.push(v["id"].as_str().expect("id").to_owned());
@@ -304,7 +253,7 @@ async fn ping_phase(addr: &str, ids: Arc<Vec<String>>, duration: Duration) -> (L
                 i = i.wrapping_add(104_729);
                 let path = format!("/services/{}/$ping", ids[i % ids.len()]);
                 let started = Instant::now();
-                let (status, _) = send(&mut sender, "PUT", &path).await;
+                let (status, _) = send(&mut sender, "PUT", &path, None).await;
                 assert_eq!(status, 200, "ping");
                 lat.push(started.elapsed().as_micros().min(u32::MAX as u128) as u32);
             }

@@ -15,6 +15,7 @@
 //! Valkey's own throughput for the ping script over the same number of connections, and the
 //! time to list all entries and one display name's entries at 10k and 100k.
 
+mod common;
 #[allow(dead_code)]
 #[path = "../orchestrator/tests/support/valkey.rs"]
 mod valkey;
@@ -25,16 +26,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::client::conn::http1::SendRequest;
-use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
 use servicekit_orchestrator::config::Config;
 use servicekit_orchestrator::store::ValkeyStore;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader as AsyncBufReader};
 use tokio::net::TcpStream;
 use ulid::Ulid;
+
+use common::{connect, rss, send};
 
 const NAMES: usize = 100;
 const CONNECTIONS: usize = 64;
@@ -198,50 +197,6 @@ fn cores() -> usize {
         .unwrap_or(1)
 }
 
-/// A field of /proc/PID/status in KiB.
-fn rss(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with(field))
-                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
-        })
-        .unwrap_or(0)
-}
-
-async fn connect(addr: &str) -> SendRequest<Full<Bytes>> {
-    let stream = TcpStream::connect(addr).await.expect("connect");
-    stream.set_nodelay(true).expect("nodelay");
-    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .expect("handshake");
-    tokio::spawn(conn);
-    sender
-}
-
-async fn send(
-    sender: &mut SendRequest<Full<Bytes>>,
-    method: &str,
-    path: &str,
-    body: Option<Vec<u8>>,
-) -> (u16, Bytes) {
-    let mut req = http::Request::builder()
-        .method(method)
-        .uri(path)
-        .header("host", "bench");
-    if body.is_some() {
-        req = req.header("content-type", "application/json");
-    }
-    let req = req
-        .body(Full::new(Bytes::from(body.unwrap_or_default())))
-        .expect("request");
-    sender.ready().await.expect("connection ready");
-    let res = sender.send_request(req).await.expect("answer");
-    let status = res.status().as_u16();
-    let body = res.into_body().collect().await.expect("body").to_bytes();
-    (status, body)
-}
 
 fn registration(i: usize) -> Vec<u8> {
     serde_json::to_vec(&json!({
