@@ -31,9 +31,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+use common::{connect, rss, send};
 use serde_json::{json, Value};
 use servicekit_orchestrator::config::Config;
-use common::{connect, rss, send};
 
 const REGISTER_CONNECTIONS: usize = 64;
 const PING_CONNECTIONS: usize = 16;
@@ -187,7 +187,6 @@ async fn run(store: &str, valkey: Option<&valkey::ValkeyServer>, n: usize, phase
     let _ = child.wait();
 }
 
-
 fn registration(i: usize) -> Vec<u8> {
     serde_json::to_vec(&json!({
         "url": format!("http://10.{}.{}.{}:8000", i / 65536 % 256, i / 256 % 256, i % 256),
@@ -218,8 +217,7 @@ async fn register_range(addr: &str, n: usize) -> Vec<String> {
                     return ids;
                 }
                 let body = Some(registration(i));
-                let (status, body) =
-                    send(&mut sender, "POST", "/services/$register", body).await;
+                let (status, body) = send(&mut sender, "POST", "/services/$register", body).await;
                 assert!(status == 201 || status == 200, "register: {status}");
                 let v: Value = serde_json::from_slice(&body).expect("json");
                 ids.push(v["id"].as_str().expect("id").to_owned());

@@ -197,7 +197,6 @@ fn cores() -> usize {
         .unwrap_or(1)
 }
 
-
 fn registration(i: usize) -> Vec<u8> {
     serde_json::to_vec(&json!({
         "url": format!("http://10.{}.{}.{}:8000", i / 65536 % 256, i / 256 % 256, i % 256),
