@@ -77,6 +77,17 @@ impl Api {
         }
     }
 
+    /// A client that opens a fresh connection for every request and keeps none, for tests
+    /// that count the server's connections.
+    pub fn unpooled(base: impl Into<String>) -> Self {
+        Api {
+            base: base.into(),
+            client: Client::builder(TokioExecutor::new())
+                .pool_max_idle_per_host(0)
+                .build_http(),
+        }
+    }
+
     pub fn base(&self) -> &str {
         &self.base
     }
