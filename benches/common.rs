@@ -51,3 +51,19 @@ pub async fn send(
     let body = res.into_body().collect().await.expect("body").to_bytes();
     (status, body)
 }
+
+/// Whether to run the short smoke version: `cargo bench` passes `--bench`; `cargo test
+/// --all-targets` (CI) does not, and `BENCH_QUICK` forces it.
+pub fn quick(args: &[String]) -> bool {
+    !args.iter().any(|a| a == "--bench")
+        || args.iter().any(|a| a == "--test")
+        || std::env::var_os("BENCH_QUICK").is_some()
+}
+
+/// A number from the environment variable `name`, else `default`.
+pub fn env_num(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}

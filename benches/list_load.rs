@@ -31,7 +31,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use common::{connect, rss, send};
+use common::{connect, env_num, rss, send};
 use serde_json::{json, Value};
 use servicekit_orchestrator::config::Config;
 
@@ -44,16 +44,7 @@ fn main() {
     if args.iter().any(|a| a == "--serve-orchestrator") {
         return serve_orchestrator();
     }
-    // `cargo bench` passes --bench; `cargo test --all-targets` (CI) does not: smoke mode.
-    let quick = !args.iter().any(|a| a == "--bench")
-        || args.iter().any(|a| a == "--test")
-        || std::env::var_os("BENCH_QUICK").is_some();
-    let env_num = |name: &str, default: usize| {
-        std::env::var(name)
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(default)
-    };
+    let quick = common::quick(&args);
     let n = if quick {
         2_000
     } else {

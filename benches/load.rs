@@ -33,7 +33,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader as Async
 use tokio::net::TcpStream;
 use ulid::Ulid;
 
-use common::{connect, rss, send};
+use common::{connect, env_num, rss, send};
 
 const NAMES: usize = 100;
 const CONNECTIONS: usize = 64;
@@ -43,16 +43,7 @@ fn main() {
     if args.iter().any(|a| a == "--serve-orchestrator") {
         return serve_orchestrator();
     }
-    // `cargo bench` passes --bench; `cargo test --all-targets` (CI) does not: smoke mode.
-    let quick = !args.iter().any(|a| a == "--bench")
-        || args.iter().any(|a| a == "--test")
-        || std::env::var_os("BENCH_QUICK").is_some();
-    let env_num = |name: &str, default: usize| {
-        std::env::var(name)
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(default)
-    };
+    let quick = common::quick(&args);
     let n = if quick {
         300
     } else {
