@@ -433,6 +433,108 @@ pub struct ListResponse {
     pub next_cursor: Option<String>,
 }
 
+/// Query parameter that turns `GET /services` into the watch feed: `?watch=true`, with the
+/// list's filters (`display_name`, `url`, `info.FIELD`).
+pub const WATCH_PARAM: &str = "watch";
+
+/// Media type of the watch feed (Server-Sent Events).
+pub const EVENT_STREAM: &str = "text/event-stream";
+
+/// Header a reconnecting watcher sends with the `id:` of the last event it received, so the
+/// orchestrator can send only what it missed (or a fresh snapshot when it no longer can).
+pub const LAST_EVENT_ID_HEADER: &str = "last-event-id";
+
+/// The longest a watch feed stays silent: the orchestrator writes a comment line at least
+/// this often, so a watcher that hears nothing for much longer knows its connection is dead.
+pub const WATCH_HEARTBEAT: Duration = Duration::from_secs(15);
+
+/// The `event:` of a watch feed message.
+///
+/// A watcher applies them in order: `snapshot` replaces everything it knows with the list in
+/// its data; `registered` and `updated` insert or replace one record (by `id`);
+/// `deregistered` and `expired` remove one (an id it does not know is ignored).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum WatchEventKind {
+    /// The whole current list for the filter: data is a [`ListResponse`].
+    Snapshot,
+    /// A new entry: data is its [`ServiceRecord`].
+    Registered,
+    /// An entry registered again (new info, or the same): data is its [`ServiceRecord`].
+    Updated,
+    /// An entry removed by its service (or an admin): data is a [`RemovedService`].
+    Deregistered,
+    /// An entry whose TTL ran out: data is a [`RemovedService`].
+    Expired,
+}
+
+impl WatchEventKind {
+    /// Every kind, in declaration order.
+    pub const ALL: [WatchEventKind; 5] = [
+        WatchEventKind::Snapshot,
+        WatchEventKind::Registered,
+        WatchEventKind::Updated,
+        WatchEventKind::Deregistered,
+        WatchEventKind::Expired,
+    ];
+
+    /// The `event:` field's text.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            WatchEventKind::Snapshot => "snapshot",
+            WatchEventKind::Registered => "registered",
+            WatchEventKind::Updated => "updated",
+            WatchEventKind::Deregistered => "deregistered",
+            WatchEventKind::Expired => "expired",
+        }
+    }
+
+    /// The kind an `event:` field names; `None` for a name this version does not know (a
+    /// watcher skips such events).
+    pub fn parse(text: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.as_str() == text)
+    }
+
+    /// Whether the event removes an entry.
+    pub const fn is_removal(self) -> bool {
+        matches!(self, WatchEventKind::Deregistered | WatchEventKind::Expired)
+    }
+}
+
+impl fmt::Display for WatchEventKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The data of a `deregistered` or `expired` watch event: the last known record of the entry.
+/// Only `id` and `url` are sure to be there; the orchestrator sends the whole record when it
+/// has it (a Valkey-backed orchestrator that saw an entry expire may know only its id, URL
+/// and display name).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RemovedService {
+    /// The id of the removed entry.
+    pub id: Ulid,
+    /// Its URL.
+    pub url: String,
+    /// What it said about itself, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub info: Option<ServiceInfo>,
+    /// When it would have expired (for `deregistered`) or expired, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<Timestamp>,
+}
+
+impl From<&ServiceRecord> for RemovedService {
+    fn from(record: &ServiceRecord) -> Self {
+        RemovedService {
+            id: record.id,
+            url: record.url.clone(),
+            info: Some(record.info.clone()),
+            expires_at: Some(record.expires_at),
+        }
+    }
+}
+
 /// Answer to `DELETE /services/{id}`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DeregisterResponse {
@@ -514,6 +616,39 @@ impl fmt::Display for Problem {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn watch_event_names_round_trip() {
+        for kind in WatchEventKind::ALL {
+            assert_eq!(WatchEventKind::parse(kind.as_str()), Some(kind));
+        }
+        assert_eq!(WatchEventKind::parse("bookmark"), None);
+        assert!(WatchEventKind::Expired.is_removal());
+        assert!(!WatchEventKind::Updated.is_removal());
+    }
+
+    #[test]
+    fn a_removal_reads_a_whole_record_or_just_id_and_url() {
+        let record = ServiceRecord {
+            id: Ulid::from_string("01JB0000000000000000000000").unwrap(),
+            url: "http://a:1".into(),
+            info: ServiceInfo::new("svca"),
+            registered_at: Timestamp::from_millis(1),
+            last_updated: Timestamp::from_millis(2),
+            last_ping_at: Timestamp::from_millis(3),
+            expires_at: Timestamp::from_millis(4),
+        };
+        let whole: RemovedService =
+            serde_json::from_value(serde_json::to_value(&record).unwrap()).unwrap();
+        assert_eq!(whole, RemovedService::from(&record));
+        let least: RemovedService =
+            serde_json::from_str(r#"{"id":"01JB0000000000000000000000","url":"http://a:1"}"#)
+                .unwrap();
+        assert_eq!(
+            (least.id, least.info, least.expires_at),
+            (record.id, None, None)
+        );
+    }
 
     #[test]
     fn timestamps_are_rfc3339_utc_millis() {

@@ -35,8 +35,8 @@ use crate::logsafe::Untrusted;
 use crate::metrics::Metrics;
 use crate::problem::ApiError;
 use crate::store::{
-    Access, LeaseOutcome, ListFilter, Listing, Pinged, Registered, Registration, Store, StoreError,
-    StoreHealth, LIST_BATCH,
+    Access, Changes, Cursor, LeaseOutcome, ListFilter, Listing, Pinged, Registered, Registration,
+    Store, StoreError, StoreHealth, LIST_BATCH,
 };
 
 /// Upper bound for the health check, so `/health` answers even when the store hangs.
@@ -273,6 +273,28 @@ impl<S: Store> Store for Bounded<S> {
 
     fn count(&self) -> impl Future<Output = Result<u64, StoreError>> + Send {
         self.timed("count", HEALTH_TIMEOUT, self.inner.count())
+    }
+
+    fn change_head(&self) -> impl Future<Output = Result<Cursor, StoreError>> + Send {
+        self.timed("change_head", STORE_TIMEOUT, self.inner.change_head())
+    }
+
+    fn changes(
+        &self,
+        after: Cursor,
+        limit: usize,
+        wait: Duration,
+    ) -> impl Future<Output = Result<Changes, StoreError>> + Send {
+        self.timed(
+            "changes",
+            wait + STORE_TIMEOUT,
+            self.inner.changes(after, limit, wait),
+        )
+    }
+
+    fn reap(&self) -> impl Future<Output = Result<usize, StoreError>> + Send {
+        // Walks the due part of an index, like a sweep.
+        self.timed("reap", LIST_TIMEOUT, self.inner.reap())
     }
 
     fn reconnects(&self) -> Option<prometheus_client::metrics::counter::Counter> {

@@ -33,7 +33,7 @@ const BUCKETS: [f64; 14] = [
 ];
 
 /// The store operations timed by [`crate::api::Bounded`], one `op` label value each.
-const STORE_OPS: [&str; 8] = [
+const STORE_OPS: [&str; 11] = [
     "register",
     "ping",
     "get",
@@ -42,6 +42,9 @@ const STORE_OPS: [&str; 8] = [
     "sweep",
     "health",
     "count",
+    "change_head",
+    "changes",
+    "reap",
 ];
 
 fn histogram() -> Histogram {

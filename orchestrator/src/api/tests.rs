@@ -65,6 +65,20 @@ impl Store for Hangs {
     fn count(&self) -> impl Future<Output = Result<u64, StoreError>> + Send {
         std::future::pending()
     }
+    fn change_head(&self) -> impl Future<Output = Result<Cursor, StoreError>> + Send {
+        std::future::pending()
+    }
+    fn changes(
+        &self,
+        _: Cursor,
+        _: usize,
+        _: Duration,
+    ) -> impl Future<Output = Result<Changes, StoreError>> + Send {
+        std::future::pending()
+    }
+    fn reap(&self) -> impl Future<Output = Result<usize, StoreError>> + Send {
+        std::future::pending()
+    }
 }
 
 /// `op`'s outcome, failing the test when it is not bounded (a minute of paused time).

@@ -412,6 +412,29 @@ impl Store for MemoryStore {
         })
     }
 
+    async fn change_head(&self) -> Result<super::Cursor, StoreError> {
+        Err(StoreError::Unavailable(
+            "the change log is not built yet".into(),
+        ))
+    }
+
+    async fn changes(
+        &self,
+        _after: super::Cursor,
+        _limit: usize,
+        _wait: Duration,
+    ) -> Result<super::Changes, StoreError> {
+        Err(StoreError::Unavailable(
+            "the change log is not built yet".into(),
+        ))
+    }
+
+    async fn reap(&self) -> Result<usize, StoreError> {
+        Err(StoreError::Unavailable(
+            "the change log is not built yet".into(),
+        ))
+    }
+
     async fn count(&self) -> Result<u64, StoreError> {
         Ok(u64::try_from(self.lock().entries.len()).unwrap_or(u64::MAX))
     }

@@ -45,9 +45,11 @@ use ulid::Ulid;
 
 pub use crate::lease::LeaseHash;
 
+pub mod changes;
 pub mod memory;
 pub mod valkey;
 
+pub use changes::{Change, ChangeKind, Changes, Cursor, Subject, CHANGE_LOG_LEN};
 pub use memory::{MemoryListing, MemoryStore};
 pub use valkey::{ValkeyListing, ValkeyStore};
 
@@ -251,6 +253,9 @@ pub enum StoreError {
     Forbidden,
 }
 
+/// How often the orchestrator calls [`Store::reap`].
+pub const REAP_INTERVAL: Duration = Duration::from_millis(500);
+
 /// Records a listing reads per step when the caller has no page size of its own.
 pub const LIST_BATCH: usize = 500;
 
@@ -274,7 +279,12 @@ pub trait Listing: Send + 'static {
 /// - a leased entry is written only by a caller presenting its lease or the admin key, and
 ///   the check is atomic with the write (see the module docs);
 /// - an id is never handed to another URL than the one it was minted for;
-/// - indexes shrink as entries go, at the latest on the next [`Store::sweep`].
+/// - indexes shrink as entries go, at the latest on the next [`Store::sweep`];
+/// - every registration appends `Registered` (the log had not announced the entry) or
+///   `Updated` to the change log after its write, and an announced entry gets at most one
+///   removal (`Deregistered` from its deregistration, else `Expired` from the first
+///   [`Store::reap`], read or sweep that sees it gone); per entry, changes are logged in the
+///   order they happened.
 pub trait Store: Send + Sync + 'static {
     /// A listing in progress; see [`Store::listing`].
     type Listing: Listing;
@@ -380,6 +390,26 @@ pub trait Store: Send + Sync + 'static {
     /// `--max-registrations`: cheap (one read), and counting expired entries until the next
     /// [`Store::sweep`] drops them.
     fn count(&self) -> impl Future<Output = Result<u64, StoreError>> + Send;
+
+    /// The cursor of the newest change in the log ([`Cursor::ZERO`] when it is empty). A
+    /// listing started after this call reflects every change up to it.
+    fn change_head(&self) -> impl Future<Output = Result<Cursor, StoreError>> + Send;
+
+    /// At most `limit` (≥ 1) changes after `after`, oldest first. When there is none yet,
+    /// waits up to `wait` for one and answers an empty batch if none came (a non-zero `wait`
+    /// is for one reader per process, the watch hub: Valkey serves it on a connection of its
+    /// own). [`Changes::Gap`] when the log no longer holds every change after `after`.
+    fn changes(
+        &self,
+        after: Cursor,
+        limit: usize,
+        wait: Duration,
+    ) -> impl Future<Output = Result<Changes, StoreError>> + Send;
+
+    /// Logs `Expired` for announced entries whose TTL has passed and whose removal is not
+    /// logged yet; returns how many. The orchestrator calls it every [`REAP_INTERVAL`], so an
+    /// expiry reaches watchers within about that (plus the time to notice it among many).
+    fn reap(&self) -> impl Future<Output = Result<usize, StoreError>> + Send;
 
     /// The store's count of connections to its backend that came back after being lost, for
     /// `/metrics`; `None` for a store without a connection.

@@ -498,6 +498,29 @@ impl Store for ValkeyStore {
         })
     }
 
+    async fn change_head(&self) -> Result<super::Cursor, StoreError> {
+        Err(StoreError::Unavailable(
+            "the change log is not built yet".into(),
+        ))
+    }
+
+    async fn changes(
+        &self,
+        _after: super::Cursor,
+        _limit: usize,
+        _wait: Duration,
+    ) -> Result<super::Changes, StoreError> {
+        Err(StoreError::Unavailable(
+            "the change log is not built yet".into(),
+        ))
+    }
+
+    async fn reap(&self) -> Result<usize, StoreError> {
+        Err(StoreError::Unavailable(
+            "the change log is not built yet".into(),
+        ))
+    }
+
     async fn count(&self) -> Result<u64, StoreError> {
         self.note(self.client.zcard(self.keys.all_idx()).await)
     }
