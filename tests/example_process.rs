@@ -4,60 +4,11 @@
 
 mod support;
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use support::process::{example, output_of, wait_exit};
 use support::*;
-
-fn example(name: &str) -> Command {
-    // target/<profile>/deps/<this test> → target/<profile>/examples/<name>
-    let exe = std::env::current_exe().expect("test binary path");
-    let path: PathBuf = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .map(|profile| profile.join("examples").join(name))
-        .expect("target directory");
-    assert!(
-        path.exists(),
-        "{} is missing: build the examples first (`cargo build --examples`, as scripts/test does)",
-        path.display()
-    );
-    let mut cmd = Command::new(path);
-    for var in [
-        "SERVICEKIT_ORCHESTRATOR_URL",
-        "SERVICEKIT_HOST",
-        "SERVICEKIT_PORT",
-        "SERVICEKIT_REGISTRATION_KEY",
-        "SERVICEKIT_FAIL_ON_ERROR",
-        "SERVICEKIT_MAX_RETRIES",
-        "SERVICEKIT_RETRY_DELAY_MS",
-        "SERVICEKIT_DISPLAY_NAME",
-        "SSL_CERT_FILE",
-        "SSL_CERT_DIR",
-    ] {
-        cmd.env_remove(var);
-    }
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    cmd
-}
-
-/// Waits for the child to exit within `within`, killing it otherwise.
-fn wait_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            return status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("the example did not exit within {within:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 #[test]
 fn fail_on_error_makes_the_service_exit_non_zero() {
@@ -150,19 +101,6 @@ async fn entries_over_tls(
         .as_array()
         .cloned()
         .unwrap_or_default()
-}
-
-/// Kills the child and returns what it printed, for a failure message.
-fn output_of(mut child: Child) -> String {
-    let _ = child.kill();
-    match child.wait_with_output() {
-        Ok(o) => format!(
-            "{}{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        ),
-        Err(e) => format!("(no output: {e})"),
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,6 +6,7 @@
 
 #[path = "../../orchestrator/tests/support/http.rs"]
 pub mod http;
+pub mod process;
 #[path = "../../orchestrator/tests/support/tls.rs"]
 pub mod tls;
 #[path = "../../orchestrator/tests/support/valkey.rs"]

@@ -1,0 +1,167 @@
+//! The examples as real processes: built by `scripts/test` (`cargo build --examples`) before
+//! the tests run, started with a clean environment, stopped with real signals.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// A command for the example `name`, with every servicekit variable of the test's own
+/// environment removed and its output piped.
+pub fn example(name: &str) -> Command {
+    // target/<profile>/deps/<this test> → target/<profile>/examples/<name>
+    let exe = std::env::current_exe().expect("test binary path");
+    let path: PathBuf = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .map(|profile| profile.join("examples").join(name))
+        .expect("target directory");
+    assert!(
+        path.exists(),
+        "{} is missing: build the examples first (`cargo build --examples --features \
+         servicekit/tls,servicekit/discovery`, as scripts/test does)",
+        path.display()
+    );
+    let mut cmd = Command::new(path);
+    for var in [
+        "SERVICEKIT_ORCHESTRATOR_URL",
+        "SERVICEKIT_HOST",
+        "SERVICEKIT_PORT",
+        "SERVICEKIT_REGISTRATION_KEY",
+        "SERVICEKIT_FAIL_ON_ERROR",
+        "SERVICEKIT_MAX_RETRIES",
+        "SERVICEKIT_RETRY_DELAY_MS",
+        "SERVICEKIT_DISPLAY_NAME",
+        "SERVICE_DISPLAY_NAME",
+        "CONSUMER_TARGET",
+        "CONSUMER_RATE",
+        "CONSUMER_PATH",
+        "RUST_LOG",
+        "SSL_CERT_FILE",
+        "SSL_CERT_DIR",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    cmd
+}
+
+/// Waits for the child to exit within `within`, killing it otherwise.
+pub fn wait_exit(child: &mut Child, within: Duration) -> ExitStatus {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the example did not exit within {within:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Kills the child and returns what it printed, for a failure message.
+pub fn output_of(mut child: Child) -> String {
+    let _ = child.kill();
+    match child.wait_with_output() {
+        Ok(o) => format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        ),
+        Err(e) => format!("(no output: {e})"),
+    }
+}
+
+/// Sends SIGTERM to the child.
+pub fn sigterm(child: &Child) {
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(kill.success(), "kill -TERM {}", child.id());
+}
+
+/// A running example whose output (stdout and stderr, interleaved by line) is collected as
+/// it comes, so a test can wait for a log line and a failure can show everything. Killed
+/// when dropped.
+pub struct Process {
+    pub child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl Process {
+    /// Starts `cmd`, collecting its output.
+    pub fn spawn(mut cmd: Command) -> Process {
+        let mut child = cmd.spawn().expect("example starts");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let readers: Vec<Box<dyn Read + Send>> = [
+            child.stdout.take().map(|s| Box::new(s) as Box<dyn Read + Send>),
+            child.stderr.take().map(|s| Box::new(s) as Box<dyn Read + Send>),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        for reader in readers {
+            let lines = lines.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(reader).lines() {
+                    let Ok(line) = line else { return };
+                    lines.lock().unwrap_or_else(|e| e.into_inner()).push(line);
+                }
+            });
+        }
+        Process { child, lines }
+    }
+
+    /// Everything printed so far.
+    pub fn output(&self) -> Vec<String> {
+        self.lines.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Whether some line printed so far satisfies `pred`.
+    pub fn printed(&self, pred: impl Fn(&str) -> bool) -> bool {
+        self.lines
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .any(|l| pred(l))
+    }
+
+    /// SIGTERM, then waits for the exit (killing it after `within`).
+    pub async fn terminate(mut self, within: Duration) -> (ExitStatus, Vec<String>) {
+        sigterm(&self.child);
+        let mut child = std::mem::replace(
+            &mut self.child,
+            // A placeholder that is never waited on: `true` exits at once.
+            Command::new("true").spawn().expect("placeholder process"),
+        );
+        let status = tokio::task::spawn_blocking(move || wait_exit(&mut child, within))
+            .await
+            .expect("waiter");
+        // The reader threads finish once the pipes close; give them a moment to drain.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let lines = self.lines.clone();
+        while Instant::now() < deadline && Arc::strong_count(&lines) > 2 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        (status, self.output())
+    }
+
+    /// SIGKILL, at once.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
