@@ -143,7 +143,7 @@ pub struct Session<S: Store> {
     pub(super) known: HashMap<Ulid, Arc<ServiceRecord>>,
     /// Resumed without a snapshot: the client may know ids `known` does not.
     pub(super) resumed: bool,
-    /// Resumed sessions: ids told `deregistered` for a non-matching update, so it is said once.
+    /// Resumed sessions: ids told `deregistered` for a non-matching update (said once).
     pub(super) denied: HashSet<Ulid>,
     pub(super) last_sent: Instant,
     pub(super) _guard: (OwnedSemaphorePermit, WatcherGuard),
@@ -329,8 +329,12 @@ impl<S: Store> Session<S> {
                     };
                     Some((kind, Data::Record(record.clone())))
                 } else if self.known.remove(&id).is_some()
-                    || (self.resumed && self.denied.insert(id))
+                    || (self.resumed
+                        && change.kind == ChangeKind::Updated
+                        && self.denied.insert(id))
                 {
+                    // (A resumed session cannot tell whether the client knows the id; a new
+                    // entry's id it cannot know: it would have seen its earlier removal.)
                     // Renamed (or re-described) away: gone from this watcher's set.
                     let removed = RemovedService::from(&**record);
                     Some((WatchEventKind::Deregistered, Data::Removed(removed)))
