@@ -3,7 +3,8 @@
 //! Hand-routed on purpose: seven routes do not justify a framework, and owning the routing means
 //! every miss (unknown path, wrong method, bad id) gets a problem+json answer instead of a
 //! framework's default body. Handlers validate everything a client controls before the store
-//! sees it, so a client mistake is a 4xx and never a 500.
+//! sees it, so a client mistake is a 4xx and never a 500. `GET /services?watch=true` goes to
+//! the watch feed ([`crate::watch`]) with the list's own filters.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -22,7 +23,8 @@ use serde_json::{json, Map};
 use servicekit::protocol::ServiceRecord;
 use servicekit::protocol::{
     DeregisterResponse, HealthResponse, PingResponse, RegisterRequest, RegisterResponse,
-    RegistrationStatus, ADMIN_KEY_HEADER, LEASE_TOKEN_HEADER, SERVICE_KEY_HEADER,
+    RegistrationStatus, ADMIN_KEY_HEADER, LAST_EVENT_ID_HEADER, LEASE_TOKEN_HEADER,
+    SERVICE_KEY_HEADER, WATCH_PARAM,
 };
 use subtle::ConstantTimeEq;
 use tower_http::timeout::TimeoutError;
@@ -48,6 +50,8 @@ const STORE_TIMEOUT: Duration = Duration::from_millis(2500);
 /// `info.` filter, may examine many entries) legitimately takes longer than a single-entry
 /// operation.
 const LIST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Watch feeds served at once unless configured (`--max-watchers`).
+pub const DEFAULT_MAX_WATCHERS: usize = 10_000;
 /// The largest `?limit=`.
 pub const MAX_PAGE: usize = 1000;
 /// Listings served at once. A Valkey listing keeps its index's ids (32 bytes per entry) until
@@ -304,7 +308,8 @@ impl<S: Store> Store for Bounded<S> {
 
 /// The API over one store. Shared by every connection.
 pub struct Api<S> {
-    store: Bounded<S>,
+    /// Shared with the watch sessions, which outlive the request that started them.
+    store: Arc<Bounded<S>>,
     public_url: Option<String>,
     registration_key: Option<Vec<u8>>,
     /// The SHA-256 of the admin key: compared as digests, so neither its content nor its
@@ -317,6 +322,7 @@ pub struct Api<S> {
     scheme: &'static str,
     limits: Limits,
     listings: Arc<tokio::sync::Semaphore>,
+    watch: crate::watch::Watch,
 }
 
 /// The routes, as matched from a path. A service id that is not the canonical text of a ULID
@@ -393,7 +399,7 @@ impl<S: Store> Api<S> {
         local_addr: SocketAddr,
     ) -> Self {
         Api {
-            store: Bounded::new(store),
+            store: Arc::new(Bounded::new(store)),
             public_url,
             registration_key: registration_key.map(String::into_bytes),
             admin_key: None,
@@ -403,7 +409,22 @@ impl<S: Store> Api<S> {
             scheme: "http",
             limits: Limits::default(),
             listings: Arc::new(tokio::sync::Semaphore::new(MAX_LISTINGS)),
+            watch: crate::watch::Watch::new(
+                DEFAULT_MAX_WATCHERS,
+                crate::watch::WatchTuning::default(),
+            ),
         }
+    }
+
+    /// The same API with at most `max_watchers` watch feeds at once, tuned by `tuning`.
+    pub fn with_watch(mut self, max_watchers: usize, tuning: crate::watch::WatchTuning) -> Self {
+        self.watch = crate::watch::Watch::new(max_watchers, tuning);
+        self
+    }
+
+    /// The watch feed: its hub is run by the server.
+    pub fn watch(&self) -> &crate::watch::Watch {
+        &self.watch
     }
 
     /// Base URLs built from the Host header say `https` when `tls` (the server speaks TLS).
@@ -483,7 +504,10 @@ impl<S: Store> Api<S> {
         match (route, method) {
             (Route::Health, _) if read => self.health().await,
             (Route::Metrics, _) if read => self.scrape().await.map(|r| r.map(ApiBody::Whole)),
-            (Route::Services, _) if read => self.list(req.uri().query()).await,
+            (Route::Services, _) if read => {
+                let last_event_id = req.headers().get(LAST_EVENT_ID_HEADER);
+                self.list(req.uri().query(), last_event_id).await
+            }
             (Route::Service(id), _) if read => self.get(id.ok_or_else(no_such_id)?).await,
             (Route::Service(id), &Method::DELETE) => {
                 let access = self.authorize(&req)?;
@@ -691,8 +715,24 @@ impl<S: Store> Api<S> {
     }
 
     /// `GET /services`: one page with `?limit=`, else every match, streamed.
-    async fn list(&self, query: Option<&str>) -> Result<Response<ApiBody>, ApiError> {
+    async fn list(
+        &self,
+        query: Option<&str>,
+        last_event_id: Option<&HeaderValue>,
+    ) -> Result<Response<ApiBody>, ApiError> {
         let query = parse_list_query(query.unwrap_or(""))?;
+        if query.watch {
+            return self
+                .watch
+                .answer(
+                    &self.store,
+                    &self.listings,
+                    self.metrics(),
+                    query.filter,
+                    last_event_id,
+                )
+                .await;
+        }
         let permit =
             match tokio::time::timeout(LISTING_WAIT, self.listings.clone().acquire_owned()).await {
                 Ok(Ok(permit)) => permit,
@@ -873,6 +913,13 @@ struct ListPage<'a> {
 /// slows the listing down instead of making it pile up.
 pub struct ListBody {
     rx: tokio::sync::mpsc::Receiver<Result<Bytes, BoxError>>,
+}
+
+impl ListBody {
+    /// The body of the parts `rx` receives; it ends when every sender is gone.
+    pub(crate) fn new(rx: tokio::sync::mpsc::Receiver<Result<Bytes, BoxError>>) -> Self {
+        ListBody { rx }
+    }
 }
 
 impl Body for ListBody {
@@ -1076,6 +1123,8 @@ struct ListQuery {
     limit: Option<usize>,
     /// `?cursor=C`: continue after the page that handed out C.
     cursor: Option<Ulid>,
+    /// `?watch=true`: the watch feed instead of a list.
+    watch: bool,
 }
 
 /// Parses `GET /services` query parameters.
@@ -1107,6 +1156,15 @@ fn parse_list_query(query: &str) -> Result<ListQuery, ApiError> {
                     )))
                 }
             },
+            WATCH_PARAM => match value.as_ref() {
+                "true" => q.watch = true,
+                "false" => q.watch = false,
+                _ => {
+                    return Err(ApiError::BadRequest(format!(
+                        "invalid watch {value:?}: true or false"
+                    )))
+                }
+            },
             k => match k.strip_prefix("info.") {
                 Some(field) if !field.is_empty() => {
                     q.filter.info.push((field.to_owned(), value.into_owned()));
@@ -1114,11 +1172,18 @@ fn parse_list_query(query: &str) -> Result<ListQuery, ApiError> {
                 _ => {
                     return Err(ApiError::BadRequest(format!(
                         "unknown query parameter {k:?}; use display_name, url, info.FIELD, \
-                         limit or cursor"
+                         limit, cursor or watch"
                     )))
                 }
             },
         }
+    }
+    if q.watch && (q.limit.is_some() || q.cursor.is_some()) {
+        return Err(ApiError::BadRequest(
+            "limit and cursor page a list; a watch (watch=true) always starts with the whole \
+             list for its filter"
+                .into(),
+        ));
     }
     Ok(q)
 }

@@ -175,9 +175,19 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(2..))]
     pub max_info_bytes: u64,
 
+    /// Most watch feeds (GET /services?watch=true) open at once; beyond it a watcher gets 429
+    /// with Retry-After. Each takes a connection too (see --max-connections).
+    #[arg(long, env = "ORCHESTRATOR_MAX_WATCHERS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_watchers: u32,
+
     /// Log output: human-readable or one JSON object per line.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Pretty)]
     pub log_format: LogFormat,
+
+    /// The watch feed's heartbeat, send timeout and buffers: not flags, set by tests.
+    #[arg(skip)]
+    pub watch_tuning: crate::watch::WatchTuning,
 }
 
 impl std::fmt::Debug for Config {
@@ -206,7 +216,9 @@ impl std::fmt::Debug for Config {
             .field("max_body_bytes", &self.max_body_bytes)
             .field("max_registrations", &self.max_registrations)
             .field("max_info_bytes", &self.max_info_bytes)
+            .field("max_watchers", &self.max_watchers)
             .field("log_format", &self.log_format)
+            .field("watch_tuning", &self.watch_tuning)
             .finish()
     }
 }
@@ -268,7 +280,9 @@ impl Config {
             max_body_bytes: 65_536,
             max_registrations: 100_000,
             max_info_bytes: 16_384,
+            max_watchers: 10_000,
             log_format: LogFormat::Pretty,
+            watch_tuning: crate::watch::WatchTuning::default(),
         }
     }
 

@@ -16,6 +16,7 @@
 //! - [`logsafe`]: untrusted text in log lines.
 //! - [`lease`]: lease tokens: minting and hashing.
 //! - [`store`]: the storage contract and its two implementations.
+//! - [`watch`]: the watch feed (`GET /services?watch=true`, Server-Sent Events).
 //! - [`tls`]: serving HTTPS with `--tls-cert`/`--tls-key` (the `tls` feature, on by default).
 //! - [`redact`]: the library's secret redaction, re-exported.
 //!
@@ -41,3 +42,4 @@ pub use servicekit::redact;
 pub mod server;
 pub mod store;
 pub mod tls;
+pub mod watch;

@@ -67,6 +67,16 @@ struct OpLabel {
     op: &'static str,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EventLabel {
+    event: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
 /// One orchestrator's metrics. Shared (`Arc`) by the API, the store wrapper, the accept loop
 /// and the sweeper.
 pub struct Metrics {
@@ -78,6 +88,12 @@ pub struct Metrics {
     expired: Counter,
     lease_rejections: Counter,
     connections: Gauge,
+    reaped: Counter,
+    watchers: Gauge,
+    watch_events: Family<EventLabel, Counter>,
+    watch_snapshots: Family<ReasonLabel, Counter>,
+    watchers_dropped: Counter,
+    watch_hub_changes: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -148,6 +164,53 @@ impl Metrics {
             "Open client connections",
             connections.clone(),
         );
+        let reaped = Counter::default();
+        registry.register(
+            "registrations_reaped",
+            "Expiries the reaper found and logged for watchers (before any read or sweep did)",
+            reaped.clone(),
+        );
+        let watchers = Gauge::default();
+        registry.register(
+            "watchers",
+            "Open watch feeds (GET /services?watch=true)",
+            watchers.clone(),
+        );
+        let watch_events = Family::<EventLabel, Counter>::default();
+        for kind in servicekit::protocol::WatchEventKind::ALL {
+            drop(watch_events.get_or_create(&EventLabel {
+                event: kind.as_str(),
+            }));
+        }
+        registry.register(
+            "watch_events",
+            "Events sent to watchers, by event",
+            watch_events.clone(),
+        );
+        let watch_snapshots = Family::<ReasonLabel, Counter>::default();
+        for reason in crate::watch::session::SnapshotReason::ALL {
+            drop(watch_snapshots.get_or_create(&ReasonLabel {
+                reason: reason.as_str(),
+            }));
+        }
+        registry.register(
+            "watch_snapshots",
+            "Snapshots sent to watchers, by reason: start, resume_gap (Last-Event-ID unusable), \
+             lagged (the watcher fell behind), store_gap (the change log lost changes)",
+            watch_snapshots.clone(),
+        );
+        let watchers_dropped = Counter::default();
+        registry.register(
+            "watchers_dropped",
+            "Watch feeds ended because the client took nothing within the send timeout",
+            watchers_dropped.clone(),
+        );
+        let watch_hub_changes = Counter::default();
+        registry.register(
+            "watch_hub_changes",
+            "Changes the watch hub read from the store's change log and fanned out",
+            watch_hub_changes.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -157,6 +220,12 @@ impl Metrics {
             expired,
             lease_rejections,
             connections,
+            reaped,
+            watchers,
+            watch_events,
+            watch_snapshots,
+            watchers_dropped,
+            watch_hub_changes,
         }
     }
 
@@ -185,6 +254,47 @@ impl Metrics {
     pub fn swept(&self, dropped: usize) {
         self.expired
             .inc_by(u64::try_from(dropped).unwrap_or(u64::MAX));
+    }
+
+    /// Counts what one reap logged.
+    pub fn reaped(&self, expired: usize) {
+        self.reaped
+            .inc_by(u64::try_from(expired).unwrap_or(u64::MAX));
+    }
+
+    /// Counts an open watch feed until the returned guard is dropped.
+    pub fn watcher_started(self: &Arc<Self>) -> WatcherGuard {
+        self.watchers.inc();
+        WatcherGuard {
+            metrics: self.clone(),
+        }
+    }
+
+    /// Counts one event sent to a watcher.
+    pub fn watch_event(&self, kind: servicekit::protocol::WatchEventKind) {
+        self.watch_events
+            .get_or_create(&EventLabel {
+                event: kind.as_str(),
+            })
+            .inc();
+    }
+
+    /// Counts one snapshot sent, by reason (a fixed label value).
+    pub fn watch_snapshot(&self, reason: &'static str) {
+        self.watch_snapshots
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
+    }
+
+    /// Counts a watcher dropped for not reading.
+    pub fn watcher_dropped(&self) {
+        self.watchers_dropped.inc();
+    }
+
+    /// Counts changes the hub read.
+    pub fn watch_hub_read(&self, changes: usize) {
+        self.watch_hub_changes
+            .inc_by(u64::try_from(changes).unwrap_or(u64::MAX));
     }
 
     /// Counts a write refused with 403 for a missing or wrong lease token.
@@ -219,6 +329,18 @@ impl Metrics {
             prometheus_text::encode(&mut text, &scrape)?;
         }
         Ok(text)
+    }
+}
+
+/// Keeps one watch feed counted in `servicekit_watchers`.
+#[derive(Debug)]
+pub struct WatcherGuard {
+    metrics: Arc<Metrics>,
+}
+
+impl Drop for WatcherGuard {
+    fn drop(&mut self) {
+        self.metrics.watchers.dec();
     }
 }
 

@@ -40,6 +40,8 @@ pub enum ApiError {
     RegistryFull { limit: usize },
     #[error("{limit} listings are in progress; try again shortly")]
     TooManyListings { limit: usize },
+    #[error("{limit} watchers are connected, the limit of this orchestrator; try again shortly")]
+    TooManyWatchers { limit: usize },
     #[error("content type {0:?} is not supported; send application/json")]
     UnsupportedMediaType(String),
     #[error("the registry store is unavailable: {0}")]
@@ -99,7 +101,7 @@ impl ApiError {
                 t::LIMIT_EXCEEDED,
                 "Limit Exceeded",
             ),
-            ApiError::TooManyListings { .. } => (
+            ApiError::TooManyListings { .. } | ApiError::TooManyWatchers { .. } => (
                 StatusCode::TOO_MANY_REQUESTS,
                 t::LIMIT_EXCEEDED,
                 "Limit Exceeded",
@@ -141,7 +143,9 @@ impl ApiError {
             ApiError::MethodNotAllowed { allow, .. } => {
                 headers.insert(ALLOW, HeaderValue::from_static(allow));
             }
-            ApiError::StoreUnavailable(_) | ApiError::TooManyListings { .. } => {
+            ApiError::StoreUnavailable(_)
+            | ApiError::TooManyListings { .. }
+            | ApiError::TooManyWatchers { .. } => {
                 headers.insert(RETRY_AFTER, HeaderValue::from_static("1"));
             }
             ApiError::Unauthorized => {

@@ -1,5 +1,5 @@
-//! Accepting connections, the middleware in front of the API, the background sweeper, and
-//! graceful shutdown.
+//! Accepting connections, the middleware in front of the API, the background tasks (the
+//! sweeper, the reaper that logs expiries for watchers, the watch hub), and graceful shutdown.
 //!
 //! The binary and the tests start the orchestrator the same way, through [`start`], so the
 //! tests exercise the real accept loop over real sockets. Each request passes a tower stack
@@ -8,7 +8,8 @@
 //! answers into problem+json. The connection limit stays in the accept loop, where it pushes
 //! back through the listen backlog instead of holding accepted sockets (tower's
 //! `ConcurrencyLimit` counts requests, not connections). Shutdown stops accepting at once,
-//! lets in-flight requests finish, and only then returns.
+//! closes the watch hub (which ends every watch stream), lets in-flight requests finish, and
+//! only then returns.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -35,7 +36,7 @@ use crate::config::Config;
 use crate::connection::{self, AcceptErrors, PeerLimit};
 use crate::metrics::MetricsLayer;
 use crate::problem::ProblemLayer;
-use crate::store::{MemoryStore, Store, StoreError, ValkeyStore};
+use crate::store::{MemoryStore, Store, StoreError, ValkeyStore, REAP_INTERVAL};
 
 /// How long shutdown waits for in-flight requests before giving up on them.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -197,9 +198,21 @@ fn spawn_server<S: Store>(
         )
         .with_tls(tls.is_some())
         .with_leases(config.admin_key.as_deref(), config.require_lease)
-        .with_limits(config.limits()),
+        .with_limits(config.limits())
+        .with_watch(
+            usize::try_from(config.max_watchers).unwrap_or(usize::MAX),
+            config.watch_tuning,
+        ),
     );
     let sweeper = tokio::spawn(sweep_forever(api.clone(), stop.clone()));
+    let reaper = tokio::spawn(reap_forever(api.clone(), stop.clone()));
+    let hub = {
+        let (api, stop) = (api.clone(), stop.clone());
+        tokio::spawn(async move {
+            let hub = api.watch().hub();
+            crate::watch::hub::run(api.store(), hub, api.metrics(), stop).await;
+        })
+    };
     let accept = Accept {
         max_connections: crate::fd_limit::fit_connection_cap(config.max_connections),
         peers: PeerLimit::new(config.max_connections_per_ip),
@@ -211,7 +224,31 @@ fn spawn_server<S: Store>(
     tokio::spawn(async move {
         accept_loop(listener, api, accept, tls, stop).await;
         sweeper.abort();
+        reaper.abort();
+        // Ended by the stop signal already (it closed the hub first thing).
+        hub.abort();
     })
+}
+
+/// Logs `Expired` for entries whose TTL passed, every [`REAP_INTERVAL`], so watchers hear of
+/// an expiry within about that even when nothing reads the entry.
+async fn reap_forever<S: Store>(api: Arc<Api<S>>, mut stop: watch::Receiver<bool>) {
+    let mut ticker = tokio::time::interval(REAP_INTERVAL);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = stop.wait_for(|stopped| *stopped) => return,
+        }
+        match api.store().reap().await {
+            Ok(0) => {}
+            Ok(n) => {
+                api.metrics().reaped(n);
+                tracing::debug!(expired = n, "store.reaped");
+            }
+            Err(e) => tracing::debug!(error = %e, "store.reap_failed"),
+        }
+    }
 }
 
 /// Drops index entries of expired registrations every half TTL (at least every second).

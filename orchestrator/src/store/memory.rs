@@ -14,10 +14,16 @@
 //! a time, and serialises them after releasing it, so a listing of 100k entries never keeps a
 //! ping waiting for more than one page.
 //!
+//! The change log (for the watch feed) is a ring of the last [`CHANGE_LOG_LEN`] changes under
+//! the same lock, so a change is logged atomically with the write it describes, and an entry
+//! removed on expiry (by a read, the sweep or [`Store::reap`]) logs `Expired` exactly once: the
+//! removal and the log entry are one step. A deadline index lets `reap` find due entries
+//! without scanning all of them.
+//!
 //! Deadlines are [`tokio::time::Instant`]s, so expiry follows tokio's clock and can be tested
 //! on paused time; the timestamps shown in records still come from the wall clock.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::ops::{Bound, Deref, DerefMut};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -27,8 +33,9 @@ use tokio::time::Instant;
 use ulid::Ulid;
 
 use super::{
-    mint_id, Access, LeaseHash, LeaseOutcome, ListFilter, Listing, Pinged, Registered,
-    Registration, Store, StoreError, StoreHealth,
+    mint_id, Access, Change, ChangeKind, Changes, Cursor, LeaseHash, LeaseOutcome, ListFilter,
+    Listing, Pinged, Registered, Registration, Store, StoreError, StoreHealth, Subject,
+    CHANGE_LOG_LEN,
 };
 
 /// Index entries a listing examines per hold of the lock.
@@ -53,6 +60,71 @@ struct Inner {
     tombstones: HashMap<Ulid, (String, Instant)>,
     /// How long bindings and tombstones outlive their entry.
     grace: Duration,
+    /// Every entry's deadline, soonest first: what [`Store::reap`] and the sweep walk.
+    deadlines: BTreeSet<(Instant, Ulid)>,
+    log: ChangeLog,
+}
+
+/// The ring of recent changes and what a reader needs to tell a gap.
+struct ChangeLog {
+    ring: VecDeque<Change>,
+    /// How many changes the ring keeps.
+    capacity: usize,
+    /// The newest cursor handed out ([`Cursor::ZERO`] before the first change).
+    head: Cursor,
+    /// The newest change dropped from the ring: a reader after an older cursor missed it.
+    last_dropped: Option<Cursor>,
+    /// Wakes the readers waiting in [`Store::changes`].
+    notify: Arc<tokio::sync::Notify>,
+}
+
+impl Default for ChangeLog {
+    fn default() -> Self {
+        ChangeLog {
+            ring: VecDeque::new(),
+            capacity: CHANGE_LOG_LEN,
+            head: Cursor::ZERO,
+            last_dropped: None,
+            notify: Arc::new(tokio::sync::Notify::new()),
+        }
+    }
+}
+
+impl ChangeLog {
+    /// Appends a change under a cursor after every earlier one: wall-clock milliseconds, and a
+    /// sequence number within the millisecond (or when the clock went back).
+    fn push(&mut self, kind: ChangeKind, record: Arc<ServiceRecord>) {
+        let ms = Timestamp::now().as_millis();
+        let cursor = if ms > self.head.ms {
+            Cursor { ms, seq: 0 }
+        } else {
+            Cursor {
+                ms: self.head.ms,
+                seq: self.head.seq + 1,
+            }
+        };
+        self.head = cursor;
+        if self.ring.len() >= self.capacity {
+            if let Some(old) = self.ring.pop_front() {
+                self.last_dropped = Some(old.cursor);
+            }
+        }
+        self.ring.push_back(Change {
+            cursor,
+            kind,
+            subject: Subject::Record(record),
+        });
+        self.notify.notify_waiters();
+    }
+
+    /// At most `limit` changes after `after`; `None` for a gap.
+    fn after(&self, after: Cursor, limit: usize) -> Option<Vec<Change>> {
+        if after > self.head || self.last_dropped.is_some_and(|dropped| after < dropped) {
+            return None;
+        }
+        let start = self.ring.partition_point(|c| c.cursor <= after);
+        Some(self.ring.range(start..).take(limit).cloned().collect())
+    }
 }
 
 struct Entry {
@@ -109,6 +181,12 @@ impl MemoryStore {
             + inner.by_name.values().map(BTreeSet::len).sum::<usize>()
     }
 
+    /// The same store keeping only the last `len` (≥ 1) changes; for tests of gaps.
+    pub fn with_change_log_len(self, len: usize) -> Self {
+        self.lock().log.capacity = len.max(1);
+        self
+    }
+
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // A panic while holding the lock cannot leave the maps half-updated in a way that
         // breaks later operations (each mutation is a handful of infallible inserts), so a
@@ -127,25 +205,53 @@ impl Inner {
         self.entries.get_mut(&id)
     }
 
-    /// Removes an expired entry; its URL stays bound to its id for the grace period.
+    /// Removes an expired entry and logs `Expired`; its URL stays bound to its id for the
+    /// grace period.
     fn expire(&mut self, id: Ulid) {
         let Some(deadline) = self.entries.get(&id).map(|e| e.deadline) else {
             return;
         };
         if let Some(record) = self.remove(id) {
             let until = deadline + self.grace;
-            self.expired.insert(record.url, (id, until));
+            self.expired.insert(record.url.clone(), (id, until));
+            self.log.push(ChangeKind::Expired, record);
         }
     }
 
-    fn remove(&mut self, id: Ulid) -> Option<ServiceRecord> {
+    /// Removes an entry from every index; logs nothing (the caller says why it went).
+    fn remove(&mut self, id: Ulid) -> Option<Arc<ServiceRecord>> {
         let entry = self.entries.remove(&id)?;
-        let record = Arc::unwrap_or_clone(entry.record.0);
+        self.deadlines.remove(&(entry.deadline, id));
+        let record = entry.record.0;
         if self.by_url.get(&record.url) == Some(&id) {
             self.by_url.remove(&record.url);
         }
         self.unindex_name(&record.info.display_name, id);
         Some(record)
+    }
+
+    /// Moves `id`'s deadline in the deadline index.
+    fn reschedule(&mut self, id: Ulid, old: Instant, new: Instant) {
+        self.deadlines.remove(&(old, id));
+        self.deadlines.insert((new, id));
+    }
+
+    /// Expires every entry whose deadline is at or before `now`; returns how many.
+    fn expire_due(&mut self, now: Instant) -> usize {
+        let mut expired = 0;
+        while let Some(&(deadline, id)) = self.deadlines.first() {
+            if deadline > now {
+                break;
+            }
+            if self.entries.contains_key(&id) {
+                self.expire(id);
+                expired += 1;
+            } else {
+                // Cannot happen (removal drops the index entry), but must not loop for ever.
+                self.deadlines.remove(&(deadline, id));
+            }
+        }
+        expired
     }
 
     fn unindex_name(&mut self, name: &str, id: Ulid) {
@@ -262,8 +368,10 @@ impl Store for MemoryStore {
             entry.record.last_updated = stamp;
             entry.record.last_ping_at = stamp;
             entry.record.expires_at = expires_at;
-            entry.deadline = now + self.ttl;
+            let old_deadline = std::mem::replace(&mut entry.deadline, now + self.ttl);
             let record = entry.record.clone();
+            let shared = entry.record.0.clone();
+            inner.reschedule(id, old_deadline, now + self.ttl);
             if old_name != record.info.display_name {
                 inner.unindex_name(&old_name, id);
                 inner
@@ -272,6 +380,7 @@ impl Store for MemoryStore {
                     .or_default()
                     .insert(id);
             }
+            inner.log.push(ChangeKind::Updated, shared);
             return Ok(Registered {
                 record,
                 created: false,
@@ -313,14 +422,17 @@ impl Store for MemoryStore {
             .entry(record.info.display_name.clone())
             .or_default()
             .insert(id);
+        let shared = Arc::new(record.clone());
         inner.entries.insert(
             id,
             Entry {
-                record: Shared(Arc::new(record.clone())),
+                record: Shared(shared.clone()),
                 deadline: now + self.ttl,
                 lease: new_lease.filter(|_| lease == LeaseOutcome::New),
             },
         );
+        inner.deadlines.insert((now + self.ttl, id));
+        inner.log.push(ChangeKind::Registered, shared);
         Ok(Registered {
             record,
             created: true,
@@ -337,13 +449,15 @@ impl Store for MemoryStore {
             return Ok(None);
         };
         LeaseOutcome::decide(entry.lease.as_ref(), access, None)?;
-        entry.deadline = now + ttl;
+        let old_deadline = std::mem::replace(&mut entry.deadline, now + ttl);
         entry.record.last_ping_at = stamp;
         entry.record.expires_at = stamp.saturating_add(ttl);
+        let expires_at = entry.record.expires_at;
+        inner.reschedule(id, old_deadline, now + ttl);
         Ok(Some(Pinged {
             id,
             last_ping_at: stamp,
-            expires_at: entry.record.expires_at,
+            expires_at,
         }))
     }
 
@@ -376,29 +490,22 @@ impl Store for MemoryStore {
             return Ok(None);
         };
         LeaseOutcome::decide(entry.lease.as_ref(), access, None)?;
-        let record = inner.remove(id);
-        if let Some(record) = &record {
-            let until = now + inner.grace;
-            inner.tombstones.insert(id, (record.url.clone(), until));
-        }
-        Ok(record)
+        let Some(record) = inner.remove(id) else {
+            return Ok(None);
+        };
+        let until = now + inner.grace;
+        inner.tombstones.insert(id, (record.url.clone(), until));
+        inner.log.push(ChangeKind::Deregistered, record.clone());
+        Ok(Some(Arc::unwrap_or_clone(record)))
     }
 
     async fn sweep(&self) -> Result<usize, StoreError> {
         let now = Instant::now();
         let mut inner = self.lock();
-        let dead: Vec<Ulid> = inner
-            .entries
-            .iter()
-            .filter(|(_, e)| e.deadline <= now)
-            .map(|(id, _)| *id)
-            .collect();
-        for id in &dead {
-            inner.expire(*id);
-        }
+        let dead = inner.expire_due(now);
         inner.expired.retain(|_, (_, until)| *until > now);
         inner.tombstones.retain(|_, (_, until)| *until > now);
-        Ok(dead.len())
+        Ok(dead)
     }
 
     async fn health(&self) -> Result<StoreHealth, StoreError> {
@@ -412,27 +519,37 @@ impl Store for MemoryStore {
         })
     }
 
-    async fn change_head(&self) -> Result<super::Cursor, StoreError> {
-        Err(StoreError::Unavailable(
-            "the change log is not built yet".into(),
-        ))
+    async fn change_head(&self) -> Result<Cursor, StoreError> {
+        Ok(self.lock().log.head)
     }
 
     async fn changes(
         &self,
-        _after: super::Cursor,
-        _limit: usize,
-        _wait: Duration,
-    ) -> Result<super::Changes, StoreError> {
-        Err(StoreError::Unavailable(
-            "the change log is not built yet".into(),
-        ))
+        after: Cursor,
+        limit: usize,
+        wait: Duration,
+    ) -> Result<Changes, StoreError> {
+        let limit = limit.max(1);
+        let deadline = Instant::now() + wait;
+        let notify = self.lock().log.notify.clone();
+        loop {
+            // Registered before looking, so a change logged in between still wakes us.
+            let notified = notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            match self.lock().log.after(after, limit) {
+                None => return Ok(Changes::Gap),
+                Some(batch) if !batch.is_empty() => return Ok(Changes::Changes(batch)),
+                Some(_) => {}
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Ok(Changes::Changes(Vec::new()));
+            }
+        }
     }
 
     async fn reap(&self) -> Result<usize, StoreError> {
-        Err(StoreError::Unavailable(
-            "the change log is not built yet".into(),
-        ))
+        Ok(self.lock().expire_due(Instant::now()))
     }
 
     async fn count(&self) -> Result<u64, StoreError> {
@@ -616,5 +733,161 @@ mod tests {
         );
         assert_eq!(s.sweep().await.expect("sweep"), 1);
         assert!(!live(&s, dying).await);
+    }
+
+    /// Every change after `after`, waiting for none.
+    async fn log_after(s: &MemoryStore, after: Cursor) -> Vec<(ChangeKind, Ulid, Cursor)> {
+        match s
+            .changes(after, 1000, Duration::ZERO)
+            .await
+            .expect("changes")
+        {
+            Changes::Changes(batch) => batch
+                .iter()
+                .map(|c| (c.kind, c.subject.id(), c.cursor))
+                .collect(),
+            Changes::Gap => panic!("a gap after {after}"),
+        }
+    }
+
+    fn kinds(log: &[(ChangeKind, Ulid, Cursor)]) -> Vec<(ChangeKind, Ulid)> {
+        log.iter().map(|(k, id, _)| (*k, *id)).collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn every_write_is_logged_in_order_under_increasing_cursors() {
+        use ChangeKind::*;
+        let s = MemoryStore::new(TTL);
+        assert_eq!(s.change_head().await.expect("head"), Cursor::ZERO);
+        let a = register(&s, "http://a:1", "A").await;
+        let b = register(&s, "http://b:1", "B").await;
+        register(&s, "http://a:1", "A2").await;
+        s.ping(b).await.expect("ping");
+        s.deregister(b).await.expect("deregister");
+        let log = log_after(&s, Cursor::ZERO).await;
+        assert_eq!(
+            kinds(&log),
+            vec![
+                (Registered, a),
+                (Registered, b),
+                (Updated, a),
+                (Deregistered, b)
+            ],
+            "a ping is not a change"
+        );
+        assert!(log.windows(2).all(|w| w[0].2 < w[1].2), "{log:?}");
+        assert_eq!(s.change_head().await.expect("head"), log[3].2);
+        assert_eq!(kinds(&log_after(&s, log[1].2).await)[0], (Updated, a));
+        assert!(log_after(&s, log[3].2).await.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn reap_logs_each_expiry_once_within_the_reap_interval() {
+        use ChangeKind::*;
+        let s = MemoryStore::new(TTL);
+        let a = register(&s, "http://a:1", "A").await;
+        advance(TTL / 2).await;
+        let b = register(&s, "http://b:1", "B").await;
+        let start = s.change_head().await.expect("head");
+        advance(TTL / 2 - MS).await;
+        assert_eq!(s.reap().await.expect("reap"), 0, "not due yet");
+        // The orchestrator reaps every REAP_INTERVAL: the next reap after the deadline
+        // logs the expiry.
+        advance(super::super::REAP_INTERVAL).await;
+        assert_eq!(s.reap().await.expect("reap"), 1);
+        assert_eq!(kinds(&log_after(&s, start).await), vec![(Expired, a)]);
+        // Nothing removes it twice: not a read, not a sweep, not another reap.
+        assert!(!live(&s, a).await);
+        assert_eq!(s.sweep().await.expect("sweep"), 0);
+        assert_eq!(s.reap().await.expect("reap"), 0);
+        assert_eq!(log_after(&s, start).await.len(), 1);
+        // A read that finds an entry dead before any reap logs it, once.
+        advance(TTL).await;
+        assert!(!live(&s, b).await);
+        assert_eq!(s.reap().await.expect("reap"), 0);
+        assert_eq!(s.sweep().await.expect("sweep"), 0);
+        assert_eq!(
+            kinds(&log_after(&s, start).await),
+            vec![(Expired, a), (Expired, b)]
+        );
+        assert_eq!(s.lock().deadlines.len(), 0, "the deadline index shrank too");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn reap_follows_pings_in_the_deadline_index() {
+        let s = MemoryStore::new(TTL);
+        let a = register(&s, "http://a:1", "A").await;
+        advance(TTL - MS).await;
+        s.ping(a).await.expect("ping").expect("live");
+        advance(MS).await;
+        assert_eq!(
+            s.reap().await.expect("reap"),
+            0,
+            "the ping moved the deadline"
+        );
+        assert_eq!(s.lock().deadlines.len(), 1);
+        advance(TTL).await;
+        assert_eq!(s.reap().await.expect("reap"), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reader_behind_the_ring_or_beyond_the_head_gets_a_gap() {
+        let s = MemoryStore::new(TTL).with_change_log_len(3);
+        let first = register(&s, "http://a:1", "A").await;
+        let log = log_after(&s, Cursor::ZERO).await;
+        let oldest = log[0].2;
+        for _ in 0..3 {
+            register(&s, "http://a:1", "A").await;
+        }
+        // The first change was dropped: a reader at ZERO missed it, one at it did not.
+        assert_eq!(
+            s.changes(Cursor::ZERO, 10, Duration::ZERO)
+                .await
+                .expect("changes"),
+            Changes::Gap
+        );
+        assert_eq!(log_after(&s, oldest).await.len(), 3);
+        let head = s.change_head().await.expect("head");
+        let beyond = Cursor {
+            ms: head.ms,
+            seq: head.seq + 1,
+        };
+        assert_eq!(
+            s.changes(beyond, 10, Duration::ZERO)
+                .await
+                .expect("changes"),
+            Changes::Gap
+        );
+        assert!(live(&s, first).await);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn changes_waits_for_the_next_change_or_its_wait() {
+        let s = MemoryStore::new(TTL);
+        let head = s.change_head().await.expect("head");
+        let started = Instant::now();
+        assert_eq!(
+            s.changes(head, 10, Duration::from_secs(1))
+                .await
+                .expect("changes"),
+            Changes::Changes(Vec::new())
+        );
+        assert_eq!(started.elapsed(), Duration::from_secs(1), "waited its wait");
+        let reader = {
+            let s = s.clone();
+            tokio::spawn(async move { s.changes(head, 10, Duration::from_secs(60)).await })
+        };
+        tokio::task::yield_now().await;
+        let id = register(&s, "http://a:1", "A").await;
+        let got = reader.await.expect("joined").expect("changes");
+        let Changes::Changes(batch) = got else {
+            panic!("gap")
+        };
+        assert_eq!(batch.len(), 1);
+        assert_eq!(batch[0].subject.id(), id);
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "woken, not timed out"
+        );
     }
 }

@@ -3,5 +3,6 @@
 
 pub mod http;
 pub mod lease;
+pub mod sse;
 pub mod tls;
 pub mod valkey;
