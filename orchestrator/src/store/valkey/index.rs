@@ -11,7 +11,9 @@
 //! - *no entry outlives its record by more than about one TTL*: no score lies more than one TTL
 //!   beyond its write, and the sweeper drops dead entries once their score has passed.
 
-use fred::interfaces::{ClientLike, KeysInterface, SetsInterface, SortedSetsInterface};
+use fred::interfaces::{
+    ClientLike, HashesInterface, KeysInterface, SetsInterface, SortedSetsInterface,
+};
 use fred::types::sorted_sets::Ordering as ZOrdering;
 use fred::types::{ClusterHash, CustomCommand, SetOptions, Value};
 use servicekit::protocol::Timestamp;
@@ -63,6 +65,20 @@ impl ValkeyStore {
         name: &str,
         score: u64,
     ) -> Result<(), StoreError> {
+        self.index_checking(id, name, score, false)
+            .await
+            .map(|_| ())
+    }
+
+    /// [`Self::index_at`], and with `check`, whether the change log has announced `id` (in
+    /// the same round trip; `true` without `check`).
+    pub(super) async fn index_checking(
+        &self,
+        id: Ulid,
+        name: &str,
+        score: u64,
+        check: bool,
+    ) -> Result<bool, StoreError> {
         let pipeline = self.client.pipeline();
         let member = id.to_string();
         let score = score as f64;
@@ -80,9 +96,16 @@ impl ValkeyStore {
                     .await,
             )?;
         }
-        let _: Vec<Value> = self.note(pipeline.all().await)?;
+        if check {
+            queue(
+                pipeline
+                    .hexists::<(), _, _>(self.keys.announced(), member)
+                    .await,
+            )?;
+        }
+        let replies: Vec<Value> = self.note(pipeline.all().await)?;
         let _: i64 = self.note(self.client.sadd(self.keys.names(), name).await)?;
-        Ok(())
+        Ok(!check || replies.get(2).and_then(Value::as_bool).unwrap_or(true))
     }
 
     /// After the record script wrote version `expires_at` of `id` under `name`: raises its

@@ -18,7 +18,7 @@ use ulid::Ulid;
 
 use super::connection::{map_err, queue, COMMAND_TIMEOUT};
 use super::index::BATCH;
-use super::record::{length_prefixed, record_head, RawRecord, STAMP_DIGITS};
+use super::record::{length_prefixed, record_from_value, record_head, RawRecord, STAMP_DIGITS};
 use super::scripts::{ANNOUNCE, DEREGISTERED, LOG_READ, REAP};
 use super::ValkeyStore;
 use crate::logsafe::Untrusted;
@@ -48,16 +48,21 @@ struct LogState {
     deleted: Cursor,
     /// The id of the oldest entry still held.
     first: Cursor,
+    /// Whether entries were trimmed away (all of them before `first`).
+    trimmed: bool,
 }
 
 impl LogState {
-    /// Whether some change after `after` is not in the log any more, or `after` was never a
-    /// position of this log: beyond its newest entry, or before its first one while nothing
-    /// was trimmed (a cursor from a log Valkey lost, now written anew).
+    /// Whether some change after `after` may be missing from the log, or `after` was never a
+    /// position of this log: beyond its newest entry; before its oldest one when entries were
+    /// trimmed (`MAXLEN ~` leaves max-deleted-entry-id alone, so which of them came after
+    /// `after` is unknown: a reader exactly at the last trimmed entry re-snapshots needlessly,
+    /// which is safe); before its oldest one anyway unless `after` is ZERO (a cursor from a
+    /// log Valkey lost, written anew since).
     fn gap_after(&self, after: Cursor) -> bool {
         after > self.last
             || after < self.deleted
-            || (self.deleted == Cursor::ZERO && after != Cursor::ZERO && after < self.first)
+            || (after < self.first && (self.trimmed || after != Cursor::ZERO))
     }
 }
 
@@ -92,6 +97,20 @@ impl ValkeyStore {
                 .await,
         )?;
         Ok(!reply.is_null())
+    }
+
+    /// Announces the live record of `id` if it has one (a repair: the log missed its
+    /// register). Best effort.
+    pub(super) async fn announce_live(&self, id: Ulid) {
+        let reply: Result<Value, _> = self.note(self.client.get(self.keys.svc(id)).await);
+        let announced = match reply.and_then(|v| record_from_value(id, &v)) {
+            Ok(Some(record)) => self.announce(&record).await.map(|_| ()),
+            Ok(None) => Ok(()),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = announced {
+            tracing::debug!(error = %e, %id, "change log repair failed");
+        }
     }
 
     /// Drops the all-index entry of the version `record` a deregistration deleted and logs
@@ -256,7 +275,7 @@ impl ValkeyStore {
             return Ok(None);
         }
         let items = match reply {
-            Value::Array(items) if items.len() == 4 => items,
+            Value::Array(items) if items.len() == 5 => items,
             other => return Err(StoreError::Corrupt(format!("log read answered {other:?}"))),
         };
         let mut items = items.into_iter();
@@ -271,6 +290,18 @@ impl ValkeyStore {
             last: next_cursor("last-generated-id")?,
             deleted: next_cursor("max-deleted-entry-id")?,
             first: next_cursor("recorded-first-entry-id")?,
+            trimmed: false,
+        };
+        let state = LogState {
+            trimmed: match items.next() {
+                Some(Value::Integer(n)) => n != 0,
+                other => {
+                    return Err(StoreError::Corrupt(format!(
+                        "change log trimmed flag: {other:?}"
+                    )))
+                }
+            },
+            ..state
         };
         let entries = match items.next() {
             Some(Value::Array(entries)) => entries,
@@ -612,6 +643,7 @@ mod tests {
             last: c("100-0"),
             deleted: Cursor::ZERO,
             first: c("10-0"),
+            trimmed: false,
         };
         assert!(!untrimmed.gap_after(Cursor::ZERO));
         assert!(!untrimmed.gap_after(c("10-0")));
@@ -621,12 +653,22 @@ mod tests {
         assert!(untrimmed.gap_after(c("9-0")), "from a log that was lost");
         let trimmed = LogState {
             last: c("100-0"),
-            deleted: c("40-0"),
+            deleted: Cursor::ZERO,
             first: c("41-0"),
+            trimmed: true,
         };
         assert!(trimmed.gap_after(Cursor::ZERO));
         assert!(trimmed.gap_after(c("39-9")));
-        assert!(!trimmed.gap_after(c("40-0")));
+        assert!(
+            trimmed.gap_after(c("40-0")),
+            "the last trimmed entry: maybe, so a gap"
+        );
+        assert!(!trimmed.gap_after(c("41-0")));
         assert!(!trimmed.gap_after(c("70-0")));
+        let deleted = LogState {
+            deleted: c("45-0"),
+            ..trimmed
+        };
+        assert!(deleted.gap_after(c("44-0")));
     }
 }

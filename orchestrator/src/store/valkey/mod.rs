@@ -475,8 +475,12 @@ impl Store for ValkeyStore {
         if let Some(name) = repair {
             let (store, expires_at) = (self.clone(), pinged.expires_at.as_millis());
             tokio::spawn(async move {
-                if let Err(e) = store.index_at(id, &name, expires_at).await {
-                    tracing::debug!(error = %e, %id, "index repair on ping failed");
+                // Same round trip: whether the change log announced the id. A register that
+                // died between its record and its announcement is announced here, within a TTL.
+                match store.index_checking(id, &name, expires_at, true).await {
+                    Ok(true) => {}
+                    Ok(false) => store.announce_live(id).await,
+                    Err(e) => tracing::debug!(error = %e, %id, "index repair on ping failed"),
                 }
             });
         }
