@@ -264,7 +264,7 @@ async fn deregister_racing_reap_logs_one_removal<S: Store + Clone + 'static>(a: 
     const N: usize = 100;
     let start = a.change_head().await.expect("head");
     let mut ids = Vec::new();
-    let mut expires_at = None;
+    let mut expiries = Vec::new();
     for i in 0..N {
         let r = a
             .register(reg(&format!("http://race:{i}"), "race"))
@@ -272,32 +272,40 @@ async fn deregister_racing_reap_logs_one_removal<S: Store + Clone + 'static>(a: 
             .expect("register")
             .record;
         ids.push(r.id);
-        expires_at.get_or_insert(r.expires_at);
+        expiries.push(r.expires_at.as_millis());
     }
-    // Start both right before the first entries expire, so some deregistrations find their
-    // record and some find it expired, while the reaper picks up the same entries.
-    let first_expiry = expires_at.expect("registered").as_millis();
+    // Start at the middle entry's expiry, so some deregistrations find their record and some
+    // find it expired, while the reapers pick up the same entries.
+    let middle = expiries[N / 2];
     let now = servicekit::protocol::Timestamp::now().as_millis();
-    tokio::time::sleep(Duration::from_millis(
-        first_expiry.saturating_sub(now).saturating_sub(30),
-    ))
-    .await;
-    let reaper = {
-        let b = b.clone();
-        tokio::spawn(async move {
-            let deadline = Instant::now() + DEADLINE;
-            while Instant::now() < deadline && b.count().await.unwrap_or(1) > 0 {
-                let _ = b.reap().await;
-            }
+    tokio::time::sleep(Duration::from_millis(middle.saturating_sub(now))).await;
+    let reapers: Vec<_> = [b.clone(), a.clone()]
+        .into_iter()
+        .map(|store| {
+            tokio::spawn(async move {
+                let deadline = Instant::now() + DEADLINE;
+                while Instant::now() < deadline && store.count().await.unwrap_or(1) > 0 {
+                    let _ = store.reap().await;
+                }
+            })
         })
-    };
+        .collect();
+    let deregistrations: Vec<_> = ids
+        .iter()
+        .map(|id| {
+            let (a, id) = (a.clone(), *id);
+            tokio::spawn(async move { a.deregister(id).await.expect("deregister").is_some() })
+        })
+        .collect();
     let mut deregistered = 0;
-    for id in &ids {
-        if a.deregister(*id).await.expect("deregister").is_some() {
+    for d in deregistrations {
+        if d.await.expect("deregistration") {
             deregistered += 1;
         }
     }
-    reaper.await.expect("reaper");
+    for reaper in reapers {
+        reaper.await.expect("reaper");
+    }
     read_until(a, start, |seen| removals(seen).len() >= N).await;
     let changes = &read_all(b, start).await;
     let removed = removals(changes);
