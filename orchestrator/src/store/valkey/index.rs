@@ -11,7 +11,9 @@
 //! - *no entry outlives its record by more than about one TTL*: no score lies more than one TTL
 //!   beyond its write, and the sweeper drops dead entries once their score has passed.
 
-use fred::interfaces::{ClientLike, KeysInterface, SetsInterface, SortedSetsInterface};
+use fred::interfaces::{
+    ClientLike, HashesInterface, KeysInterface, SetsInterface, SortedSetsInterface,
+};
 use fred::types::sorted_sets::Ordering as ZOrdering;
 use fred::types::{ClusterHash, CustomCommand, SetOptions, Value};
 use servicekit::protocol::Timestamp;
@@ -63,6 +65,20 @@ impl ValkeyStore {
         name: &str,
         score: u64,
     ) -> Result<(), StoreError> {
+        self.index_checking(id, name, score, false)
+            .await
+            .map(|_| ())
+    }
+
+    /// [`Self::index_at`], and with `check`, whether the change log has announced `id` (in
+    /// the same round trip; `true` without `check`).
+    pub(super) async fn index_checking(
+        &self,
+        id: Ulid,
+        name: &str,
+        score: u64,
+        check: bool,
+    ) -> Result<bool, StoreError> {
         let pipeline = self.client.pipeline();
         let member = id.to_string();
         let score = score as f64;
@@ -80,9 +96,16 @@ impl ValkeyStore {
                     .await,
             )?;
         }
-        let _: Vec<Value> = self.note(pipeline.all().await)?;
+        if check {
+            queue(
+                pipeline
+                    .hexists::<(), _, _>(self.keys.announced(), member)
+                    .await,
+            )?;
+        }
+        let replies: Vec<Value> = self.note(pipeline.all().await)?;
         let _: i64 = self.note(self.client.sadd(self.keys.names(), name).await)?;
-        Ok(())
+        Ok(!check || replies.get(2).and_then(Value::as_bool).unwrap_or(true))
     }
 
     /// After the record script wrote version `expires_at` of `id` under `name`: raises its
@@ -123,16 +146,18 @@ impl ValkeyStore {
         Timestamp::now().saturating_add(self.ttl).as_millis()
     }
 
-    /// Drops `id` from both of its indexes where its score is `score` (mode `Equal`) or at
-    /// most `score` (`AtMost`). Best effort: a failure only leaves a dead entry behind.
-    pub(super) async fn unindex(&self, id: Ulid, name: &str, score: &str, mode: DropMode) {
-        let entry = [id.to_string(), score.to_owned()];
-        let (all, by_name) = (self.keys.all_idx(), self.keys.name_idx(name));
+    /// Drops `id` from both of its indexes where its score is still `score`. Best effort: a
+    /// failure only leaves a dead entry behind. The all-index entry goes through the change
+    /// log's script, like every all-index drop (it logs nothing for an id never announced).
+    pub(super) async fn unindex(&self, id: Ulid, name: &str, score: u64) {
+        let by_name = self.keys.name_idx(name);
+        let pair = [(id.to_string(), score as f64)];
+        let entry = [id.to_string(), score.to_string()];
         let (a, b) = tokio::join!(
-            self.drop_entries(&all, &entry, mode),
-            self.drop_entries(&by_name, &entry, mode),
+            self.settle(&pair, &[], false),
+            self.drop_entries(&by_name, &entry, DropMode::Equal),
         );
-        if let Err(e) = a.and(b) {
+        if let Err(e) = a.map(|_| ()).and(b.map(|_| ())) {
             tracing::debug!(error = %e, %id, "index cleanup failed; the sweeper will finish it");
         }
     }
@@ -172,8 +197,9 @@ impl ValkeyStore {
         Ok(usize::try_from(int_of(&n)?).unwrap_or(0))
     }
 
-    /// Sweeps one index; returns how many entries were dropped. For a by-name index (`name`
-    /// given) entries whose record now has another display name are dropped too.
+    /// Sweeps one by-name index; returns how many entries were dropped. Entries whose record
+    /// now has another display name are dropped too. (The all-index is the reaper's:
+    /// `log.rs`, which logs what it drops.)
     pub(super) async fn sweep_index(
         &self,
         index: &str,

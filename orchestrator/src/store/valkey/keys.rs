@@ -58,6 +58,18 @@ impl Keys {
         format!("{}{{all}}:names", self.prefix)
     }
 
+    /// The change log: a stream in the all-index's slot, so one script can drop an index
+    /// entry, settle its announcement and log the change together.
+    pub(super) fn events(&self) -> String {
+        format!("{}{{all}}:events", self.prefix)
+    }
+
+    /// The ids the change log announced and whose removal it has not logged yet, with what it
+    /// knows of them (see `lua/announce.lua`).
+    pub(super) fn announced(&self) -> String {
+        format!("{}{{all}}:announced", self.prefix)
+    }
+
     /// The health check's test key of one orchestrator (`instance`). In the slot of the
     /// all-index, which every registration writes: if that node refuses writes, so does
     /// every register. One key per orchestrator, expiring on its own.
@@ -98,5 +110,7 @@ mod tests {
         assert_eq!(keys.name_idx("A"), "p:{n:A}:idx");
         assert_eq!(keys.all_idx(), "p:{all}:idx");
         assert_eq!(keys.names(), "p:{all}:names");
+        assert_eq!(keys.events(), "p:{all}:events");
+        assert_eq!(keys.announced(), "p:{all}:announced");
     }
 }

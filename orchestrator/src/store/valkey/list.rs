@@ -96,7 +96,15 @@ impl ValkeyStore {
         let store = self.clone();
         let index = index.to_owned();
         tokio::spawn(async move {
-            if let Err(e) = store.drop_from_index(&index, &dead).await {
+            // The all-index through the change log's script, which logs `expired` for what it
+            // drops; only entries whose score has passed: a missing record with a later score
+            // is being deregistered, and its deregistration logs it.
+            let done = if index == store.keys.all_idx() {
+                store.settle(&dead, &[], true).await.map(|_| ())
+            } else {
+                store.drop_from_index(&index, &dead).await.map(|_| ())
+            };
+            if let Err(e) = done {
                 tracing::debug!(error = %e, index, "index cleanup on read failed");
             }
         });

@@ -8,6 +8,7 @@ mod connection;
 mod index;
 mod keys;
 mod list;
+mod log;
 mod record;
 mod scripts;
 
@@ -34,7 +35,7 @@ use scripts::{DEREGISTER, PING, REGISTER};
 
 use super::{
     id_fits_url, mint_id, Access, LeaseHash, LeaseOutcome, ListFilter, Pinged, Registered,
-    Registration, Store, StoreError, StoreHealth,
+    Registration, Store, StoreError, StoreHealth, CHANGE_LOG_LEN,
 };
 
 /// Lifetime of the health check's test key.
@@ -53,6 +54,10 @@ pub struct ValkeyStore {
     conn: Arc<ConnState>,
     /// This orchestrator's health-check key (see [`Keys::health`]).
     health_key: Arc<str>,
+    /// How many entries the change log keeps (`MAXLEN ~`).
+    log_len: usize,
+    /// The connection for the change log's blocking reads, opened on first use.
+    blocker: Arc<tokio::sync::OnceCell<Client>>,
 }
 
 impl std::fmt::Debug for ValkeyStore {
@@ -122,7 +127,17 @@ impl ValkeyStore {
             ttl,
             grace: super::binding_grace(ttl),
             conn,
+            log_len: CHANGE_LOG_LEN,
+            blocker: Arc::new(tokio::sync::OnceCell::new()),
         })
+    }
+
+    /// The same store with a change log of about `len` entries (at least 1) instead of
+    /// [`CHANGE_LOG_LEN`]. For tests: a short log shows gaps quickly. Valkey trims it
+    /// approximately (whole stream nodes of 100 entries), so it may hold somewhat more.
+    pub fn with_change_log_len(mut self, len: usize) -> Self {
+        self.log_len = len.max(1);
+        self
     }
 
     /// The same store with another binding grace (at least the TTL): how long a URL stays
@@ -144,6 +159,9 @@ impl ValkeyStore {
 
     /// Closes the connections; clones of this store stop working too.
     pub async fn close(&self) {
+        if let Some(blocker) = self.blocker.get() {
+            let _ = blocker.quit().await;
+        }
         let _ = self.client.quit().await;
     }
 
@@ -260,8 +278,7 @@ impl ValkeyStore {
                     // Nobody else knows an id minted here, so its hint can go at once. Hints
                     // on other ids may be someone else's entry: the sweeper handles those.
                     if chosen.is_none() {
-                        self.unindex(id, &name, &hint.to_string(), DropMode::Equal)
-                            .await;
+                        self.unindex(id, &name, hint).await;
                     }
                     continue;
                 }
@@ -295,18 +312,25 @@ impl ValkeyStore {
                 (Some(old), Some(expires)) if old != name => Some((old, expires)),
                 _ => None,
             };
-            self.index_version(id, &name, expires_at, previous).await;
-
+            let record = ServiceRecord {
+                id,
+                url: reg.url,
+                info: reg.info,
+                registered_at,
+                last_updated: now,
+                last_ping_at: now,
+                expires_at,
+            };
+            // The change log's entry, with the index update (both raise the all-index score
+            // with ZADD GT, so their order does not matter). A failed announcement fails the
+            // register: its outcome is unknown to the caller anyway, and the retry announces.
+            let ((), announced) = tokio::join!(
+                self.index_version(id, &name, expires_at, previous),
+                self.announce(&record)
+            );
+            announced?;
             return Ok(Registered {
-                record: ServiceRecord {
-                    id,
-                    url: reg.url,
-                    info: reg.info,
-                    registered_at,
-                    last_updated: now,
-                    last_ping_at: now,
-                    expires_at,
-                },
+                record,
                 created: status == "created",
                 lease,
             });
@@ -348,10 +372,29 @@ impl ValkeyStore {
         // A malformed record is gone now too; the sweeper drops its index entries.
         let raw = RawRecord::parse(bytes)
             .map_err(|e| StoreError::Corrupt(format!("record {id}: {e}")))?;
-        // Only this version's entries: a re-registration racing with us scored higher.
-        self.unindex(id, raw.name, &raw.expires_at.to_string(), DropMode::AtMost)
-            .await;
-        raw.into_record(id).map(Some)
+        // Only this version's entries: a re-registration racing with us scored higher. The
+        // all-index entry goes in the script that logs the deregistration (log.rs).
+        let by_name = self.keys.name_idx(raw.name);
+        let entry = [id.to_string(), raw.expires_at.to_string()];
+        let dropped = async {
+            if let Err(e) = self.drop_entries(&by_name, &entry, DropMode::AtMost).await {
+                tracing::debug!(error = %e, %id, "index cleanup failed; the sweeper will finish it");
+            }
+        };
+        let record = match raw.into_record(id) {
+            Ok(record) => record,
+            Err(e) => {
+                dropped.await;
+                return Err(e);
+            }
+        };
+        let ((), logged) = tokio::join!(dropped, self.log_deregistered(&record));
+        // Best effort: the record is gone; if this failed, its all-index entry stays and the
+        // reaper logs the removal (as `expired`) once its score has passed.
+        if let Err(e) = logged {
+            tracing::debug!(error = %e, %id, "logging a deregistration failed; the reaper will");
+        }
+        Ok(Some(record))
     }
 }
 
@@ -432,8 +475,12 @@ impl Store for ValkeyStore {
         if let Some(name) = repair {
             let (store, expires_at) = (self.clone(), pinged.expires_at.as_millis());
             tokio::spawn(async move {
-                if let Err(e) = store.index_at(id, &name, expires_at).await {
-                    tracing::debug!(error = %e, %id, "index repair on ping failed");
+                // Same round trip: whether the change log announced the id. A register that
+                // died between its record and its announcement is announced here, within a TTL.
+                match store.index_checking(id, &name, expires_at, true).await {
+                    Ok(true) => {}
+                    Ok(false) => store.announce_live(id).await,
+                    Err(e) => tracing::debug!(error = %e, %id, "index repair on ping failed"),
                 }
             });
         }
@@ -466,7 +513,8 @@ impl Store for ValkeyStore {
 
     async fn sweep(&self) -> Result<usize, StoreError> {
         let now = self.server_now().await?;
-        let mut dropped = self.sweep_index(&self.keys.all_idx(), None, now).await?;
+        // The all-index pass is the reaper's (log.rs): it drops nothing without logging.
+        let mut dropped = self.reap_index(now).await?.dropped;
         let names: Vec<String> = self.note(self.client.smembers(self.keys.names()).await)?;
         for chunk in names.chunks(BATCH) {
             dropped += self.sweep_names(chunk, now).await?;
@@ -499,26 +547,21 @@ impl Store for ValkeyStore {
     }
 
     async fn change_head(&self) -> Result<super::Cursor, StoreError> {
-        Err(StoreError::Unavailable(
-            "the change log is not built yet".into(),
-        ))
+        self.log_head().await
     }
 
     async fn changes(
         &self,
-        _after: super::Cursor,
-        _limit: usize,
-        _wait: Duration,
+        after: super::Cursor,
+        limit: usize,
+        wait: Duration,
     ) -> Result<super::Changes, StoreError> {
-        Err(StoreError::Unavailable(
-            "the change log is not built yet".into(),
-        ))
+        self.log_changes(after, limit, wait).await
     }
 
     async fn reap(&self) -> Result<usize, StoreError> {
-        Err(StoreError::Unavailable(
-            "the change log is not built yet".into(),
-        ))
+        let now = self.server_now().await?;
+        Ok(self.reap_index(now).await?.logged)
     }
 
     async fn count(&self) -> Result<u64, StoreError> {

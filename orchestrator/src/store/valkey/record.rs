@@ -106,7 +106,7 @@ impl<'a> RawRecord<'a> {
 }
 
 /// The `<len>:<text>` at the start of `v` and what follows it.
-fn length_prefixed<'a>(v: &'a [u8], what: &str) -> Result<(&'a str, &'a [u8]), String> {
+pub(super) fn length_prefixed<'a>(v: &'a [u8], what: &str) -> Result<(&'a str, &'a [u8]), String> {
     // Ten digits are more than any Valkey string can hold (512 MB).
     let colon = v
         .iter()

@@ -37,6 +37,18 @@ pub(super) static PING: LazyLock<LuaScript> =
 /// See `lua/deregister.lua`.
 pub(super) static DEREGISTER: LazyLock<LuaScript> =
     LazyLock::new(|| record_script(include_str!("lua/deregister.lua")));
+/// See `lua/announce.lua`: logs `registered` / `updated`.
+pub(super) static ANNOUNCE: LazyLock<LuaScript> =
+    LazyLock::new(|| record_script(include_str!("lua/announce.lua")));
+/// See `lua/deregistered.lua`: logs `deregistered`.
+pub(super) static DEREGISTERED: LazyLock<LuaScript> =
+    LazyLock::new(|| record_script(include_str!("lua/deregistered.lua")));
+/// See `lua/reap.lua`: drops gone all-index entries and logs `expired`.
+pub(super) static REAP: LazyLock<LuaScript> =
+    LazyLock::new(|| record_script(include_str!("lua/reap.lua")));
+/// See `lua/log_read.lua`.
+pub(super) static LOG_READ: LazyLock<LuaScript> =
+    LazyLock::new(|| LuaScript::new(include_str!("lua/log_read.lua").to_owned()));
 /// See `lua/index_drop.lua`.
 pub(super) static INDEX_DROP: LazyLock<LuaScript> =
     LazyLock::new(|| LuaScript::new(include_str!("lua/index_drop.lua").to_owned()));
@@ -101,6 +113,9 @@ mod tests {
             (&*REGISTER, include_str!("lua/register.lua")),
             (&*PING, include_str!("lua/ping.lua")),
             (&*DEREGISTER, include_str!("lua/deregister.lua")),
+            (&*ANNOUNCE, include_str!("lua/announce.lua")),
+            (&*DEREGISTERED, include_str!("lua/deregistered.lua")),
+            (&*REAP, include_str!("lua/reap.lua")),
         ] {
             let expected = format!("{}{RECORD_LUA}{body}", layout_prelude());
             assert_eq!(script.lua(), expected);

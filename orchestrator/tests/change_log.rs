@@ -1,0 +1,606 @@
+//! The stores' change log (`Store::change_head`, `changes`, `reap`): what the watch feed reads.
+//!
+//! Each scenario is a function generic over [`Store`] taking two stores on one backend: two
+//! orchestrator replicas on one Valkey (or two clones of one memory store). The Valkey
+//! instantiation is at the bottom; another store adds its own the same way. Scenarios that need
+//! the backend itself (flushing Valkey, a record lost under a listing) are Valkey-only.
+
+mod support;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::time::Duration;
+
+use servicekit::protocol::ServiceInfo;
+use servicekit_orchestrator::store::{
+    Change, ChangeKind, Changes, Cursor, ListFilter, Registration, Store, ValkeyStore,
+};
+use support::valkey::ValkeyServer;
+use tokio::time::Instant;
+use ulid::Ulid;
+
+/// TTL of scenarios that never wait for expiry.
+const LONG_TTL: Duration = Duration::from_secs(60);
+/// TTL of scenarios that wait for expiry.
+const SHORT_TTL: Duration = Duration::from_secs(1);
+/// How long anything that should happen may take before the test fails.
+const DEADLINE: Duration = Duration::from_secs(15);
+
+fn reg(url: &str, name: &str) -> Registration {
+    Registration {
+        url: url.to_owned(),
+        info: ServiceInfo::new(name),
+        requested_id: None,
+    }
+}
+
+/// The changes after `after`, read in batches (waiting up to 200 ms each) until `done` holds
+/// for what was read or the deadline passes; panics on a gap.
+async fn read_until<S: Store>(
+    store: &S,
+    after: Cursor,
+    mut done: impl FnMut(&[Change]) -> bool,
+) -> Vec<Change> {
+    let deadline = Instant::now() + DEADLINE;
+    let mut cursor = after;
+    let mut seen = Vec::new();
+    while !done(&seen) {
+        assert!(
+            Instant::now() < deadline,
+            "the log did not show what was expected in time; it holds {seen:#?}"
+        );
+        match store
+            .changes(cursor, 100, Duration::from_millis(200))
+            .await
+            .expect("changes")
+        {
+            Changes::Changes(batch) => {
+                if let Some(last) = batch.last() {
+                    cursor = last.cursor;
+                }
+                seen.extend(batch);
+            }
+            Changes::Gap => panic!("unexpected gap after {cursor}"),
+        }
+    }
+    seen
+}
+
+/// Every change after `after` that is in the log now.
+async fn read_all<S: Store>(store: &S, after: Cursor) -> Vec<Change> {
+    let mut cursor = after;
+    let mut seen = Vec::new();
+    loop {
+        match store
+            .changes(cursor, 1000, Duration::ZERO)
+            .await
+            .expect("changes")
+        {
+            Changes::Changes(batch) if batch.is_empty() => return seen,
+            Changes::Changes(batch) => {
+                cursor = batch.last().map(|c| c.cursor).unwrap_or(cursor);
+                seen.extend(batch);
+            }
+            Changes::Gap => panic!("unexpected gap after {cursor}"),
+        }
+    }
+}
+
+/// Waits until `cond` holds, polling.
+async fn eventually<F: Future<Output = bool>>(what: &str, mut cond: impl FnMut() -> F) {
+    let deadline = Instant::now() + DEADLINE;
+    while !cond().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Removal changes per id.
+fn removals(changes: &[Change]) -> HashMap<Ulid, Vec<ChangeKind>> {
+    let mut out: HashMap<Ulid, Vec<ChangeKind>> = HashMap::new();
+    for c in changes.iter().filter(|c| c.kind.is_removal()) {
+        out.entry(c.subject.id()).or_default().push(c.kind);
+    }
+    out
+}
+
+fn assert_increasing(changes: &[Change], after: Cursor) {
+    let mut prev = after;
+    for c in changes {
+        assert!(c.cursor > prev, "cursor {} not after {prev}", c.cursor);
+        prev = c.cursor;
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Scenarios, generic over the store.
+
+/// A first registration is `registered`, a re-registration `updated`, a deregistration
+/// `deregistered` with the record, in that order and with increasing cursors; the head is the
+/// last change's cursor, whichever replica asks.
+async fn lifecycle_in_order<S: Store>(a: &S, b: &S) {
+    let start = a.change_head().await.expect("head");
+    let first = a
+        .register(reg("http://lifecycle:1", "life"))
+        .await
+        .expect("register")
+        .record;
+    let second = b
+        .register(reg("http://lifecycle:1", "life-renamed"))
+        .await
+        .expect("re-register")
+        .record;
+    assert_eq!(first.id, second.id);
+    let removed = a
+        .deregister(first.id)
+        .await
+        .expect("deregister")
+        .expect("was there");
+    let changes = read_all(b, start).await;
+    let kinds: Vec<ChangeKind> = changes.iter().map(|c| c.kind).collect();
+    assert_eq!(
+        kinds,
+        [
+            ChangeKind::Registered,
+            ChangeKind::Updated,
+            ChangeKind::Deregistered
+        ],
+        "{changes:#?}"
+    );
+    assert_increasing(&changes, start);
+    let records: Vec<_> = changes
+        .iter()
+        .map(|c| match &c.subject {
+            servicekit_orchestrator::store::Subject::Record(r) => (**r).clone(),
+            other => panic!("expected a whole record, got {other:?}"),
+        })
+        .collect();
+    assert_eq!(records, [first, second, removed]);
+    let head = b.change_head().await.expect("head");
+    assert_eq!(Some(head), changes.last().map(|c| c.cursor));
+    assert_eq!(a.change_head().await.expect("head"), head);
+    // Nothing after the head, and no gap there.
+    assert_eq!(
+        a.changes(head, 10, Duration::ZERO).await.expect("changes"),
+        Changes::Changes(Vec::new())
+    );
+}
+
+/// The head read before a listing covers what the listing shows: every change up to the head
+/// is reflected by a listing started after reading it.
+async fn head_then_listing_agree<S: Store>(a: &S, b: &S) {
+    let start = a.change_head().await.expect("head");
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        ids.push(
+            b.register(reg(&format!("http://head:{i}"), "head"))
+                .await
+                .expect("register")
+                .record
+                .id,
+        );
+    }
+    b.deregister(ids[0]).await.expect("deregister");
+    let head = a.change_head().await.expect("head");
+    let listed: Vec<Ulid> = a
+        .list(&ListFilter::default())
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|r| r.id)
+        .collect();
+    // Apply the changes up to the head to an empty set: the listing is exactly that.
+    let mut set = std::collections::BTreeSet::new();
+    for c in read_all(a, start).await {
+        assert!(c.cursor <= head, "a change beyond the head {head}: {c:?}");
+        if c.kind.is_removal() {
+            set.remove(&c.subject.id());
+        } else {
+            set.insert(c.subject.id());
+        }
+    }
+    assert_eq!(listed, set.into_iter().collect::<Vec<_>>());
+    assert_eq!(listed, ids[1..]);
+}
+
+/// Entries that expire together are each logged `expired` exactly once while two replicas
+/// reap concurrently, with what the log knew of them.
+async fn expiry_logged_once_by_racing_reapers<S: Store + Clone + 'static>(a: &S, b: &S) {
+    const N: usize = 200;
+    let start = a.change_head().await.expect("head");
+    let mut urls = HashMap::new();
+    for i in 0..N {
+        let r = a
+            .register(reg(&format!("http://expiry:{i}"), "exp"))
+            .await
+            .expect("register")
+            .record;
+        urls.insert(r.id, r.url);
+    }
+    let reapers: Vec<_> = [a.clone(), b.clone(), a.clone(), b.clone()]
+        .into_iter()
+        .map(|store| {
+            tokio::spawn(async move {
+                let deadline = Instant::now() + DEADLINE;
+                while Instant::now() < deadline {
+                    let _ = store.reap().await;
+                    if store.count().await.unwrap_or(1) == 0 {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            })
+        })
+        .collect();
+    read_until(b, start, |seen| {
+        seen.iter()
+            .filter(|c| c.kind == ChangeKind::Expired)
+            .count()
+            >= N
+    })
+    .await;
+    for reaper in reapers {
+        reaper.await.expect("reaper");
+    }
+    // Read again after the reapers stopped: nothing was logged twice.
+    let changes = &read_all(a, start).await;
+    let removed = removals(changes);
+    assert_eq!(removed.len(), N, "{removed:?}");
+    for (id, kinds) in &removed {
+        assert_eq!(kinds, &[ChangeKind::Expired], "{id}");
+    }
+    for c in changes.iter().filter(|c| c.kind == ChangeKind::Expired) {
+        assert_eq!(
+            Some(c.subject.url()),
+            urls.get(&c.subject.id()).map(|u| &**u)
+        );
+        assert_eq!(c.subject.display_name(), "exp");
+    }
+}
+
+/// Deregistrations racing with reapers at the moment of expiry: each entry's removal is
+/// logged once, as `deregistered` or `expired`.
+async fn deregister_racing_reap_logs_one_removal<S: Store + Clone + 'static>(a: &S, b: &S) {
+    const N: usize = 100;
+    let start = a.change_head().await.expect("head");
+    let mut ids = Vec::new();
+    let mut expiries = Vec::new();
+    for i in 0..N {
+        let r = a
+            .register(reg(&format!("http://race:{i}"), "race"))
+            .await
+            .expect("register")
+            .record;
+        ids.push(r.id);
+        expiries.push(r.expires_at.as_millis());
+    }
+    // Start at the middle entry's expiry, so some deregistrations find their record and some
+    // find it expired, while the reapers pick up the same entries.
+    let middle = expiries[N / 2];
+    let now = servicekit::protocol::Timestamp::now().as_millis();
+    tokio::time::sleep(Duration::from_millis(middle.saturating_sub(now))).await;
+    let reapers: Vec<_> = [b.clone(), a.clone()]
+        .into_iter()
+        .map(|store| {
+            tokio::spawn(async move {
+                let deadline = Instant::now() + DEADLINE;
+                while Instant::now() < deadline && store.count().await.unwrap_or(1) > 0 {
+                    let _ = store.reap().await;
+                }
+            })
+        })
+        .collect();
+    let deregistrations: Vec<_> = ids
+        .iter()
+        .map(|id| {
+            let (a, id) = (a.clone(), *id);
+            tokio::spawn(async move { a.deregister(id).await.expect("deregister").is_some() })
+        })
+        .collect();
+    let mut deregistered = 0;
+    for d in deregistrations {
+        if d.await.expect("deregistration") {
+            deregistered += 1;
+        }
+    }
+    for reaper in reapers {
+        reaper.await.expect("reaper");
+    }
+    read_until(a, start, |seen| removals(seen).len() >= N).await;
+    let changes = &read_all(b, start).await;
+    let removed = removals(changes);
+    assert_eq!(removed.len(), N);
+    let mut logged_deregistered = 0;
+    for (id, kinds) in &removed {
+        assert_eq!(kinds.len(), 1, "{id}: {kinds:?}");
+        if kinds[0] == ChangeKind::Deregistered {
+            logged_deregistered += 1;
+        }
+    }
+    // A deregistration that found its record logs it, unless a reaper dropped the entry
+    // first (at its expiry instant): never more `deregistered` than deletions.
+    assert!(
+        logged_deregistered <= deregistered,
+        "{logged_deregistered} > {deregistered}"
+    );
+    eprintln!("{deregistered} deregistered, {logged_deregistered} logged as such");
+}
+
+/// A reader waiting at the head on one replica gets a change made through the other.
+async fn waiting_reader_sees_other_replica<S: Store + Clone + 'static>(a: &S, b: &S) {
+    let head = a.change_head().await.expect("head");
+    let reader = {
+        let a = a.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let got = a.changes(head, 10, Duration::from_secs(10)).await;
+            (got, started.elapsed())
+        })
+    };
+    // Give the reader time to block (it answers an empty batch after the wait otherwise;
+    // either way it must not miss the change).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let r = b
+        .register(reg("http://waiter:1", "waiter"))
+        .await
+        .expect("register")
+        .record;
+    let (got, waited) = reader.await.expect("reader");
+    match got.expect("changes") {
+        Changes::Changes(batch) => {
+            assert_eq!(batch.len(), 1, "{batch:#?}");
+            assert_eq!(batch[0].kind, ChangeKind::Registered);
+            assert_eq!(batch[0].subject.id(), r.id);
+        }
+        Changes::Gap => panic!("gap at the head"),
+    }
+    assert!(
+        waited < Duration::from_secs(10),
+        "the reader slept through the change"
+    );
+    // An empty wait ends with an empty batch, not an error.
+    let head = a.change_head().await.expect("head");
+    assert_eq!(
+        a.changes(head, 10, Duration::from_millis(100))
+            .await
+            .expect("changes"),
+        Changes::Changes(Vec::new())
+    );
+}
+
+/// More changes than the log keeps: a cursor from before them is a gap; one at the head is
+/// not; one beyond the head is a gap.
+async fn trimmed_and_future_cursors_are_gaps<S: Store>(a: &S, b: &S, log_len: usize) {
+    let zero = a.changes(Cursor::ZERO, 10, Duration::ZERO).await;
+    assert!(
+        matches!(zero, Ok(Changes::Changes(_))),
+        "ZERO on a fresh log: {zero:?}"
+    );
+    let r = a
+        .register(reg("http://trim:1", "trim"))
+        .await
+        .expect("register")
+        .record;
+    let early = a.change_head().await.expect("head");
+    assert_ne!(early, Cursor::ZERO);
+    for _ in 0..log_len * 3 {
+        b.register(reg("http://trim:1", "trim"))
+            .await
+            .expect("re-register");
+    }
+    assert_eq!(
+        b.changes(early, 10, Duration::ZERO).await.expect("changes"),
+        Changes::Gap
+    );
+    assert_eq!(
+        b.changes(Cursor::ZERO, 10, Duration::ZERO)
+            .await
+            .expect("changes"),
+        Changes::Gap
+    );
+    let head = a.change_head().await.expect("head");
+    assert_eq!(
+        b.changes(head, 10, Duration::ZERO).await.expect("changes"),
+        Changes::Changes(Vec::new())
+    );
+    for beyond in [
+        Cursor {
+            ms: head.ms,
+            seq: head.seq + 1,
+        },
+        Cursor {
+            ms: head.ms + 60_000,
+            seq: 0,
+        },
+        Cursor {
+            ms: u64::MAX,
+            seq: u64::MAX,
+        },
+    ] {
+        assert_eq!(
+            b.changes(beyond, 10, Duration::from_millis(50))
+                .await
+                .expect("changes"),
+            Changes::Gap,
+            "{beyond}"
+        );
+    }
+    b.deregister(r.id).await.expect("deregister");
+    let batch = b.changes(head, 10, Duration::ZERO).await.expect("changes");
+    assert!(
+        matches!(&batch, Changes::Changes(v) if v.len() == 1 && v[0].kind == ChangeKind::Deregistered),
+        "{batch:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Valkey: two stores (replicas) per test on a valkey-server of the test's own.
+
+struct Valkey {
+    a: ValkeyStore,
+    b: ValkeyStore,
+    server: ValkeyServer,
+}
+
+impl Valkey {
+    async fn open(ttl: Duration, log_len: usize) -> Valkey {
+        let server = tokio::task::spawn_blocking(ValkeyServer::new)
+            .await
+            .expect("start valkey-server");
+        let prefix = format!("test:{}:", Ulid::new());
+        let connect = || async {
+            ValkeyStore::connect(&server.url(), &prefix, ttl)
+                .await
+                .expect("connect to valkey-server")
+                .with_change_log_len(log_len)
+        };
+        let (a, b) = (connect().await, connect().await);
+        Valkey { a, b, server }
+    }
+}
+
+const LOG_LEN: usize = servicekit_orchestrator::store::CHANGE_LOG_LEN;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn valkey_lifecycle_in_order() {
+    let v = Valkey::open(LONG_TTL, LOG_LEN).await;
+    lifecycle_in_order(&v.a, &v.b).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn valkey_head_then_listing_agree() {
+    let v = Valkey::open(LONG_TTL, LOG_LEN).await;
+    head_then_listing_agree(&v.a, &v.b).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn valkey_expiry_logged_once_by_racing_reapers() {
+    let v = Valkey::open(SHORT_TTL, LOG_LEN).await;
+    expiry_logged_once_by_racing_reapers(&v.a, &v.b).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn valkey_deregister_racing_reap_logs_one_removal() {
+    let v = Valkey::open(SHORT_TTL, LOG_LEN).await;
+    deregister_racing_reap_logs_one_removal(&v.a, &v.b).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn valkey_waiting_reader_sees_other_replica() {
+    let v = Valkey::open(LONG_TTL, LOG_LEN).await;
+    waiting_reader_sees_other_replica(&v.a, &v.b).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn valkey_trimmed_and_future_cursors_are_gaps() {
+    let v = Valkey::open(LONG_TTL, 10).await;
+    trimmed_and_future_cursors_are_gaps(&v.a, &v.b, 100).await;
+}
+
+/// Valkey lost its data (FLUSHALL, a restart without persistence): every cursor but ZERO is
+/// a gap, before and after the log is written anew.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn valkey_lost_log_is_a_gap() {
+    let v = Valkey::open(LONG_TTL, LOG_LEN).await;
+    v.a.register(reg("http://lost:1", "lost"))
+        .await
+        .expect("register");
+    let head = v.a.change_head().await.expect("head");
+    assert_eq!(v.server.command(&["FLUSHALL"]), "+OK");
+    assert_eq!(v.b.change_head().await.expect("head"), Cursor::ZERO);
+    assert_eq!(
+        v.b.changes(head, 10, Duration::ZERO)
+            .await
+            .expect("changes"),
+        Changes::Gap
+    );
+    assert_eq!(
+        v.b.changes(Cursor::ZERO, 10, Duration::ZERO)
+            .await
+            .expect("changes"),
+        Changes::Changes(Vec::new())
+    );
+    // Written anew: the old cursor lies before the new log's first entry.
+    v.b.register(reg("http://lost:2", "lost"))
+        .await
+        .expect("register");
+    assert_eq!(
+        v.a.changes(head, 10, Duration::ZERO)
+            .await
+            .expect("changes"),
+        Changes::Gap
+    );
+    let fresh = v.a.changes(Cursor::ZERO, 10, Duration::ZERO).await;
+    assert!(
+        matches!(&fresh, Ok(Changes::Changes(c)) if c.len() == 1 && c[0].kind == ChangeKind::Registered),
+        "{fresh:?}"
+    );
+}
+
+/// A listing that finds an expired record's all-index entry drops it, and logs `expired`
+/// (nobody reaps in this test); a reaper afterwards logs nothing more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn valkey_listing_drop_logs_expired() {
+    let v = Valkey::open(SHORT_TTL, LOG_LEN).await;
+    let start = v.a.change_head().await.expect("head");
+    let r =
+        v.a.register(reg("http://listed:1", "listed"))
+            .await
+            .expect("register")
+            .record;
+    eventually("the record to expire", || async {
+        v.a.get(r.id).await.expect("get").is_none()
+    })
+    .await;
+    // Leave time for the all-index score (the expiry) to pass by the server clock too.
+    eventually("the listing to drop the entry", || async {
+        assert!(v
+            .b
+            .list(&ListFilter::default())
+            .await
+            .expect("list")
+            .is_empty());
+        read_all(&v.a, start)
+            .await
+            .iter()
+            .any(|c| c.kind == ChangeKind::Expired)
+    })
+    .await;
+    let changes = read_all(&v.a, start).await;
+    let kinds: Vec<ChangeKind> = changes.iter().map(|c| c.kind).collect();
+    assert_eq!(kinds, [ChangeKind::Registered, ChangeKind::Expired]);
+    assert_eq!(changes[1].subject.id(), r.id);
+    assert_eq!(changes[1].subject.url(), "http://listed:1");
+    assert_eq!(v.b.reap().await.expect("reap"), 0);
+    assert_eq!(read_all(&v.a, start).await.len(), 2);
+}
+
+/// A register that died between its record and its announcement (simulated: the
+/// announcement and the log removed by hand) is announced again by the record's pings.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn valkey_lost_registration_is_announced_again() {
+    let v = Valkey::open(SHORT_TTL, LOG_LEN).await;
+    let r =
+        v.a.register(reg("http://lost-announce:1", "lost"))
+            .await
+            .expect("register")
+            .record;
+    let prefix = v.a.prefix().to_owned();
+    let announced = format!("{prefix}{{all}}:announced");
+    let events = format!("{prefix}{{all}}:events");
+    assert_eq!(
+        v.server.command(&["HDEL", &announced, &r.id.to_string()]),
+        ":1"
+    );
+    assert_eq!(v.server.command(&["DEL", &events]), ":1");
+    eventually("the entry to be announced again", || async {
+        v.a.ping(r.id).await.expect("ping").expect("alive");
+        v.b.reap().await.expect("reap");
+        !read_all(&v.b, Cursor::ZERO).await.is_empty()
+    })
+    .await;
+    let changes = read_all(&v.b, Cursor::ZERO).await;
+    assert_eq!(changes.len(), 1, "{changes:#?}");
+    assert_eq!(changes[0].kind, ChangeKind::Registered);
+    assert_eq!(changes[0].subject.id(), r.id);
+}
