@@ -56,6 +56,8 @@ mod builder;
 pub mod client;
 #[cfg(feature = "layer")]
 pub mod config;
+#[cfg(feature = "discovery")]
+pub mod discovery;
 #[cfg(feature = "layer")]
 pub mod error;
 #[cfg(feature = "layer")]
