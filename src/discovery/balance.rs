@@ -1,17 +1,20 @@
 //! [`BalancedClient`]: HTTP requests spread over a watcher's instances.
 //!
 //! tower's power-of-two-choices `Balance` picks, for each request, the less loaded of two
-//! random ready instances, by peak-EWMA: each instance's cost is its latency estimate (which
-//! jumps up at once on a slow answer and decays over seconds) times its requests in flight, so
-//! a slow or overloaded instance gets less traffic, not only a busy one. `Buffer` makes the
-//! single-owner balancer shareable. Around it:
+//! random ready instances, by requests in flight (`PendingRequests`): a slow or overloaded
+//! instance piles up requests and gets fewer new ones, equally loaded instances are chosen at
+//! random, and a new instance (a rolling restart's replacement) gets its share at once.
+//! Peak-EWMA was tried and rejected: a new instance starts with an assumed latency and, against
+//! measured sub-millisecond peers, got no traffic at all at low concurrency. Neither measure
+//! protects against an instance that fails fast (it looks idle): ejection does. `Buffer` makes
+//! the single-owner balancer shareable. Around it:
 //!
 //! - a bounded wait for a ready instance (`Balance` alone waits forever when there is none);
 //! - retries of idempotent requests that failed before any answer (refused, reset, closed),
 //!   on another instance when there is one, within a retry budget;
 //! - ejection: an endpoint reports itself failed to `Balance` (which drops it) on a refused
 //!   connection at once, or after a run of other transport failures; it comes back when
-//!   discovery inserts it again or after a cooldown.
+//!   discovery inserts it again or with the first request after a cooldown.
 //!
 //! The Discover adapter between the watcher and `Balance` builds one endpoint per instance
 //! and re-inserts ejected ones; all endpoints share one hyper-util connection pool whose idle
@@ -39,7 +42,7 @@ use tokio::time::{Instant, Sleep};
 use tower::balance::p2c::Balance;
 use tower::buffer::Buffer;
 use tower::discover::Change;
-use tower::load::{CompleteOnResponse, PeakEwma};
+use tower::load::{CompleteOnResponse, PendingRequests};
 use tower::retry::budget::{Budget, TpsBudget};
 use tower::util::BoxService;
 use tower::{Service, ServiceExt};
@@ -250,6 +253,20 @@ impl BalancedClient {
     /// The watcher this client follows.
     pub fn watcher(&self) -> &Watcher {
         &self.inner.watcher
+    }
+
+    /// Whether the instance at `url` is ejected now.
+    #[cfg(test)]
+    pub(crate) fn is_ejected(&self, url: &str) -> bool {
+        let registry = self
+            .inner
+            .core
+            .registry
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        registry
+            .values()
+            .any(|s| s.url == url && s.ejected.load(Ordering::SeqCst))
     }
 
     /// `GET path` (a path and query, e.g. `/health`) with the body collected in memory.
@@ -666,12 +683,7 @@ impl Service<Request<Full<Bytes>>> for Endpoint {
     }
 }
 
-type Balanced = PeakEwma<Endpoint, CompleteOnResponse>;
-
-/// Default latency estimate of a new instance, before it answered anything.
-const DEFAULT_RTT: Duration = Duration::from_millis(30);
-/// How fast a latency peak is forgotten.
-const EWMA_DECAY: Duration = Duration::from_secs(10);
+type Balanced = PendingRequests<Endpoint, CompleteOnResponse>;
 
 /// The watcher's changes as `Balance` wants them, plus re-insertion of ejected instances.
 struct Adapter {
@@ -689,12 +701,7 @@ impl Adapter {
             core: self.core.clone(),
             state,
         };
-        PeakEwma::new(
-            endpoint,
-            DEFAULT_RTT,
-            EWMA_DECAY.as_nanos() as f64,
-            CompleteOnResponse::default(),
-        )
+        PendingRequests::new(endpoint, CompleteOnResponse::default())
     }
 
     fn registry(&self) -> std::sync::MutexGuard<'_, HashMap<Ulid, Arc<EndpointState>>> {

@@ -19,6 +19,9 @@ mod sse;
 pub mod tonic;
 mod watcher;
 
+#[cfg(test)]
+mod tests;
+
 use std::sync::Arc;
 
 use ulid::Ulid;
