@@ -274,14 +274,20 @@ async fn run(shared: Arc<Shared>, settings: Settings) {
             resume.retry,
             schedule::random(),
         );
+        // The first failure in a row at warn, then one in ten: an outage is not a flood.
+        if resume.failures % 10 == 0 {
+            tracing::warn!(
+                feed = %settings.feed,
+                reason = ?reason,
+                failures = resume.failures + 1,
+                retry_in_ms = pause.as_millis() as u64,
+                stale = synced,
+                "discovery.disconnected"
+            );
+        } else {
+            tracing::debug!(feed = %settings.feed, reason = ?reason, failures = resume.failures + 1, "discovery.disconnected");
+        }
         resume.failures = resume.failures.saturating_add(1);
-        tracing::warn!(
-            feed = %settings.feed,
-            reason = %reason,
-            retry_in_ms = pause.as_millis() as u64,
-            stale = synced,
-            "discovery.disconnected"
-        );
         tokio::time::sleep(pause).await;
     }
 }
