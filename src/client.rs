@@ -141,19 +141,19 @@ pub struct Registered {
 }
 
 #[cfg(feature = "tls")]
-type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
+pub(crate) type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
 #[cfg(not(feature = "tls"))]
-type Connector = HttpConnector;
+pub(crate) type Connector = HttpConnector;
 
 /// The connector under the client: plain TCP, or with the `tls` feature TCP plus rustls for
 /// `https` URLs.
 #[cfg(not(feature = "tls"))]
-fn connector(http: HttpConnector, _register_url: &Uri) -> Connector {
+pub(crate) fn connector(http: HttpConnector, _register_url: &Uri) -> Connector {
     http
 }
 
 #[cfg(feature = "tls")]
-fn connector(mut http: HttpConnector, register_url: &Uri) -> Connector {
+pub(crate) fn connector(mut http: HttpConnector, register_url: &Uri) -> Connector {
     // The TLS connector wraps this one and hands it https URLs too.
     http.enforce_http(false);
     let https = register_url.scheme_str() == Some("https");

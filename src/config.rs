@@ -517,6 +517,19 @@ fn registration_endpoint(text: &str, source: &Source) -> Result<Uri, ConfigError
         .map_err(|e| bad(&e.to_string()))
 }
 
+/// The orchestrator's base URL (`http://orchestrator:9000`, with its path prefix if any, no
+/// trailing slash) from what the user gave: a base URL or the registration endpoint, by the same
+/// rules as [`registration_endpoint`]. The watch feed and the list live under it.
+#[cfg(feature = "discovery")]
+pub(crate) fn orchestrator_base(text: &str, source: &Source) -> Result<String, ConfigError> {
+    let register = registration_endpoint(text, source)?.to_string();
+    Ok(register
+        .strip_suffix(REGISTER_PATH)
+        .or_else(|| register.strip_suffix("/services/%24register"))
+        .unwrap_or(&register)
+        .to_owned())
+}
+
 /// `http://host:port`, with IPv6 addresses in brackets.
 fn service_url(host: &str, port: u16) -> Result<String, String> {
     let bare = host.trim_start_matches('[').trim_end_matches(']');

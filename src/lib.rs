@@ -35,6 +35,7 @@
 //! - [`RegistrationHandle`]: the registration state, for readiness checks.
 //! - [`RegistrationError`], [`ConfigError`], [`client::ClientError`]: what can go wrong.
 //! - [`client`]: the orchestrator HTTP client.
+//! - `discovery` (feature `discovery`): find the instances of a service and call them.
 //! - [`protocol`]: the wire types shared with the orchestrator.
 //! - [`redact`]: secrets out of printed URLs and text, for both crates.
 //! - [`signal`]: SIGTERM / Ctrl-C for the shutdown hook.
@@ -46,6 +47,8 @@
 //! | `layer` | yes | the layer, its lifecycle and the orchestrator client (turns on `signal`) |
 //! | `signal` | with `layer` | [`signal::shutdown_signal`] |
 //! | `tls` | no | `https` orchestrator URLs: rustls on ring, the system's trust roots or `SSL_CERT_FILE` (turns on `layer`); without it an https URL is [`ConfigError::TlsNotEnabled`] |
+//! | `discovery` | no | `discovery`: the watch-feed [`Watcher`](crate::discovery::Watcher), its `tower::discover` stream and the [`BalancedClient`](crate::discovery::BalancedClient) (turns on `layer`) |
+//! | `tonic` | no | `discovery::tonic::balance_channel`: a tonic `Channel` over a watcher's instances (turns on `discovery`) |
 //! | — | always | [`protocol`], the wire types, and [`redact`] (all the orchestrator needs) |
 #![warn(missing_docs)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
@@ -56,6 +59,8 @@ mod builder;
 pub mod client;
 #[cfg(feature = "layer")]
 pub mod config;
+#[cfg(feature = "discovery")]
+pub mod discovery;
 #[cfg(feature = "layer")]
 pub mod error;
 #[cfg(feature = "layer")]

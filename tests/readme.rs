@@ -21,6 +21,10 @@ const RUN_ELSEWHERE: &[(&str, &str)] = &[
         "SERVICEKIT_ORCHESTRATOR_URL=http://localhost:9000 SERVICEKIT_HOST=localhost cargo run --example service",
         "tests/example_process.rs runs the service example with only the base URL",
     ),
+    (
+        "SERVICEKIT_ORCHESTRATOR_URL=http://localhost:9000 CONSUMER_TARGET=svca cargo run --example consumer --features discovery",
+        "the discovery system tests run the consumer example against real services (rolling restart, crash, outage)",
+    ),
 ];
 
 /// The commands of every ```sh block, continuation lines joined.
