@@ -324,9 +324,11 @@ impl ValkeyStore {
             // The change log's entry, with the index update (both raise the all-index score
             // with ZADD GT, so their order does not matter). A failed announcement fails the
             // register: its outcome is unknown to the caller anyway, and the retry announces.
+            // Boxed: fred's command futures are large, and two side by side made this
+            // future (and every frame that moves it) overflow a worker's stack in debug builds.
             let ((), announced) = tokio::join!(
-                self.index_version(id, &name, expires_at, previous),
-                self.announce(&record)
+                Box::pin(self.index_version(id, &name, expires_at, previous)),
+                Box::pin(self.announce(&record))
             );
             announced?;
             return Ok(Registered {
@@ -388,7 +390,8 @@ impl ValkeyStore {
                 return Err(e);
             }
         };
-        let ((), logged) = tokio::join!(dropped, self.log_deregistered(&record));
+        let ((), logged) =
+            tokio::join!(Box::pin(dropped), Box::pin(self.log_deregistered(&record)));
         // Best effort: the record is gone; if this failed, its all-index entry stays and the
         // reaper logs the removal (as `expired`) once its score has passed.
         if let Err(e) = logged {
