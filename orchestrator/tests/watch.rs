@@ -83,7 +83,24 @@ macro_rules! watch_tests {
     };
 }
 
+/// An orchestrator on a Valkey of its own (stopped with the server), with its own prefix.
+fn valkey_server(mut config: Config) -> Pin<Box<dyn Future<Output = Server> + Send>> {
+    Box::pin(async move {
+        let valkey = support::valkey::ValkeyServer::new();
+        config.valkey_url = Some(valkey.url());
+        config.key_prefix = format!("test:{}:", ulid::Ulid::new());
+        let running = server::start(config).await.expect("orchestrator starts");
+        let api = Api::new(running.base_url());
+        Server {
+            running,
+            api,
+            _backing: Box::new(valkey),
+        }
+    })
+}
+
 watch_tests!(memory, memory_server);
+watch_tests!(valkey, valkey_server);
 
 fn with_tuning(f: impl FnOnce(&mut servicekit_orchestrator::watch::WatchTuning)) -> Config {
     let mut config = Config::for_tests();
