@@ -267,7 +267,7 @@ pub async fn expiry_reaches_watchers_without_any_read(start: Factory) {
     assert_eq!(data["id"], id.as_str());
     assert_eq!(data["url"], "http://a:1");
     assert_eq!(data["info"]["zone"], "eu", "the last record: {data}");
-    assert!(metric(api, "servicekit_registrations_reaped_total").await >= 1.0);
+    assert!(metric(api, "servicekit_registrations_expired_total").await >= 1.0);
 }
 
 pub async fn filters_follow_records_in_and_out(start: Factory) {
