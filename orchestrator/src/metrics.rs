@@ -88,7 +88,6 @@ pub struct Metrics {
     expired: Counter,
     lease_rejections: Counter,
     connections: Gauge,
-    reaped: Counter,
     watchers: Gauge,
     watch_events: Family<EventLabel, Counter>,
     watch_snapshots: Family<ReasonLabel, Counter>,
@@ -144,7 +143,7 @@ impl Metrics {
         let expired = Counter::default();
         registry.register(
             "registrations_expired",
-            "Index entries of expired registrations dropped by the sweeper",
+            "Index entries of expired registrations dropped by the sweeper or the reaper",
             expired.clone(),
         );
         let lease_rejections = Counter::default();
@@ -163,12 +162,6 @@ impl Metrics {
             "connections",
             "Open client connections",
             connections.clone(),
-        );
-        let reaped = Counter::default();
-        registry.register(
-            "registrations_reaped",
-            "Expiries the reaper found and logged for watchers (before any read or sweep did)",
-            reaped.clone(),
         );
         let watchers = Gauge::default();
         registry.register(
@@ -220,7 +213,6 @@ impl Metrics {
             expired,
             lease_rejections,
             connections,
-            reaped,
             watchers,
             watch_events,
             watch_snapshots,
@@ -250,16 +242,10 @@ impl Metrics {
         }
     }
 
-    /// Counts what one sweep dropped.
+    /// Counts what one sweep or reap dropped.
     pub fn swept(&self, dropped: usize) {
         self.expired
             .inc_by(u64::try_from(dropped).unwrap_or(u64::MAX));
-    }
-
-    /// Counts what one reap logged.
-    pub fn reaped(&self, expired: usize) {
-        self.reaped
-            .inc_by(u64::try_from(expired).unwrap_or(u64::MAX));
     }
 
     /// Counts an open watch feed until the returned guard is dropped.
@@ -462,6 +448,11 @@ mod tests {
         m.lease_rejected();
         reconnects.inc();
         let guard = m.connection_opened();
+        let watcher = m.watcher_started();
+        m.watch_event(servicekit::protocol::WatchEventKind::Expired);
+        m.watch_snapshot("lagged");
+        m.watcher_dropped();
+        m.watch_hub_read(5);
         let text = m.encode(Some(42)).expect("encode");
         for line in [
             "servicekit_http_requests_total{route=\"/services/{id}/$ping\",status=\"200\"} 1",
@@ -474,16 +465,24 @@ mod tests {
             "servicekit_valkey_reconnects_total 1",
             "servicekit_connections 1",
             "servicekit_registrations 42",
+            "servicekit_watchers 1",
+            "servicekit_watch_events_total{event=\"expired\"} 1",
+            "servicekit_watch_events_total{event=\"snapshot\"} 0",
+            "servicekit_watch_snapshots_total{reason=\"lagged\"} 1",
+            "servicekit_watch_snapshots_total{reason=\"start\"} 0",
+            "servicekit_watchers_dropped_total 1",
+            "servicekit_watch_hub_changes_total 5",
         ] {
             assert!(
                 text.lines().any(|l| l == line),
                 "missing {line:?} in\n{text}"
             );
         }
-        drop(guard);
+        drop((guard, watcher));
         let text = m.encode(None).expect("encode");
         assert!(
-            text.lines().any(|l| l == "servicekit_connections 0"),
+            text.lines().any(|l| l == "servicekit_connections 0")
+                && text.lines().any(|l| l == "servicekit_watchers 0"),
             "{text}"
         );
         assert!(!text.contains("servicekit_registrations "), "{text}");

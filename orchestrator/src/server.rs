@@ -243,7 +243,7 @@ async fn reap_forever<S: Store>(api: Arc<Api<S>>, mut stop: watch::Receiver<bool
         match api.store().reap().await {
             Ok(0) => {}
             Ok(n) => {
-                api.metrics().reaped(n);
+                api.metrics().swept(n);
                 tracing::debug!(expired = n, "store.reaped");
             }
             Err(e) => tracing::debug!(error = %e, "store.reap_failed"),
