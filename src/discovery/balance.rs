@@ -381,7 +381,7 @@ impl BalancedClient {
         let mut instance: Option<String> = None;
         loop {
             tokio::select! {
-                res = &mut call => return res.map_err(|e| Failure::from_box(e)),
+                res = &mut call => return res.map_err(Failure::from_box),
                 sent = &mut dispatched, if instance.is_none() => {
                     instance = Some(sent.unwrap_or_default());
                     deadline.as_mut().reset(Instant::now() + settings.request_timeout);
