@@ -312,6 +312,26 @@ async fn a_silent_feed_counts_as_dead() {
 }
 
 #[tokio::test]
+async fn the_retry_hint_is_a_floor() {
+    let mut feed = Feed::start().await;
+    let w = watcher(&feed).build().unwrap();
+    let mut conn = feed.accept().await;
+    conn.ok().await;
+    conn.send("retry: 300\n\n").await;
+    conn.send(&snapshot("1-0", &[])).await;
+    within("the first snapshot", w.synced()).await;
+    let dropped = tokio::time::Instant::now();
+    drop(conn);
+    let _again = feed.accept().await;
+    // The watcher's own backoff is at most 50 ms here: only the hint explains the wait.
+    assert!(
+        dropped.elapsed() >= Duration::from_millis(300),
+        "{:?}",
+        dropped.elapsed()
+    );
+}
+
+#[tokio::test]
 async fn an_unreadable_event_forces_a_fresh_snapshot() {
     let mut feed = Feed::start().await;
     let w = watcher(&feed).build().unwrap();
