@@ -385,6 +385,8 @@ async fn configuration_mistakes_are_typed_errors() {
     assert!(matches!(err, Error::Config(_)), "{err:?}");
     let err = Watcher::new("http://user:secret@o:9000", Filter::all()).unwrap_err();
     assert!(!format!("{err:?}").contains("secret"));
+    let builder = Watcher::builder(Filter::all()).url("http://user:secret@o:9000");
+    assert!(!format!("{builder:?}").contains("secret"));
 }
 
 #[test]

@@ -127,8 +127,9 @@ impl Watcher {
     }
 }
 
-/// Options of a [`Watcher`]; from [`Watcher::builder`].
-#[derive(Debug, Clone)]
+/// Options of a [`Watcher`]; from [`Watcher::builder`]. Its `Debug` hides any password in the
+/// URL.
+#[derive(Clone)]
 pub struct WatcherBuilder {
     url: Option<String>,
     filter: Filter,
@@ -137,6 +138,20 @@ pub struct WatcherBuilder {
     max_backoff: Duration,
     changes_capacity: usize,
     max_message_bytes: usize,
+}
+
+impl std::fmt::Debug for WatcherBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WatcherBuilder")
+            .field("url", &self.url.as_deref().map(crate::redact::url))
+            .field("filter", &self.filter)
+            .field("idle_timeout", &self.idle_timeout)
+            .field("min_backoff", &self.min_backoff)
+            .field("max_backoff", &self.max_backoff)
+            .field("changes_capacity", &self.changes_capacity)
+            .field("max_message_bytes", &self.max_message_bytes)
+            .finish()
+    }
 }
 
 impl WatcherBuilder {
