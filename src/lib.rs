@@ -47,7 +47,7 @@
 //! | `layer` | yes | the layer, its lifecycle and the orchestrator client (turns on `signal`) |
 //! | `signal` | with `layer` | [`signal::shutdown_signal`] |
 //! | `tls` | no | `https` orchestrator URLs: rustls on ring, the system's trust roots or `SSL_CERT_FILE` (turns on `layer`); without it an https URL is [`ConfigError::TlsNotEnabled`] |
-//! | `discovery` | no | `discovery`: the watch-feed [`Watcher`](crate::discovery::Watcher), its `tower::discover` stream and the [`BalancedClient`](crate::discovery::BalancedClient) (turns on `layer`) |
+//! | `discovery` | no | `discovery`: the watch-feed `Watcher`, its `tower::discover` stream and the `BalancedClient` (turns on `layer`) |
 //! | `tonic` | no | `discovery::tonic::balance_channel`: a tonic `Channel` over a watcher's instances (turns on `discovery`) |
 //! | — | always | [`protocol`], the wire types, and [`redact`] (all the orchestrator needs) |
 #![warn(missing_docs)]

@@ -273,6 +273,27 @@ async fn the_cache_follows_the_feed_through_reconnects_and_outages() {
 }
 
 #[tokio::test]
+async fn dropping_the_last_handle_stops_the_task() {
+    let mut feed = Feed::start().await;
+    let w = watcher(&feed).build().unwrap();
+    let changes = w.discover();
+    let mut conn = feed.accept().await;
+    conn.ok().await;
+    drop(w);
+    // A discover stream keeps the task: the connection stays open.
+    conn.send(&snapshot("1-0", &[])).await;
+    drop(changes);
+    let mut buf = [0u8; 64];
+    let n = within(
+        "the watcher closes its connection",
+        conn.stream.read(&mut buf),
+    )
+    .await
+    .unwrap_or(0);
+    assert_eq!(n, 0);
+}
+
+#[tokio::test]
 async fn a_silent_feed_counts_as_dead() {
     let mut feed = Feed::start().await;
     let w = watcher(&feed)
@@ -288,6 +309,26 @@ async fn a_silent_feed_counts_as_dead() {
     assert_eq!(again.header("last-event-id").as_deref(), Some("1-0"));
     assert_eq!(w.state(), WatchState::Stale);
     drop(conn);
+}
+
+#[tokio::test]
+async fn the_retry_hint_is_a_floor() {
+    let mut feed = Feed::start().await;
+    let w = watcher(&feed).build().unwrap();
+    let mut conn = feed.accept().await;
+    conn.ok().await;
+    conn.send("retry: 300\n\n").await;
+    conn.send(&snapshot("1-0", &[])).await;
+    within("the first snapshot", w.synced()).await;
+    let dropped = tokio::time::Instant::now();
+    drop(conn);
+    let _again = feed.accept().await;
+    // The watcher's own backoff is at most 50 ms here: only the hint explains the wait.
+    assert!(
+        dropped.elapsed() >= Duration::from_millis(300),
+        "{:?}",
+        dropped.elapsed()
+    );
 }
 
 #[tokio::test]
@@ -344,6 +385,8 @@ async fn configuration_mistakes_are_typed_errors() {
     assert!(matches!(err, Error::Config(_)), "{err:?}");
     let err = Watcher::new("http://user:secret@o:9000", Filter::all()).unwrap_err();
     assert!(!format!("{err:?}").contains("secret"));
+    let builder = Watcher::builder(Filter::all()).url("http://user:secret@o:9000");
+    assert!(!format!("{builder:?}").contains("secret"));
 }
 
 #[test]
@@ -546,6 +589,30 @@ async fn only_idempotent_requests_are_retried_and_on_another_instance() {
     }
     assert!(failed > 0, "no POST reached the closer");
     assert_eq!(bad_count.load(Ordering::SeqCst) - before, failed);
+}
+
+#[tokio::test]
+async fn an_instance_that_keeps_failing_is_ejected() {
+    let (bad, bad_count, _bad) = closer().await;
+    let good = Backend::start("good").await;
+    let (w, _feed, _conn, _) = watching(&[&bad, &good.url()]).await;
+    let client = BalancedClient::builder(w)
+        .eject_after(2)
+        .eject_cooldown(Duration::from_secs(3600))
+        .build()
+        .unwrap();
+    while !client.is_ejected(&bad) {
+        client.get("/").await.unwrap();
+    }
+    let before = bad_count.load(Ordering::SeqCst);
+    for _ in 0..30 {
+        client.get("/").await.unwrap();
+    }
+    assert_eq!(
+        bad_count.load(Ordering::SeqCst),
+        before,
+        "an ejected instance got requests"
+    );
 }
 
 #[tokio::test]

@@ -23,6 +23,8 @@ pub fn balance_channel(watcher: &Watcher) -> Channel {
 }
 
 /// [`balance_channel`], with each endpoint configured by `configure` (timeouts, TLS, ...).
+/// servicekit turns on only tonic's `channel` feature: `https` instances need one of tonic's TLS
+/// features in your own tonic dependency and a `tls_config` here.
 pub fn balance_channel_with<F>(watcher: &Watcher, configure: F) -> Channel
 where
     F: Fn(Endpoint) -> Endpoint + Send + 'static,

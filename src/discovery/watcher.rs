@@ -127,8 +127,9 @@ impl Watcher {
     }
 }
 
-/// Options of a [`Watcher`]; from [`Watcher::builder`].
-#[derive(Debug, Clone)]
+/// Options of a [`Watcher`]; from [`Watcher::builder`]. Its `Debug` hides any password in the
+/// URL.
+#[derive(Clone)]
 pub struct WatcherBuilder {
     url: Option<String>,
     filter: Filter,
@@ -137,6 +138,20 @@ pub struct WatcherBuilder {
     max_backoff: Duration,
     changes_capacity: usize,
     max_message_bytes: usize,
+}
+
+impl std::fmt::Debug for WatcherBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WatcherBuilder")
+            .field("url", &self.url.as_deref().map(crate::redact::url))
+            .field("filter", &self.filter)
+            .field("idle_timeout", &self.idle_timeout)
+            .field("min_backoff", &self.min_backoff)
+            .field("max_backoff", &self.max_backoff)
+            .field("changes_capacity", &self.changes_capacity)
+            .field("max_message_bytes", &self.max_message_bytes)
+            .finish()
+    }
 }
 
 impl WatcherBuilder {
@@ -154,7 +169,7 @@ impl WatcherBuilder {
     }
 
     /// The reconnection backoff: full jitter, doubling from `min` up to `max`; the feed's
-    /// `retry:` is a floor. Default 250 ms to 10 s.
+    /// `retry:` (and a 429's `Retry-After`) is a floor, up to 60 s. Default 250 ms to 10 s.
     pub fn backoff(mut self, min: Duration, max: Duration) -> Self {
         self.min_backoff = min;
         self.max_backoff = max;
@@ -232,6 +247,10 @@ impl WatcherBuilder {
     }
 }
 
+/// The longest pause a server's `retry:` or `Retry-After` can impose (a broken or hostile
+/// server must not stop the watcher for good).
+const MAX_HINT: Duration = Duration::from_secs(60);
+
 struct Settings {
     feed: Uri,
     idle: Duration,
@@ -271,9 +290,10 @@ async fn run(shared: Arc<Shared>, settings: Settings) {
             settings.min_backoff,
             resume.failures,
             settings.max_backoff,
-            resume.retry,
+            None,
             schedule::random(),
-        );
+        )
+        .max(resume.retry.unwrap_or_default());
         // The first failure in a row at warn, then one in ten: an outage is not a flood.
         if resume.failures % 10 == 0 {
             tracing::warn!(
@@ -328,7 +348,7 @@ async fn session(
             .and_then(|v| v.trim().parse::<u64>().ok())
             .map(Duration::from_secs);
         if let Some(ra) = retry_after {
-            resume.retry = Some(resume.retry.unwrap_or_default().max(ra));
+            resume.retry = Some(resume.retry.unwrap_or_default().max(ra).min(MAX_HINT));
         }
         return format!("the orchestrator answered {status}");
     }
@@ -366,7 +386,7 @@ async fn session(
         }
         for item in items.drain(..) {
             match item {
-                SseItem::Retry(d) => resume.retry = Some(d.min(settings.max_backoff)),
+                SseItem::Retry(d) => resume.retry = Some(d.min(MAX_HINT)),
                 SseItem::Event(event) => {
                     let id = event.id.clone();
                     if let Err(reason) = apply(shared, event) {
