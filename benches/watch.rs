@@ -306,7 +306,7 @@ async fn propagation(a: &Orchestrator, b: &Orchestrator, rounds: usize) {
     let mut ids = Vec::new();
     for kind in ["registered", "deregistered"] {
         for i in 0..rounds {
-            let url = format!("http://10.9.{}.{}:80", i / 256, i % 256);
+            let url = format!("http://10.9.{}.{}:8000", i / 256, i % 256);
             let started = Instant::now();
             let (status, body) = if kind == "registered" {
                 send(
@@ -369,7 +369,7 @@ async fn drive_changes(addr: &str, duration: Duration, tag: &str) -> HashMap<Str
     while Instant::now() < end {
         ticker.tick().await;
         let (addr, sent) = (addr.to_owned(), sent.clone());
-        let url = format!("http://{tag}-{i}.bench:80");
+        let url = format!("http://{tag}-{i}.bench:8000");
         let name = format!("fan-{}", i % NAMES);
         i += 1;
         tasks.push(tokio::spawn(async move {

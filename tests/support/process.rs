@@ -100,8 +100,14 @@ impl Process {
         let mut child = cmd.spawn().expect("example starts");
         let lines = Arc::new(Mutex::new(Vec::new()));
         let readers: Vec<Box<dyn Read + Send>> = [
-            child.stdout.take().map(|s| Box::new(s) as Box<dyn Read + Send>),
-            child.stderr.take().map(|s| Box::new(s) as Box<dyn Read + Send>),
+            child
+                .stdout
+                .take()
+                .map(|s| Box::new(s) as Box<dyn Read + Send>),
+            child
+                .stderr
+                .take()
+                .map(|s| Box::new(s) as Box<dyn Read + Send>),
         ]
         .into_iter()
         .flatten()
