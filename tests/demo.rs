@@ -1,7 +1,8 @@
 //! The README's first command, `cargo run -p servicekit-orchestrator --example demo`, run as
 //! the built example binary (`orchestrator/examples/demo.rs`; every workspace member's
 //! examples land in `target/<profile>/examples/`): both services register, the registry is
-//! printed, Ctrl-C deregisters them and exits 0.
+//! printed, the consumer's first call is answered by Service A, Ctrl-C stops the consumer with
+//! no failed call, deregisters the services and exits 0.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -61,12 +62,26 @@ fn demo_registers_two_services_and_cleans_up_on_ctrl_c() {
         .collect();
     names.sort_unstable();
     assert_eq!(names, ["Service A", "Service B"]);
+    let answer = next_with("consumer: Service A answered ");
+    assert!(
+        answer.starts_with("200 OK from http://127.0.0.1:"),
+        "{answer}"
+    );
+    assert!(
+        answer.contains("\"display_name\":\"Service A\""),
+        "{answer}"
+    );
 
     let sent = Command::new("kill")
         .args(["-INT", &child.id().to_string()])
         .status()
         .expect("kill");
     assert!(sent.success());
+    let summary = next_with("consumer: requests=");
+    assert!(
+        summary.ends_with(" failed=0"),
+        "the consumer's calls all succeeded: {summary}"
+    );
     let after: Value =
         serde_json::from_str(&next_with("registry after shutdown: ")).expect("registry JSON");
     assert_eq!(after["count"], 0, "both services deregistered: {after}");

@@ -1,13 +1,16 @@
 //! The whole system in one process, with no outside services: an orchestrator on its
-//! embedded in-memory store and two services (`svca`, `svcb`) that register with it through
-//! `RegistrationLayer`, keep their entries alive, and deregister on Ctrl-C.
+//! embedded in-memory store, two services (`svca`, `svcb`) that register with it through
+//! `RegistrationLayer`, keep their entries alive, and deregister on Ctrl-C, and a consumer
+//! that finds "Service A" through the watch feed and calls it through `BalancedClient`.
 //!
 //! ```sh
 //! cargo run -p servicekit-orchestrator --example demo
 //! ```
 //!
-//! It prints the registry once both services are registered, then keeps running so you can
-//! look around (`curl localhost:9000/services`). Ctrl-C (or SIGTERM) shuts the services down
+//! It prints the registry once both services are registered and the consumer's first answer,
+//! then keeps running so you can look around (`curl localhost:9000/services`, or watch changes
+//! with `curl -N 'localhost:9000/services?watch=true'`). Ctrl-C (or SIGTERM) stops the
+//! consumer (printing how many calls it made and how many failed), shuts the services down
 //! gracefully — each deregisters before it drains — prints the now empty registry, and exits.
 //!
 //! It lives in the orchestrator crate, whose dev-dependencies are only axum and the layer, so
@@ -20,6 +23,7 @@ use std::time::Duration;
 
 use axum::routing::get;
 use axum::{Json, Router};
+use servicekit::discovery::{BalancedClient, Filter, ServedBy, Watcher};
 use servicekit::{RegistrationLayer, ServiceInfo};
 use servicekit_orchestrator::config::Config;
 use servicekit_orchestrator::server;
@@ -58,9 +62,54 @@ async fn main() -> Result<(), Box<dyn Error>> {
     }
 
     println!("registry: {}", get_json(&format!("{base}/services")).await?);
-    println!("running; try `curl {base}/services`. Ctrl-C to stop.");
+
+    // A consumer of "Service A": the watcher follows the registry's watch feed, the client
+    // balances over whatever instances it knows (here, one).
+    let watcher = Watcher::new(&base, Filter::display_name("Service A"))?;
+    let client = BalancedClient::new(watcher);
+    let first = client.get("/api/v1/info").await?;
+    let served_by = first
+        .extensions()
+        .get::<ServedBy>()
+        .map_or_else(|| "?".to_owned(), |s| s.url.clone());
+    println!(
+        "consumer: Service A answered {} from {served_by}: {}",
+        first.status(),
+        String::from_utf8_lossy(first.body())
+    );
+    let (consumer_stop, mut consumer_stopped) = watch::channel(false);
+    let consumer = tokio::spawn(async move {
+        let (mut requests, mut failed) = (1u64, 0u64);
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = consumer_stopped.wait_for(|stop| *stop) => return (requests, failed),
+            }
+            requests += 1;
+            match client.get("/api/v1/info").await {
+                Ok(res) if res.status().is_success() => {}
+                Ok(res) => {
+                    failed += 1;
+                    tracing::warn!(status = %res.status(), "consumer.request_failed");
+                }
+                Err(e) => {
+                    failed += 1;
+                    tracing::warn!(error = %e, "consumer.request_failed");
+                }
+            }
+        }
+    });
+    println!(
+        "running; try `curl {base}/services` or `curl -N '{base}/services?watch=true'`. \
+         Ctrl-C to stop."
+    );
 
     servicekit::signal::shutdown_signal()?.await;
+    // The consumer first, so that it does not count the services' shutdown as failures.
+    let _ = consumer_stop.send(true);
+    let (requests, failed) = consumer.await?;
+    println!("consumer: requests={requests} failed={failed}");
     let _ = stop.send(true);
     for service in [svca, svcb] {
         service.task.await??;
