@@ -137,20 +137,24 @@ impl Orchestrator {
         self.child.id()
     }
 
-    /// CPU time used so far (user + system), from /proc.
+    /// CPU time used so far (user + system).
     fn cpu(&self) -> Duration {
-        let stat =
-            std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap_or_default();
-        // Fields after the command name (which is in parentheses and may hold spaces).
-        let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-        let fields: Vec<u64> = rest
-            .split_whitespace()
-            .map(|f| f.parse().unwrap_or(0))
-            .collect();
-        // utime and stime are fields 14 and 15 of stat, 12 and 13 after the name.
-        let ticks = fields.get(11).copied().unwrap_or(0) + fields.get(12).copied().unwrap_or(0);
-        Duration::from_millis(ticks * 10) // USER_HZ is 100 on Linux
+        cpu_of(&self.pid().to_string())
     }
+}
+
+/// CPU time process `pid` (or `self`) used so far (user + system), from /proc.
+fn cpu_of(pid: &str) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which is in parentheses and may hold spaces).
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<u64> = rest
+        .split_whitespace()
+        .map(|f| f.parse().unwrap_or(0))
+        .collect();
+    // utime and stime are fields 14 and 15 of stat, 12 and 13 after the name.
+    let ticks = fields.get(11).copied().unwrap_or(0) + fields.get(12).copied().unwrap_or(0);
+    Duration::from_millis(ticks * 10) // USER_HZ is 100 on Linux
 }
 
 impl Drop for Orchestrator {
@@ -198,6 +202,32 @@ async fn watch(
             let Ok(data) = frame.into_data() else {
                 continue;
             };
+            let Some(events) = &sampled else {
+                // Unsampled: count events cheaply (the client must not be the bottleneck),
+                // keeping a few bytes so a marker cut between two frames still counts.
+                buf.extend_from_slice(&data);
+                let mut counted = 0;
+                let mut at = 0;
+                while let Some(i) = find(&buf[at..], b"\nevent: ") {
+                    let start = at + i + 8;
+                    if buf.len() < start + 8 {
+                        break;
+                    }
+                    if &buf[start..start + 8] == b"snapshot" {
+                        if let Some(tx) = synced.take() {
+                            let _ = tx.send(());
+                        }
+                    } else {
+                        counted += 1;
+                    }
+                    at = start;
+                }
+                seen.fetch_add(counted, Ordering::Relaxed);
+                // A marker not yet counted lies within the last 16 bytes or after `at`.
+                let keep_from = at.max(buf.len().saturating_sub(16));
+                buf.drain(..keep_from);
+                continue;
+            };
             buf.extend_from_slice(&data);
             while let Some(end) = find(&buf, b"\n\n") {
                 let message: Vec<u8> = buf.drain(..end + 2).collect();
@@ -219,17 +249,15 @@ async fn watch(
                     continue;
                 }
                 seen.fetch_add(1, Ordering::Relaxed);
-                if let Some(events) = &sampled {
-                    let url = serde_json::from_str::<serde_json::Value>(data)
-                        .ok()
-                        .and_then(|v| v["url"].as_str().map(str::to_owned))
-                        .unwrap_or_default();
-                    let _ = events.send(Event {
-                        kind,
-                        url,
-                        at: Instant::now(),
-                    });
-                }
+                let url = serde_json::from_str::<serde_json::Value>(data)
+                    .ok()
+                    .and_then(|v| v["url"].as_str().map(str::to_owned))
+                    .unwrap_or_default();
+                let _ = events.send(Event {
+                    kind,
+                    url,
+                    at: Instant::now(),
+                });
             }
         }
     });
@@ -440,6 +468,7 @@ async fn fan_out(orch: &Orchestrator, watchers: usize, duration: Duration) {
     );
 
     let cpu_before = orch.cpu();
+    let own_cpu_before = cpu_of("self");
     let started = Instant::now();
     let tag = format!("w{watchers}");
     let sent = drive_changes(&orch.addr, duration, &tag).await;
@@ -462,6 +491,7 @@ async fn fan_out(orch: &Orchestrator, watchers: usize, duration: Duration) {
     }
     let wall = started.elapsed();
     let cpu = orch.cpu().saturating_sub(cpu_before);
+    let own_cpu = cpu_of("self").saturating_sub(own_cpu_before);
     drop(tx);
     let mut latencies = Vec::new();
     while let Ok(e) = rx.try_recv() {
@@ -471,11 +501,12 @@ async fn fan_out(orch: &Orchestrator, watchers: usize, duration: Duration) {
     }
     latencies.sort_unstable();
     println!(
-        "fan-out, {watchers} watchers, {} changes at {CHANGE_RATE}/s: {} of {} events delivered; orchestrator CPU {:.0}% of a core; latency at {} sampled watchers p50 {:.2} ms, p99 {:.2} ms; RSS {} KiB",
+        "fan-out, {watchers} watchers, {} changes at {CHANGE_RATE}/s: {} of {} events delivered; orchestrator CPU {:.0}% of a core (this client {:.0}%); latency at {} sampled watchers p50 {:.2} ms, p99 {:.2} ms; RSS {} KiB",
         sent.len(),
         seen.load(Ordering::Relaxed),
         expected_total,
         100.0 * cpu.as_secs_f64() / wall.as_secs_f64(),
+        100.0 * own_cpu.as_secs_f64() / wall.as_secs_f64(),
         (SAMPLED_PER_NAME * NAMES).min(watchers),
         ms(percentile(&latencies, 0.5)),
         ms(percentile(&latencies, 0.99)),

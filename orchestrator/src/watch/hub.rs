@@ -13,7 +13,7 @@ use tokio::sync::{broadcast, watch};
 
 use crate::logsafe::Untrusted;
 use crate::metrics::Metrics;
-use crate::store::{Change, Changes, Cursor, Store, StoreError};
+use crate::store::{Change, Changes, Cursor, Store, StoreError, Subject};
 
 /// Changes the hub asks the store for at once.
 const BATCH: usize = 256;
@@ -23,11 +23,41 @@ const READ_WAIT: Duration = Duration::from_secs(1);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
+/// A change with its data encoded once for every session: with thousands of watchers, JSON
+/// per session and change was most of the fan-out's cost.
+#[derive(Debug)]
+pub struct Encoded {
+    pub change: Change,
+    /// The JSON of the change's record, when it has one.
+    pub record: Option<Vec<u8>>,
+    /// The JSON of the removal data made from that record (see `RemovedService`).
+    pub removed: Option<Vec<u8>>,
+}
+
+impl Encoded {
+    /// Encodes `change`'s data; a record that cannot be encoded is left to the sessions (which
+    /// report the error).
+    pub fn new(change: Change) -> Self {
+        let (record, removed) = match &change.subject {
+            Subject::Record(r) => (
+                serde_json::to_vec(&**r).ok(),
+                serde_json::to_vec(&change.subject.removed()).ok(),
+            ),
+            Subject::Known { .. } => (None, None),
+        };
+        Encoded {
+            change,
+            record,
+            removed,
+        }
+    }
+}
+
 /// What the hub sends its sessions.
 #[derive(Debug, Clone)]
 pub enum HubMessage {
     /// The next change of the log.
-    Change(Arc<Change>),
+    Change(Arc<Encoded>),
     /// The store's log lost changes the hub had not read: every session starts over from a
     /// snapshot.
     Gap,
@@ -105,7 +135,9 @@ impl Hub {
         for change in batch {
             let cursor = change.cursor;
             // No receiver is not an error: nobody watches right now.
-            let _ = self.tx.send(HubMessage::Change(Arc::new(change)));
+            let _ = self
+                .tx
+                .send(HubMessage::Change(Arc::new(Encoded::new(change))));
             *head = Some(cursor);
         }
     }

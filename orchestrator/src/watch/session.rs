@@ -18,7 +18,7 @@ use tokio::time::Instant;
 use tower_http::BoxError;
 use ulid::Ulid;
 
-use super::hub::{Hub, HubMessage};
+use super::hub::{Encoded, Hub, HubMessage};
 use super::{sse, WatchTuning};
 use crate::api::Bounded;
 use crate::metrics::{Metrics, WatcherGuard};
@@ -189,8 +189,8 @@ impl<S: Store> Session<S> {
                 self.resumed = true;
                 let head = self.position;
                 self.position = Cursor::ZERO;
-                for change in &changes {
-                    self.forward(change).await?;
+                for change in changes {
+                    self.forward(&Encoded::new(change)).await?;
                 }
                 // The hub sends what follows its head; skip what the store gave already.
                 self.position = head.max(position);
@@ -298,7 +298,8 @@ impl<S: Store> Session<S> {
     }
 
     /// Sends what `change` means for this watcher, if anything.
-    async fn forward(&mut self, change: &Change) -> Result<(), End> {
+    async fn forward(&mut self, encoded: &Encoded) -> Result<(), End> {
+        let change = &encoded.change;
         if change.cursor <= self.position {
             return Ok(()); // in the snapshot or the resumed changes already
         }
@@ -306,9 +307,23 @@ impl<S: Store> Session<S> {
         let Some((kind, data)) = self.apply(change) else {
             return Ok(());
         };
+        // The hub's encoding when the data is the change's own record (always, for a
+        // registration; for a removal, when the client's last record is the store's last).
+        let own = |record: &Arc<ServiceRecord>| match &change.subject {
+            Subject::Record(r) => Arc::ptr_eq(r, record) || **r == **record,
+            Subject::Known { .. } => false,
+        };
         let bytes = match data {
-            Data::Record(record) => sse::event(change.cursor, kind, &*record),
-            Data::Removed(removed) => sse::event(change.cursor, kind, &removed),
+            Data::Record(record) => match &encoded.record {
+                Some(json) if own(&record) => Ok(sse::event_encoded(change.cursor, kind, json)),
+                _ => sse::event(change.cursor, kind, &*record),
+            },
+            Data::Removed { last, removed } => match (&encoded.removed, last) {
+                (Some(json), Some(last)) if own(&last) => {
+                    Ok(sse::event_encoded(change.cursor, kind, json))
+                }
+                _ => sse::event(change.cursor, kind, &removed),
+            },
         }
         .map_err(End::Encode)?;
         self.send(bytes).await?;
@@ -337,7 +352,13 @@ impl<S: Store> Session<S> {
                     // entry's id it cannot know: it would have seen its earlier removal.)
                     // Renamed (or re-described) away: gone from this watcher's set.
                     let removed = RemovedService::from(&**record);
-                    Some((WatchEventKind::Deregistered, Data::Removed(removed)))
+                    Some((
+                        WatchEventKind::Deregistered,
+                        Data::Removed {
+                            last: Some(record.clone()),
+                            removed,
+                        },
+                    ))
                 } else {
                     None
                 }
@@ -347,11 +368,26 @@ impl<S: Store> Session<S> {
             (ChangeKind::Deregistered | ChangeKind::Expired, subject) => {
                 let kind = change.kind.event();
                 if let Some(last) = self.known.remove(&id) {
-                    return Some((kind, Data::Removed(RemovedService::from(&*last))));
+                    let removed = RemovedService::from(&*last);
+                    return Some((
+                        kind,
+                        Data::Removed {
+                            last: Some(last),
+                            removed,
+                        },
+                    ));
                 }
                 let told = self.denied.remove(&id);
-                (self.resumed && !told && self.may_match(subject))
-                    .then(|| (kind, Data::Removed(subject.removed())))
+                (self.resumed && !told && self.may_match(subject)).then(|| {
+                    let removed = subject.removed();
+                    (
+                        kind,
+                        Data::Removed {
+                            last: None,
+                            removed,
+                        },
+                    )
+                })
             }
         }
     }
@@ -374,5 +410,9 @@ impl<S: Store> Session<S> {
 /// The data of one event.
 enum Data {
     Record(Arc<ServiceRecord>),
-    Removed(RemovedService),
+    /// A removal's data, and the record it was made from when it is the client's last one.
+    Removed {
+        last: Option<Arc<ServiceRecord>>,
+        removed: RemovedService,
+    },
 }

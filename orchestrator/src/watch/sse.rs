@@ -33,6 +33,14 @@ pub fn event(
     Ok(out)
 }
 
+/// One whole event whose data is already encoded JSON.
+pub fn event_encoded(id: Cursor, kind: WatchEventKind, json: &[u8]) -> Vec<u8> {
+    let mut out = event_head(id, kind);
+    out.extend_from_slice(json);
+    out.extend_from_slice(b"\n\n");
+    out
+}
+
 /// The start of an event up to its data, for data written in parts (the snapshot).
 pub fn event_head(id: Cursor, kind: WatchEventKind) -> Vec<u8> {
     format!("id: {id}\nevent: {}\ndata: ", kind.as_str()).into_bytes()
