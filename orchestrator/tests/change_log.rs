@@ -256,6 +256,17 @@ async fn expiry_logged_once_by_racing_reapers<S: Store + Clone + 'static>(a: &S,
         );
         assert_eq!(c.subject.display_name(), "exp");
     }
+    // Back within the binding grace: the same id, announced anew (its removal was logged).
+    let head = a.change_head().await.expect("head");
+    let back = b
+        .register(reg("http://expiry:0", "exp"))
+        .await
+        .expect("register again")
+        .record;
+    assert!(urls.contains_key(&back.id), "a fresh id: {back:?}");
+    let again = read_all(a, head).await;
+    let kinds: Vec<ChangeKind> = again.iter().map(|c| c.kind).collect();
+    assert_eq!(kinds, [ChangeKind::Registered]);
 }
 
 /// Deregistrations racing with reapers at the moment of expiry: each entry's removal is
