@@ -646,3 +646,87 @@ pub async fn bad_watch_queries_are_400_problems(start: Factory) {
     let r = api.get("/services?watch=false&limit=5").await;
     assert_eq!(r.status, 200, "{r:?}");
 }
+
+/// Two orchestrator replicas on one Valkey (one prefix): a registration and a deregistration
+/// through A reach a watcher on B as events, an expiry reaches watchers on both, and a
+/// watcher resuming on B with an id it got from A gets only what it missed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_through_one_replica_reach_watchers_on_every_replica() {
+    let valkey = support::valkey::ValkeyServer::new();
+    let prefix = format!("test:{}:", ulid::Ulid::new());
+    let replica = || {
+        let mut config = Config::for_tests();
+        config.ttl_seconds = 1;
+        config.valkey_url = Some(valkey.url());
+        config.key_prefix = prefix.clone();
+        async move {
+            let running = server::start(config).await.expect("orchestrator starts");
+            let api = Api::new(running.base_url());
+            Server {
+                running,
+                api,
+                _backing: Box::new(()),
+            }
+        }
+    };
+    let (a, b) = (replica().await, replica().await);
+    let mut on_a = watch(&a, "watch=true", &[]).await;
+    let mut on_b = watch(&b, "watch=true", &[]).await;
+    snapshot(&mut on_a).await;
+    snapshot(&mut on_b).await;
+
+    let kept = register(&a.api, "http://kept:1", json!({"display_name": "R"})).await;
+    let e = on_b.next_event(SOON).await;
+    assert_eq!(
+        (e.event.as_str(), e.json()["id"].as_str()),
+        ("registered", Some(kept.as_str()))
+    );
+    let from_a = on_a.next_event(SOON).await;
+    assert_eq!(
+        from_a.id(),
+        e.id(),
+        "one log, one id for the change on every replica"
+    );
+
+    // A watcher that got its last id from A resumes on B with only what it missed.
+    let gone = register(&a.api, "http://gone:1", json!({"display_name": "R"})).await;
+    let r = a.api.delete(&format!("/services/{gone}")).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let mut resumed = watch(&b, "watch=true", &[("last-event-id", from_a.id())]).await;
+    let kinds: Vec<(String, String)> = [
+        resumed.next_event(SOON).await,
+        resumed.next_event(SOON).await,
+    ]
+    .iter()
+    .map(|e| {
+        (
+            e.event.clone(),
+            e.json()["id"].as_str().unwrap_or("").to_owned(),
+        )
+    })
+    .collect();
+    assert_eq!(
+        kinds,
+        [
+            ("registered".to_owned(), gone.clone()),
+            ("deregistered".to_owned(), gone.clone())
+        ]
+    );
+
+    // Never pinged: both entries expire (TTL 1 s) and every watcher hears of `kept`'s expiry.
+    for (name, s) in [("A", &mut on_a), ("B", &mut on_b)] {
+        let mut seen = Vec::new();
+        let expired = loop {
+            let e = s.next_event(SOON).await;
+            if e.event == "expired" && e.json()["id"] == kept.as_str() {
+                break e;
+            }
+            seen.push(e.event.clone());
+        };
+        assert_eq!(expired.json()["url"], "http://kept:1", "on {name}");
+        assert!(
+            !seen.contains(&"snapshot".to_owned()),
+            "an event on {name}, not a resync: {seen:?}"
+        );
+    }
+}
