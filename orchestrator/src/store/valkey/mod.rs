@@ -390,8 +390,7 @@ impl ValkeyStore {
                 return Err(e);
             }
         };
-        let ((), logged) =
-            tokio::join!(Box::pin(dropped), Box::pin(self.log_deregistered(&record)));
+        let ((), logged) = tokio::join!(dropped, Box::pin(self.log_deregistered(&record)));
         // Best effort: the record is gone; if this failed, its all-index entry stays and the
         // reaper logs the removal (as `expired`) once its score has passed.
         if let Err(e) = logged {
@@ -451,7 +450,12 @@ impl Store for ValkeyStore {
         new_lease: Option<LeaseHash>,
     ) -> Result<Registered, StoreError> {
         let store = self.clone();
-        to_completion(async move { store.register_steps(reg, access, new_lease).await }).await
+        // Boxed: the steps' state is large, and a caller's future would otherwise carry it
+        // (debug builds overflowed a worker's stack copying it around).
+        to_completion(Box::pin(async move {
+            store.register_steps(reg, access, new_lease).await
+        }))
+        .await
     }
 
     async fn ping_as(&self, id: Ulid, access: Access) -> Result<Option<Pinged>, StoreError> {
@@ -511,7 +515,10 @@ impl Store for ValkeyStore {
         access: Access,
     ) -> Result<Option<ServiceRecord>, StoreError> {
         let store = self.clone();
-        to_completion(async move { store.deregister_steps(id, access).await }).await
+        to_completion(Box::pin(
+            async move { store.deregister_steps(id, access).await },
+        ))
+        .await
     }
 
     async fn sweep(&self) -> Result<usize, StoreError> {
