@@ -662,3 +662,42 @@ async fn memory_trimmed_and_future_cursors_are_gaps() {
     let (a, b) = memory(LONG_TTL, 10);
     trimmed_and_future_cursors_are_gaps(&a, &b, 100).await;
 }
+
+/// An orchestrator on the memory store restarted: a cursor the old process handed out is a
+/// gap for the new one (its log never held those changes), once the new log has changes of
+/// its own as well as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_cursor_of_a_previous_process_is_a_gap() {
+    let (old, _) = memory(LONG_TTL, LOG_LEN);
+    old.register(reg("http://before:1", "restart"))
+        .await
+        .expect("register");
+    let old_head = old.change_head().await.expect("head");
+    let (new, _) = memory(LONG_TTL, LOG_LEN);
+    assert_eq!(
+        new.changes(old_head, 10, Duration::ZERO)
+            .await
+            .expect("changes"),
+        Changes::Gap,
+        "an empty log"
+    );
+    // The new process's first change comes in a later millisecond than the old cursor.
+    eventually("the clock to pass the old cursor", || async {
+        servicekit::protocol::Timestamp::now().as_millis() > old_head.ms
+    })
+    .await;
+    new.register(reg("http://after:1", "restart"))
+        .await
+        .expect("register");
+    assert_eq!(
+        new.changes(old_head, 10, Duration::ZERO)
+            .await
+            .expect("changes"),
+        Changes::Gap,
+        "a log with changes of its own"
+    );
+    assert!(matches!(
+        new.changes(Cursor::ZERO, 10, Duration::ZERO).await,
+        Ok(Changes::Changes(c)) if c.len() == 1
+    ));
+}

@@ -74,6 +74,10 @@ struct ChangeLog {
     head: Cursor,
     /// The newest change dropped from the ring: a reader after an older cursor missed it.
     last_dropped: Option<Cursor>,
+    /// The first change this log ever held: an older cursor (other than ZERO) was handed out
+    /// by another process, such as this orchestrator before a restart, whose changes this
+    /// log never had.
+    first: Option<Cursor>,
     /// Wakes the readers waiting in [`Store::changes`].
     notify: Arc<tokio::sync::Notify>,
 }
@@ -85,6 +89,7 @@ impl Default for ChangeLog {
             capacity: CHANGE_LOG_LEN,
             head: Cursor::ZERO,
             last_dropped: None,
+            first: None,
             notify: Arc::new(tokio::sync::Notify::new()),
         }
     }
@@ -104,6 +109,7 @@ impl ChangeLog {
             }
         };
         self.head = cursor;
+        self.first.get_or_insert(cursor);
         if self.ring.len() >= self.capacity {
             if let Some(old) = self.ring.pop_front() {
                 self.last_dropped = Some(old.cursor);
@@ -119,7 +125,9 @@ impl ChangeLog {
 
     /// At most `limit` changes after `after`; `None` for a gap.
     fn after(&self, after: Cursor, limit: usize) -> Option<Vec<Change>> {
-        if after > self.head || self.last_dropped.is_some_and(|dropped| after < dropped) {
+        let foreign = after != Cursor::ZERO && self.first.is_some_and(|first| after < first);
+        if after > self.head || foreign || self.last_dropped.is_some_and(|dropped| after < dropped)
+        {
             return None;
         }
         let start = self.ring.partition_point(|c| c.cursor <= after);
