@@ -111,8 +111,12 @@ fn upsert(
     tx: &broadcast::Sender<Update>,
     instance: Instance,
 ) -> bool {
-    if map.get(&instance.id) == Some(&instance) {
-        return false;
+    if let Some(known) = map.get_mut(&instance.id) {
+        if known.same_registration(&instance) {
+            // Only its pings moved: keep the newer record, tell nobody.
+            *known = instance;
+            return false;
+        }
     }
     map.insert(instance.id, instance.clone());
     let _ = tx.send(Update::Upsert(instance));
@@ -120,7 +124,7 @@ fn upsert(
 }
 
 /// The updates that turn `from` into `to`: removals first, then inserts of new or changed
-/// instances.
+/// instances (changed: [`Instance::same_registration`] does not hold).
 pub(crate) fn diff(from: &HashMap<Ulid, Instance>, to: &HashMap<Ulid, Instance>) -> Vec<Update> {
     let mut out: Vec<Update> = from
         .keys()
@@ -129,7 +133,7 @@ pub(crate) fn diff(from: &HashMap<Ulid, Instance>, to: &HashMap<Ulid, Instance>)
         .collect();
     let mut changed: Vec<&Instance> = to
         .values()
-        .filter(|i| from.get(&i.id) != Some(*i))
+        .filter(|i| from.get(&i.id).is_none_or(|f| !f.same_registration(i)))
         .collect();
     changed.sort_by_key(|i| i.id);
     out.extend(changed.into_iter().cloned().map(Update::Upsert));

@@ -56,6 +56,19 @@ impl From<ServiceRecord> for Instance {
     }
 }
 
+impl Instance {
+    /// Whether `other` describes the same registration of the same endpoint: same URL, info
+    /// and registration time (`last_updated`: a re-registration is news), whatever its pings
+    /// since. Pings move `last_ping_at` and `expires_at` all the time, so a resync snapshot
+    /// compared on those would re-announce every instance.
+    pub fn same_registration(&self, other: &Instance) -> bool {
+        self.id == other.id
+            && self.url == other.url
+            && self.record.info == other.record.info
+            && self.record.last_updated == other.record.last_updated
+    }
+}
+
 /// How current a [`Watcher`]'s cache is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum WatchState {

@@ -744,3 +744,34 @@ async fn the_tonic_adapter_balances_and_follows_removals() {
     })
     .await;
 }
+
+/// A resync snapshot whose records only moved by their pings changes nothing (no `Insert`
+/// for subscribers, so a balancer keeps its endpoints); a re-registration does.
+#[test]
+fn resyncs_announce_re_registrations_not_pings() {
+    use super::cache::{Cache, Diff};
+    use std::collections::HashMap;
+    let cache = Cache::new(16);
+    let id = Ulid::new();
+    let first = record(id, "http://a:1");
+    cache.replace(HashMap::from([(id, Instance::from(first.clone()))]));
+    let (_, mut rx) = cache.subscribe();
+
+    let mut pinged = first.clone();
+    pinged.last_ping_at = Timestamp::from_millis(20_000);
+    pinged.expires_at = Timestamp::from_millis(50_000);
+    let diff = cache.replace(HashMap::from([(id, Instance::from(pinged.clone()))]));
+    assert_eq!(diff, Diff::default(), "pings alone are no change");
+    assert!(rx.try_recv().is_err(), "nothing broadcast");
+    assert_eq!(
+        cache.instances()[0].record.expires_at,
+        pinged.expires_at,
+        "the newer record is kept"
+    );
+
+    let mut again = pinged;
+    again.last_updated = Timestamp::from_millis(21_000);
+    let diff = cache.replace(HashMap::from([(id, Instance::from(again))]));
+    assert_eq!(diff.changed, 1, "a re-registration is news");
+    assert!(rx.try_recv().is_ok());
+}
