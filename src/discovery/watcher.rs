@@ -360,7 +360,9 @@ async fn session(
     if !content_type.starts_with(EVENT_STREAM) {
         return format!("the answer is {content_type:?}, not an event stream (an orchestrator without the watch feed?)");
     }
-    resume.failures = 0;
+    // The backoff starts over only once an event was applied: a feed that answers and then
+    // fails (a snapshot too large, unreadable data, a proxy closing at once) keeps backing off.
+    let mut healthy = false;
     if *shared.synced.borrow() {
         // Resumed (or about to get a snapshot): either way what follows is in order from the
         // cache's state.
@@ -395,6 +397,10 @@ async fn session(
                         return reason;
                     }
                     resume.last_id = id;
+                    if !healthy {
+                        healthy = true;
+                        resume.failures = 0;
+                    }
                 }
             }
         }
