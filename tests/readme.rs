@@ -22,8 +22,12 @@ const RUN_ELSEWHERE: &[(&str, &str)] = &[
         "tests/example_process.rs runs the service example with only the base URL",
     ),
     (
+        "SERVICE_DISPLAY_NAME=svca SERVICEKIT_ORCHESTRATOR_URL=http://localhost:9000 SERVICEKIT_HOST=127.0.0.1 SERVICEKIT_PORT=8001 cargo run --example service &",
+        "tests/discovery.rs runs service processes named svca the same way (on free ports)",
+    ),
+    (
         "SERVICEKIT_ORCHESTRATOR_URL=http://localhost:9000 CONSUMER_TARGET=svca cargo run --example consumer --features discovery",
-        "the discovery system tests run the consumer example against real services (rolling restart, crash, outage)",
+        "tests/discovery.rs runs the consumer example against real service processes (the rolling restart)",
     ),
 ];
 
