@@ -189,7 +189,8 @@ impl Metrics {
         registry.register(
             "watch_snapshots",
             "Snapshots sent to watchers, by reason: start, resume_gap (Last-Event-ID unusable), \
-             lagged (the watcher fell behind), store_gap (the change log lost changes)",
+             lagged (the watcher fell behind), store_gap (the change log lost changes), \
+             resume_bound (a resumed watch had too much to remember)",
             watch_snapshots.clone(),
         );
         let watchers_dropped = Counter::default();

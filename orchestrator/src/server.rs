@@ -34,6 +34,7 @@ use tower_http::{BoxError, LatencyUnit};
 use crate::api::Api;
 use crate::config::Config;
 use crate::connection::{self, AcceptErrors, PeerLimit};
+use crate::logsafe::Untrusted;
 use crate::metrics::MetricsLayer;
 use crate::problem::ProblemLayer;
 use crate::store::{MemoryStore, Store, StoreError, ValkeyStore, REAP_INTERVAL};
@@ -246,7 +247,8 @@ async fn reap_forever<S: Store>(api: Arc<Api<S>>, mut stop: watch::Receiver<bool
                 api.metrics().swept(n);
                 tracing::debug!(expired = n, "store.reaped");
             }
-            Err(e) => tracing::debug!(error = %e, "store.reap_failed"),
+            // The error may quote what the store sent: escaped.
+            Err(e) => tracing::debug!(error = %Untrusted(&e.to_string()), "store.reap_failed"),
         }
     }
 }
@@ -267,7 +269,7 @@ async fn sweep_forever<S: Store>(api: Arc<Api<S>>, mut stop: watch::Receiver<boo
                 api.metrics().swept(n);
                 tracing::debug!(removed = n, "store.swept");
             }
-            Err(e) => tracing::debug!(error = %e, "store.sweep_failed"),
+            Err(e) => tracing::debug!(error = %Untrusted(&e.to_string()), "store.sweep_failed"),
         }
     }
 }

@@ -378,7 +378,14 @@ pub async fn last_event_id_resumes_with_only_the_missed_events(start: Factory) {
     let z = register(api, "http://z:1", json!({"display_name": "svca"})).await;
     api.delete(&format!("/services/{x}")).await;
     register(api, "http://y:1", json!({"display_name": "svcb"})).await;
-    register(api, "http://other:1", json!({"display_name": "other"})).await;
+    let other = register(api, "http://other:1", json!({"display_name": "other"})).await;
+    register(
+        api,
+        "http://other:1",
+        json!({"display_name": "other", "v": 2}),
+    )
+    .await;
+    api.delete(&format!("/services/{other}")).await;
     let mut s = watch(&server, query, &[("last-event-id", seen.id())]).await;
     let mut got = Vec::new();
     for _ in 0..3 {

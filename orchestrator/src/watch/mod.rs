@@ -55,7 +55,7 @@ impl Default for WatchTuning {
             heartbeat: Duration::from_secs(10),
             send_timeout: Duration::from_secs(15),
             hub_capacity: 1024,
-            body_capacity: 16,
+            body_capacity: 4,
         }
     }
 }

@@ -21,6 +21,7 @@ use ulid::Ulid;
 use super::hub::{Encoded, Hub, HubMessage};
 use super::{sse, WatchTuning};
 use crate::api::Bounded;
+use crate::logsafe::Untrusted;
 use crate::metrics::{Metrics, WatcherGuard};
 use crate::store::{
     Change, ChangeKind, Changes, Cursor, ListFilter, Listing, Store, StoreError, Subject,
@@ -29,6 +30,12 @@ use crate::store::{
 
 /// Changes a resuming session reads from the store at once.
 const RESUME_BATCH: usize = 256;
+/// The most changes a resume replays; a client further behind gets a snapshot instead, so a
+/// resume never holds more than this many records in memory.
+const RESUME_MAX: usize = 1024;
+/// The most ids a resumed session remembers as told `deregistered` (or never to be told):
+/// past it, the session starts over with a snapshot, which needs no such memory.
+const DENIED_MAX: usize = 4096;
 
 /// Why a session sends a snapshot: the `reason` label of `servicekit_watch_snapshots_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,14 +48,17 @@ pub enum SnapshotReason {
     Lagged,
     /// The hub found a gap in the store's log.
     StoreGap,
+    /// A resumed session had to remember too many ids the client may not know.
+    ResumeBound,
 }
 
 impl SnapshotReason {
-    pub const ALL: [SnapshotReason; 4] = [
+    pub const ALL: [SnapshotReason; 5] = [
         SnapshotReason::Start,
         SnapshotReason::ResumeGap,
         SnapshotReason::Lagged,
         SnapshotReason::StoreGap,
+        SnapshotReason::ResumeBound,
     ];
 
     pub const fn as_str(self) -> &'static str {
@@ -57,6 +67,7 @@ impl SnapshotReason {
             SnapshotReason::ResumeGap => "resume_gap",
             SnapshotReason::Lagged => "lagged",
             SnapshotReason::StoreGap => "store_gap",
+            SnapshotReason::ResumeBound => "resume_bound",
         }
     }
 }
@@ -102,7 +113,7 @@ pub async fn missed<S: Store>(
 ) -> Result<Option<(Vec<Change>, Cursor)>, StoreError> {
     let mut changes = Vec::new();
     let mut position = after;
-    loop {
+    while position < head {
         // The first read also checks `after` itself: a cursor beyond the store's head is a gap.
         let batch = match store
             .changes(position, RESUME_BATCH, std::time::Duration::ZERO)
@@ -111,7 +122,11 @@ pub async fn missed<S: Store>(
             Changes::Gap => return Ok(None),
             Changes::Changes(batch) => batch,
         };
-        let full = batch.len() == RESUME_BATCH;
+        if batch.is_empty() {
+            // The log ends before the hub's head (or stops at an entry it cannot read):
+            // going on from the head would skip what lies between.
+            return Ok(None);
+        }
         for change in batch {
             if change.cursor > head {
                 // The hub sends it.
@@ -120,10 +135,18 @@ pub async fn missed<S: Store>(
             position = change.cursor;
             changes.push(change);
         }
-        if !full || position >= head {
-            return Ok(Some((changes, position)));
+        if changes.len() > RESUME_MAX {
+            return Ok(None);
         }
     }
+    if after > head {
+        // Beyond the hub's head: ask the store whether it is beyond the log's too.
+        return match store.changes(after, 1, std::time::Duration::ZERO).await? {
+            Changes::Gap => Ok(None),
+            Changes::Changes(_) => Ok(Some((changes, position))),
+        };
+    }
+    Ok(Some((changes, position)))
 }
 
 /// One watcher (see the module docs). Built by [`super::Watch::answer`].
@@ -159,7 +182,7 @@ impl<S: Store> Session<S> {
                 tracing::debug!("watch.session_dropped: the client stopped reading");
             }
             Err(End::Store(e)) => {
-                tracing::debug!(error = %e, "watch.session_ended: snapshot cut off by a store error");
+                tracing::debug!(error = %Untrusted(&e.to_string()), "watch.session_ended: snapshot cut off by a store error");
                 // Ends the body with an error: the client sees a cut-off stream, never a
                 // short snapshot that looks complete.
                 let _ = self.out.try_send(Err(e.into()));
@@ -239,10 +262,21 @@ impl<S: Store> Session<S> {
 
     /// Starts over from the hub's current head with a fresh snapshot.
     async fn resnapshot(&mut self, reason: SnapshotReason) -> Result<(), End> {
-        let place = tokio::select! {
-            biased;
-            _ = self.closed.wait_for(|closed| *closed) => return Err(End::Closed),
-            place = self.listings.clone().acquire_owned() => place.map_err(|_| End::Closed)?,
+        // Many sessions may re-snapshot at once (a store gap): keep the heartbeat going while
+        // waiting for a listing place, or their clients would take the silence for a dead
+        // connection and all reconnect.
+        let place = loop {
+            let heartbeat_at = self.last_sent + self.tuning.heartbeat;
+            let waited = tokio::select! {
+                biased;
+                _ = self.closed.wait_for(|closed| *closed) => return Err(End::Closed),
+                place = self.listings.clone().acquire_owned() => Some(place),
+                () = tokio::time::sleep_until(heartbeat_at) => None,
+            };
+            match waited {
+                Some(place) => break place.map_err(|_| End::Closed)?,
+                None => self.send(Bytes::from_static(sse::HEARTBEAT)).await?,
+            }
         };
         let Some((head, rx)) = self.hub.subscribe() else {
             return Err(End::Closed);
@@ -304,7 +338,11 @@ impl<S: Store> Session<S> {
             return Ok(()); // in the snapshot or the resumed changes already
         }
         self.position = change.cursor;
-        let Some((kind, data)) = self.apply(change) else {
+        let applied = self.apply(change);
+        if self.resumed && self.denied.len() > DENIED_MAX {
+            return self.resnapshot(SnapshotReason::ResumeBound).await;
+        }
+        let Some((kind, data)) = applied else {
             return Ok(());
         };
         // The hub's encoding when the data is the change's own record (always, for a
@@ -343,6 +381,14 @@ impl<S: Store> Session<S> {
                         None => WatchEventKind::Registered,
                     };
                     Some((kind, Data::Record(record.clone())))
+                } else if self.resumed
+                    && change.kind == ChangeKind::Registered
+                    && !self.known.contains_key(&id)
+                {
+                    // A new entry the client cannot know (it would have seen its earlier
+                    // removal): nothing to say now, nor when it changes or goes.
+                    self.denied.insert(id);
+                    None
                 } else if self.known.remove(&id).is_some()
                     || (self.resumed
                         && change.kind == ChangeKind::Updated
