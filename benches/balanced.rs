@@ -3,6 +3,13 @@
 //! `BalancedClient` (watch-fed discovery, p2c, load measure, retry policy), in alternating
 //! rounds of the same run. The ratio is what the client costs; the goal is ≤ 1.05.
 //!
+//! Both sides get the same transport: TCP_NODELAY, the same pool (idle timeout 4 s, one
+//! connection per concurrent loop, reused), an empty `Full<Bytes>` body, the answer's body
+//! collected into `Bytes`. Besides the throughput, each round reports the process's CPU time
+//! per request (user + system, server included), which other load on the machine disturbs
+//! less than the throughput, and a second phase runs ONE loop each way (a moderate rate, the
+//! machine not saturated) for the latency a caller sees: p50/p99 direct vs balanced.
+//!
 //! ```sh
 //! cargo bench --bench balanced                  # 3 rounds of 5 s each way, 16 concurrent loops
 //! BAL_SECS=10 BAL_ROUNDS=5 cargo bench --bench balanced
@@ -20,7 +27,8 @@ use std::time::{Duration, Instant};
 use axum::routing::get;
 use axum::Router;
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde_json::json;
@@ -45,15 +53,45 @@ fn main() {
     rt.block_on(run(Duration::from_secs(secs), rounds));
 }
 
-/// Runs `LOOPS` loops of `call` for `duration`; returns requests/s and sorted latencies.
-async fn drive<F, Fut>(duration: Duration, call: F) -> (f64, Vec<Duration>)
+/// The process's CPU time so far (user + system), from /proc/self/stat (in clock ticks,
+/// 100 per second on Linux).
+fn cpu_time() -> Duration {
+    let ticks = std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| {
+            // Fields after the command's closing parenthesis: utime is the 12th, stime the 13th.
+            let rest = s.rsplit_once(')')?.1.to_owned();
+            let f: Vec<u64> = rest
+                .split_whitespace()
+                .skip(11)
+                .take(2)
+                .filter_map(|v| v.parse().ok())
+                .collect();
+            Some(f.iter().sum::<u64>())
+        })
+        .unwrap_or(0);
+    Duration::from_millis(ticks * 10)
+}
+
+/// One round's result.
+struct Round {
+    rate: f64,
+    /// CPU µs per request (the whole process: client, server, orchestrator idle).
+    cpu_us: f64,
+    /// Sorted.
+    latencies: Vec<Duration>,
+}
+
+/// Runs `loops` loops of `call` for `duration`.
+async fn drive<F, Fut>(loops: usize, duration: Duration, call: F) -> Round
 where
     F: Fn() -> Fut + Clone + Send + 'static,
     Fut: Future<Output = bool> + Send,
 {
     let stop = Arc::new(AtomicBool::new(false));
     let started = Instant::now();
-    let tasks: Vec<_> = (0..LOOPS)
+    let cpu = cpu_time();
+    let tasks: Vec<_> = (0..loops)
         .map(|_| {
             let (call, stop) = (call.clone(), stop.clone());
             tokio::spawn(async move {
@@ -74,8 +112,13 @@ where
         all.extend(t.await.expect("loop"));
     }
     let rate = all.len() as f64 / started.elapsed().as_secs_f64();
+    let cpu_us = (cpu_time() - cpu).as_secs_f64() * 1e6 / all.len().max(1) as f64;
     all.sort_unstable();
-    (rate, all)
+    Round {
+        rate,
+        cpu_us,
+        latencies: all,
+    }
 }
 
 fn pct(sorted: &[Duration], p: f64) -> f64 {
@@ -85,7 +128,12 @@ fn pct(sorted: &[Duration], p: f64) -> f64 {
 }
 
 async fn run(duration: Duration, rounds: usize) {
-    let orch = servicekit_orchestrator::server::start(Config::for_tests())
+    // The instance is registered once, without pings: an hour's TTL keeps it in the watch for
+    // any BAL_SECS × BAL_ROUNDS (with the default 30 s it expired mid-run and the balanced
+    // side then failed with "no instance ready").
+    let mut config = Config::for_tests();
+    config.ttl_seconds = 3600;
+    let orch = servicekit_orchestrator::server::start(config)
         .await
         .expect("orchestrator starts");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -111,56 +159,84 @@ async fn run(duration: Duration, rounds: usize) {
         .await
         .expect("synced");
     let balanced = BalancedClient::new(watcher.clone());
-    let direct: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    // The same transport settings as BalancedClient's pool (see the module docs).
+    let mut http = HttpConnector::new();
+    http.set_nodelay(true);
+    let direct: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(4))
+        .build(http);
     let target: http::Uri = format!("{instance}/").parse().expect("uri");
 
-    let (mut direct_rates, mut balanced_rates) = (Vec::new(), Vec::new());
-    for round in 0..rounds {
+    let direct_call = move || {
         let (client, uri) = (direct.clone(), target.clone());
-        let (rate, lat) = drive(duration, move || {
-            let (client, uri) = (client.clone(), uri.clone());
-            async move {
-                match client.get(uri).await {
-                    Ok(res) => {
-                        let ok = res.status().is_success();
-                        ok && res.into_body().collect().await.is_ok()
-                    }
-                    Err(_) => false,
+        async move {
+            match client.get(uri).await {
+                Ok(res) => {
+                    let ok = res.status().is_success();
+                    ok && res
+                        .into_body()
+                        .collect()
+                        .await
+                        .map(|c| c.to_bytes())
+                        .is_ok()
+                }
+                Err(e) => {
+                    eprintln!("direct: {e:?}");
+                    false
                 }
             }
-        })
-        .await;
-        println!(
-            "round {round}: direct   {rate:>8.0} req/s, p50 {:.0} µs, p99 {:.0} µs",
-            pct(&lat, 0.5),
-            pct(&lat, 0.99)
-        );
-        direct_rates.push(rate);
-
+        }
+    };
+    let balanced_call = move || {
         let client = balanced.clone();
-        let (rate, lat) = drive(duration, move || {
-            let client = client.clone();
-            async move {
-                match client.get("/").await {
-                    Ok(res) => res.status().is_success(),
-                    Err(_) => false,
+        async move {
+            match client.get("/").await {
+                Ok(res) => res.status().is_success(),
+                Err(e) => {
+                    eprintln!("balanced: {e}");
+                    false
                 }
             }
-        })
-        .await;
+        }
+    };
+
+    for (loops, phase) in [(LOOPS, "throughput"), (1, "latency")] {
+        let mut sums = [[0.0; 2]; 2];
+        for round in 0..rounds {
+            // Alternate which side goes first, so neither always follows the other's warm-up.
+            let (d, b) = if round % 2 == 0 {
+                let d = drive(loops, duration, direct_call.clone()).await;
+                (d, drive(loops, duration, balanced_call.clone()).await)
+            } else {
+                let b = drive(loops, duration, balanced_call.clone()).await;
+                (drive(loops, duration, direct_call.clone()).await, b)
+            };
+            for (i, (name, r)) in [("direct  ", &d), ("balanced", &b)].into_iter().enumerate() {
+                println!(
+                    "{phase} round {round}: {name} {:>8.0} req/s, {:>5.1} µs CPU/req, p50 {:.0} µs, p99 {:.0} µs",
+                    r.rate,
+                    r.cpu_us,
+                    pct(&r.latencies, 0.5),
+                    pct(&r.latencies, 0.99)
+                );
+                sums[i][0] += r.rate;
+                sums[i][1] += r.cpu_us;
+            }
+            println!(
+                "{phase} round {round}: ratio (direct/balanced) {:.3}, CPU/req ratio (balanced/direct) {:.3}",
+                d.rate / b.rate,
+                b.cpu_us / d.cpu_us
+            );
+        }
         println!(
-            "round {round}: balanced {rate:>8.0} req/s, p50 {:.0} µs, p99 {:.0} µs",
-            pct(&lat, 0.5),
-            pct(&lat, 0.99)
+            "{phase}: {loops} loop(s), {rounds} rounds of {duration:?}: direct {:.0} req/s {:.1} µs CPU/req, balanced {:.0} req/s {:.1} µs CPU/req; cost ratio (direct/balanced) {:.3}, CPU/req ratio {:.3}",
+            sums[0][0] / rounds as f64,
+            sums[0][1] / rounds as f64,
+            sums[1][0] / rounds as f64,
+            sums[1][1] / rounds as f64,
+            sums[0][0] / sums[1][0],
+            sums[1][1] / sums[0][1]
         );
-        balanced_rates.push(rate);
     }
-    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
-    println!(
-        "{LOOPS} loops, {rounds} rounds of {duration:?}: direct {:.0} req/s, balanced {:.0} req/s; cost ratio (direct/balanced) {:.3}",
-        mean(&direct_rates),
-        mean(&balanced_rates),
-        mean(&direct_rates) / mean(&balanced_rates)
-    );
     orch.shutdown().await;
 }

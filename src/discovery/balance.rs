@@ -28,7 +28,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -46,7 +46,6 @@ use tower::balance::p2c::Balance;
 use tower::discover::Change;
 use tower::load::{CompleteOnResponse, PendingRequests};
 use tower::retry::budget::{Budget, TpsBudget};
-use tower::util::BoxService;
 use tower::{Service, ServiceExt};
 use ulid::Ulid;
 
@@ -56,8 +55,9 @@ use crate::error::ErrorChain;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 type HttpClient = Client<Connector, Full<Bytes>>;
+type PlainClient = Client<HttpConnector, Full<Bytes>>;
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
-type Balancer = BoxService<Request<Full<Bytes>>, Response<Incoming>, BoxError>;
+type Balancer = Balance<Adapter, Request<Full<Bytes>>>;
 
 /// Which instance answered: in every response's extensions.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -185,12 +185,17 @@ impl BalancedClientBuilder {
         http.set_connect_timeout(Some(settings.connect_timeout));
         // Instances may be https (with the `tls` feature): load the trust roots.
         let tls_probe = Uri::from_static("https://instance");
-        let client: HttpClient = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(settings.pool_idle_timeout)
-            .build(connector(http, &tls_probe));
+        let mut builder = Client::builder(TokioExecutor::new());
+        builder.pool_idle_timeout(settings.pool_idle_timeout);
+        // http instances get a client without the TLS wrapper: the wrapper is cloned and
+        // dropped on every request and its stream type checked on every read and write.
+        let plain: PlainClient = builder.build(http.clone());
+        let client: HttpClient = builder.build(connector(http, &tls_probe));
         let (eject_tx, eject_rx) = mpsc::unbounded_channel();
         let core = Arc::new(Core {
             client,
+            plain,
+            request_timeout: settings.request_timeout,
             registry: Mutex::new(HashMap::new()),
             eject_tx,
             eject_after: settings.eject_after,
@@ -203,8 +208,7 @@ impl BalancedClientBuilder {
             cooldowns: VecDeque::new(),
             sleep: Box::pin(tokio::time::sleep(Duration::ZERO)),
         };
-        let balance = Balance::new(adapter);
-        let balancer = Arc::new(tokio::sync::Mutex::new(BoxService::new(balance)));
+        let balancer = Arc::new(tokio::sync::Mutex::new(Balance::new(adapter)));
         Ok(BalancedClient {
             inner: Arc::new(Inner {
                 core,
@@ -268,18 +272,16 @@ impl BalancedClient {
         let req = Request::get(path)
             .body(Full::new(Bytes::new()))
             .map_err(|e| Error::InvalidRequest(format!("{path:?}: {e}")))?;
-        let res = self.send(req).await?;
-        let served = res
-            .extensions()
-            .get::<ServedBy>()
-            .map(|s| s.url.clone())
-            .unwrap_or_default();
-        let (parts, body) = res.into_parts();
+        let (parts, body) = self.send(req).await?.into_parts();
         let bytes = body
             .collect()
             .await
             .map_err(|e| Error::Body {
-                instance: served,
+                instance: parts
+                    .extensions
+                    .get::<ServedBy>()
+                    .map(|s| s.url.clone())
+                    .unwrap_or_default(),
                 source: Error::cause(e),
             })?
             .to_bytes();
@@ -327,6 +329,14 @@ impl BalancedClient {
             match outcome {
                 Ok(res) => return Ok(res),
                 Err(Failure::Final(e)) => return Err(e),
+                Err(Failure::TimedOut { url }) => {
+                    return Err(Error::Timeout {
+                        method: parts.method.clone(),
+                        path: path.as_str().to_owned(),
+                        instance: url,
+                        after: inner.settings.request_timeout,
+                    })
+                }
                 Err(Failure::Transport { id, url, source }) => {
                     tried.push(id);
                     if idempotent
@@ -357,63 +367,50 @@ impl BalancedClient {
     }
 
     /// One attempt through the balancer: waits up to `ready_timeout` for it to hand the
-    /// request to an instance, then up to `request_timeout` for the answer.
-    async fn via_balancer(
-        &self,
-        mut req: Request<Full<Bytes>>,
-    ) -> Result<Response<Incoming>, Failure> {
-        let settings = &self.inner.settings;
-        let chosen = Arc::new(OnceLock::new());
-        req.extensions_mut().insert(Dispatch(chosen.clone()));
-        let (method, path) = (req.method().clone(), req.uri().to_string());
+    /// request to an instance (the endpoint bounds the answer by `request_timeout`).
+    async fn via_balancer(&self, req: Request<Full<Bytes>>) -> Result<Response<Incoming>, Failure> {
         let start = async {
             let mut balancer = self.balancer.lock().await;
             // Balance's readiness fails only when discovery does, and ours never fails.
             balancer.ready().await?;
             Ok::<_, BoxError>(balancer.call(req))
         };
-        let answer = match tokio::time::timeout(settings.ready_timeout, start).await {
-            Err(_) => {
-                return Err(Failure::Final(Error::NoInstance {
-                    filter: self.inner.watcher.filter().to_string(),
-                    waited: settings.ready_timeout,
-                }))
+        let mut start = std::pin::pin!(start);
+        // Usually an instance is ready at once: no timer for the wait then (arming one costs
+        // a lock on the timer wheel, twice).
+        let first = std::future::poll_fn(|cx| Poll::Ready(start.as_mut().poll(cx))).await;
+        let started = match first {
+            Poll::Ready(started) => started,
+            Poll::Pending => {
+                let wait = self.inner.settings.ready_timeout;
+                match tokio::time::timeout(wait, start).await {
+                    Ok(started) => started,
+                    Err(_) => {
+                        return Err(Failure::Final(Error::NoInstance {
+                            filter: self.inner.watcher.filter().to_string(),
+                            waited: wait,
+                        }))
+                    }
+                }
             }
-            Ok(Err(e)) => return Err(Failure::from_box(e)),
-            Ok(Ok(answer)) => answer,
         };
-        match tokio::time::timeout(settings.request_timeout, answer).await {
-            Ok(res) => res.map_err(Failure::from_box),
-            Err(_) => Err(Failure::Final(Error::Timeout {
-                method,
-                path,
-                instance: chosen.get().cloned().unwrap_or_default(),
-                after: settings.request_timeout,
-            })),
-        }
+        started
+            .map_err(Failure::from_box)?
+            .await
+            .map_err(Failure::from_box)
     }
 
     /// A retry straight to the given instance (the balancer cannot be told to avoid one).
     async fn direct(
         &self,
         state: Arc<EndpointState>,
-        req: Request<Full<Bytes>>,
+        mut req: Request<Full<Bytes>>,
     ) -> Result<Response<Incoming>, Failure> {
-        let after = self.inner.settings.request_timeout;
-        let (method, path, instance) = (
-            req.method().clone(),
-            req.uri().to_string(),
-            state.url.clone(),
-        );
-        match tokio::time::timeout(after, self.inner.core.send(&state, req)).await {
-            Ok(res) => res,
-            Err(_) => Err(Failure::Final(Error::Timeout {
-                method,
-                path,
-                instance,
-                after,
-            })),
-        }
+        self.inner
+            .core
+            .send_inner(&state, &mut req)
+            .await
+            .map_err(Failure::from_attempt)
     }
 }
 
@@ -441,6 +438,8 @@ enum Failure {
         url: String,
         source: Arc<dyn std::error::Error + Send + Sync>,
     },
+    /// The instance at `url` did not answer within the request timeout: not retried.
+    TimedOut { url: String },
     /// Anything else: returned as it is.
     Final(Error),
 }
@@ -448,11 +447,16 @@ enum Failure {
 impl Failure {
     fn from_box(e: BoxError) -> Failure {
         match e.downcast::<Attempt>() {
-            Ok(attempt) => match *attempt {
-                Attempt::Transport { id, url, source } => Failure::Transport { id, url, source },
-                Attempt::Invalid(reason) => Failure::Final(Error::InvalidRequest(reason)),
-            },
+            Ok(attempt) => Failure::from_attempt(*attempt),
             Err(other) => Failure::Final(Error::Closed(ErrorChain(&*other).to_string())),
+        }
+    }
+
+    fn from_attempt(attempt: Attempt) -> Failure {
+        match attempt {
+            Attempt::Transport { id, url, source } => Failure::Transport { id, url, source },
+            Attempt::TimedOut { url } => Failure::TimedOut { url },
+            Attempt::Invalid(reason) => Failure::Final(Error::InvalidRequest(reason)),
         }
     }
 }
@@ -467,6 +471,8 @@ enum Attempt {
         #[source]
         source: Arc<dyn std::error::Error + Send + Sync>,
     },
+    #[error("{url}: no answer in time")]
+    TimedOut { url: String },
     #[error("{0}")]
     Invalid(String),
 }
@@ -476,13 +482,13 @@ enum Attempt {
 #[error("instance ejected")]
 struct Ejected;
 
-/// Where the balancer sent a request (the instance's URL), for a timeout's message.
-#[derive(Clone)]
-struct Dispatch(Arc<OnceLock<String>>);
-
 /// What the client's endpoints share.
 struct Core {
+    /// For https instances (TLS with the `tls` feature).
     client: HttpClient,
+    /// For http instances.
+    plain: PlainClient,
+    request_timeout: Duration,
     registry: Mutex<HashMap<Ulid, Arc<EndpointState>>>,
     eject_tx: mpsc::UnboundedSender<Ulid>,
     eject_after: u32,
@@ -526,16 +532,20 @@ impl EndpointState {
     }
 
     fn target(&self, path: &Uri) -> Result<Uri, String> {
-        let pq = path
-            .path_and_query()
-            .map(PathAndQuery::as_str)
-            .unwrap_or("/");
-        Uri::builder()
-            .scheme(self.scheme.clone())
-            .authority(self.authority.clone())
-            .path_and_query(format!("{}{}", self.prefix, pq))
-            .build()
-            .map_err(|e| format!("cannot join {:?} and {pq:?}: {e}", self.url))
+        let pq = match path.path_and_query() {
+            // Without a prefix the path is used as it is: no text to format and parse again.
+            Some(pq) if self.prefix.is_empty() => pq.clone(),
+            pq => {
+                let pq = pq.map(PathAndQuery::as_str).unwrap_or("/");
+                PathAndQuery::try_from(format!("{}{}", self.prefix, pq))
+                    .map_err(|e| format!("cannot join {:?} and {pq:?}: {e}", self.url))?
+            }
+        };
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(self.scheme.clone());
+        parts.authority = Some(self.authority.clone());
+        parts.path_and_query = Some(pq);
+        Uri::from_parts(parts).map_err(|e| format!("cannot join {:?} and the path: {e}", self.url))
     }
 }
 
@@ -548,18 +558,8 @@ impl Drop for InFlight<'_> {
 }
 
 impl Core {
-    /// Sends to one instance, keeping its failure count and ejecting it when it keeps failing.
-    async fn send(
-        &self,
-        state: &EndpointState,
-        mut req: Request<Full<Bytes>>,
-    ) -> Result<Response<Incoming>, Failure> {
-        self.send_inner(state, &mut req).await.map_err(|a| match a {
-            Attempt::Transport { id, url, source } => Failure::Transport { id, url, source },
-            Attempt::Invalid(reason) => Failure::Final(Error::InvalidRequest(reason)),
-        })
-    }
-
+    /// Sends to one instance, keeping its failure count and ejecting it when it keeps failing;
+    /// the answer's head must come within the request timeout.
     async fn send_inner(
         &self,
         state: &EndpointState,
@@ -567,11 +567,20 @@ impl Core {
     ) -> Result<Response<Incoming>, Attempt> {
         let target = state.target(req.uri()).map_err(Attempt::Invalid)?;
         *req.uri_mut() = target;
-        req.extensions_mut().remove::<Dispatch>();
         let req = std::mem::take(req);
         state.in_flight.fetch_add(1, Ordering::Relaxed);
         let _guard = InFlight(&state.in_flight);
-        match self.client.request(req).await {
+        let answer = if state.scheme == Scheme::HTTP {
+            tokio::time::timeout(self.request_timeout, self.plain.request(req)).await
+        } else {
+            tokio::time::timeout(self.request_timeout, self.client.request(req)).await
+        };
+        let Ok(answer) = answer else {
+            return Err(Attempt::TimedOut {
+                url: state.url.clone(),
+            });
+        };
+        match answer {
             Ok(mut res) => {
                 state.failures.store(0, Ordering::Relaxed);
                 res.extensions_mut().insert(ServedBy {
@@ -663,9 +672,6 @@ impl Service<Request<Full<Bytes>>> for Endpoint {
     }
 
     fn call(&mut self, mut req: Request<Full<Bytes>>) -> Self::Future {
-        if let Some(Dispatch(slot)) = req.extensions_mut().remove::<Dispatch>() {
-            let _ = slot.set(self.state.url.clone());
-        }
         let (core, state) = (self.core.clone(), self.state.clone());
         Box::pin(async move {
             core.send_inner(&state, &mut req)

@@ -775,3 +775,43 @@ fn resyncs_announce_re_registrations_not_pings() {
     assert_eq!(diff.changed, 1, "a re-registration is news");
     assert!(rx.try_recv().is_ok());
 }
+
+#[tokio::test]
+async fn an_instance_that_never_answers_is_a_timeout_naming_it() {
+    // Takes requests and holds the connections open without a word.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let _silent = Task(tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            held.push(stream);
+        }
+    }));
+    let (w, _feed, _conn, _) = watching(&[&url]).await;
+    let client = BalancedClient::builder(w)
+        .request_timeout(Duration::from_millis(200))
+        .build()
+        .unwrap();
+    let err = within("the request timeout", client.get("/slow?x=1"))
+        .await
+        .unwrap_err();
+    match &err {
+        Error::Timeout {
+            method,
+            path,
+            instance,
+            after,
+        } => {
+            assert_eq!(
+                (method, path.as_str(), instance.as_str(), *after),
+                (
+                    &http::Method::GET,
+                    "/slow?x=1",
+                    url.as_str(),
+                    Duration::from_millis(200)
+                )
+            );
+        }
+        other => panic!("not a timeout: {other:?}"),
+    }
+}
