@@ -14,10 +14,12 @@
 //!
 //! - a bounded wait for a ready instance (`Balance` alone waits forever when there is none);
 //! - retries of idempotent requests that failed before any answer (refused, reset, closed),
-//!   on another instance when there is one, within a retry budget;
+//!   and of any request whose connection could not be made (it never left), on another
+//!   instance when there is one, within a retry budget;
 //! - ejection: an endpoint reports itself failed to `Balance` (which drops it) on a refused
-//!   connection at once, or after a run of other transport failures; it comes back when
-//!   discovery inserts it again or with the first request after a cooldown.
+//!   connection at once, or after a run of other transport failures, unless it is the last
+//!   one not ejected; it comes back when discovery inserts it again or with the first request
+//!   after a cooldown.
 //!
 //! The Discover adapter between the watcher and `Balance` builds one endpoint per instance
 //! and re-inserts ejected ones; all endpoints share one hyper-util connection pool whose idle
@@ -337,9 +339,14 @@ impl BalancedClient {
                         after: inner.settings.request_timeout,
                     })
                 }
-                Err(Failure::Transport { id, url, source }) => {
+                Err(Failure::Transport {
+                    id,
+                    url,
+                    unsent,
+                    source,
+                }) => {
                     tried.push(id);
-                    if idempotent
+                    if (idempotent || unsent)
                         && attempt < inner.settings.max_attempts
                         && inner.budget.withdraw()
                     {
@@ -432,10 +439,12 @@ impl Service<Request<Full<Bytes>>> for BalancedClient {
 
 /// How one attempt failed.
 enum Failure {
-    /// No answer from this instance: worth a retry elsewhere, if the method allows.
+    /// No answer from this instance: worth a retry elsewhere, if the method allows (any
+    /// method when the request was never sent: the connection could not be made).
     Transport {
         id: Ulid,
         url: String,
+        unsent: bool,
         source: Arc<dyn std::error::Error + Send + Sync>,
     },
     /// The instance at `url` did not answer within the request timeout: not retried.
@@ -454,7 +463,17 @@ impl Failure {
 
     fn from_attempt(attempt: Attempt) -> Failure {
         match attempt {
-            Attempt::Transport { id, url, source } => Failure::Transport { id, url, source },
+            Attempt::Transport {
+                id,
+                url,
+                unsent,
+                source,
+            } => Failure::Transport {
+                id,
+                url,
+                unsent,
+                source,
+            },
             Attempt::TimedOut { url } => Failure::TimedOut { url },
             Attempt::Invalid(reason) => Failure::Final(Error::InvalidRequest(reason)),
         }
@@ -468,6 +487,8 @@ enum Attempt {
     Transport {
         id: Ulid,
         url: String,
+        /// The connection could not be made, so the request never left.
+        unsent: bool,
         #[source]
         source: Arc<dyn std::error::Error + Send + Sync>,
     },
@@ -598,6 +619,7 @@ impl Core {
                 Err(Attempt::Transport {
                     id: state.id,
                     url: state.url.clone(),
+                    unsent: e.is_connect(),
                     source: Arc::new(e),
                 })
             }
@@ -605,6 +627,20 @@ impl Core {
     }
 
     fn eject(&self, state: &EndpointState, e: &hyper_util::client::legacy::Error, refused: bool) {
+        {
+            // Never the last instance standing: when every instance fails at once the fault
+            // is more likely the caller's (its network, its ports) than theirs, and ejecting
+            // them all would fail every request until the cooldown even once it is over.
+            let registry = self.registry.lock().unwrap_or_else(|p| p.into_inner());
+            let others = registry
+                .values()
+                .filter(|s| s.id != state.id && !s.ejected.load(Ordering::Acquire))
+                .count();
+            if others == 0 {
+                tracing::debug!(id = %state.id, url = ?state.url, "discovery.ejection_skipped: the last instance left");
+                return;
+            }
+        }
         if state.ejected.swap(true, Ordering::AcqRel) {
             return;
         }

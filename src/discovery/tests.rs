@@ -815,3 +815,51 @@ async fn an_instance_that_never_answers_is_a_timeout_naming_it() {
         other => panic!("not a timeout: {other:?}"),
     }
 }
+
+/// A request whose connection could not be made never left: it is retried on another
+/// instance whatever its method.
+#[tokio::test]
+async fn a_request_that_never_left_is_retried_whatever_its_method() {
+    let mut dead = Vec::new();
+    for _ in 0..6 {
+        let mut b = Backend::start("dead").await;
+        b.kill();
+        dead.push(b);
+    }
+    let live = Backend::start("live").await;
+    let mut urls: Vec<String> = dead.iter().map(Backend::url).collect();
+    urls.push(live.url());
+    let refs: Vec<&str> = urls.iter().map(String::as_str).collect();
+    let (w, _feed, _conn, _) = watching(&refs).await;
+    let client = BalancedClient::builder(w).max_attempts(8).build().unwrap();
+    for i in 0..6 {
+        let req = Request::post("/orders")
+            .body(Full::new(Bytes::from(format!("order {i}"))))
+            .unwrap();
+        let res = client
+            .send(req)
+            .await
+            .unwrap_or_else(|e| panic!("POST {i}: {e}"));
+        assert_eq!(res.status(), 200);
+    }
+    assert_eq!(live.hits(), 6, "each POST reached the live instance once");
+}
+
+/// Every instance failing at once is more likely the caller's trouble: the last one is not
+/// ejected, so it serves again as soon as it is back (not after the cooldown).
+#[tokio::test]
+async fn the_last_instance_standing_is_never_ejected() {
+    let mut only = Backend::start("only").await;
+    let (w, _feed, _conn, _) = watching(&[&only.url()]).await;
+    let client = BalancedClient::builder(w)
+        .ready_timeout(Duration::from_millis(300))
+        .eject_cooldown(Duration::from_secs(600))
+        .build()
+        .unwrap();
+    only.kill();
+    let err = client.get("/").await.unwrap_err();
+    assert!(matches!(err, Error::Transport { .. }), "{err:?}");
+    only.restart().await;
+    let res = client.get("/").await.expect("served again at once");
+    assert_eq!(body_text(&res), "only GET /");
+}
