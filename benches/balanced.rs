@@ -154,7 +154,7 @@ async fn run(duration: Duration, rounds: usize) {
     .await;
     assert!(status < 300, "register: {status}");
 
-    let watcher = Watcher::new(&orch.base_url(), Filter::display_name("bench")).expect("watcher");
+    let watcher = Watcher::new(orch.base_url(), Filter::display_name("bench")).expect("watcher");
     tokio::time::timeout(Duration::from_secs(10), watcher.synced())
         .await
         .expect("synced");

@@ -179,7 +179,7 @@ async fn watch(
     query: &str,
     sampled: Option<mpsc::UnboundedSender<Event>>,
     seen: Arc<AtomicUsize>,
-) -> tokio::task::JoinHandle<()> {
+) -> Reader {
     let stream = TcpStream::connect(addr).await.expect("connect");
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
@@ -262,7 +262,16 @@ async fn watch(
         }
     });
     synced_rx.await.expect("snapshot");
-    reader
+    Reader(reader)
+}
+
+/// The task reading one watch; aborting it closes the connection.
+struct Reader(tokio::task::JoinHandle<()>);
+
+impl Reader {
+    fn abort(&self) {
+        self.0.abort();
+    }
 }
 
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {

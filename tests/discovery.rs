@@ -104,9 +104,9 @@ async fn a_rolling_restart_costs_the_consumer_no_request() {
     }
     let mut served = Vec::new();
     for _rotation in 0..3 {
-        for slot in 0..3 {
+        for slot in instances.iter_mut() {
             let old = std::mem::replace(
-                &mut instances[slot],
+                slot,
                 // Started before the old one stops: `registered` waits for it.
                 Instance::start(&api, "svca").await,
             );
@@ -117,7 +117,7 @@ async fn a_rolling_restart_costs_the_consumer_no_request() {
                 "{} deregistered on SIGTERM",
                 old.url
             );
-            answered_by(&consumer, &instances[slot].url, Duration::from_secs(30)).await;
+            answered_by(&consumer, &slot.url, Duration::from_secs(30)).await;
             served.push(old.url);
         }
     }
@@ -308,8 +308,8 @@ async fn changes_through_one_replica_reach_watchers_on_both() {
     let prefix = format!("test:{}:", ulid::Ulid::new());
     let a = replica(&valkey, &prefix, 0, 2).await;
     let b = replica(&valkey, &prefix, 0, 2).await;
-    let on_a = Watcher::new(&a.base_url(), Filter::display_name("svcd")).expect("watcher");
-    let on_b = Watcher::new(&b.base_url(), Filter::display_name("svcd")).expect("watcher");
+    let on_a = Watcher::new(a.base_url(), Filter::display_name("svcd")).expect("watcher");
+    let on_b = Watcher::new(b.base_url(), Filter::display_name("svcd")).expect("watcher");
     for w in [&on_a, &on_b] {
         tokio::time::timeout(Duration::from_secs(10), w.synced())
             .await
