@@ -142,6 +142,46 @@ impl ValkeyStore {
     /// that ran late) is harmless: ZADD GT replaces it by the real expiry after the script,
     /// and the sweeper rescores it from a live record; a high one (a fast clock) only delays
     /// the drop of a dead hint.
+    /// The records behind index entries `candidates` (member, score), read in one pipeline:
+    /// `(id, member, score, reply)` for each member that is an id, and the members that are not
+    /// (dead entries whatever they hold).
+    #[allow(clippy::type_complexity)]
+    pub(super) async fn records_of(
+        &self,
+        candidates: &[(String, f64)],
+    ) -> Result<(Vec<(Ulid, String, f64, Value)>, Vec<(String, f64)>), StoreError> {
+        let pipeline = self.client.pipeline();
+        let mut checked = Vec::with_capacity(candidates.len());
+        let mut not_ids = Vec::new();
+        for (member, score) in candidates {
+            match Ulid::from_string(member) {
+                Ok(id) => {
+                    queue(pipeline.get::<(), _>(self.keys.svc(id)).await)?;
+                    checked.push((id, member.clone(), *score));
+                }
+                Err(_) => not_ids.push((member.clone(), *score)),
+            }
+        }
+        let replies: Vec<Value> = if checked.is_empty() {
+            Vec::new()
+        } else {
+            self.note(pipeline.all().await)?
+        };
+        if replies.len() != checked.len() {
+            return Err(StoreError::Corrupt(format!(
+                "pipeline of {} GET answered {} replies",
+                checked.len(),
+                replies.len()
+            )));
+        }
+        let records = checked
+            .into_iter()
+            .zip(replies)
+            .map(|((id, member, score), reply)| (id, member, score, reply))
+            .collect();
+        Ok((records, not_ids))
+    }
+
     pub(super) fn hint_score(&self) -> u64 {
         Timestamp::now().saturating_add(self.ttl).as_millis()
     }
@@ -216,34 +256,11 @@ impl ValkeyStore {
             if candidates.is_empty() {
                 break;
             }
-            let pipeline = self.client.pipeline();
-            let mut checked = Vec::with_capacity(candidates.len());
-            let mut dead = Vec::new();
-            for (member, score) in &candidates {
-                match Ulid::from_string(member) {
-                    Ok(id) => {
-                        queue(pipeline.get::<(), _>(self.keys.svc(id)).await)?;
-                        checked.push((member.clone(), *score));
-                    }
-                    Err(_) => dead.push((member.clone(), *score)),
-                }
-            }
-            let replies: Vec<Value> = if checked.is_empty() {
-                Vec::new()
-            } else {
-                self.note(pipeline.all().await)?
-            };
-            if replies.len() != checked.len() {
-                return Err(StoreError::Corrupt(format!(
-                    "pipeline of {} GET answered {} replies",
-                    checked.len(),
-                    replies.len()
-                )));
-            }
+            let (checked, mut dead) = self.records_of(&candidates).await?;
             let mut progress = 0;
             let rescore = self.client.pipeline();
             let mut rescored = 0;
-            for ((member, score), reply) in checked.into_iter().zip(replies) {
+            for (_, member, score, reply) in checked {
                 let (expires, record_name) = expiry_and_name(&reply);
                 let moved = matches!((name, record_name), (Some(n), Some(r)) if n != r);
                 match expires {

@@ -16,7 +16,7 @@ use fred::types::{ClusterHash, CustomCommand, Value};
 use servicekit::protocol::ServiceRecord;
 use ulid::Ulid;
 
-use super::connection::{map_err, queue, COMMAND_TIMEOUT};
+use super::connection::{map_err, COMMAND_TIMEOUT};
 use super::index::BATCH;
 use super::record::{length_prefixed, record_from_value, record_head, RawRecord, STAMP_DIGITS};
 use super::scripts::{ANNOUNCE, DEREGISTERED, LOG_READ, REAP};
@@ -193,34 +193,11 @@ impl ValkeyStore {
             if candidates.is_empty() {
                 break;
             }
-            let pipeline = self.client.pipeline();
-            let mut checked = Vec::with_capacity(candidates.len());
-            let mut gone = Vec::new();
-            for (member, score) in &candidates {
-                match Ulid::from_string(member) {
-                    Ok(id) => {
-                        queue(pipeline.get::<(), _>(self.keys.svc(id)).await)?;
-                        checked.push((id, member.clone(), *score));
-                    }
-                    Err(_) => gone.push((member.clone(), *score)),
-                }
-            }
-            let replies: Vec<Value> = if checked.is_empty() {
-                Vec::new()
-            } else {
-                self.note(pipeline.all().await)?
-            };
-            if replies.len() != checked.len() {
-                return Err(StoreError::Corrupt(format!(
-                    "pipeline of {} GET answered {} replies",
-                    checked.len(),
-                    replies.len()
-                )));
-            }
+            let (checked, mut gone) = self.records_of(&candidates).await?;
             let mut live = Vec::new();
             let mut records = HashMap::new();
             let mut ahead = 0;
-            for ((id, member, score), reply) in checked.into_iter().zip(replies) {
+            for (id, member, score, reply) in checked {
                 let record = reply
                     .as_bytes()
                     .and_then(|bytes| RawRecord::parse(bytes).ok())
