@@ -1,5 +1,8 @@
-//! What the load benches share: an HTTP/1 connection to the orchestrator, one request on it,
-//! and a process's memory from /proc.
+//! What the load benches share: the orchestrator as a child process, an HTTP/1 connection to
+//! it, one request on it, and a process's memory from /proc.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -66,4 +69,58 @@ pub fn env_num(name: &str, default: usize) -> usize {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
+}
+
+/// The orchestrator side of [`spawn_orchestrator`]: this bench binary re-run with
+/// `--serve-orchestrator`, configured by its flags' environment variables (`VALKEY_URL`,
+/// `ORCHESTRATOR_*`) so the same bench measures an older build too. Prints `listening ADDR`,
+/// serves until stdin closes.
+pub fn serve_orchestrator() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        use clap::Parser;
+        let config = servicekit_orchestrator::config::Config::try_parse_from([
+            "orchestrator",
+            "--bind",
+            "127.0.0.1:0",
+        ])
+        .expect("configuration");
+        let running = servicekit_orchestrator::server::start(config)
+            .await
+            .expect("orchestrator starts");
+        println!("listening {}", running.local_addr());
+        let _ = tokio::task::spawn_blocking(|| {
+            let mut buf = [0u8; 1];
+            let _ = std::io::Read::read(&mut std::io::stdin(), &mut buf);
+        })
+        .await;
+        running.shutdown().await;
+    });
+}
+
+/// Starts this bench binary as an orchestrator process of its own (so its memory and CPU are
+/// its own) with `envs` (and no `VALKEY_URL` unless given); returns it and its address.
+/// Dropping its stdin stops it.
+pub fn spawn_orchestrator(envs: &[(&str, String)]) -> (Child, String) {
+    let exe = std::env::current_exe().expect("own path");
+    let mut cmd = Command::new(exe);
+    cmd.arg("--serve-orchestrator")
+        .env("RUST_LOG", "warn")
+        .env_remove("VALKEY_URL")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped());
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("orchestrator process");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut line = String::new();
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .expect("listening line");
+    let addr = line.trim().trim_start_matches("listening ").to_owned();
+    (child, addr)
 }

@@ -24,16 +24,13 @@ mod common;
 #[path = "../orchestrator/tests/support/valkey.rs"]
 mod valkey;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use clap::Parser;
 use common::{connect, env_num, rss, send};
 use serde_json::{json, Value};
-use servicekit_orchestrator::config::Config;
 
 const REGISTER_CONNECTIONS: usize = 64;
 const PING_CONNECTIONS: usize = 16;
@@ -42,7 +39,7 @@ const LISTERS: usize = 4;
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.iter().any(|a| a == "--serve-orchestrator") {
-        return serve_orchestrator();
+        return common::serve_orchestrator();
     }
     let quick = common::quick(&args);
     let n = if quick {
@@ -64,49 +61,16 @@ fn main() {
 }
 
 /// The orchestrator process: configured from its environment, serves until stdin closes.
-fn serve_orchestrator() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    rt.block_on(async {
-        let config = Config::try_parse_from(["orchestrator", "--bind", "127.0.0.1:0"])
-            .expect("configuration");
-        let running = servicekit_orchestrator::server::start(config)
-            .await
-            .expect("orchestrator starts");
-        println!("listening {}", running.local_addr());
-        let _ = tokio::task::spawn_blocking(|| {
-            let mut buf = [0u8; 1];
-            let _ = std::io::Read::read(&mut std::io::stdin(), &mut buf);
-        })
-        .await;
-        running.shutdown().await;
-    });
-}
-
 fn spawn_orchestrator(valkey: Option<&valkey::ValkeyServer>, n: usize) -> (Child, String) {
-    let exe = std::env::current_exe().expect("own path");
-    let mut cmd = Command::new(exe);
-    cmd.arg("--serve-orchestrator")
-        .env("RUST_LOG", "warn")
-        .env("ORCHESTRATOR_TTL_SECONDS", "3600")
+    let mut envs = vec![
+        ("ORCHESTRATOR_TTL_SECONDS", "3600".to_owned()),
         // Builds with a registration limit must hold all N.
-        .env("ORCHESTRATOR_MAX_REGISTRATIONS", (n + 1000).to_string())
-        .env_remove("VALKEY_URL")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped());
+        ("ORCHESTRATOR_MAX_REGISTRATIONS", (n + 1000).to_string()),
+    ];
     if let Some(v) = valkey {
-        cmd.env("VALKEY_URL", v.url());
+        envs.push(("VALKEY_URL", v.url()));
     }
-    let mut child = cmd.spawn().expect("orchestrator process");
-    let stdout = child.stdout.take().expect("stdout");
-    let mut line = String::new();
-    BufReader::new(stdout)
-        .read_line(&mut line)
-        .expect("listening line");
-    let addr = line.trim().trim_start_matches("listening ").to_owned();
-    (child, addr)
+    common::spawn_orchestrator(&envs)
 }
 
 async fn run(store: &str, valkey: Option<&valkey::ValkeyServer>, n: usize, phase: Duration) {

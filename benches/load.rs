@@ -15,6 +15,8 @@
 //! Valkey's own throughput for the ping script over the same number of connections, and the
 //! time to list all entries and one display name's entries at 10k and 100k.
 
+// The child-process orchestrator helpers of common.rs: this bench has its own (Config::for_tests).
+#[allow(dead_code)]
 mod common;
 #[allow(dead_code)]
 #[path = "../orchestrator/tests/support/valkey.rs"]

@@ -25,8 +25,8 @@ mod common;
 mod valkey;
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+
+use std::process::Child;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -35,7 +35,6 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use serde_json::json;
-use servicekit_orchestrator::config::Config;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
@@ -51,7 +50,7 @@ const CHANGE_RATE: u64 = 100;
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.iter().any(|a| a == "--serve-orchestrator") {
-        return serve_orchestrator();
+        return common::serve_orchestrator();
     }
     let quick = common::quick(&args);
     let watchers: Vec<usize> = if quick {
@@ -76,34 +75,6 @@ fn main() {
     rt.block_on(run(&watchers, Duration::from_secs(secs), rounds));
 }
 
-/// The orchestrator process: serves until stdin closes.
-fn serve_orchestrator() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    rt.block_on(async {
-        let mut config = Config::for_tests();
-        config.valkey_url = std::env::var("VALKEY_URL").ok();
-        if let Ok(prefix) = std::env::var("KEY_PREFIX") {
-            config.key_prefix = prefix;
-        }
-        config.ttl_seconds = 3600;
-        config.max_watchers = 20_000;
-        config.max_connections = 25_000;
-        let running = servicekit_orchestrator::server::start(config)
-            .await
-            .expect("orchestrator starts");
-        println!("listening {}", running.local_addr());
-        let _ = tokio::task::spawn_blocking(|| {
-            let mut buf = [0u8; 1];
-            let _ = std::io::Read::read(&mut std::io::stdin(), &mut buf);
-        })
-        .await;
-        running.shutdown().await;
-    });
-}
-
 /// An orchestrator child process and its address.
 struct Orchestrator {
     child: Child,
@@ -112,24 +83,16 @@ struct Orchestrator {
 
 impl Orchestrator {
     fn start(valkey_url: Option<&str>) -> Orchestrator {
-        let exe = std::env::current_exe().expect("own path");
-        let mut cmd = Command::new(exe);
-        cmd.arg("--serve-orchestrator")
-            .env("RUST_LOG", "warn")
-            .env("KEY_PREFIX", "bench:")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped());
-        match valkey_url {
-            Some(url) => cmd.env("VALKEY_URL", url),
-            None => cmd.env_remove("VALKEY_URL"),
-        };
-        let mut child = cmd.spawn().expect("orchestrator process");
-        let stdout = child.stdout.take().expect("stdout");
-        let mut line = String::new();
-        BufReader::new(stdout)
-            .read_line(&mut line)
-            .expect("listening line");
-        let addr = line.trim().trim_start_matches("listening ").to_owned();
+        let mut envs = vec![
+            ("ORCHESTRATOR_KEY_PREFIX", "bench:".to_owned()),
+            ("ORCHESTRATOR_TTL_SECONDS", "3600".to_owned()),
+            ("ORCHESTRATOR_MAX_WATCHERS", "20000".to_owned()),
+            ("ORCHESTRATOR_MAX_CONNECTIONS", "25000".to_owned()),
+        ];
+        if let Some(url) = valkey_url {
+            envs.push(("VALKEY_URL", url.to_owned()));
+        }
+        let (child, addr) = common::spawn_orchestrator(&envs);
         Orchestrator { child, addr }
     }
 
