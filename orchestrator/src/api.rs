@@ -59,6 +59,19 @@ pub const MAX_PAGE: usize = 1000;
 pub const MAX_LISTINGS: usize = 64;
 /// How long a listing waits for one of the [`MAX_LISTINGS`] places before a 429.
 const LISTING_WAIT: Duration = Duration::from_secs(5);
+/// One of the [`MAX_LISTINGS`] places, for a listing or a watch's first snapshot; a 429 when
+/// none frees up within [`LISTING_WAIT`].
+pub(crate) async fn listing_place(
+    listings: &Arc<tokio::sync::Semaphore>,
+) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+    match tokio::time::timeout(LISTING_WAIT, listings.clone().acquire_owned()).await {
+        Ok(Ok(permit)) => Ok(permit),
+        Ok(Err(_)) | Err(_) => Err(ApiError::TooManyListings {
+            limit: MAX_LISTINGS,
+        }),
+    }
+}
+
 /// How long a streamed listing waits for the client to take its next part before giving up.
 const STREAM_SEND_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -733,15 +746,7 @@ impl<S: Store> Api<S> {
                 )
                 .await;
         }
-        let permit =
-            match tokio::time::timeout(LISTING_WAIT, self.listings.clone().acquire_owned()).await {
-                Ok(Ok(permit)) => permit,
-                Ok(Err(_)) | Err(_) => {
-                    return Err(ApiError::TooManyListings {
-                        limit: MAX_LISTINGS,
-                    })
-                }
-            };
+        let permit = listing_place(&self.listings).await?;
         let mut listing = self.store.listing(query.filter, query.cursor).await?;
         let Some(limit) = query.limit else {
             // The first part is read before answering, so a store that fails at once is still

@@ -31,8 +31,6 @@ use session::{Session, SnapshotReason, Start};
 /// How long a new watcher waits for the hub to have read the store's head (only right after
 /// start, or while the store is down) before a 503.
 const READY_WAIT: Duration = Duration::from_millis(2500);
-/// How long a new watcher waits for one of the API's listing places for its snapshot.
-const LISTING_WAIT: Duration = Duration::from_secs(5);
 
 /// Knobs of the watch feed that tests turn; the defaults are what the orchestrator runs with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -120,35 +118,24 @@ impl Watch {
             Some(Some(after)) => session::missed(&**store, after, head).await?,
             _ => None,
         };
-        let start =
-            match missed {
-                Some((changes, position)) => Start::Resume { changes, position },
-                None => {
-                    let reason = match resume {
-                        Some(_) => SnapshotReason::ResumeGap,
-                        None => SnapshotReason::Start,
-                    };
-                    let place =
-                        match tokio::time::timeout(LISTING_WAIT, listings.clone().acquire_owned())
-                            .await
-                        {
-                            Ok(Ok(place)) => place,
-                            Ok(Err(_)) | Err(_) => {
-                                return Err(ApiError::TooManyListings {
-                                    limit: crate::api::MAX_LISTINGS,
-                                })
-                            }
-                        };
-                    let mut listing = store.listing(filter.clone(), None).await?;
-                    let first = listing.next_page(LIST_BATCH).await?;
-                    Start::Snapshot {
-                        reason,
-                        listing,
-                        first,
-                        place,
-                    }
+        let start = match missed {
+            Some((changes, position)) => Start::Resume { changes, position },
+            None => {
+                let reason = match resume {
+                    Some(_) => SnapshotReason::ResumeGap,
+                    None => SnapshotReason::Start,
+                };
+                let place = crate::api::listing_place(listings).await?;
+                let mut listing = store.listing(filter.clone(), None).await?;
+                let first = listing.next_page(LIST_BATCH).await?;
+                Start::Snapshot {
+                    reason,
+                    listing,
+                    first,
+                    place,
                 }
-            };
+            }
+        };
         let (tx, rx_body) =
             tokio::sync::mpsc::channel::<Result<Bytes, BoxError>>(self.tuning.body_capacity);
         let session = Session {
