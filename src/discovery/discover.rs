@@ -54,8 +54,11 @@ impl Subscriber {
     fn apply(&mut self, update: Update) -> Option<Change<Ulid, Instance>> {
         match update {
             Update::Upsert(instance) => {
-                if self.view.get(&instance.id) == Some(&instance) {
-                    return None;
+                if let Some(known) = self.view.get_mut(&instance.id) {
+                    if known.same_registration(&instance) {
+                        *known = instance;
+                        return None;
+                    }
                 }
                 self.view.insert(instance.id, instance.clone());
                 Some(Change::Insert(instance.id, instance))

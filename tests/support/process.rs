@@ -90,7 +90,8 @@ pub fn sigterm(child: &Child) {
 /// it comes, so a test can wait for a log line and a failure can show everything. Killed
 /// when dropped.
 pub struct Process {
-    pub child: Child,
+    /// `None` once [`Process::terminate`] took it to wait for its exit.
+    child: Option<Child>,
     lines: Arc<Mutex<Vec<String>>>,
 }
 
@@ -121,7 +122,10 @@ impl Process {
                 }
             });
         }
-        Process { child, lines }
+        Process {
+            child: Some(child),
+            lines,
+        }
     }
 
     /// Everything printed so far.
@@ -140,19 +144,14 @@ impl Process {
 
     /// SIGTERM, then waits for the exit (killing it after `within`).
     pub async fn terminate(mut self, within: Duration) -> (ExitStatus, Vec<String>) {
-        sigterm(&self.child);
-        let mut child = std::mem::replace(
-            &mut self.child,
-            // A placeholder that is never waited on: `true` exits at once.
-            Command::new("true").spawn().expect("placeholder process"),
-        );
+        let mut child = self.child.take().expect("a running process");
+        sigterm(&child);
         let status = tokio::task::spawn_blocking(move || wait_exit(&mut child, within))
             .await
             .expect("waiter");
         // The reader threads finish once the pipes close; give them a moment to drain.
         let deadline = Instant::now() + Duration::from_secs(2);
-        let lines = self.lines.clone();
-        while Instant::now() < deadline && Arc::strong_count(&lines) > 2 {
+        while Instant::now() < deadline && Arc::strong_count(&self.lines) > 1 {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         (status, self.output())
@@ -160,14 +159,15 @@ impl Process {
 
     /// SIGKILL, at once.
     pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if let Some(child) = &mut self.child {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 
 impl Drop for Process {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
     }
 }
