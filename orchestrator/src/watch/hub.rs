@@ -134,10 +134,12 @@ impl Hub {
         let mut head = self.lock();
         for change in batch {
             let cursor = change.cursor;
-            // No receiver is not an error: nobody watches right now.
-            let _ = self
-                .tx
-                .send(HubMessage::Change(Arc::new(Encoded::new(change))));
+            // Nobody watches right now (subscribing takes this lock): nothing to encode.
+            if self.tx.receiver_count() > 0 {
+                let _ = self
+                    .tx
+                    .send(HubMessage::Change(Arc::new(Encoded::new(change))));
+            }
             *head = Some(cursor);
         }
     }
