@@ -100,6 +100,24 @@ impl Api {
         headers: &[(&str, &str)],
         body: Option<Vec<u8>>,
     ) -> Reply {
+        self.try_send(method, path, headers, body)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// A GET whose failure to get an answer is the caller's to judge.
+    pub async fn try_get(&self, path: &str) -> Result<Reply, String> {
+        self.try_send(Method::GET, path, &[], None).await
+    }
+
+    /// Like `send`, but a request that got no (whole) answer is an error, not a panic.
+    pub async fn try_send(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<Vec<u8>>,
+    ) -> Result<Reply, String> {
         let mut req = Request::builder()
             .method(method)
             .uri(format!("{}{}", self.base, path));
@@ -109,14 +127,22 @@ impl Api {
         let req = req
             .body(Full::new(Bytes::from(body.unwrap_or_default())))
             .expect("valid request");
-        let res = self.client.request(req).await.expect("request sent");
+        let res = self
+            .client
+            .request(req)
+            .await
+            .map_err(|e| format!("request sent: {e:?}"))?;
         let (parts, body) = res.into_parts();
-        let body = body.collect().await.expect("body read").to_bytes();
-        Reply {
+        let body = body
+            .collect()
+            .await
+            .map_err(|e| format!("body read: {e:?}"))?
+            .to_bytes();
+        Ok(Reply {
             status: parts.status,
             headers: parts.headers,
             body,
-        }
+        })
     }
 
     pub async fn get(&self, path: &str) -> Reply {
