@@ -1,6 +1,7 @@
 //! Helpers shared by the orchestrator's integration tests. Each test binary uses a subset.
 #![allow(dead_code)]
 
+pub mod cluster;
 pub mod http;
 pub mod lease;
 pub mod sse;

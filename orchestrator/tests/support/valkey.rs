@@ -34,11 +34,19 @@ pub struct ValkeyServer {
     dir: PathBuf,
     child: Option<Child>,
     paused: bool,
+    /// Arguments after the common ones (a cluster node's settings).
+    extra: Vec<String>,
 }
 
 impl ValkeyServer {
     /// Starts a server on a free port and waits until it answers.
     pub fn new() -> ValkeyServer {
+        ValkeyServer::with(Vec::new(), free_port)
+    }
+
+    /// Starts a server with `extra` arguments on a port `pick` chose, and waits until it
+    /// answers.
+    pub fn with(extra: Vec<String>, pick: fn() -> u16) -> ValkeyServer {
         static SEQ: AtomicUsize = AtomicUsize::new(0);
         let dir = std::env::temp_dir().join(format!(
             "servicekit-valkey-{}-{}-{}",
@@ -56,10 +64,11 @@ impl ValkeyServer {
         let mut last_error = String::new();
         for _ in 0..5 {
             let mut server = ValkeyServer {
-                port: free_port(),
+                port: pick(),
                 dir: dir.clone(),
                 child: None,
                 paused: false,
+                extra: extra.clone(),
             };
             match server.try_start() {
                 Ok(()) => return server,
@@ -76,6 +85,16 @@ impl ValkeyServer {
 
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// The server's scratch directory (its log, a cluster node's `nodes.conf`).
+    pub fn dir(&self) -> &std::path::Path {
+        &self.dir
+    }
+
+    /// The process id of the running server.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// Whether the server process is running.
@@ -173,6 +192,7 @@ impl ValkeyServer {
             .arg(&self.dir)
             .arg("--logfile")
             .arg(&log)
+            .args(&self.extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
@@ -221,7 +241,7 @@ impl Drop for ValkeyServer {
     }
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
         .unwrap_or_else(|e| panic!("cannot bind a loopback port: {e}"));
     listener

@@ -10,7 +10,8 @@ use fred::error::{Error as FredError, ErrorKind};
 use fred::interfaces::{ClientLike, EventInterface};
 use fred::socket2::TcpKeepalive;
 use fred::types::config::{
-    Config, ConnectionConfig, PerformanceConfig, ReconnectPolicy, TcpConfig, UnresponsiveConfig,
+    ClusterDiscoveryPolicy, Config, ConnectionConfig, PerformanceConfig, ReconnectPolicy,
+    TcpConfig, UnresponsiveConfig,
 };
 use fred::types::Builder;
 
@@ -60,12 +61,21 @@ pub(super) async fn open(url: &str) -> Result<(Client, Arc<ConnState>), StoreErr
             SCHEMES.join(", ")
         )));
     }
-    let mut config = Config::from_url(url).map_err(|e| {
+    let seeded = seeds_as_query(url)?;
+    let mut config = Config::from_url(&seeded).map_err(|e| {
         StoreError::Config(format!(
             "invalid Valkey URL {:?}: {e}",
             crate::redact::url(url)
         ))
     })?;
+    // Find the topology through any node last seen serving slots, not only the seeds: a
+    // client whose seed nodes died would otherwise never reconnect (issue 11).
+    if config.server.is_clustered() {
+        config
+            .server
+            .set_cluster_discovery_policy(ClusterDiscoveryPolicy::UseCache)
+            .map_err(|e| StoreError::Config(format!("invalid Valkey configuration: {e}")))?;
+    }
     // Retry the first connection like any later one instead of failing at once.
     config.fail_fast = false;
     let connection = ConnectionConfig {
@@ -119,6 +129,58 @@ pub(super) async fn open(url: &str) -> Result<(Client, Arc<ConnState>), StoreErr
     }
     Ok((client, conn))
 }
+/// Rewrites the comma-separated seed list of a cluster URL
+/// (`redis-cluster://[auth@]h1:p1,h2:p2/...`) into the `node=` query form fred reads
+/// (`redis-cluster://[auth@]h1:p1/...?node=h2:p2`). Other URLs pass unchanged.
+fn seeds_as_query(url: &str) -> Result<String, StoreError> {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return Ok(url.to_owned());
+    };
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(end);
+    let (auth, hosts) = match authority.rsplit_once('@') {
+        Some((auth, hosts)) => (Some(auth), hosts),
+        None => (None, authority),
+    };
+    if !hosts.contains(',') {
+        return Ok(url.to_owned());
+    }
+    if !scheme.ends_with("-cluster") {
+        return Err(StoreError::Config(format!(
+            "invalid Valkey URL {:?}: several hosts need a cluster scheme (redis-cluster://)",
+            crate::redact::url(url)
+        )));
+    }
+    let mut hosts = hosts.split(',');
+    let first = hosts.next().unwrap_or_default();
+    let others: Vec<&str> = hosts.collect();
+    if first.is_empty() || others.iter().any(|h| h.is_empty() || !h.contains(':')) {
+        return Err(StoreError::Config(format!(
+            "invalid Valkey URL {:?}: every seed node needs host:port",
+            crate::redact::url(url)
+        )));
+    }
+    let (path, query) = match tail.split_once('?') {
+        Some((path, query)) => (path, Some(query)),
+        None => (tail, None),
+    };
+    let mut out = format!("{scheme}://");
+    if let Some(auth) = auth {
+        out.push_str(auth);
+        out.push('@');
+    }
+    out.push_str(first);
+    out.push_str(path);
+    out.push('?');
+    let nodes: Vec<String> = others.iter().map(|h| format!("node={h}")).collect();
+    out.push_str(&nodes.join("&"));
+    if let Some(query) = query.filter(|q| !q.is_empty()) {
+        out.push('&');
+        out.push_str(query);
+    }
+    Ok(out)
+}
+
 impl ValkeyStore {
     /// Maps a command's outcome to the store's, tracking timeouts in a row to replace a hung
     /// connection: fred's own unresponsiveness check measures from the last write, so steady
@@ -243,6 +305,37 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+
+    #[test]
+    fn comma_separated_seeds_become_node_parameters() {
+        for (given, wanted) in [
+            (
+                "redis-cluster://10.0.0.1:7000,10.0.0.2:7001,h3:7002",
+                "redis-cluster://10.0.0.1:7000?node=10.0.0.2:7001&node=h3:7002",
+            ),
+            (
+                "valkey-cluster://u:p%40ss@a:1,b:2/?foo=bar",
+                "valkey-cluster://u:p%40ss@a:1/?node=b:2&foo=bar",
+            ),
+            ("redis-cluster://a:1", "redis-cluster://a:1"),
+            ("redis://a:1/0", "redis://a:1/0"),
+            (
+                "redis-cluster://a:1?node=b:2",
+                "redis-cluster://a:1?node=b:2",
+            ),
+        ] {
+            assert_eq!(seeds_as_query(given).expect(given), wanted);
+        }
+        for bad in [
+            "redis://a:1,b:2",
+            "redis-cluster://a:1,,b:2",
+            "redis-cluster://a:1,b",
+            "redis-cluster://:hunter2@a:1,b",
+        ] {
+            let err = seeds_as_query(bad).expect_err(bad).to_string();
+            assert!(!err.contains(SECRET), "{err}");
+        }
+    }
 
     const SECRET: &str = "hunter2";
 
