@@ -1058,6 +1058,420 @@ fn k8s_texts() -> Vec<String> {
 }
 
 // ---------------------------------------------------------------------------------------------
+// The Valkey Cluster variants: compose/docker-compose.cluster.yml and compose/k8s/cluster/
+
+const COMPOSE_CLUSTER: &str = "compose/docker-compose.cluster.yml";
+const K8S_CLUSTER: [&str; 2] = [
+    "compose/k8s/cluster/kustomization.yaml",
+    "compose/k8s/cluster/valkey-cluster.yaml",
+];
+
+/// The seed nodes of a cluster `VALKEY_URL` (`redis-cluster://h1:p1,h2:p2`), or why not.
+fn cluster_seeds(url: &str) -> Result<Vec<(String, u16)>, String> {
+    let rest = url
+        .strip_prefix("redis-cluster://")
+        .or_else(|| url.strip_prefix("valkey-cluster://"))
+        .ok_or_else(|| format!("not a cluster URL: {url:?}"))?;
+    rest.split(',')
+        .map(|h| host_port(&format!("redis://{h}")).ok_or_else(|| format!("bad seed {h:?}")))
+        .collect()
+}
+
+/// A command's words whatever its form (a list, or one shell string).
+fn command_text(v: Option<&Value>) -> String {
+    words(v).join(" ")
+}
+
+fn compose_cluster_problems(text: &str) -> Problems {
+    let mut p = Problems::default();
+    let mut doc = match serde_norway::from_str::<Value>(text) {
+        Ok(doc) => doc,
+        Err(e) => {
+            p.0.push(format!("not YAML: {e}"));
+            return p;
+        }
+    };
+    if let Err(e) = doc.apply_merge() {
+        p.0.push(format!("merge keys: {e}"));
+    }
+    // Merge keys nest (an anchor's environment merged into another environment).
+    if let Some(services) = doc.get_mut("services").and_then(Value::as_mapping_mut) {
+        for (_, svc) in services.iter_mut() {
+            if let Some(env) = svc.get_mut("environment") {
+                let _ = env.apply_merge();
+            }
+        }
+    }
+    let null = Value::Null;
+    let service = |name: &str| doc.get("services").and_then(|s| s.get(name));
+    let nodes: Vec<String> = (1..=6).map(|n| format!("valkey-{n}")).collect();
+    for node in &nodes {
+        let svc = service(node).unwrap_or(&null);
+        let command = command_text(svc.get("command"));
+        check!(
+            p,
+            svc.get("image")
+                .and_then(Value::as_str)
+                .is_some_and(|i| i.starts_with("valkey/valkey:8")),
+            "{node}: image is not valkey/valkey:8"
+        );
+        check!(
+            p,
+            command.contains("--cluster-enabled yes"),
+            "{node}: not started with --cluster-enabled yes: {command:?}"
+        );
+        check!(
+            p,
+            command.contains(&format!("--cluster-announce-hostname {node} ")),
+            "{node}: does not announce its own name: {command:?}"
+        );
+    }
+    let init = command_text(service("valkey-init").and_then(|s| s.get("command")));
+    check!(
+        p,
+        init.contains("--cluster create")
+            && init.contains("--cluster-replicas 1")
+            && init.contains("for n in 1 2 3 4 5 6")
+            && init.contains("valkey-$$n"),
+        "valkey-init: does not create the cluster of the six nodes with one replica each"
+    );
+    for node in &nodes {
+        check!(
+            p,
+            compose_condition(service("valkey-init").unwrap_or(&null), node).as_deref()
+                == Some("service_healthy"),
+            "valkey-init: does not wait for {node}"
+        );
+    }
+
+    let orchestrators = ["orchestrator-1", "orchestrator-2"];
+    let mut all_seeds = BTreeSet::new();
+    for name in orchestrators {
+        let orch = service(name).unwrap_or(&null);
+        check!(
+            p,
+            orch.get("image").and_then(Value::as_str) == Some("servicekit:local"),
+            "{name}: does not run servicekit:local"
+        );
+        let env: BTreeMap<String, String> = compose_env(orch)
+            .into_iter()
+            .map(|(k, v)| (k, compose_interpolate(&v)))
+            .collect();
+        check_orchestrator_env(&mut p, name, &env);
+        match cluster_seeds(env.get("VALKEY_URL").map(String::as_str).unwrap_or("")) {
+            Ok(seeds) => {
+                check!(p, seeds.len() >= 2, "{name}: only one seed node");
+                for (host, port) in seeds {
+                    check!(
+                        p,
+                        nodes.contains(&host) && port == 6379,
+                        "{name}: seed {host}:{port} is not a cluster node"
+                    );
+                    all_seeds.insert(host);
+                }
+            }
+            Err(e) => p.0.push(format!("{name}: VALKEY_URL: {e}")),
+        }
+        check!(
+            p,
+            env.get("ORCHESTRATOR_PUBLIC_URL") == Some(&format!("http://{name}:9000")),
+            "{name}: ORCHESTRATOR_PUBLIC_URL is not http://{name}:9000"
+        );
+        check!(
+            p,
+            compose_condition(orch, "valkey-init").as_deref()
+                == Some("service_completed_successfully"),
+            "{name}: does not wait for the cluster to be created"
+        );
+        let test = compose_healthcheck(orch).unwrap_or_default();
+        check!(
+            p,
+            test.get(1).map(String::as_str) == Some(ORCHESTRATOR_BIN),
+            "{name}: no healthcheck"
+        );
+    }
+    check!(
+        p,
+        all_seeds.len() == nodes.len(),
+        "the orchestrators' seeds do not cover every node: {all_seeds:?}"
+    );
+    let mut used = BTreeSet::new();
+    for svc_name in ["svca", "svcb"] {
+        let svc = service(svc_name).unwrap_or(&null);
+        let env = compose_env(svc);
+        let url = compose_interpolate(
+            env.get("SERVICEKIT_ORCHESTRATOR_URL")
+                .map(String::as_str)
+                .unwrap_or(""),
+        );
+        let through = orchestrators
+            .iter()
+            .find(|o| url == format!("http://{o}:9000/services/$register"));
+        match through {
+            Some(o) => {
+                used.insert(*o);
+                check!(
+                    p,
+                    compose_condition(svc, o).as_deref() == Some("service_healthy"),
+                    "{svc_name}: does not wait for {o}"
+                );
+            }
+            None => p.0.push(format!(
+                "{svc_name}: registers at {url:?}, not through an orchestrator replica"
+            )),
+        }
+        check!(
+            p,
+            svc.get("hostname").and_then(Value::as_str) == Some(svc_name),
+            "{svc_name}: hostname is not {svc_name:?}"
+        );
+    }
+    check!(
+        p,
+        used.len() == 2,
+        "svca and svcb do not register through different replicas"
+    );
+    p
+}
+
+fn k8s_cluster_problems(texts: &[String]) -> Problems {
+    let mut p = Problems::default();
+    let mut docs = Vec::new();
+    for text in texts {
+        match yaml_docs(text) {
+            Ok(d) => docs.extend(d),
+            Err(e) => p.0.push(format!("not YAML: {e}")),
+        }
+    }
+    let k8s = K8s { docs };
+    let null = Value::Null;
+    let kustomization = k8s
+        .docs
+        .iter()
+        .find(|d| d.get("kind").and_then(Value::as_str) == Some("Kustomization"))
+        .unwrap_or(&null);
+    let resources: Vec<String> = kustomization
+        .get("resources")
+        .and_then(Value::as_sequence)
+        .map(|r| r.iter().filter_map(scalar).collect())
+        .unwrap_or_default();
+    for r in &resources {
+        check!(
+            p,
+            Path::new(ROOT)
+                .join("compose/k8s/cluster")
+                .join(r)
+                .is_file(),
+            "kustomization: resource {r} does not exist"
+        );
+    }
+    for wanted in [
+        "valkey-cluster.yaml",
+        "../orchestrator.yaml",
+        "../service.yaml",
+    ] {
+        check!(
+            p,
+            resources.iter().any(|r| r == wanted),
+            "kustomization: {wanted} is not a resource"
+        );
+    }
+    // The patch replaces one env entry by index: it must be the orchestrator's VALKEY_URL.
+    let patch = kustomization
+        .get("patches")
+        .and_then(|ps| ps.get(0))
+        .and_then(|p| p.get("patch"))
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    let ops: Value = serde_norway::from_str(patch).unwrap_or(Value::Null);
+    let op = ops.get(0).unwrap_or(&null);
+    let path = op.get("path").and_then(Value::as_str).unwrap_or("");
+    let base = yaml_docs(&read("compose/k8s/orchestrator.yaml")).unwrap_or_default();
+    let base = K8s { docs: base };
+    let orch_env = base
+        .find("Deployment", "orchestrator")
+        .and_then(first_container)
+        .and_then(|c| c.get("env"))
+        .and_then(Value::as_sequence)
+        .cloned()
+        .unwrap_or_default();
+    let index = path
+        .strip_prefix("/spec/template/spec/containers/0/env/")
+        .and_then(|i| i.parse::<usize>().ok());
+    check!(
+        p,
+        index
+            .and_then(|i| orch_env.get(i))
+            .and_then(|e| e.get("name"))
+            .and_then(Value::as_str)
+            == Some("VALKEY_URL"),
+        "kustomization: the patch ({path}) does not replace the orchestrator's VALKEY_URL"
+    );
+    let value = op.get("value").unwrap_or(&null);
+    let url = value.get("value").and_then(Value::as_str).unwrap_or("");
+    check!(
+        p,
+        value.get("name").and_then(Value::as_str) == Some("VALKEY_URL"),
+        "kustomization: the patch does not set VALKEY_URL"
+    );
+    let set = k8s.find("StatefulSet", "valkey-cluster").unwrap_or(&null);
+    let replicas = set
+        .get("spec")
+        .and_then(|s| s.get("replicas"))
+        .and_then(Value::as_u64)
+        .unwrap_or(0);
+    check!(
+        p,
+        replicas == 6,
+        "valkey-cluster: {replicas} replicas, not 6"
+    );
+    match cluster_seeds(url) {
+        Ok(seeds) => {
+            check!(p, seeds.len() >= 2, "VALKEY_URL: only one seed node");
+            for (host, port) in seeds {
+                let pod = host
+                    .strip_suffix(".valkey-cluster")
+                    .and_then(|h| h.strip_prefix("valkey-cluster-"))
+                    .and_then(|n| n.parse::<u64>().ok());
+                check!(
+                    p,
+                    pod.is_some_and(|n| n < replicas) && port == 6379,
+                    "VALKEY_URL: seed {host}:{port} is not a pod of the StatefulSet"
+                );
+            }
+        }
+        Err(e) => p.0.push(format!("VALKEY_URL: {e}")),
+    }
+    let container = first_container(set).unwrap_or(&null);
+    let command = command_text(container.get("command"));
+    check!(
+        p,
+        command.contains("--cluster-enabled yes")
+            && command.contains("--cluster-announce-hostname $(POD_NAME).valkey-cluster"),
+        "valkey-cluster: not a cluster node announcing its pod name: {command:?}"
+    );
+    let service = k8s.find("Service", "valkey-cluster").unwrap_or(&null);
+    check!(
+        p,
+        service
+            .get("spec")
+            .and_then(|s| s.get("clusterIP"))
+            .and_then(Value::as_str)
+            == Some("None"),
+        "valkey-cluster: the Service is not headless (pod DNS names need it)"
+    );
+    let job = k8s.find("Job", "valkey-cluster-create").unwrap_or(&null);
+    let create = command_text(first_container(job).and_then(|c| c.get("command")));
+    check!(
+        p,
+        create.contains("--cluster create")
+            && create.contains("--cluster-replicas 1")
+            && create.contains(&format!(
+                "for n in {}",
+                (0..replicas)
+                    .map(|n| n.to_string())
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            )),
+        "valkey-cluster-create: does not create the cluster of every pod with one replica each"
+    );
+    p
+}
+
+fn k8s_cluster_texts() -> Vec<String> {
+    K8S_CLUSTER.iter().map(|f| read(f)).collect()
+}
+
+#[test]
+fn cluster_deployment_files_are_consistent() {
+    assert_no_problems(
+        COMPOSE_CLUSTER,
+        compose_cluster_problems(&read(COMPOSE_CLUSTER)),
+    );
+    assert_no_problems(
+        "compose/k8s/cluster",
+        k8s_cluster_problems(&k8s_cluster_texts()),
+    );
+}
+
+#[test]
+fn mutations_of_the_cluster_deployment_files_are_caught() {
+    let text = read(COMPOSE_CLUSTER);
+    for (from, to, needle) in [
+        (
+            "VALKEY_URL: redis-cluster://valkey-4:6379,valkey-5:6379,valkey-6:6379",
+            "VALKEY_URL: redis://valkey-4:6379",
+            "not a cluster URL",
+        ),
+        (
+            "redis-cluster://valkey-1:6379,valkey-2:6379,valkey-3:6379",
+            "redis-cluster://valkey-1:6379,valkey-2:6379,valkey-7:6379",
+            "not a cluster node",
+        ),
+        (
+            "--cluster-replicas 1",
+            "--cluster-replicas 0",
+            "valkey-init",
+        ),
+        (
+            "orchestrator-2:9000/services/$$register",
+            "orchestrator-1:9000/services/$$register",
+            "different replicas",
+        ),
+        (
+            "--cluster-announce-hostname, valkey-3,",
+            "--cluster-announce-hostname, valkey-2,",
+            "valkey-3: does not announce",
+        ),
+        (
+            "condition: service_completed_successfully\n      # Built by orchestrator-1.",
+            "condition: service_started\n      # Built by orchestrator-1.",
+            "wait for the cluster",
+        ),
+    ] {
+        assert_caught(
+            COMPOSE_CLUSTER,
+            compose_cluster_problems(&mutate(&text, from, to)),
+            from,
+            needle,
+        );
+    }
+    let texts = k8s_cluster_texts();
+    for (file, from, to, needle) in [
+        (
+            0,
+            "env/0",
+            "env/1",
+            "does not replace the orchestrator's VALKEY_URL",
+        ),
+        (
+            0,
+            "valkey-cluster-2.valkey-cluster:6379",
+            "valkey-cluster-6.valkey-cluster:6379",
+            "not a pod",
+        ),
+        (0, "- ../service.yaml", "- ../svc.yaml", "does not exist"),
+        (1, "replicas: 6", "replicas: 5", "not 6"),
+        (1, "clusterIP: None", "clusterIP: \"\"", "headless"),
+        (
+            1,
+            "for n in 0 1 2 3 4 5",
+            "for n in 0 1 2",
+            "valkey-cluster-create",
+        ),
+    ] {
+        let mut mutated = texts.clone();
+        mutated[file] = mutate(&texts[file], from, to);
+        assert_caught(
+            K8S_CLUSTER[file],
+            k8s_cluster_problems(&mutated),
+            from,
+            needle,
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Tests
 
 #[test]
