@@ -101,6 +101,32 @@ impl Feed {
     }
 }
 
+/// Whether the watcher's state is `expected`; panics when its task ended or the deadline
+/// passed.
+fn state_matches(
+    feed: &Mutex<Feed>,
+    expected: &BTreeMap<String, String>,
+    replica: usize,
+    deadline: Instant,
+    task: &tokio::task::JoinHandle<()>,
+) -> bool {
+    let f = lock(feed);
+    if f.records == *expected {
+        return true;
+    }
+    assert!(
+        !task.is_finished(),
+        "the watcher task on replica {replica} ended (panicked)"
+    );
+    assert!(
+        Instant::now() < deadline,
+        "watcher on replica {replica} never matched the list:\n  watcher {:?}\n  list    {:?}",
+        f.records,
+        expected
+    );
+    false
+}
+
 fn record_entry(record: &Value) -> (String, String) {
     (
         record["id"].as_str().expect("id").to_owned(),
@@ -254,6 +280,11 @@ fn wait_blocking(what: &str, mut cond: impl FnMut() -> bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watchers_on_every_replica_survive_a_failover_that_lost_the_log_tail() {
+    // RUST_LOG=servicekit_orchestrator=warn shows the hubs' failed reads and their backoff.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
     let mut cluster = ValkeyCluster::new();
     let prefix = format!("test:{}:", ulid::Ulid::new());
     let events_key = format!("{prefix}{{all}}:events");
@@ -401,24 +432,15 @@ async fn watchers_on_every_replica_survive_a_failover_that_lost_the_log_tail() {
     );
     for (i, feed) in feeds.iter().enumerate() {
         let deadline = Instant::now() + DEADLINE;
-        loop {
-            let f = lock(feed);
-            if f.records == expected {
-                break;
-            }
-            assert!(
-                !watchers[i].is_finished(),
-                "the watcher task on replica {i} ended (panicked)"
-            );
-            assert!(
-                Instant::now() < deadline,
-                "watcher on replica {i} never matched the list:\n  watcher {:?}\n  list    {:?}",
-                f.records,
-                expected
-            );
-            drop(f);
+        while !state_matches(feed, &expected, i, deadline, &watchers[i]) {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        let metrics = apis[i].get("/metrics").await;
+        let text = String::from_utf8_lossy(&metrics.body).into_owned();
+        let by_reason: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("servicekit_watch_snapshots_total{"))
+            .collect();
         let f = lock(feed);
         let snapshot_at = f
             .snapshots
@@ -426,11 +448,12 @@ async fn watchers_on_every_replica_survive_a_failover_that_lost_the_log_tail() {
             .find(|&&s| s >= killed)
             .map(|&s| s - killed);
         eprintln!(
-            "watcher on replica {i}: snapshot {:?} after the kill, {} changes after it, {} reconnects, {} refused",
+            "watcher on replica {i}: snapshot {:?} after the kill, {} changes after it, {} reconnects, {} refused\n  {}",
             snapshot_at,
             f.changes_since(killed),
             f.reconnects,
-            f.refused
+            f.refused,
+            by_reason.join("\n  ")
         );
         assert!(
             f.snapshots_since(killed) >= 1,
