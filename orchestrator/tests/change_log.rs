@@ -551,6 +551,119 @@ async fn valkey_lost_log_is_a_gap() {
     );
 }
 
+/// A failover that lost the log's last entries (asynchronous replication to the promoted
+/// replica), simulated on one server: the `{all}` slot's keys are put back as a replica had
+/// them before the last two registrations (`COPY ... REPLACE` keeps a stream's metadata, as
+/// replication does). A cursor naming a lost entry is a gap, before the new master logs
+/// anything (beyond its head) and after (the entry is gone while newer ids exist: the hole
+/// this test is about); a cursor it kept, and its head, stay valid, also when the head's
+/// entry itself was deleted by hand (every snapshot starts at the head: refusing it would
+/// make readers re-snapshot forever).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn valkey_log_that_goes_back_is_a_gap() {
+    let v = Valkey::open(LONG_TTL, LOG_LEN).await;
+    let prefix = v.a.prefix().to_owned();
+    let keys = ["{all}:events", "{all}:announced", "{all}:idx"].map(|k| format!("{prefix}{k}"));
+    v.a.register(reg("http://kept:1", "kept"))
+        .await
+        .expect("register");
+    let kept = v.a.change_head().await.expect("head");
+    for key in &keys {
+        let replica = format!("{key}:replica");
+        assert_eq!(v.server.command(&["COPY", key, &replica]), ":1", "{key}");
+    }
+    v.a.register(reg("http://lost:1", "lost"))
+        .await
+        .expect("register");
+    let lost_first = v.a.change_head().await.expect("head");
+    v.a.register(reg("http://lost:2", "lost"))
+        .await
+        .expect("register");
+    let lost = v.a.change_head().await.expect("head");
+    assert!(kept < lost_first && lost_first < lost);
+    // The "failover": the {all} slot as the replica had it.
+    for key in &keys {
+        let replica = format!("{key}:replica");
+        assert_eq!(
+            v.server.command(&["COPY", &replica, key, "REPLACE"]),
+            ":1",
+            "{key}"
+        );
+    }
+    assert_eq!(v.b.change_head().await.expect("head"), kept);
+    for cursor in [lost_first, lost] {
+        assert_eq!(
+            v.b.changes(cursor, 10, Duration::ZERO)
+                .await
+                .expect("changes"),
+            Changes::Gap,
+            "{cursor}: beyond the new head"
+        );
+    }
+    // The new master's ids come from its clock; on one host that is past the lost ones once
+    // a millisecond went by (a failover takes seconds).
+    eventually("the server clock to pass the lost entries", || async {
+        let now = v.server.command(&[
+            "EVAL",
+            "local t = redis.call('TIME') return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)",
+            "0",
+        ]);
+        now.trim_start_matches(':').parse::<u64>().expect("TIME") > lost.ms
+    })
+    .await;
+    let after =
+        v.b.register(reg("http://after:1", "after"))
+            .await
+            .expect("register")
+            .record;
+    let head = v.b.change_head().await.expect("head");
+    assert!(head > lost, "{head} after {lost}");
+    for cursor in [lost_first, lost] {
+        assert_eq!(
+            v.a.changes(cursor, 10, Duration::ZERO)
+                .await
+                .expect("changes"),
+            Changes::Gap,
+            "{cursor}: lost, with newer entries after it"
+        );
+    }
+    let resumed =
+        v.a.changes(kept, 10, Duration::ZERO)
+            .await
+            .expect("changes");
+    assert!(
+        matches!(&resumed, Changes::Changes(c) if c.len() == 1
+            && c[0].kind == ChangeKind::Registered && c[0].subject.id() == after.id),
+        "{resumed:?}"
+    );
+    assert_eq!(
+        v.a.changes(head, 10, Duration::ZERO)
+            .await
+            .expect("changes"),
+        Changes::Changes(Vec::new())
+    );
+    // The head's own entry deleted by hand: the head stays valid, also once newer entries
+    // follow it (nothing after it was deleted).
+    let events = &keys[0];
+    assert_eq!(v.server.command(&["XDEL", events, &head.to_string()]), ":1");
+    assert_eq!(v.b.change_head().await.expect("head"), head);
+    assert_eq!(
+        v.a.changes(head, 10, Duration::from_millis(50))
+            .await
+            .expect("changes"),
+        Changes::Changes(Vec::new())
+    );
+    v.b.deregister(after.id).await.expect("deregister");
+    let next =
+        v.a.changes(head, 10, Duration::ZERO)
+            .await
+            .expect("changes");
+    assert!(
+        matches!(&next, Changes::Changes(c) if c.len() == 1 && c[0].kind == ChangeKind::Deregistered),
+        "{next:?}"
+    );
+}
+
 /// A listing that finds an expired record's all-index entry drops it, and logs `expired`
 /// (nobody reaps in this test); a reaper afterwards logs nothing more.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

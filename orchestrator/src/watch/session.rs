@@ -42,7 +42,8 @@ const DENIED_MAX: usize = 4096;
 pub enum SnapshotReason {
     /// A new watcher without `Last-Event-ID`.
     Start,
-    /// `Last-Event-ID` was unusable: unparsable, beyond the head, or older than the log.
+    /// `Last-Event-ID` was unusable: unparsable, beyond the head, older than the log, or an
+    /// entry the log no longer holds (a failover lost it).
     ResumeGap,
     /// The session fell more than the hub's channel behind.
     Lagged,

@@ -50,6 +50,8 @@ struct LogState {
     first: Cursor,
     /// Whether entries were trimmed away (all of them before `first`).
     trimmed: bool,
+    /// Whether the stream holds the entry with exactly the reader's cursor as its id.
+    held: bool,
 }
 
 impl LogState {
@@ -58,11 +60,17 @@ impl LogState {
     /// trimmed (`MAXLEN ~` leaves max-deleted-entry-id alone, so which of them came after
     /// `after` is unknown: a reader exactly at the last trimmed entry re-snapshots needlessly,
     /// which is safe); before its oldest one anyway unless `after` is ZERO (a cursor from a
-    /// log Valkey lost, written anew since).
+    /// log Valkey lost, written anew since); or before the newest one while the stream does
+    /// not hold it (a failover lost the entry the cursor names, and the new master logged
+    /// other changes since: what the reader read last may never have happened there). Two
+    /// ids the stream may no longer hold stay valid: the newest (every snapshot starts
+    /// there, so refusing it would re-snapshot forever) and the newest deleted one (`XDEL`
+    /// by hand; nothing after it was deleted).
     fn gap_after(&self, after: Cursor) -> bool {
         after > self.last
             || after < self.deleted
             || (after < self.first && (self.trimmed || after != Cursor::ZERO))
+            || (after != Cursor::ZERO && after < self.last && after != self.deleted && !self.held)
     }
 }
 
@@ -252,7 +260,7 @@ impl ValkeyStore {
             return Ok(None);
         }
         let items = match reply {
-            Value::Array(items) if items.len() == 5 => items,
+            Value::Array(items) if items.len() == 6 => items,
             other => return Err(StoreError::Corrupt(format!("log read answered {other:?}"))),
         };
         let mut items = items.into_iter();
@@ -268,18 +276,13 @@ impl ValkeyStore {
             deleted: next_cursor("max-deleted-entry-id")?,
             first: next_cursor("recorded-first-entry-id")?,
             trimmed: false,
+            held: false,
         };
-        let state = LogState {
-            trimmed: match items.next() {
-                Some(Value::Integer(n)) => n != 0,
-                other => {
-                    return Err(StoreError::Corrupt(format!(
-                        "change log trimmed flag: {other:?}"
-                    )))
-                }
-            },
-            ..state
+        let flag = |what: &str, v: Option<Value>| match v {
+            Some(Value::Integer(n)) => Ok(n != 0),
+            other => Err(StoreError::Corrupt(format!("change log {what}: {other:?}"))),
         };
+        let trimmed = flag("trimmed flag", items.next())?;
         let entries = match items.next() {
             Some(Value::Array(entries)) => entries,
             Some(Value::Null) | None => Vec::new(),
@@ -289,7 +292,15 @@ impl ValkeyStore {
                 )))
             }
         };
-        Ok(Some((state, entries)))
+        let held = flag("held flag", items.next())?;
+        Ok(Some((
+            LogState {
+                trimmed,
+                held,
+                ..state
+            },
+            entries,
+        )))
     }
 
     /// [`Store::change_head`](crate::store::Store::change_head).
@@ -621,6 +632,7 @@ mod tests {
             deleted: Cursor::ZERO,
             first: c("10-0"),
             trimmed: false,
+            held: true,
         };
         assert!(!untrimmed.gap_after(Cursor::ZERO));
         assert!(!untrimmed.gap_after(c("10-0")));
@@ -633,6 +645,7 @@ mod tests {
             deleted: Cursor::ZERO,
             first: c("41-0"),
             trimmed: true,
+            held: true,
         };
         assert!(trimmed.gap_after(Cursor::ZERO));
         assert!(trimmed.gap_after(c("39-9")));
@@ -647,5 +660,24 @@ mod tests {
             ..trimmed
         };
         assert!(deleted.gap_after(c("44-0")));
+        let lost = LogState {
+            held: false,
+            ..untrimmed
+        };
+        assert!(
+            lost.gap_after(c("50-0")),
+            "an entry a failover lost, with newer ones after it"
+        );
+        assert!(
+            !lost.gap_after(c("100-0")),
+            "the newest id, its entry deleted"
+        );
+        let deleted_by_hand = LogState {
+            deleted: c("50-0"),
+            ..lost
+        };
+        assert!(!deleted_by_hand.gap_after(c("50-0")), "XDEL");
+        assert!(!lost.gap_after(Cursor::ZERO));
+        assert!(lost.gap_after(c("100-1")));
     }
 }

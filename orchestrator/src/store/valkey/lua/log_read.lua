@@ -2,9 +2,11 @@
 -- KEYS: events stream. ARGV: [1] the cursor (MS-SEQ), [2] how many entries (0: none).
 -- Returns false when the stream does not exist, else {last-generated-id,
 -- max-deleted-entry-id, recorded-first-entry-id, 1 if entries were trimmed away else 0,
--- entries after the cursor}; the caller decides whether the cursor lies in a gap (Rust
--- compares ids exactly; Lua numbers cannot). Trimmed: more entries were added than the stream
--- holds (`MAXLEN ~` drops whole nodes without updating max-deleted-entry-id).
+-- entries after the cursor, 1 if the stream holds the entry with exactly the cursor's id else
+-- 0}; the caller decides whether the cursor lies in a gap (Rust compares ids exactly; Lua
+-- numbers cannot). Trimmed: more entries were added than the stream holds (`MAXLEN ~` drops
+-- whole nodes without updating max-deleted-entry-id). Held: a cursor the stream no longer
+-- holds may name an entry a failover lost (docs/valkey-store.md, "A log that goes back").
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
 local info = redis.call('XINFO', 'STREAM', KEYS[1])
 local last, deleted, first, added, length = false, false, false, 0, 0
@@ -24,4 +26,6 @@ if tonumber(ARGV[2]) > 0 then
 end
 local trimmed = 0
 if added > length then trimmed = 1 end
-return {last, deleted, first, trimmed, entries}
+local held = 0
+if #redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1]) > 0 then held = 1 end
+return {last, deleted, first, trimmed, entries, held}
