@@ -290,6 +290,31 @@ impl ValkeyStore {
     }
 }
 
+/// A second client like `client` (same configuration, policy and timeouts), for the change
+/// log's blocking reads. On a cluster its seeds are the masters `client` knows now besides the
+/// configured ones: the configured seeds may all have died since start, and a new client has no
+/// slot map of its own to fall back on.
+pub(super) fn second_client(client: &Client) -> Client {
+    let mut config = client.client_config();
+    if let fred::types::config::ServerConfig::Clustered { hosts, .. } = &mut config.server {
+        let known = client
+            .cached_cluster_state()
+            .map(|state| state.unique_primary_nodes())
+            .unwrap_or_default();
+        for server in known {
+            if !hosts.contains(&server) {
+                hosts.push(server);
+            }
+        }
+    }
+    Client::new(
+        config,
+        Some(client.perf_config()),
+        Some(client.connection_config().clone()),
+        Some(ReconnectPolicy::new_constant(0, RECONNECT_DELAY_MS)),
+    )
+}
+
 /// The fields of a `CLUSTER INFO` answer that `/health` reports.
 fn parse_cluster_info(text: &str) -> ClusterHealth {
     let mut health = ClusterHealth {
