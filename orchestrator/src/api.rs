@@ -37,8 +37,8 @@ use crate::logsafe::Untrusted;
 use crate::metrics::Metrics;
 use crate::problem::ApiError;
 use crate::store::{
-    Access, Changes, Cursor, LeaseOutcome, ListFilter, Listing, Pinged, Registered, Registration,
-    Store, StoreError, StoreHealth, LIST_BATCH,
+    Access, Changes, ClusterHealth, Cursor, LeaseOutcome, ListFilter, Listing, Pinged, Registered,
+    Registration, Store, StoreError, StoreHealth, LIST_BATCH,
 };
 
 /// Upper bound for the health check, so `/health` answers even when the store hangs.
@@ -782,29 +782,42 @@ impl<S: Store> Api<S> {
         )
     }
 
-    /// `healthy` (200) when the store answers and takes a write, `degraded` (503) when it
-    /// answers but refuses the write (every register and ping would fail too), `unhealthy`
-    /// (503) when it does not answer.
+    /// `healthy` (200) when the store answers and takes a write (and, for a Valkey Cluster,
+    /// serves every slot through masters this orchestrator reaches), `degraded` (503) when it
+    /// answers but refuses the write (every register and ping would fail too) or part of the
+    /// cluster is down, `unhealthy` (503) when it does not answer.
     async fn health(&self) -> Result<Response<ApiBody>, ApiError> {
         let (status, check) = match self.store.health().await {
             Ok(h) => {
                 let latency_ms = h.latency.as_secs_f64() * 1000.0;
-                match h.write_refused {
-                    None => (
-                        "healthy",
-                        json!({"status": "healthy", "kind": h.kind, "latency_ms": latency_ms}),
-                    ),
-                    Some(error) => (
-                        "degraded",
-                        json!({
-                            "status": "degraded",
-                            "kind": h.kind,
-                            "latency_ms": latency_ms,
-                            "writable": false,
-                            "error": error,
-                        }),
-                    ),
+                let cluster_problem = h.cluster.as_ref().and_then(|c| c.problem());
+                let mut check = match (h.write_refused, cluster_problem) {
+                    (None, None) => {
+                        json!({"status": "healthy", "kind": h.kind, "latency_ms": latency_ms})
+                    }
+                    (Some(error), _) => json!({
+                        "status": "degraded",
+                        "kind": h.kind,
+                        "latency_ms": latency_ms,
+                        "writable": false,
+                        "error": error,
+                    }),
+                    (None, Some(error)) => json!({
+                        "status": "degraded",
+                        "kind": h.kind,
+                        "latency_ms": latency_ms,
+                        "error": error,
+                    }),
+                };
+                if let (Some(c), Some(fields)) = (&h.cluster, check.as_object_mut()) {
+                    fields.insert("cluster".into(), cluster_json(c));
                 }
+                let status = if check["status"] == "healthy" {
+                    "healthy"
+                } else {
+                    "degraded"
+                };
+                (status, check)
             }
             Err(e) => (
                 "unhealthy",
@@ -1195,3 +1208,19 @@ fn parse_list_query(query: &str) -> Result<ListQuery, ApiError> {
 
 #[cfg(test)]
 mod tests;
+
+/// `checks.store.cluster` of `GET /health` (README, "GET /health").
+fn cluster_json(c: &ClusterHealth) -> serde_json::Value {
+    json!({
+        "state": c.state,
+        "slots_assigned": c.slots_assigned,
+        "slots_ok": c.slots_ok,
+        "slots_pfail": c.slots_pfail,
+        "slots_fail": c.slots_fail,
+        "known_nodes": c.known_nodes,
+        "size": c.size,
+        "masters": c.masters.len(),
+        "masters_reachable": c.masters.len().saturating_sub(c.unreachable.len()),
+        "unreachable": c.unreachable,
+    })
+}

@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+#[path = "../../orchestrator/tests/support/cluster.rs"]
+pub mod cluster;
 #[path = "../../orchestrator/tests/support/http.rs"]
 pub mod http;
 pub mod process;

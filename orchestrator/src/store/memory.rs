@@ -524,6 +524,7 @@ impl Store for MemoryStore {
             kind: "memory",
             latency: start.elapsed(),
             write_refused: None,
+            cluster: None,
         })
     }
 

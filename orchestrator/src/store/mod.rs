@@ -232,6 +232,67 @@ pub struct StoreHealth {
     /// Why the store refused the health check's test write although it answers (Valkey out
     /// of memory with `noeviction`, a read-only replica): `GET /health` is then `degraded`.
     pub write_refused: Option<String>,
+    /// For a Valkey Cluster, what the cluster says about itself and which masters this
+    /// orchestrator reaches; `None` for a standalone Valkey and the memory store.
+    pub cluster: Option<ClusterHealth>,
+}
+
+/// A Valkey Cluster's state as `GET /health` reports it (docs/valkey-store.md, "Connection
+/// behaviour").
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ClusterHealth {
+    /// `cluster_state` of `CLUSTER INFO` on the node the client asked (`ok`, `fail`), or
+    /// `unknown` when that command failed.
+    pub state: String,
+    /// `cluster_slots_assigned`, `_ok`, `_pfail` and `_fail` of `CLUSTER INFO`.
+    pub slots_assigned: u32,
+    pub slots_ok: u32,
+    pub slots_pfail: u32,
+    pub slots_fail: u32,
+    /// `cluster_known_nodes` and `cluster_size` (masters serving slots) of `CLUSTER INFO`.
+    pub known_nodes: u32,
+    pub size: u32,
+    /// The masters this client routes to (`host:port`), from its cached slot map.
+    pub masters: Vec<String>,
+    /// Those of [`Self::masters`] that did not answer a `PING` in time.
+    pub unreachable: Vec<String>,
+    /// Why `CLUSTER INFO` could not be read, if it could not.
+    pub error: Option<String>,
+}
+
+impl ClusterHealth {
+    /// Hash slots in a Valkey Cluster.
+    pub const SLOTS: u32 = 16_384;
+
+    /// Why the cluster does not serve every slot through this client, if it does not: the
+    /// cluster says it is failing, a slot is unassigned or on a failed master, or a master the
+    /// client routes to does not answer. Slots on a master only suspected (`pfail`) still work.
+    pub fn problem(&self) -> Option<String> {
+        if let Some(error) = &self.error {
+            return Some(format!("CLUSTER INFO failed: {error}"));
+        }
+        if self.state != "ok" {
+            return Some(format!("cluster_state is {}", self.state));
+        }
+        if self.slots_assigned < Self::SLOTS || self.slots_fail > 0 {
+            return Some(format!(
+                "{} of {} slots are served ({} on failed masters)",
+                self.slots_assigned.saturating_sub(self.slots_fail),
+                Self::SLOTS,
+                self.slots_fail
+            ));
+        }
+        if self.masters.is_empty() {
+            return Some("the client knows no master".to_owned());
+        }
+        if !self.unreachable.is_empty() {
+            return Some(format!(
+                "master(s) not answering: {}",
+                self.unreachable.join(", ")
+            ));
+        }
+        None
+    }
 }
 
 /// Why a store operation failed. Client mistakes never reach the store, so every variant

@@ -159,6 +159,16 @@ impl ValkeyCluster {
         self.nodes[node].stop();
     }
 
+    /// Freezes node `node` (`SIGSTOP`): its connections stay open but nothing answers.
+    pub fn pause(&mut self, node: usize) {
+        self.nodes[node].pause();
+    }
+
+    /// Thaws a node frozen by [`ValkeyCluster::pause`] (`SIGCONT`).
+    pub fn resume(&mut self, node: usize) {
+        self.nodes[node].resume();
+    }
+
     /// Starts a killed node again on its port; it rejoins with its `nodes.conf`.
     pub fn restart(&mut self, node: usize) {
         self.nodes[node].start();

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use fred::clients::Client;
 use fred::error::{Error as FredError, ErrorKind};
-use fred::interfaces::{ClientLike, EventInterface};
+use fred::interfaces::{ClientLike, ClusterInterface, EventInterface};
 use fred::socket2::TcpKeepalive;
 use fred::types::config::{
     ClusterDiscoveryPolicy, Config, ConnectionConfig, PerformanceConfig, ReconnectPolicy,
@@ -16,7 +16,7 @@ use fred::types::config::{
 use fred::types::Builder;
 
 use super::ValkeyStore;
-use crate::store::StoreError;
+use crate::store::{ClusterHealth, StoreError};
 
 /// Upper bound of every command (and of the initial connection wait).
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
@@ -28,6 +28,9 @@ const RECONNECT_DELAY_MS: u32 = 250;
 pub const TIMEOUTS_BEFORE_RECONNECT: u32 = 3;
 /// How long a forced reconnection may block the next one (the client keeps trying anyway).
 const FORCED_RECONNECT_WAIT: Duration = Duration::from_secs(30);
+/// How long a cluster master may take to answer the health check's `CLUSTER INFO`: well
+/// inside the API's 2 s bound on the whole check.
+const MASTER_CHECK_TIMEOUT: Duration = Duration::from_millis(1_000);
 /// Idle time before TCP keepalive probes start, and their interval.
 const KEEPALIVE_IDLE: Duration = Duration::from_secs(15);
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
@@ -223,6 +226,120 @@ impl ValkeyStore {
     }
 }
 
+impl ValkeyStore {
+    /// Asks every master in the client's slot map for `CLUSTER INFO`, side by side, each
+    /// within [`MASTER_CHECK_TIMEOUT`]: a master that does not answer is unreachable, and the
+    /// least healthy of the answers is the cluster's state. A master the client has no
+    /// connection to counts as unreachable without a command: routing one to it would make
+    /// fred reconnect everything.
+    pub(super) async fn cluster_health(&self) -> ClusterHealth {
+        let masters: Vec<fred::types::config::Server> = self
+            .client
+            .cached_cluster_state()
+            .map(|state| state.unique_primary_nodes())
+            .unwrap_or_default();
+        let connected = self.client.active_connections();
+        let asks: Vec<_> = masters
+            .iter()
+            .map(|server| {
+                let connected = connected.contains(server);
+                let client = self.client.clone();
+                let server = server.clone();
+                tokio::spawn(async move {
+                    if !connected {
+                        return None;
+                    }
+                    let node = client.with_cluster_node(server);
+                    let info = node.cluster_info::<String>();
+                    match tokio::time::timeout(MASTER_CHECK_TIMEOUT, info).await {
+                        Ok(Ok(text)) => Some(parse_cluster_info(&text)),
+                        _ => None,
+                    }
+                })
+            })
+            .collect();
+        let mut views = Vec::with_capacity(asks.len());
+        for ask in asks {
+            views.push(ask.await.ok().flatten());
+        }
+        let unreachable: Vec<String> = masters
+            .iter()
+            .zip(&views)
+            .filter(|(_, view)| view.is_none())
+            .map(|(server, _)| server.to_string())
+            .collect();
+        let mut health = views
+            .into_iter()
+            .flatten()
+            .min_by_key(|v| {
+                (
+                    v.state == "ok",
+                    u32::MAX - v.slots_fail,
+                    v.slots_assigned,
+                    v.slots_ok,
+                )
+            })
+            .unwrap_or_else(|| ClusterHealth {
+                state: "unknown".to_owned(),
+                error: Some("no master answered CLUSTER INFO".to_owned()),
+                ..ClusterHealth::default()
+            });
+        health.masters = masters.iter().map(ToString::to_string).collect();
+        health.unreachable = unreachable;
+        health
+    }
+}
+
+/// A second client like `client` (same configuration, policy and timeouts), for the change
+/// log's blocking reads. On a cluster its seeds are the masters `client` knows now besides the
+/// configured ones: the configured seeds may all have died since start, and a new client has no
+/// slot map of its own to fall back on.
+pub(super) fn second_client(client: &Client) -> Client {
+    let mut config = client.client_config();
+    if let fred::types::config::ServerConfig::Clustered { hosts, .. } = &mut config.server {
+        let known = client
+            .cached_cluster_state()
+            .map(|state| state.unique_primary_nodes())
+            .unwrap_or_default();
+        for server in known {
+            if !hosts.contains(&server) {
+                hosts.push(server);
+            }
+        }
+    }
+    Client::new(
+        config,
+        Some(client.perf_config()),
+        Some(client.connection_config().clone()),
+        Some(ReconnectPolicy::new_constant(0, RECONNECT_DELAY_MS)),
+    )
+}
+
+/// The fields of a `CLUSTER INFO` answer that `/health` reports.
+fn parse_cluster_info(text: &str) -> ClusterHealth {
+    let mut health = ClusterHealth {
+        state: "unknown".to_owned(),
+        ..ClusterHealth::default()
+    };
+    for line in text.lines() {
+        let Some((key, value)) = line.trim().split_once(':') else {
+            continue;
+        };
+        let number = || value.parse::<u32>().unwrap_or(0);
+        match key {
+            "cluster_state" => health.state = value.to_owned(),
+            "cluster_slots_assigned" => health.slots_assigned = number(),
+            "cluster_slots_ok" => health.slots_ok = number(),
+            "cluster_slots_pfail" => health.slots_pfail = number(),
+            "cluster_slots_fail" => health.slots_fail = number(),
+            "cluster_known_nodes" => health.known_nodes = number(),
+            "cluster_size" => health.size = number(),
+            _ => {}
+        }
+    }
+    health
+}
+
 /// TCP keepalive for the Valkey sockets, so an idle connection to a vanished peer is noticed.
 fn keepalive() -> TcpKeepalive {
     let keepalive = TcpKeepalive::new().with_time(KEEPALIVE_IDLE);
@@ -293,6 +410,14 @@ pub(super) fn map_err(e: FredError) -> StoreError {
         _ if e.details().starts_with("FORBIDDEN") => StoreError::Forbidden,
         _ => StoreError::Unavailable(e.to_string()),
     }
+}
+
+/// Whether `e` means the server did not answer (as opposed to answering with a refusal).
+pub(super) fn no_answer(e: &FredError) -> bool {
+    matches!(
+        e.kind(),
+        ErrorKind::Timeout | ErrorKind::IO | ErrorKind::Canceled
+    )
 }
 
 /// Checks that a command was queued in a pipeline.

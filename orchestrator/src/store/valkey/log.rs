@@ -394,7 +394,7 @@ impl ValkeyStore {
     async fn blocking_client(&self) -> Result<&Client, StoreError> {
         self.blocker
             .get_or_try_init(|| async {
-                let client = self.client.clone_new();
+                let client = super::connection::second_client(&self.client);
                 let _task = client.connect();
                 match tokio::time::timeout(COMMAND_TIMEOUT, client.wait_for_connect()).await {
                     Ok(Ok(())) => Ok(client),

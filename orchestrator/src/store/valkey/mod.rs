@@ -534,25 +534,42 @@ impl Store for ValkeyStore {
 
     async fn health(&self) -> Result<StoreHealth, StoreError> {
         let started = Instant::now();
-        // First whether it answers at all (unhealthy), then whether it takes a write
-        // (degraded): out of memory with `noeviction`, every register and ping fails while
-        // PING still answers.
-        let _: String = self.note(self.client.ping(None).await)?;
-        let write: Result<(), FredError> = self
-            .client
-            .set(
-                &*self.health_key,
-                "1",
-                Some(Expiration::PX(HEALTH_KEY_TTL_MS)),
-                None,
-                false,
-            )
-            .await;
-        let write_refused = self.note(write).err().map(|e| e.to_string());
+        let write = self.client.set::<(), _, _>(
+            &*self.health_key,
+            "1",
+            Some(Expiration::PX(HEALTH_KEY_TTL_MS)),
+            None,
+            false,
+        );
+        if !self.client.is_clustered() {
+            // First whether it answers at all (unhealthy), then whether it takes a write
+            // (degraded): out of memory with `noeviction`, every register and ping fails while
+            // PING still answers.
+            let _: String = self.note(self.client.ping(None).await)?;
+            let write_refused = self.note(write.await).err().map(|e| e.to_string());
+            return Ok(StoreHealth {
+                kind: "valkey",
+                latency: started.elapsed(),
+                write_refused,
+                cluster: None,
+            });
+        }
+        // A cluster: a PING would go to any one node. The write goes to the `{all}` slot that
+        // every registration writes: no answer there is unhealthy, a refusal degraded. Every
+        // master is asked about the cluster meanwhile (connection.rs): one down is degraded.
+        let (write, cluster) = tokio::join!(Box::pin(write), Box::pin(self.cluster_health()));
+        let write: Result<(), FredError> = write;
+        let unanswered = write.as_ref().err().is_some_and(connection::no_answer);
+        let write_refused = match self.note(write) {
+            Ok(()) => None,
+            Err(e) if unanswered => return Err(e),
+            Err(e) => Some(e.to_string()),
+        };
         Ok(StoreHealth {
             kind: "valkey",
             latency: started.elapsed(),
             write_refused,
+            cluster: Some(cluster),
         })
     }
 
