@@ -7,8 +7,13 @@
 //! took over. `--cluster-node-timeout 2000` makes a failover take about three seconds.
 //! Missing `valkey-server` or `valkey-cli` binaries fail the test, never skip it. Everything
 //! is killed and removed when the cluster is dropped, also when the test panics.
+//!
+//! [`shared`] is one cluster for every test of a test binary that does not kill nodes (each
+//! test keeps to its own key prefix). A static is never dropped, so a reaper process kills
+//! and removes its nodes once the test binary is gone, however it ended.
 
-use std::process::Command;
+use std::process::{ChildStdin, Command, Stdio};
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use super::valkey::{free_port, ValkeyServer};
@@ -258,6 +263,61 @@ impl ValkeyCluster {
             .iter()
             .position(ValkeyServer::is_running)
             .unwrap_or_else(|| panic!("no cluster node is running"))
+    }
+}
+
+/// The test binary's shared cluster, started by the first caller. Blocks: call it through
+/// `tokio::task::spawn_blocking` from async tests (see [`shared_async`]).
+pub fn shared() -> &'static ValkeyCluster {
+    static SHARED: OnceLock<(ValkeyCluster, Mutex<ChildStdin>)> = OnceLock::new();
+    let (cluster, _reaper) = SHARED.get_or_init(|| {
+        let cluster = ValkeyCluster::new();
+        let reaper = cluster.reaper();
+        (cluster, Mutex::new(reaper))
+    });
+    cluster
+}
+
+/// [`shared`] from an async test.
+pub async fn shared_async() -> &'static ValkeyCluster {
+    tokio::task::spawn_blocking(shared)
+        .await
+        .expect("start the shared cluster")
+}
+
+impl ValkeyCluster {
+    /// Starts `sh` waiting for end of file on its stdin, then killing every node and removing
+    /// its directory. Only this process holds the pipe's write end (std opens it close-on-exec),
+    /// and the kernel closes it when the process ends, normally or not: the returned handle
+    /// must live as long as the cluster should.
+    fn reaper(&self) -> ChildStdin {
+        let pids: Vec<String> = self
+            .nodes
+            .iter()
+            .filter_map(ValkeyServer::pid)
+            .map(|p| p.to_string())
+            .collect();
+        let dirs: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|n| format!("'{}'", n.dir().display()))
+            .collect();
+        let script = format!(
+            "read _ ; kill -9 {} 2>/dev/null ; sleep 0.2 ; rm -rf {}",
+            pids.join(" "),
+            dirs.join(" ")
+        );
+        let mut child = Command::new("sh")
+            .args(["-c", &script])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start the cluster's reaper: {e}"));
+        child
+            .stdin
+            .take()
+            .unwrap_or_else(|| panic!("the reaper has no stdin"))
     }
 }
 
