@@ -258,6 +258,65 @@ impl ValkeyCluster {
         cli(&all)
     }
 
+    /// The node id of node `node` (`CLUSTER MYID`).
+    pub fn id_of(&self, node: usize) -> String {
+        self.cli_on(node, &["CLUSTER", "MYID"]).trim().to_owned()
+    }
+
+    /// Moves `slot` from master `from` to master `to` the way `valkey-cli --cluster reshard`
+    /// does (IMPORTING, MIGRATING, `MIGRATE` in batches of `batch` keys, then `SETSLOT NODE`
+    /// everywhere), pausing `pause` between batches so clients meet the slot half moved
+    /// (ASK, TRYAGAIN). Returns the number of keys moved.
+    pub fn migrate_slot(
+        &self,
+        slot: u16,
+        from: usize,
+        to: usize,
+        batch: usize,
+        pause: Duration,
+    ) -> usize {
+        let (from_id, to_id) = (self.id_of(from), self.id_of(to));
+        let slot_text = slot.to_string();
+        let ok = |node: usize, args: &[&str]| {
+            let out = self.cli_on(node, args);
+            assert!(
+                out.trim() == "OK" || out.trim() == "NOKEY",
+                "{args:?} on node {node}: {out}"
+            );
+        };
+        ok(
+            to,
+            &["CLUSTER", "SETSLOT", &slot_text, "IMPORTING", &from_id],
+        );
+        ok(
+            from,
+            &["CLUSTER", "SETSLOT", &slot_text, "MIGRATING", &to_id],
+        );
+        let to_port = self.port(to).to_string();
+        let batch_text = batch.to_string();
+        let mut moved = 0;
+        loop {
+            let keys = self.cli_on(from, &["CLUSTER", "GETKEYSINSLOT", &slot_text, &batch_text]);
+            let keys: Vec<&str> = keys.lines().filter(|k| !k.is_empty()).collect();
+            if keys.is_empty() {
+                break;
+            }
+            let mut args = vec!["MIGRATE", "127.0.0.1", &to_port, "", "0", "5000", "KEYS"];
+            args.extend(&keys);
+            ok(from, &args);
+            moved += keys.len();
+            std::thread::sleep(pause);
+        }
+        ok(to, &["CLUSTER", "SETSLOT", &slot_text, "NODE", &to_id]);
+        ok(from, &["CLUSTER", "SETSLOT", &slot_text, "NODE", &to_id]);
+        for other in self.masters() {
+            if other != from && other != to {
+                ok(other, &["CLUSTER", "SETSLOT", &slot_text, "NODE", &to_id]);
+            }
+        }
+        moved
+    }
+
     fn any_running(&self) -> usize {
         self.nodes
             .iter()
@@ -290,6 +349,8 @@ impl ValkeyCluster {
     /// its directory. Only this process holds the pipe's write end (std opens it close-on-exec),
     /// and the kernel closes it when the process ends, normally or not: the returned handle
     /// must live as long as the cluster should.
+    // Never waited for: it must outlive this process, and init reaps it.
+    #[allow(clippy::zombie_processes)]
     fn reaper(&self) -> ChildStdin {
         let pids: Vec<String> = self
             .nodes
