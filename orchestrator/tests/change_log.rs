@@ -2,7 +2,8 @@
 //!
 //! Each scenario is a function generic over [`Store`] taking two stores on one backend: two
 //! orchestrator replicas on one Valkey (or two clones of one memory store). The Valkey
-//! and memory instantiations are at the bottom. Scenarios that need
+//! and memory instantiations are at the bottom, and the same on the test binary's shared
+//! six-node Valkey Cluster (`cluster::*`). Scenarios that need
 //! the backend itself (flushing Valkey, a record lost under a listing) are Valkey-only.
 
 mod support;
@@ -474,6 +475,44 @@ impl Valkey {
 }
 
 const LOG_LEN: usize = servicekit_orchestrator::store::CHANGE_LOG_LEN;
+
+/// Each scenario also on the shared cluster: two replicas seeded by different nodes, on a key
+/// prefix of the test's own (`name(ttl, log length, extra arguments)`).
+macro_rules! on_cluster {
+    ($($name:ident($ttl:expr, $len:expr $(, $arg:expr)*)),* $(,)?) => {
+        mod cluster {
+            use super::*;
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let cluster = support::cluster::shared_async().await;
+                    let prefix = format!("test:{}:", Ulid::new());
+                    let connect = |seed: usize| {
+                        let url = cluster.url_seeded_by(seed);
+                        let prefix = prefix.clone();
+                        async move {
+                            ValkeyStore::connect(&url, &prefix, $ttl)
+                                .await
+                                .expect("connect to the cluster")
+                                .with_change_log_len($len)
+                        }
+                    };
+                    let (a, b) = (connect(0).await, connect(1).await);
+                    super::$name(&a, &b $(, $arg)*).await;
+                }
+            )*
+        }
+    };
+}
+
+on_cluster!(
+    lifecycle_in_order(LONG_TTL, LOG_LEN),
+    head_then_listing_agree(LONG_TTL, LOG_LEN),
+    expiry_logged_once_by_racing_reapers(SHORT_TTL, LOG_LEN),
+    deregister_racing_reap_logs_one_removal(SHORT_TTL, LOG_LEN),
+    waiting_reader_sees_other_replica(LONG_TTL, LOG_LEN),
+    trimmed_and_future_cursors_are_gaps(LONG_TTL, 10, 100),
+);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn valkey_lifecycle_in_order() {

@@ -1,5 +1,7 @@
 //! The HTTP contract, through real sockets, against an in-process orchestrator on the
-//! in-memory store. The same API over Valkey is covered in `valkey_http.rs`.
+//! in-memory store. The store-facing tests also run as `cluster::<name>`: through three
+//! orchestrator replicas on a real Valkey Cluster, each request to the next replica, so every
+//! step reads what another replica wrote. The API over a single Valkey is in `valkey_http.rs`.
 
 mod support;
 
@@ -16,6 +18,7 @@ use servicekit::protocol::{problem_type as t, ServiceRecord, Timestamp};
 use servicekit_orchestrator::config::Config;
 use servicekit_orchestrator::server::{self, Running};
 use support::http::Api;
+use support::replicas::{Replicas, SEEDS};
 
 async fn start(config: Config) -> (Running, Api) {
     let running = server::start(config).await.expect("orchestrator starts");
@@ -27,9 +30,80 @@ async fn start_default() -> (Running, Api) {
     start(Config::for_tests()).await
 }
 
-#[tokio::test]
-async fn register_creates_then_updates_the_same_id() {
-    let (running, api) = start_default().await;
+/// Where the orchestrators under test keep their state.
+trait Backend {
+    /// What `/health` says the store is.
+    const KIND: &'static str;
+    /// Orchestrators on a fresh, empty store with `config`, and a client of them.
+    async fn start(config: Config) -> (Replicas, Api);
+}
+
+/// One orchestrator on the in-memory store.
+struct Memory;
+
+impl Backend for Memory {
+    const KIND: &'static str = "memory";
+    async fn start(config: Config) -> (Replicas, Api) {
+        Replicas::one(config).await
+    }
+}
+
+/// Three replicas on the test binary's shared Valkey Cluster, each seeded by another master,
+/// on a key prefix of the test's own; every request goes to the next replica in turn.
+struct Cluster;
+
+impl Backend for Cluster {
+    const KIND: &'static str = "valkey";
+    async fn start(config: Config) -> (Replicas, Api) {
+        let cluster = support::cluster::shared_async().await;
+        Replicas::on_cluster(cluster, &SEEDS, config).await
+    }
+}
+
+/// Each test as `memory::<name>` and `cluster::<name>`.
+macro_rules! api_tests {
+    ($($name:ident),* $(,)?) => {
+        api_tests!(@on memory, Memory, $($name),*);
+        api_tests!(@on cluster, Cluster, $($name),*);
+    };
+    (@on $module:ident, $backend:ident, $($name:ident),*) => {
+        mod $module {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name::<super::$backend>().await
+                }
+            )*
+        }
+    };
+}
+
+api_tests!(
+    register_creates_then_updates_the_same_id,
+    record_has_the_reference_shape,
+    presented_ids_are_kept_only_when_they_fit,
+    ping_extends_and_reports_times,
+    unknown_ids_are_404_problems,
+    ids_that_are_not_canonical_ulids_are_404_and_touch_nothing,
+    deregister_returns_the_record_and_removes_it,
+    list_filters,
+    list_pages_with_limit_and_cursor,
+    a_long_list_streams_as_one_json_document,
+    bad_limits_and_cursors_are_400_problems,
+    limits_are_problems_but_never_refuse_a_known_url,
+    health_reports_the_store,
+    invalid_registrations_are_400_and_lose_nothing,
+    non_json_bodies_are_415_and_bodiless_pings_need_no_type,
+    registration_key_guards_writes_only,
+    the_admin_key_may_do_any_write_and_stands_in_for_the_registration_key,
+    require_lease_refuses_registrations_without_one,
+    credentials_in_service_urls_are_refused,
+    head_requests_answer_without_a_body,
+    urls_come_from_public_url_or_host,
+);
+
+async fn register_creates_then_updates_the_same_id<B: Backend>() {
+    let (running, api) = B::start(Config::for_tests()).await;
     let base = api.base().to_owned();
 
     let r = api
@@ -83,9 +157,8 @@ async fn register_creates_then_updates_the_same_id() {
     running.shutdown().await;
 }
 
-#[tokio::test]
-async fn record_has_the_reference_shape() {
-    let (running, api) = start_default().await;
+async fn record_has_the_reference_shape<B: Backend>() {
+    let (running, api) = B::start(Config::for_tests()).await;
     let id = api.register("http://svca:8000", "A").await["id"]
         .as_str()
         .unwrap()
@@ -113,9 +186,8 @@ async fn record_has_the_reference_shape() {
     running.shutdown().await;
 }
 
-#[tokio::test]
-async fn presented_ids_are_kept_only_when_they_fit() {
-    let (running, api) = start_default().await;
+async fn presented_ids_are_kept_only_when_they_fit<B: Backend>() {
+    let (running, api) = B::start(Config::for_tests()).await;
     let id = api.register("http://svca:8000", "A").await["id"]
         .as_str()
         .unwrap()
@@ -155,9 +227,8 @@ async fn presented_ids_are_kept_only_when_they_fit() {
     running.shutdown().await;
 }
 
-#[tokio::test]
-async fn ping_extends_and_reports_times() {
-    let (running, api) = start_default().await;
+async fn ping_extends_and_reports_times<B: Backend>() {
+    let (running, api) = B::start(Config::for_tests()).await;
     let reg = api.register("http://svca:8000", "A").await;
     let id = reg["id"].as_str().unwrap();
     let ping_path = reg["ping_url"].as_str().unwrap().replace(api.base(), "");
@@ -175,9 +246,8 @@ async fn ping_extends_and_reports_times() {
     running.shutdown().await;
 }
 
-#[tokio::test]
-async fn unknown_ids_are_404_problems() {
-    let (running, api) = start_default().await;
+async fn unknown_ids_are_404_problems<B: Backend>() {
+    let (running, api) = B::start(Config::for_tests()).await;
     let missing = ulid::Ulid::new().to_string();
     for (method, path) in [
         (Method::GET, format!("/services/{missing}")),
@@ -226,9 +296,8 @@ fn non_canonical_spellings(id: &str) -> Vec<(String, &'static str)> {
     spellings
 }
 
-#[tokio::test]
-async fn ids_that_are_not_canonical_ulids_are_404_and_touch_nothing() {
-    let (running, api) = start_default().await;
+async fn ids_that_are_not_canonical_ulids_are_404_and_touch_nothing<B: Backend>() {
+    let (running, api) = B::start(Config::for_tests()).await;
     let id = api.register("http://svca:8000", "A").await["id"]
         .as_str()
         .expect("id")
@@ -271,9 +340,8 @@ async fn ids_that_are_not_canonical_ulids_are_404_and_touch_nothing() {
     running.shutdown().await;
 }
 
-#[tokio::test]
-async fn deregister_returns_the_record_and_removes_it() {
-    let (running, api) = start_default().await;
+async fn deregister_returns_the_record_and_removes_it<B: Backend>() {
+    let (running, api) = B::start(Config::for_tests()).await;
     let id = api.register("http://svca:8000", "A").await["id"]
         .as_str()
         .unwrap()
@@ -303,9 +371,8 @@ async fn deregister_returns_the_record_and_removes_it() {
     running.shutdown().await;
 }
 
-#[tokio::test]
-async fn list_filters() {
-    let (running, api) = start_default().await;
+async fn list_filters<B: Backend>() {
+    let (running, api) = B::start(Config::for_tests()).await;
     let reg = |url: &'static str, info: Value| {
         let api = api.clone();
         async move {
@@ -376,9 +443,8 @@ async fn list_filters() {
     running.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn list_pages_with_limit_and_cursor() {
-    let (running, api) = start_default().await;
+async fn list_pages_with_limit_and_cursor<B: Backend>() {
+    let (running, api) = B::start(Config::for_tests()).await;
     let mut registered = Vec::new();
     let mut only_a = Vec::new();
     for i in 0..9 {
@@ -429,9 +495,8 @@ async fn registered_of(api: &Api, url: &str) -> String {
     list["services"][0]["id"].as_str().expect("id").to_owned()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_long_list_streams_as_one_json_document() {
-    let (running, api) = start_default().await;
+async fn a_long_list_streams_as_one_json_document<B: Backend>() {
+    let (running, api) = B::start(Config::for_tests()).await;
     // More than two of the listing's 500-record parts.
     const N: usize = 1203;
     let mut ids = Vec::with_capacity(N);
@@ -449,9 +514,8 @@ async fn a_long_list_streams_as_one_json_document() {
     running.shutdown().await;
 }
 
-#[tokio::test]
-async fn bad_limits_and_cursors_are_400_problems() {
-    let (running, api) = start_default().await;
+async fn bad_limits_and_cursors_are_400_problems<B: Backend>() {
+    let (running, api) = B::start(Config::for_tests()).await;
     api.register("http://svca:8000", "A").await;
     for query in [
         "limit=0",
@@ -476,12 +540,11 @@ async fn bad_limits_and_cursors_are_400_problems() {
     running.shutdown().await;
 }
 
-#[tokio::test]
-async fn limits_are_problems_but_never_refuse_a_known_url() {
+async fn limits_are_problems_but_never_refuse_a_known_url<B: Backend>() {
     let mut config = Config::for_tests();
     config.max_registrations = 2;
     config.max_info_bytes = 100;
-    let (running, api) = start(config).await;
+    let (running, api) = B::start(config).await;
     let a = api.register("http://a:8000", "A").await["id"]
         .as_str()
         .expect("id")
@@ -532,21 +595,19 @@ async fn limits_are_problems_but_never_refuse_a_known_url() {
     running.shutdown().await;
 }
 
-#[tokio::test]
-async fn health_reports_the_store() {
-    let (running, api) = start_default().await;
+async fn health_reports_the_store<B: Backend>() {
+    let (running, api) = B::start(Config::for_tests()).await;
     let r = api.get("/health").await;
     assert_eq!(r.status, 200);
     let v: Value = r.json();
     assert_eq!(v["status"], "healthy");
     assert_eq!(v["checks"]["store"]["status"], "healthy");
-    assert_eq!(v["checks"]["store"]["kind"], "memory");
+    assert_eq!(v["checks"]["store"]["kind"], B::KIND);
     running.shutdown().await;
 }
 
-#[tokio::test]
-async fn invalid_registrations_are_400_and_lose_nothing() {
-    let (running, api) = start_default().await;
+async fn invalid_registrations_are_400_and_lose_nothing<B: Backend>() {
+    let (running, api) = B::start(Config::for_tests()).await;
     let id = api.register("http://svca:8000", "A").await["id"]
         .as_str()
         .unwrap()
@@ -631,9 +692,8 @@ async fn invalid_registrations_are_400_and_lose_nothing() {
     running.shutdown().await;
 }
 
-#[tokio::test]
-async fn non_json_bodies_are_415_and_bodiless_pings_need_no_type() {
-    let (running, api) = start_default().await;
+async fn non_json_bodies_are_415_and_bodiless_pings_need_no_type<B: Backend>() {
+    let (running, api) = B::start(Config::for_tests()).await;
     let body = br#"{"url":"http://svca:8000","info":{"display_name":"A"}}"#.to_vec();
     for ct in [
         "text/plain",
@@ -741,11 +801,10 @@ async fn wrong_methods_are_405_with_allow_and_unknown_routes_404() {
     running.shutdown().await;
 }
 
-#[tokio::test]
-async fn registration_key_guards_writes_only() {
+async fn registration_key_guards_writes_only<B: Backend>() {
     let mut config = Config::for_tests();
     config.registration_key = Some("s3cret".into());
-    let (running, api) = start(config).await;
+    let (running, api) = B::start(config).await;
     let body =
         serde_json::to_vec(&json!({"url": "http://svca:8000", "info": {"display_name": "A"}}))
             .unwrap();
@@ -838,18 +897,17 @@ async fn leased_entries_refuse_strangers() {
     running.shutdown().await;
 }
 
-#[tokio::test]
-async fn the_admin_key_may_do_any_write_and_stands_in_for_the_registration_key() {
+async fn the_admin_key_may_do_any_write_and_stands_in_for_the_registration_key<B: Backend>() {
     let mut config = Config::for_tests();
     config.admin_key = Some("adm1n".into());
-    let (running, api) = start(config).await;
+    let (running, api) = B::start(config).await;
     support::lease::leased_entries_refuse_strangers(&api, Some("adm1n")).await;
     running.shutdown().await;
 
     let mut config = Config::for_tests();
     config.admin_key = Some("adm1n".into());
     config.registration_key = Some("s3cret".into());
-    let (running, api) = start(config).await;
+    let (running, api) = B::start(config).await;
     let body =
         serde_json::to_vec(&json!({"url": "http://svca:8000", "info": {"display_name": "A"}}))
             .unwrap();
@@ -872,11 +930,10 @@ async fn the_admin_key_may_do_any_write_and_stands_in_for_the_registration_key()
     running.shutdown().await;
 }
 
-#[tokio::test]
-async fn require_lease_refuses_registrations_without_one() {
+async fn require_lease_refuses_registrations_without_one<B: Backend>() {
     let mut config = Config::for_tests();
     config.require_lease = true;
-    let (running, api) = start(config).await;
+    let (running, api) = B::start(config).await;
     for body in [
         json!({"url": "http://svca:8000", "info": {"display_name": "A"}}),
         json!({"url": "http://svca:8000", "info": {"display_name": "A"}, "lease": false}),
@@ -907,9 +964,8 @@ async fn an_empty_registration_key_means_none() {
     running.shutdown().await;
 }
 
-#[tokio::test]
-async fn credentials_in_service_urls_are_refused() {
-    let (running, api) = start_default().await;
+async fn credentials_in_service_urls_are_refused<B: Backend>() {
+    let (running, api) = B::start(Config::for_tests()).await;
     let r = api
         .post_json(
             "/services/$register",
@@ -923,9 +979,8 @@ async fn credentials_in_service_urls_are_refused() {
     running.shutdown().await;
 }
 
-#[tokio::test]
-async fn head_requests_answer_without_a_body() {
-    let (running, api) = start_default().await;
+async fn head_requests_answer_without_a_body<B: Backend>() {
+    let (running, api) = B::start(Config::for_tests()).await;
     let id = api.register("http://svca:8000", "A").await["id"]
         .as_str()
         .unwrap()
@@ -942,11 +997,10 @@ async fn head_requests_answer_without_a_body() {
     running.shutdown().await;
 }
 
-#[tokio::test]
-async fn urls_come_from_public_url_or_host() {
+async fn urls_come_from_public_url_or_host<B: Backend>() {
     let mut config = Config::for_tests();
     config.public_url = Some("https://registry.example:443/base".into());
-    let (running, api) = start(config).await;
+    let (running, api) = B::start(config).await;
     let r = api
         .post_json(
             "/services/$register",
@@ -965,7 +1019,7 @@ async fn urls_come_from_public_url_or_host() {
     );
     running.shutdown().await;
 
-    let (running, api) = start_default().await;
+    let (running, api) = B::start(Config::for_tests()).await;
     let body =
         serde_json::to_vec(&json!({"url": "http://svcb:8000", "info": {"display_name": "B"}}))
             .unwrap();

@@ -1,8 +1,10 @@
 //! The storage contract, run against every `Store` implementation.
 //!
 //! Each test body is written once, generic over a [`Harness`], and instantiated by
-//! `contract_tests!` as `memory::<name>` (on `MemoryStore`) and `valkey::<name>` (on
-//! `ValkeyStore` against a real `valkey-server` child process; see `support/valkey.rs`). A few
+//! `contract_tests!` as `memory::<name>` (on `MemoryStore`), `valkey::<name>` (on
+//! `ValkeyStore` against a real `valkey-server` child process; see `support/valkey.rs`) and
+//! `cluster::<name>` (on the test binary's shared six-node Valkey Cluster, each test on a key
+//! prefix of its own; see `support/cluster.rs`). A few
 //! Valkey-only tests at the end check the documented key layout and connection behaviour.
 //!
 //! Expiry tests run on tokio's paused clock for the memory store (exact instants, no real
@@ -93,14 +95,47 @@ impl Harness for Memory {
     }
 }
 
-struct Valkey {
-    store: ValkeyStore,
-    prefix: String,
-    // Dropped last: kills the server.
-    _server: ValkeyServer,
+/// Where a Valkey harness's server comes from: its own `valkey-server`, or the test binary's
+/// shared six-node cluster (each test on a key prefix of its own).
+trait Backend: Send + Sync + 'static {
+    /// Starts (or finds) the backend; it and its URL.
+    async fn start() -> (Self, String)
+    where
+        Self: Sized;
 }
 
-impl Valkey {
+impl Backend for ValkeyServer {
+    async fn start() -> (Self, String) {
+        let server = tokio::task::spawn_blocking(ValkeyServer::new)
+            .await
+            .expect("start valkey-server");
+        let url = server.url();
+        (server, url)
+    }
+}
+
+/// The shared cluster of this test binary.
+struct Shared;
+
+impl Backend for Shared {
+    async fn start() -> (Self, String) {
+        (Shared, support::cluster::shared_async().await.url())
+    }
+}
+
+struct ValkeyOn<B> {
+    store: ValkeyStore,
+    prefix: String,
+    // Dropped last: kills a server of the test's own.
+    _server: B,
+}
+
+/// On a `valkey-server` of the test's own.
+type Valkey = ValkeyOn<ValkeyServer>;
+/// On the shared Valkey Cluster, through all six nodes as seeds.
+type Cluster = ValkeyOn<Shared>;
+
+impl<B> ValkeyOn<B> {
     fn all_idx(&self) -> String {
         format!("{}{{all}}:idx", self.prefix)
     }
@@ -124,7 +159,7 @@ impl Valkey {
     }
 }
 
-impl Harness for Valkey {
+impl<B: Backend> Harness for ValkeyOn<B> {
     type S = ValkeyStore;
     const KIND: &'static str = "valkey";
     /// Its member in `{all}:idx` and in its name index.
@@ -132,14 +167,12 @@ impl Harness for Valkey {
     const PAUSED: bool = false;
 
     async fn open(ttl: Duration) -> Self {
-        let server = tokio::task::spawn_blocking(ValkeyServer::new)
-            .await
-            .expect("start valkey-server");
+        let (server, url) = B::start().await;
         let prefix = format!("test:{}:", Ulid::new());
-        let store = ValkeyStore::connect(&server.url(), &prefix, ttl)
+        let store = ValkeyStore::connect(&url, &prefix, ttl)
             .await
-            .expect("connect to valkey-server");
-        Valkey {
+            .expect("connect to Valkey");
+        ValkeyOn {
             store,
             prefix,
             _server: server,
@@ -151,7 +184,7 @@ impl Harness for Valkey {
     }
 
     fn with_grace(self, grace: Duration) -> Self {
-        Valkey {
+        ValkeyOn {
             store: self.store.with_binding_grace(grace),
             ..self
         }
@@ -172,8 +205,9 @@ impl Harness for Valkey {
     }
 }
 
-/// `any_clock` tests run in real time on both stores (two worker threads, so races are
-/// real); `expiry` tests run on paused time for the memory store, in real time for Valkey.
+/// `any_clock` tests run in real time on every store (two worker threads, so races are
+/// real); `expiry` tests run on paused time for the memory store, in real time on Valkey and
+/// on the cluster.
 macro_rules! contract_tests {
     (any_clock: [$($name:ident),* $(,)?], expiry: [$($timed:ident),* $(,)?] $(,)?) => {
         mod memory {
@@ -190,17 +224,15 @@ macro_rules! contract_tests {
                 }
             )*
         }
-        mod valkey {
+        contract_tests!(@real valkey, Valkey, [$($name,)* $($timed,)*]);
+        contract_tests!(@real cluster, Cluster, [$($name,)* $($timed,)*]);
+    };
+    (@real $module:ident, $harness:ident, [$($name:ident,)*]) => {
+        mod $module {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
-                    super::$name::<super::Valkey>().await
-                }
-            )*
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $timed() {
-                    super::$timed::<super::Valkey>().await
+                    super::$name::<super::$harness>().await
                 }
             )*
         }

@@ -7,8 +7,13 @@
 //! took over. `--cluster-node-timeout 2000` makes a failover take about three seconds.
 //! Missing `valkey-server` or `valkey-cli` binaries fail the test, never skip it. Everything
 //! is killed and removed when the cluster is dropped, also when the test panics.
+//!
+//! [`shared`] is one cluster for every test of a test binary that does not kill nodes (each
+//! test keeps to its own key prefix). A static is never dropped, so a reaper process kills
+//! and removes its nodes once the test binary is gone, however it ended.
 
-use std::process::Command;
+use std::process::{ChildStdin, Command, Stdio};
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use super::valkey::{free_port, ValkeyServer};
@@ -263,11 +268,127 @@ impl ValkeyCluster {
         cli(&all)
     }
 
+    /// The node id of node `node` (`CLUSTER MYID`).
+    pub fn id_of(&self, node: usize) -> String {
+        self.cli_on(node, &["CLUSTER", "MYID"]).trim().to_owned()
+    }
+
+    /// Moves `slot` from master `from` to master `to` the way `valkey-cli --cluster reshard`
+    /// does (IMPORTING, MIGRATING, `MIGRATE` in batches of `batch` keys, then `SETSLOT NODE`
+    /// everywhere), pausing `pause` between batches so clients meet the slot half moved
+    /// (ASK, TRYAGAIN). Returns the number of keys moved.
+    pub fn migrate_slot(
+        &self,
+        slot: u16,
+        from: usize,
+        to: usize,
+        batch: usize,
+        pause: Duration,
+    ) -> usize {
+        let (from_id, to_id) = (self.id_of(from), self.id_of(to));
+        let slot_text = slot.to_string();
+        let ok = |node: usize, args: &[&str]| {
+            let out = self.cli_on(node, args);
+            assert!(
+                out.trim() == "OK" || out.trim() == "NOKEY",
+                "{args:?} on node {node}: {out}"
+            );
+        };
+        ok(
+            to,
+            &["CLUSTER", "SETSLOT", &slot_text, "IMPORTING", &from_id],
+        );
+        ok(
+            from,
+            &["CLUSTER", "SETSLOT", &slot_text, "MIGRATING", &to_id],
+        );
+        let to_port = self.port(to).to_string();
+        let batch_text = batch.to_string();
+        let mut moved = 0;
+        loop {
+            let keys = self.cli_on(from, &["CLUSTER", "GETKEYSINSLOT", &slot_text, &batch_text]);
+            let keys: Vec<&str> = keys.lines().filter(|k| !k.is_empty()).collect();
+            if keys.is_empty() {
+                break;
+            }
+            let mut args = vec!["MIGRATE", "127.0.0.1", &to_port, "", "0", "5000", "KEYS"];
+            args.extend(&keys);
+            ok(from, &args);
+            moved += keys.len();
+            std::thread::sleep(pause);
+        }
+        ok(to, &["CLUSTER", "SETSLOT", &slot_text, "NODE", &to_id]);
+        ok(from, &["CLUSTER", "SETSLOT", &slot_text, "NODE", &to_id]);
+        for other in self.masters() {
+            if other != from && other != to {
+                ok(other, &["CLUSTER", "SETSLOT", &slot_text, "NODE", &to_id]);
+            }
+        }
+        moved
+    }
+
     fn any_running(&self) -> usize {
         self.nodes
             .iter()
             .position(ValkeyServer::is_running)
             .unwrap_or_else(|| panic!("no cluster node is running"))
+    }
+}
+
+/// The test binary's shared cluster, started by the first caller. Blocks: call it through
+/// `tokio::task::spawn_blocking` from async tests (see [`shared_async`]).
+pub fn shared() -> &'static ValkeyCluster {
+    static SHARED: OnceLock<(ValkeyCluster, Mutex<ChildStdin>)> = OnceLock::new();
+    let (cluster, _reaper) = SHARED.get_or_init(|| {
+        let cluster = ValkeyCluster::new();
+        let reaper = cluster.reaper();
+        (cluster, Mutex::new(reaper))
+    });
+    cluster
+}
+
+/// [`shared`] from an async test.
+pub async fn shared_async() -> &'static ValkeyCluster {
+    tokio::task::spawn_blocking(shared)
+        .await
+        .expect("start the shared cluster")
+}
+
+impl ValkeyCluster {
+    /// Starts `sh` waiting for end of file on its stdin, then killing every node and removing
+    /// its directory. Only this process holds the pipe's write end (std opens it close-on-exec),
+    /// and the kernel closes it when the process ends, normally or not: the returned handle
+    /// must live as long as the cluster should.
+    // Never waited for: it must outlive this process, and init reaps it.
+    #[allow(clippy::zombie_processes)]
+    fn reaper(&self) -> ChildStdin {
+        let pids: Vec<String> = self
+            .nodes
+            .iter()
+            .filter_map(ValkeyServer::pid)
+            .map(|p| p.to_string())
+            .collect();
+        let dirs: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|n| format!("'{}'", n.dir().display()))
+            .collect();
+        let script = format!(
+            "read _ ; kill -9 {} 2>/dev/null ; sleep 0.2 ; rm -rf {}",
+            pids.join(" "),
+            dirs.join(" ")
+        );
+        let mut child = Command::new("sh")
+            .args(["-c", &script])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start the cluster's reaper: {e}"));
+        child
+            .stdin
+            .take()
+            .unwrap_or_else(|| panic!("the reaper has no stdin"))
     }
 }
 

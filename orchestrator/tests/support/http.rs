@@ -2,6 +2,9 @@
 
 #![allow(dead_code)]
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
 use bytes::Bytes;
 use http::{HeaderMap, Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
@@ -62,29 +65,44 @@ impl Reply {
     }
 }
 
-/// A client bound to one base URL.
+/// A client bound to one base URL, or spreading its requests over several replicas in turn.
 #[derive(Clone)]
 pub struct Api {
     base: String,
+    /// Where requests go, in turn (just `base` unless [`Api::balanced`]).
+    targets: Arc<[String]>,
+    next: Arc<AtomicUsize>,
     client: Client<HttpConnector, Full<Bytes>>,
 }
 
 impl Api {
     pub fn new(base: impl Into<String>) -> Self {
+        let base = base.into();
         Api {
-            base: base.into(),
+            targets: Arc::from(vec![base.clone()]),
+            base,
+            next: Arc::default(),
             client: Client::builder(TokioExecutor::new()).build_http(),
         }
+    }
+
+    /// A load balancer in front of `bases` (orchestrator replicas): each request goes to the
+    /// next one in turn, with the first one's `Host` (unless the request names its own), so
+    /// the URLs in the answers are the same whichever replica answered. `base()` is the first.
+    pub fn balanced(bases: Vec<String>) -> Self {
+        let mut api = Api::new(bases.first().cloned().expect("at least one replica"));
+        api.targets = Arc::from(bases);
+        api
     }
 
     /// A client that opens a fresh connection for every request and keeps none, for tests
     /// that count the server's connections.
     pub fn unpooled(base: impl Into<String>) -> Self {
         Api {
-            base: base.into(),
             client: Client::builder(TokioExecutor::new())
                 .pool_max_idle_per_host(0)
                 .build_http(),
+            ..Api::new(base)
         }
     }
 
@@ -118,11 +136,16 @@ impl Api {
         headers: &[(&str, &str)],
         body: Option<Vec<u8>>,
     ) -> Result<Reply, String> {
+        let target = &self.targets[self.next.fetch_add(1, Ordering::Relaxed) % self.targets.len()];
         let mut req = Request::builder()
             .method(method)
-            .uri(format!("{}{}", self.base, path));
+            .uri(format!("{target}{path}"));
         for (k, v) in headers {
             req = req.header(*k, *v);
+        }
+        if self.targets.len() > 1 && !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
+            let host = self.base.split("://").nth(1).unwrap_or(&self.base);
+            req = req.header("host", host.trim_end_matches('/'));
         }
         let req = req
             .body(Full::new(Bytes::from(body.unwrap_or_default())))

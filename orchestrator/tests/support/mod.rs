@@ -4,6 +4,7 @@
 pub mod cluster;
 pub mod http;
 pub mod lease;
+pub mod replicas;
 pub mod sse;
 pub mod tls;
 pub mod valkey;

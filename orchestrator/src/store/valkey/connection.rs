@@ -22,6 +22,8 @@ use crate::store::{ClusterHealth, StoreError};
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
 /// URL schemes accepted: standalone and Cluster, plain TCP (TLS is not compiled in).
 const SCHEMES: [&str; 4] = ["redis", "valkey", "redis-cluster", "valkey-cluster"];
+/// MOVED / ASK redirections a command may follow (a slot moving while its map is stale: two).
+const MAX_REDIRECTIONS: u32 = 3;
 /// Delay between reconnection attempts.
 const RECONNECT_DELAY_MS: u32 = 250;
 /// Commands timing out in a row before the connection is considered hung and replaced.
@@ -84,9 +86,13 @@ pub(super) async fn open(url: &str) -> Result<(Client, Arc<ConnState>), StoreErr
     let connection = ConnectionConfig {
         connection_timeout: COMMAND_TIMEOUT,
         internal_command_timeout: COMMAND_TIMEOUT,
-        // Never re-send a command after a reconnection: scripts are not idempotent, and a
-        // caller that got an error must not see the write happen twice.
-        max_command_attempts: 1,
+        // fred counts every write of a command as an attempt, redirections included, and with
+        // none left an ASK ends its router task for good (every later command times out):
+        // a cluster whose slots move must leave one attempt per redirection. The price is
+        // that a command in flight when its connection drops may be re-sent once per spare
+        // attempt within its timeout, as a client re-sends after a 503 (issue 11).
+        max_command_attempts: MAX_REDIRECTIONS + 1,
+        max_redirections: MAX_REDIRECTIONS,
         unresponsive: UnresponsiveConfig {
             max_timeout: Some(COMMAND_TIMEOUT * 2),
             interval: Duration::from_millis(500),
