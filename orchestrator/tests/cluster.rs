@@ -304,11 +304,10 @@ async fn load_worker(
     (live, deleted)
 }
 
-// Fails about once per 10k requests: fred 10.1's ASK handling sends ASKING and reads "the next
-// reply" on a connection that still has commands in flight (router/utils.rs
-// send_asking_with_policy, no drain), so one of them gets ASKING's "OK" (seen: a ping answered
-// 500 "expected an array, got String(OK)"). Run it with --ignored once fred is fixed or patched.
-#[ignore = "fred 10.1 hands ASKING's reply to another in-flight command (see above)"]
+// Red with fred following redirections itself (`max_redirections` > 0): its ASK handling reads
+// "the next reply" as ASKING's on a connection with other commands in flight, and a ping got
+// 500 "expected an array, got String(OK)" about once per 10k requests
+// (docs/valkey-store.md, "Connection behaviour").
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn slots_move_between_masters_under_load_without_a_lost_request() {
     let cluster = ValkeyCluster::new();
@@ -365,7 +364,7 @@ async fn slots_move_between_masters_under_load_without_a_lost_request() {
                 "--cluster-to",
                 &cluster.id_of(from),
                 "--cluster-slots",
-                "1000",
+                "300",
                 "--cluster-pipeline",
                 "2",
                 "--cluster-yes",
@@ -373,7 +372,7 @@ async fn slots_move_between_masters_under_load_without_a_lost_request() {
         )
     });
     assert!(!out.contains("[ERR]"), "reshard failed:\n{out}");
-    eprintln!("resharded 1000 slots in {:?}", started.elapsed());
+    eprintln!("resharded 300 slots in {:?}", started.elapsed());
     // And some more load on the new layout.
     let after = seen.requests.load(Ordering::Relaxed) + 300;
     while seen.requests.load(Ordering::Relaxed) < after {

@@ -22,8 +22,6 @@ use crate::store::{ClusterHealth, StoreError};
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
 /// URL schemes accepted: standalone and Cluster, plain TCP (TLS is not compiled in).
 const SCHEMES: [&str; 4] = ["redis", "valkey", "redis-cluster", "valkey-cluster"];
-/// MOVED / ASK redirections a command may follow (a slot moving while its map is stale: two).
-const MAX_REDIRECTIONS: u32 = 3;
 /// Delay between reconnection attempts.
 const RECONNECT_DELAY_MS: u32 = 250;
 /// Commands timing out in a row before the connection is considered hung and replaced.
@@ -86,13 +84,16 @@ pub(super) async fn open(url: &str) -> Result<(Client, Arc<ConnState>), StoreErr
     let connection = ConnectionConfig {
         connection_timeout: COMMAND_TIMEOUT,
         internal_command_timeout: COMMAND_TIMEOUT,
-        // fred counts every write of a command as an attempt, redirections included, and with
-        // none left an ASK ends its router task for good (every later command times out):
-        // a cluster whose slots move must leave one attempt per redirection. The price is
-        // that a command in flight when its connection drops may be re-sent once per spare
-        // attempt within its timeout, as a client re-sends after a 503 (issue 11).
-        max_command_attempts: MAX_REDIRECTIONS + 1,
-        max_redirections: MAX_REDIRECTIONS,
+        // Never re-send a command after a reconnection: scripts are not idempotent, and a
+        // caller that got an error must not see the write happen twice.
+        max_command_attempts: 1,
+        // Never follow a MOVED or ASK redirection inside the client: the command fails (503,
+        // which callers retry) and a MOVED refreshes the slot map first, so the retry goes to
+        // the right master. fred 10.1 follows an ASK by writing ASKING on a connection with
+        // other commands in flight and taking the next reply as ASKING's: another command
+        // gets "OK" and its own reply goes to the wrong caller (seen while a slot migrated
+        // under load). With no attempt to spare it also ends its router task for good.
+        max_redirections: 0,
         unresponsive: UnresponsiveConfig {
             max_timeout: Some(COMMAND_TIMEOUT * 2),
             interval: Duration::from_millis(500),
