@@ -461,7 +461,7 @@ async fn run(target: &Target, n: usize, phase: Duration, conns: usize) {
     let raw_cpu = Target::cpu(&target.masters).await - valkey_before;
     let raw_rate = raw as f64 / phase.as_secs_f64();
     println!(
-        "[{t}] valkey alone, same ping script: {raw_rate:.0}/s over {conns} connections (per master); Valkey masters CPU {raw_cpu:.2} s → {:.0} per master CPU second; orchestrator/valkey = {:.2}; load average {}",
+        "[{t}] valkey alone, same ping script: {raw_rate:.0}/s over {conns} connections to each master; Valkey masters CPU {raw_cpu:.2} s → {:.0} per master CPU second; orchestrator/valkey = {:.2}; load average {}",
         raw as f64 / raw_cpu,
         rate / raw_rate,
         loadavg()
