@@ -1,5 +1,6 @@
 //! What the load benches share: the orchestrator as a child process, an HTTP/1 connection to
-//! it, one request on it, and a process's memory from /proc.
+//! it, one request on it, a process's memory from /proc, and a raw RESP connection to Valkey
+//! for baselines and `INFO`.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -8,6 +9,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader as AsyncBufReader};
 use tokio::net::TcpStream;
 
 /// A field of /proc/PID/status in KiB.
@@ -123,4 +125,94 @@ pub fn spawn_orchestrator(envs: &[(&str, String)]) -> (Child, String) {
         .expect("listening line");
     let addr = line.trim().trim_start_matches("listening ").to_owned();
     (child, addr)
+}
+
+/// `used_memory` of `INFO memory`, in bytes.
+pub async fn used_memory(conn: &mut Resp) -> u64 {
+    info_number(conn, "memory", "used_memory").await as u64
+}
+
+/// A numeric field of `INFO <section>` (`used_cpu_user` of `cpu`, ...).
+pub async fn info_number(conn: &mut Resp, section: &str, field: &str) -> f64 {
+    match conn.call(&[b"INFO", section.as_bytes()]).await {
+        Reply::Bulk(text) => String::from_utf8_lossy(&text)
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(field)
+                    .and_then(|rest| rest.strip_prefix(':'))
+                    .and_then(|v| v.trim().parse().ok())
+            })
+            .unwrap_or_else(|| panic!("INFO {section} has no {field}")),
+        other => panic!("INFO: {other:?}"),
+    }
+}
+
+/// A minimal RESP2 connection: enough for SCRIPT LOAD, EVALSHA and INFO.
+pub struct Resp {
+    reader: AsyncBufReader<TcpStream>,
+}
+
+#[derive(Debug)]
+#[allow(dead_code)]
+pub enum Reply {
+    Simple(String),
+    Error(String),
+    Int(i64),
+    Bulk(Vec<u8>),
+    Nil,
+    Array(Vec<Reply>),
+}
+
+impl Resp {
+    pub async fn connect(port: u16) -> Resp {
+        let stream = TcpStream::connect(("127.0.0.1", port))
+            .await
+            .expect("valkey");
+        stream.set_nodelay(true).expect("nodelay");
+        Resp {
+            reader: AsyncBufReader::new(stream),
+        }
+    }
+
+    pub async fn call(&mut self, args: &[&[u8]]) -> Reply {
+        let mut out = format!("*{}\r\n", args.len()).into_bytes();
+        for a in args {
+            out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+            out.extend_from_slice(a);
+            out.extend_from_slice(b"\r\n");
+        }
+        self.reader.get_mut().write_all(&out).await.expect("write");
+        self.read().await
+    }
+
+    async fn read(&mut self) -> Reply {
+        let mut line = String::new();
+        self.reader.read_line(&mut line).await.expect("read");
+        let line = line.trim_end();
+        let (kind, rest) = line.split_at(1);
+        match kind {
+            "+" => Reply::Simple(rest.to_owned()),
+            "-" => Reply::Error(rest.to_owned()),
+            ":" => Reply::Int(rest.parse().expect("int")),
+            "$" => {
+                let len: i64 = rest.parse().expect("len");
+                if len < 0 {
+                    return Reply::Nil;
+                }
+                let mut buf = vec![0u8; len as usize + 2];
+                self.reader.read_exact(&mut buf).await.expect("bulk");
+                buf.truncate(len as usize);
+                Reply::Bulk(buf)
+            }
+            "*" => {
+                let len: i64 = rest.parse().expect("len");
+                let mut items = Vec::new();
+                for _ in 0..len.max(0) {
+                    items.push(Box::pin(self.read()).await);
+                }
+                Reply::Array(items)
+            }
+            other => panic!("unexpected RESP type {other:?}"),
+        }
+    }
 }

@@ -19,6 +19,7 @@
 //! list phase, and its peak (`VmHWM`). It only uses what every version of the orchestrator
 //! has (flags through environment variables), so the same file measures an older build too.
 
+#[allow(dead_code)]
 mod common;
 #[allow(dead_code)]
 #[path = "../orchestrator/tests/support/valkey.rs"]

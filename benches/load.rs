@@ -31,11 +31,9 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use servicekit_orchestrator::config::Config;
 use servicekit_orchestrator::store::ValkeyStore;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader as AsyncBufReader};
-use tokio::net::TcpStream;
 use ulid::Ulid;
 
-use common::{connect, env_num, rss, send};
+use common::{connect, env_num, rss, send, used_memory, Reply, Resp};
 
 const NAMES: usize = 100;
 const CONNECTIONS: usize = 64;
@@ -350,87 +348,4 @@ async fn valkey_ping_rate(
         total += t.await.expect("task");
     }
     total as f64 / duration.as_secs_f64()
-}
-
-async fn used_memory(conn: &mut Resp) -> u64 {
-    match conn.call(&[b"INFO", b"memory"]).await {
-        Reply::Bulk(text) => String::from_utf8_lossy(&text)
-            .lines()
-            .find_map(|l| {
-                l.strip_prefix("used_memory:")
-                    .and_then(|v| v.trim().parse().ok())
-            })
-            .expect("used_memory"),
-        other => panic!("INFO: {other:?}"),
-    }
-}
-
-/// A minimal RESP2 connection: enough for SCRIPT LOAD, EVALSHA and INFO.
-struct Resp {
-    reader: AsyncBufReader<TcpStream>,
-}
-
-#[derive(Debug)]
-#[allow(dead_code)]
-enum Reply {
-    Simple(String),
-    Error(String),
-    Int(i64),
-    Bulk(Vec<u8>),
-    Nil,
-    Array(Vec<Reply>),
-}
-
-impl Resp {
-    async fn connect(port: u16) -> Resp {
-        let stream = TcpStream::connect(("127.0.0.1", port))
-            .await
-            .expect("valkey");
-        stream.set_nodelay(true).expect("nodelay");
-        Resp {
-            reader: AsyncBufReader::new(stream),
-        }
-    }
-
-    async fn call(&mut self, args: &[&[u8]]) -> Reply {
-        let mut out = format!("*{}\r\n", args.len()).into_bytes();
-        for a in args {
-            out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
-            out.extend_from_slice(a);
-            out.extend_from_slice(b"\r\n");
-        }
-        self.reader.get_mut().write_all(&out).await.expect("write");
-        self.read().await
-    }
-
-    async fn read(&mut self) -> Reply {
-        let mut line = String::new();
-        self.reader.read_line(&mut line).await.expect("read");
-        let line = line.trim_end();
-        let (kind, rest) = line.split_at(1);
-        match kind {
-            "+" => Reply::Simple(rest.to_owned()),
-            "-" => Reply::Error(rest.to_owned()),
-            ":" => Reply::Int(rest.parse().expect("int")),
-            "$" => {
-                let len: i64 = rest.parse().expect("len");
-                if len < 0 {
-                    return Reply::Nil;
-                }
-                let mut buf = vec![0u8; len as usize + 2];
-                self.reader.read_exact(&mut buf).await.expect("bulk");
-                buf.truncate(len as usize);
-                Reply::Bulk(buf)
-            }
-            "*" => {
-                let len: i64 = rest.parse().expect("len");
-                let mut items = Vec::new();
-                for _ in 0..len.max(0) {
-                    items.push(Box::pin(self.read()).await);
-                }
-                Reply::Array(items)
-            }
-            other => panic!("unexpected RESP type {other:?}"),
-        }
-    }
 }

@@ -19,6 +19,7 @@
 //!   watcher, its CPU (share of one core), and the latency from request to event at 50 sampled
 //!   watchers, against the same latency with one watcher per name measured first.
 
+#[allow(dead_code)]
 mod common;
 #[allow(dead_code)]
 #[path = "../orchestrator/tests/support/valkey.rs"]
