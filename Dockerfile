@@ -2,7 +2,7 @@
 #
 # One image with both binaries: the orchestrator (default entrypoint) and the example service
 # (`entrypoint: ["/usr/local/bin/service"]` in compose/docker-compose.yml, `command:` in
-# compose/k8s/service.yaml). Build from the repository root:
+# compose/k8s/base/service.yaml). Build from the repository root:
 #
 #   docker build -t servicekit:local .
 #

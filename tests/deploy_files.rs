@@ -1,4 +1,4 @@
-//! Static checks of the deployment files (compose/docker-compose.yml, compose/k8s/*.yaml,
+//! Static checks of the deployment files (compose/docker-compose.yml, compose/k8s/**/*.yaml,
 //! Dockerfile, .dockerignore): against each other, against the flags and environment variables
 //! the binaries accept, and against the registration rules (reference defects #10 and #11).
 //!
@@ -17,9 +17,9 @@ use serde_norway::Value;
 const ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
 const COMPOSE: &str = "compose/docker-compose.yml";
 const K8S: [&str; 3] = [
-    "compose/k8s/orchestrator.yaml",
+    "compose/k8s/base/orchestrator.yaml",
     "compose/k8s/valkey.yaml",
-    "compose/k8s/service.yaml",
+    "compose/k8s/base/service.yaml",
 ];
 const ORCHESTRATOR_BIN: &str = "/usr/local/bin/orchestrator";
 const SERVICE_BIN: &str = "/usr/local/bin/service";
@@ -1255,38 +1255,76 @@ fn k8s_cluster_problems(texts: &[String]) -> Problems {
         .and_then(Value::as_sequence)
         .map(|r| r.iter().filter_map(scalar).collect())
         .unwrap_or_default();
+    // Kustomize loads files only from the kustomization's own folder; outside it, only
+    // folders that have a kustomization of their own.
     for r in &resources {
-        check!(
-            p,
-            Path::new(ROOT)
-                .join("compose/k8s/cluster")
-                .join(r)
-                .is_file(),
-            "kustomization: resource {r} does not exist"
-        );
+        let path = Path::new(ROOT).join("compose/k8s/cluster").join(r);
+        let ok = if r.starts_with("..") {
+            path.join("kustomization.yaml").is_file()
+        } else {
+            path.is_file()
+        };
+        check!(p, ok, "kustomization: resource {r} cannot be loaded");
     }
-    for wanted in [
-        "valkey-cluster.yaml",
-        "../orchestrator.yaml",
-        "../service.yaml",
-    ] {
+    for wanted in ["valkey-cluster.yaml", "../base"] {
         check!(
             p,
             resources.iter().any(|r| r == wanted),
             "kustomization: {wanted} is not a resource"
         );
     }
-    // The patch replaces one env entry by index: it must be the orchestrator's VALKEY_URL.
-    let patch = kustomization
+    // The single-Valkey kustomization and the base list every manifest once: the base the
+    // orchestrator and the service, the single one its Valkey and the base.
+    let listed = |file: &str| -> Vec<String> {
+        serde_norway::from_str::<Value>(&read(file))
+            .ok()
+            .and_then(|k| k.get("resources").and_then(Value::as_sequence).cloned())
+            .map(|r| r.iter().filter_map(scalar).collect())
+            .unwrap_or_default()
+    };
+    let mut everything: Vec<String> = listed("compose/k8s/base/kustomization.yaml")
+        .iter()
+        .map(|r| format!("compose/k8s/base/{r}"))
+        .collect();
+    let single = listed("compose/k8s/kustomization.yaml");
+    check!(
+        p,
+        single.iter().any(|r| r == "base"),
+        "compose/k8s/kustomization.yaml does not use the base"
+    );
+    everything.extend(
+        single
+            .iter()
+            .filter(|r| *r != "base")
+            .map(|r| format!("compose/k8s/{r}")),
+    );
+    everything.sort();
+    let mut manifests: Vec<String> = K8S.iter().map(|f| (*f).to_owned()).collect();
+    manifests.sort();
+    check!(
+        p,
+        everything == manifests,
+        "the kustomizations list {everything:?}, not the manifests {manifests:?}"
+    );
+    let patches: Vec<Value> = kustomization
         .get("patches")
-        .and_then(|ps| ps.get(0))
-        .and_then(|p| p.get("patch"))
-        .and_then(Value::as_str)
-        .unwrap_or("");
-    let ops: Value = serde_norway::from_str(patch).unwrap_or(Value::Null);
+        .and_then(Value::as_sequence)
+        .map(|ps| {
+            ps.iter()
+                .filter_map(|p| p.get("patch")?.as_str())
+                .filter_map(|t| serde_norway::from_str(t).ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    // The JSON patch replaces one env entry by index: it must be the orchestrator's VALKEY_URL.
+    let ops = patches
+        .iter()
+        .find(|t| t.is_sequence())
+        .cloned()
+        .unwrap_or(Value::Null);
     let op = ops.get(0).unwrap_or(&null);
     let path = op.get("path").and_then(Value::as_str).unwrap_or("");
-    let base = yaml_docs(&read("compose/k8s/orchestrator.yaml")).unwrap_or_default();
+    let base = yaml_docs(&read("compose/k8s/base/orchestrator.yaml")).unwrap_or_default();
     let base = K8s { docs: base };
     let orch_env = base
         .find("Deployment", "orchestrator")
@@ -1450,7 +1488,12 @@ fn mutations_of_the_cluster_deployment_files_are_caught() {
             "valkey-cluster-6.valkey-cluster:6379",
             "not a pod",
         ),
-        (0, "- ../service.yaml", "- ../svc.yaml", "does not exist"),
+        (
+            0,
+            "  - ../base\n",
+            "  - ../base/orchestrator.yaml\n",
+            "cannot be loaded",
+        ),
         (1, "replicas: 6", "replicas: 5", "not 6"),
         (1, "clusterIP: None", "clusterIP: \"\"", "headless"),
         (
