@@ -4,6 +4,8 @@
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -11,6 +13,7 @@ use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader as AsyncBufReader};
 use tokio::net::TcpStream;
+use ulid::Ulid;
 
 /// A field of /proc/PID/status in KiB.
 pub fn rss(pid: u32, field: &str) -> u64 {
@@ -215,4 +218,45 @@ impl Resp {
             other => panic!("unexpected RESP type {other:?}"),
         }
     }
+}
+
+/// Pings random ids of `ids` through the orchestrator at `addr` over `conns` HTTP/1.1
+/// connections for `duration`: (answered 200, other answers, latencies in µs).
+pub async fn ping_phase(
+    addr: &str,
+    ids: Arc<Vec<Ulid>>,
+    duration: Duration,
+    conns: usize,
+) -> (usize, usize, Vec<u32>) {
+    let deadline = Instant::now() + duration;
+    let mut tasks = Vec::new();
+    for c in 0..conns {
+        let (addr, ids) = (addr.to_owned(), ids.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut sender = connect(&addr).await;
+            let (mut ok, mut errors, mut lat) = (0usize, 0usize, Vec::with_capacity(100_000));
+            let mut i = c * 7919;
+            while Instant::now() < deadline {
+                i = i.wrapping_add(104_729);
+                let path = format!("/services/{}/$ping", ids[i % ids.len()]);
+                let started = Instant::now();
+                let (status, _) = send(&mut sender, "PUT", &path, None).await;
+                lat.push(started.elapsed().as_micros().min(u32::MAX as u128) as u32);
+                if status == 200 {
+                    ok += 1
+                } else {
+                    errors += 1
+                }
+            }
+            (ok, errors, lat)
+        }));
+    }
+    let (mut ok, mut errors, mut lat) = (0, 0, Vec::new());
+    for t in tasks {
+        let (o, e, l) = t.await.expect("task");
+        ok += o;
+        errors += e;
+        lat.extend(l);
+    }
+    (ok, errors, lat)
 }

@@ -33,7 +33,7 @@ use servicekit_orchestrator::config::Config;
 use servicekit_orchestrator::store::ValkeyStore;
 use ulid::Ulid;
 
-use common::{connect, env_num, rss, send, used_memory, Reply, Resp};
+use common::{connect, env_num, ping_phase, rss, send, used_memory, Reply, Resp};
 
 const NAMES: usize = 100;
 const CONNECTIONS: usize = 64;
@@ -144,7 +144,8 @@ async fn run(n: usize, duration: Duration) {
     // Ping at the highest rate the orchestrator sustains.
     let rss_before = rss(pid, "VmRSS");
     let ids = Arc::new(ids);
-    let (pings, errors, mut latencies) = ping_phase(&addr, ids.clone(), duration).await;
+    let (pings, errors, mut latencies) =
+        ping_phase(&addr, ids.clone(), duration, CONNECTIONS).await;
     let rss_after = rss(pid, "VmRSS");
     let rate = pings as f64 / duration.as_secs_f64();
     latencies.sort_unstable();
@@ -267,45 +268,6 @@ async fn list_timings(addr: &str, n: usize) {
             best.as_secs_f64() * 1000.0
         );
     }
-}
-
-async fn ping_phase(
-    addr: &str,
-    ids: Arc<Vec<Ulid>>,
-    duration: Duration,
-) -> (usize, usize, Vec<u32>) {
-    let deadline = Instant::now() + duration;
-    let mut tasks = Vec::new();
-    for c in 0..CONNECTIONS {
-        let (addr, ids) = (addr.to_owned(), ids.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut sender = connect(&addr).await;
-            let (mut ok, mut errors, mut lat) = (0usize, 0usize, Vec::with_capacity(100_000));
-            let mut i = c * 7919;
-            while Instant::now() < deadline {
-                i = i.wrapping_add(104_729);
-                let id = ids[i % ids.len()];
-                let path = format!("/services/{id}/$ping");
-                let started = Instant::now();
-                let (status, _) = send(&mut sender, "PUT", &path, None).await;
-                lat.push(started.elapsed().as_micros().min(u32::MAX as u128) as u32);
-                if status == 200 {
-                    ok += 1
-                } else {
-                    errors += 1
-                }
-            }
-            (ok, errors, lat)
-        }));
-    }
-    let (mut ok, mut errors, mut lat) = (0, 0, Vec::new());
-    for t in tasks {
-        let (o, e, l) = t.await.expect("task");
-        ok += o;
-        errors += e;
-        lat.extend(l);
-    }
-    (ok, errors, lat)
 }
 
 async fn valkey_ping_rate(

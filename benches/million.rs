@@ -43,7 +43,7 @@ use serde_json::{json, Value};
 use servicekit_orchestrator::store::{Store, ValkeyStore};
 use ulid::Ulid;
 
-use common::{connect, env_num, info_number, send, used_memory, Reply, Resp};
+use common::{connect, env_num, info_number, ping_phase, send, used_memory, Reply, Resp};
 
 const PREFIX: &str = "servicekit:";
 const TTL: Duration = Duration::from_secs(3600);
@@ -670,45 +670,6 @@ async fn list_timings(addr: &str, n: usize, t: &str) {
             n as f64 / got.end.as_secs_f64()
         );
     }
-}
-
-async fn ping_phase(
-    addr: &str,
-    ids: Arc<Vec<Ulid>>,
-    duration: Duration,
-    conns: usize,
-) -> (usize, usize, Vec<u32>) {
-    let deadline = Instant::now() + duration;
-    let mut tasks = Vec::new();
-    for c in 0..conns {
-        let (addr, ids) = (addr.to_owned(), ids.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut sender = connect(&addr).await;
-            let (mut ok, mut errors, mut lat) = (0usize, 0usize, Vec::with_capacity(100_000));
-            let mut i = c * 7919;
-            while Instant::now() < deadline {
-                i = i.wrapping_add(104_729);
-                let path = format!("/services/{}/$ping", ids[i % ids.len()]);
-                let started = Instant::now();
-                let (status, _) = send(&mut sender, "PUT", &path, None).await;
-                lat.push(started.elapsed().as_micros().min(u32::MAX as u128) as u32);
-                if status == 200 {
-                    ok += 1
-                } else {
-                    errors += 1
-                }
-            }
-            (ok, errors, lat)
-        }));
-    }
-    let (mut ok, mut errors, mut lat) = (0, 0, Vec::new());
-    for t in tasks {
-        let (o, e, l) = t.await.expect("task");
-        ok += o;
-        errors += e;
-        lat.extend(l);
-    }
-    (ok, errors, lat)
 }
 
 /// The ping script (`ValkeyStore::ping_command`) by `EVALSHA` over `conns` connections to

@@ -21,10 +21,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use servicekit_orchestrator::config::Config;
-use servicekit_orchestrator::server::{self, Running};
 use support::cluster::ValkeyCluster;
 use support::http::Api;
+use support::replicas::start;
 use support::sse::{Failure, Item, SseStream};
 use tokio::time::Instant;
 
@@ -35,16 +34,6 @@ const DEADLINE: Duration = Duration::from_secs(30);
 /// How long a watcher waits for the next item before it counts the connection dead (the
 /// feed sends a heartbeat after 10 s of silence).
 const SILENCE: Duration = Duration::from_secs(20);
-
-async fn start(url: String, prefix: &str) -> (Running, Api) {
-    let mut config = Config::for_tests();
-    config.valkey_url = Some(url);
-    config.key_prefix = prefix.to_owned();
-    let running = server::start(config).await.expect("orchestrator starts");
-    assert_eq!(running.store_kind(), "valkey");
-    let api = Api::new(running.base_url());
-    (running, api)
-}
 
 /// What one watcher holds: its records (id → URL) after applying every event in order, and
 /// what happened on the way.

@@ -64,3 +64,14 @@ impl Replicas {
         }
     }
 }
+
+/// One orchestrator on the Valkey at `url` (test settings otherwise), keyed under `prefix`.
+pub async fn start(url: String, prefix: &str) -> (Running, Api) {
+    let mut config = Config::for_tests();
+    config.valkey_url = Some(url);
+    config.key_prefix = prefix.to_owned();
+    let running = server::start(config).await.expect("orchestrator starts");
+    assert_eq!(running.store_kind(), "valkey");
+    let api = Api::new(running.base_url());
+    (running, api)
+}

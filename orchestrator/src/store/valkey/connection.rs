@@ -164,7 +164,10 @@ fn seeds_as_query(url: &str) -> Result<String, StoreError> {
     let mut hosts = hosts.split(',');
     let first = hosts.next().unwrap_or_default();
     let others: Vec<&str> = hosts.collect();
-    if first.is_empty() || others.iter().any(|h| h.is_empty() || !h.contains(':')) {
+    if std::iter::once(first)
+        .chain(others.iter().copied())
+        .any(|h| h.is_empty() || !h.contains(':'))
+    {
         return Err(StoreError::Config(format!(
             "invalid Valkey URL {:?}: every seed node needs host:port",
             crate::redact::url(url)
@@ -462,6 +465,7 @@ mod tests {
             "redis://a:1,b:2",
             "redis-cluster://a:1,,b:2",
             "redis-cluster://a:1,b",
+            "redis-cluster://a,b:2",
             "redis-cluster://:hunter2@a:1,b",
         ] {
             let err = seeds_as_query(bad).expect_err(bad).to_string();
