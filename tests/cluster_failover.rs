@@ -3,7 +3,9 @@
 //! processes pinging through all of them. Each master is killed in turn (each replica's seed
 //! among them) and started again before the next kill. After every kill each orchestrator must
 //! serve again within 10 s, and every live service must be listed again through every replica
-//! within one keepalive interval after that. The measured figures are printed.
+//! within one keepalive interval after that. The first failover certainly loses a live
+//! service's registration (its master's replica is cut off first), which the service's next
+//! ping must repair. The measured figures are printed.
 //!
 //! Also `/health` on a cluster: degraded while a master it routes to does not answer, although
 //! the node it talks to does.
@@ -15,6 +17,8 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use servicekit_orchestrator::config::Config;
 use servicekit_orchestrator::server::{self, Running};
+use servicekit_orchestrator::store::url_tag;
+use servicekit_orchestrator::store::valkey::tag_text;
 use support::cluster::ValkeyCluster;
 use support::http::Api;
 use support::process::{example, Process};
@@ -22,8 +26,9 @@ use support::{free_port, registered, ADMIN_KEY};
 
 /// Every orchestrator serves again within this of a kill (the bound).
 const RECOVERY: Duration = Duration::from_secs(10);
-/// The orchestrators' TTL; the layer pings every third of it.
-const TTL_SECONDS: u64 = 6;
+/// The orchestrators' TTL; the layer pings every third of it. Long enough that no entry expires
+/// during a failover (about 5 s of stalled pings), so a missing record is a lost write.
+const TTL_SECONDS: u64 = 12;
 const KEEPALIVE: Duration = Duration::from_secs(TTL_SECONDS / 3);
 /// "Listed again within one keepalive interval": the layer's next ping comes within one
 /// interval, which it jitters by up to 10 % so a fleet does not ping in step; a lost entry then
@@ -51,7 +56,11 @@ async fn replica(url: String, prefix: &str) -> (Running, Api) {
 
 /// A real `service` process registering and pinging through `api`.
 fn service(api: &Api, name: &str) -> (Process, String) {
-    let port = free_port();
+    service_on(api, name, free_port())
+}
+
+/// A real `service` process on `port`, registering and pinging through `api`.
+fn service_on(api: &Api, name: &str, port: u16) -> (Process, String) {
     let mut cmd = example("service");
     cmd.env("SERVICEKIT_ORCHESTRATOR_URL", api.base())
         .env("SERVICEKIT_HOST", "127.0.0.1")
@@ -60,6 +69,18 @@ fn service(api: &Api, name: &str) -> (Process, String) {
         .env("SERVICE_DISPLAY_NAME", name)
         .env("RUST_LOG", "warn");
     (Process::spawn(cmd), format!("http://127.0.0.1:{port}"))
+}
+
+/// A free loopback port whose service URL's records land on master `master`.
+fn port_on_master(cluster: &ValkeyCluster, master: usize) -> u16 {
+    for _ in 0..500 {
+        let port = free_port();
+        let tag = tag_text(url_tag(&format!("http://127.0.0.1:{port}")));
+        if cluster.master_of_key(&format!("{{{tag}}}")) == master {
+            return port;
+        }
+    }
+    panic!("no port found whose URL's records land on node {master}")
 }
 
 /// What one replica did after a kill.
@@ -177,7 +198,7 @@ async fn every_replica_serves_again_after_each_master_dies_and_services_come_bac
             services.push(service(api, &format!("failover-{}{i}", names[r])));
         }
     }
-    let urls: Vec<String> = services.iter().map(|(_, url)| url.clone()).collect();
+    let mut urls: Vec<String> = services.iter().map(|(_, url)| url.clone()).collect();
     for (_, api) in &replicas {
         for url in &urls {
             registered(api, url, Duration::from_secs(30)).await;
@@ -197,6 +218,29 @@ async fn every_replica_serves_again_after_each_master_dies_and_services_come_bac
             "node {victim} should still be a master: {:?}",
             cluster.topology()
         );
+        // The first failover certainly loses a live service's registration: the victim's
+        // replica is cut off its replication link, then a service registers whose record
+        // lands on the victim. Its next ping after the failover must bring it back.
+        let lost = if k == 0 {
+            let cut = tokio::task::block_in_place(|| cluster.cut_replication(victim));
+            let port = port_on_master(&cluster, victim);
+            let (process, url) = service_on(&replicas[1].1, "failover-lost", port);
+            let entry = registered(&replicas[0].1, &url, Duration::from_secs(30)).await;
+            let key = format!(
+                "{prefix}{{{}}}:svc:{}",
+                tag_text(url_tag(&url)),
+                entry["id"].as_str().expect("an id")
+            );
+            let there = tokio::task::block_in_place(|| cluster.cli_on(victim, &["EXISTS", &key]));
+            assert_eq!(
+                there.trim(),
+                "1",
+                "{key} is not the record's key on node {victim}"
+            );
+            Some((cut, process, url, key))
+        } else {
+            None
+        };
         tokio::task::block_in_place(|| cluster.kill(victim));
         let killed = Instant::now();
         let probe = format!("k{k}");
@@ -212,6 +256,15 @@ async fn every_replica_serves_again_after_each_master_dies_and_services_come_bac
             .map(|r| r.serving)
             .max()
             .unwrap_or_default();
+        if let Some((cut, _, url, key)) = &lost {
+            let exists = tokio::task::block_in_place(|| cluster.cli_on(*cut, &["EXISTS", key]));
+            assert_eq!(
+                exists.trim(),
+                "0",
+                "{url}'s record should be lost with the failover ({key} on node {cut})"
+            );
+            urls.push(url.clone());
+        }
         let mut listed_after = Vec::new();
         for (_, api) in &replicas {
             let (at, missing) = all_listed(api, &urls, RECOVERY + KEEPALIVE * 5).await;
@@ -250,6 +303,10 @@ async fn every_replica_serves_again_after_each_master_dies_and_services_come_bac
                 names[r],
                 listed_after[r].0
             );
+        }
+        // Kept running: it must stay listed through the next failovers too.
+        if let Some((_, process, url, _)) = lost {
+            services.push((process, url));
         }
         tokio::task::block_in_place(|| {
             cluster.restart(victim);

@@ -245,28 +245,6 @@ async fn deregister(api: &Api, id: &str) {
     }
 }
 
-/// The `INFO replication` field `name` of node `node`.
-fn replication_field(cluster: &ValkeyCluster, node: usize, name: &str) -> String {
-    let info = cluster.cli_on(node, &["INFO", "replication"]);
-    info.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name}:")))
-        .unwrap_or_else(|| panic!("no {name} in INFO replication of node {node}:\n{info}"))
-        .trim()
-        .to_owned()
-}
-
-/// Polls `cond` (blocking) every 50 ms until it holds; panics after [`DEADLINE`].
-fn wait_blocking(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = std::time::Instant::now() + DEADLINE;
-    while !cond() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watchers_on_every_replica_survive_a_failover_that_lost_the_log_tail() {
     // RUST_LOG=servicekit_orchestrator=warn shows the hubs' failed reads and their backoff.
@@ -278,19 +256,6 @@ async fn watchers_on_every_replica_survive_a_failover_that_lost_the_log_tail() {
     let prefix = format!("test:{}:", ulid::Ulid::new());
     let events_key = format!("{prefix}{{all}}:events");
     let master = cluster.master_of_key(&events_key);
-    let master_id = cluster
-        .topology()
-        .into_iter()
-        .find(|n| cluster.index_of_port(n.port) == Some(master))
-        .expect("the master in the topology")
-        .id;
-    let replica = cluster
-        .topology()
-        .into_iter()
-        .find(|n| n.master_id.as_deref() == Some(master_id.as_str()))
-        .and_then(|n| cluster.index_of_port(n.port))
-        .expect("the master's replica");
-
     // Three replicas, each seeded by a different master (one of them the one killed below).
     let mut orchestrators = Vec::new();
     for seed in cluster.masters() {
@@ -324,30 +289,7 @@ async fn watchers_on_every_replica_survive_a_failover_that_lost_the_log_tail() {
     // The kept watcher leaves here: its cursor is in what the replica has.
     drop(kept_stream);
     let kept_cursor = lock(&kept_feed).last_id.clone().expect("an event id");
-    tokio::task::block_in_place(|| {
-        let offset: u64 = replication_field(&cluster, master, "master_repl_offset")
-            .parse()
-            .expect("offset");
-        wait_blocking("the replica to catch up", || {
-            replication_field(&cluster, replica, "slave_repl_offset")
-                .parse::<u64>()
-                .is_ok_and(|o| o >= offset)
-        });
-        // Cut the replica off: its master refuses the password it now sends.
-        assert_eq!(
-            cluster
-                .cli_on(
-                    replica,
-                    &["CONFIG", "SET", "masterauth", "not-the-password"]
-                )
-                .trim(),
-            "OK"
-        );
-        cluster.cli_on(replica, &["CLIENT", "KILL", "TYPE", "master"]);
-        wait_blocking("the replica's link to go down", || {
-            replication_field(&cluster, replica, "master_link_status") == "down"
-        });
-    });
+    let replica = tokio::task::block_in_place(|| cluster.cut_replication(master));
 
     // The tail the failover will lose: registrations every watcher sees.
     for i in 0..6 {

@@ -65,6 +65,10 @@ impl ValkeyCluster {
                         // heard from it.
                         "--cluster-replica-validity-factor",
                         "0",
+                        // A replica's first sync starts at once, not after Valkey's default
+                        // 5 s wait for more replicas.
+                        "--repl-diskless-sync-delay",
+                        "0",
                     ]
                     .map(String::from)
                     .to_vec(),
@@ -159,6 +163,58 @@ impl ValkeyCluster {
         self.master_of_slot(slot)
     }
 
+    /// The index of the replica of master `master`.
+    pub fn replica_of(&self, master: usize) -> usize {
+        let topology = self.topology();
+        let master_id = topology
+            .iter()
+            .find(|n| self.index_of_port(n.port) == Some(master))
+            .map(|n| n.id.clone())
+            .unwrap_or_else(|| panic!("node {master} is not in the topology"));
+        topology
+            .iter()
+            .find(|n| n.master_id.as_deref() == Some(master_id.as_str()) && !n.failing)
+            .and_then(|n| self.index_of_port(n.port))
+            .unwrap_or_else(|| panic!("node {master} has no replica"))
+    }
+
+    /// A field of `INFO replication` on node `node`.
+    pub fn replication_field(&self, node: usize, name: &str) -> String {
+        let info = self.cli_on(node, &["INFO", "replication"]);
+        info.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}:")))
+            .unwrap_or_else(|| panic!("no {name} in INFO replication of node {node}:\n{info}"))
+            .trim()
+            .to_owned()
+    }
+
+    /// Lets master `master`'s replica catch up, then cuts it off its replication link (it now
+    /// sends a `masterauth` its master refuses), so that every write from now on reaches the
+    /// master only, and a failover certainly loses it. Returns the replica's index. The
+    /// replica still takes over when the master dies (`cluster-replica-validity-factor 0`).
+    pub fn cut_replication(&self, master: usize) -> usize {
+        let replica = self.replica_of(master);
+        let offset: u64 = self
+            .replication_field(master, "master_repl_offset")
+            .parse()
+            .unwrap_or_else(|e| panic!("master_repl_offset of node {master}: {e}"));
+        wait_until("the replica to catch up", || {
+            self.replication_field(replica, "slave_repl_offset")
+                .parse::<u64>()
+                .is_ok_and(|o| o >= offset)
+        });
+        let set = self.cli_on(
+            replica,
+            &["CONFIG", "SET", "masterauth", "not-the-password"],
+        );
+        assert_eq!(set.trim(), "OK", "CONFIG SET masterauth on node {replica}");
+        self.cli_on(replica, &["CLIENT", "KILL", "TYPE", "master"]);
+        wait_until("the replica's link to go down", || {
+            self.replication_field(replica, "master_link_status") == "down"
+        });
+        replica
+    }
+
     /// Kills node `node` with SIGKILL (no goodbye to the cluster), as a crash would.
     pub fn kill(&mut self, node: usize) {
         self.nodes[node].stop();
@@ -180,7 +236,8 @@ impl ValkeyCluster {
     }
 
     /// Waits until every running node reports `cluster_state:ok`, all 16384 slots are served
-    /// by masters that are not failing, and every running node sees the same masters.
+    /// by masters that are not failing, every running node sees the same masters, and every
+    /// replica has finished its sync.
     pub fn wait_ok(&self) {
         let deadline = Instant::now() + CLUSTER_DEADLINE;
         loop {
@@ -205,6 +262,13 @@ impl ValkeyCluster {
             let info = self.cli_on(i, &["CLUSTER", "INFO"]);
             if !info.contains("cluster_state:ok") {
                 return Err(format!("node {i}: {}", first_line(&info)));
+            }
+            // A replica counts once its first sync is done: before that, a failover of its
+            // master loses everything written so far.
+            let replication = self.cli_on(i, &["INFO", "replication"]);
+            if replication.contains("role:slave") && !replication.contains("master_link_status:up")
+            {
+                return Err(format!("node {i}: replica not in sync yet"));
             }
             let topology = parse_nodes(&self.cli_on(i, &["CLUSTER", "NODES"]));
             let running = self.nodes.iter().filter(|n| n.is_running()).count();
@@ -395,6 +459,15 @@ impl ValkeyCluster {
 impl Default for ValkeyCluster {
     fn default() -> Self {
         ValkeyCluster::new()
+    }
+}
+
+/// Polls `cond` every 50 ms until it holds; panics after [`CLUSTER_DEADLINE`].
+fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + CLUSTER_DEADLINE;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
