@@ -18,6 +18,10 @@ const RUN_ELSEWHERE: &[(&str, &str)] = &[
     ),
     ("scripts/test", ".ci/run runs it"),
     (
+        "VALKEY_URL=redis-cluster://10.0.0.1:6379,10.0.0.2:6379,10.0.0.3:6379 orchestrator",
+        "orchestrator/tests/binary.rs runs the binary with three seeds of a real local cluster",
+    ),
+    (
         "SERVICEKIT_ORCHESTRATOR_URL=http://localhost:9000 SERVICEKIT_HOST=localhost cargo run --example service",
         "tests/example_process.rs runs the service example with only the base URL",
     ),

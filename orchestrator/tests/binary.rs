@@ -534,3 +534,34 @@ fn help_lists_the_healthcheck_subcommand_and_its_flags() {
         );
     }
 }
+
+/// The README's cluster command, `VALKEY_URL=redis-cluster://h1:p1,h2:p2,h3:p3 orchestrator`,
+/// with the addresses of a real local cluster: it serves, and `/health` reports the cluster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_url_with_several_seeds_serves() {
+    let cluster = tokio::task::block_in_place(support::cluster::ValkeyCluster::new);
+    let seeds: Vec<String> = (0..3)
+        .map(|i| format!("127.0.0.1:{}", cluster.port(i)))
+        .collect();
+    let mut cmd = orchestrator();
+    cmd.env("VALKEY_URL", format!("redis-cluster://{}", seeds.join(",")))
+        .args(["--bind", "127.0.0.1:0"]);
+    let mut proc = Proc::spawn(cmd);
+    let started = proc.event("orchestrator.starting", Duration::from_secs(20));
+    assert_eq!(started["store"], "valkey");
+    let bind = started["bind"].as_str().expect("bind logged").to_owned();
+    let api = Api::new(format!("http://{bind}"));
+    let health: Value = api.get("/health").await.json();
+    assert_eq!(health["status"], "healthy", "{health}");
+    assert_eq!(
+        health["checks"]["store"]["cluster"]["state"], "ok",
+        "{health}"
+    );
+    assert_eq!(
+        health["checks"]["store"]["cluster"]["masters"], 3,
+        "{health}"
+    );
+    api.register("http://svca:8000", "A").await;
+    proc.signal("TERM");
+    assert!(proc.wait_exit(Duration::from_secs(15)).success());
+}
