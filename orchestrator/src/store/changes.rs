@@ -89,6 +89,19 @@ impl ChangeKind {
     pub const fn is_removal(self) -> bool {
         matches!(self, ChangeKind::Deregistered | ChangeKind::Expired)
     }
+
+    /// The change named like its watch feed event (how the Valkey log stores the kind);
+    /// `None` for `snapshot` and unknown names.
+    pub fn parse(text: &str) -> Option<ChangeKind> {
+        [
+            ChangeKind::Registered,
+            ChangeKind::Updated,
+            ChangeKind::Deregistered,
+            ChangeKind::Expired,
+        ]
+        .into_iter()
+        .find(|k| k.event().as_str() == text)
+    }
 }
 
 /// What the log knows of the entry a change concerns.
@@ -166,6 +179,20 @@ pub enum Changes {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn change_kinds_round_trip_through_their_event_names() {
+        for kind in [
+            ChangeKind::Registered,
+            ChangeKind::Updated,
+            ChangeKind::Deregistered,
+            ChangeKind::Expired,
+        ] {
+            assert_eq!(ChangeKind::parse(kind.event().as_str()), Some(kind));
+        }
+        assert_eq!(ChangeKind::parse("snapshot"), None);
+        assert_eq!(ChangeKind::parse("Registered"), None);
+    }
 
     #[test]
     fn cursors_order_and_round_trip_as_stream_ids() {

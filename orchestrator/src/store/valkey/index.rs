@@ -137,11 +137,6 @@ impl ValkeyStore {
         }
     }
 
-    /// The score a register gives its id before the record script runs: the expiry the
-    /// record will get, by this process's clock. A hint that is low (a slow clock, a script
-    /// that ran late) is harmless: ZADD GT replaces it by the real expiry after the script,
-    /// and the sweeper rescores it from a live record; a high one (a fast clock) only delays
-    /// the drop of a dead hint.
     /// The records behind index entries `candidates` (member, score), read in one pipeline:
     /// `(id, member, score, reply)` for each member that is an id, and the members that are not
     /// (dead entries whatever they hold).
@@ -182,6 +177,11 @@ impl ValkeyStore {
         Ok((records, not_ids))
     }
 
+    /// The score a register gives its id before the record script runs: the expiry the
+    /// record will get, by this process's clock. A hint that is low (a slow clock, a script
+    /// that ran late) is harmless: ZADD GT replaces it by the real expiry after the script,
+    /// and the sweeper rescores it from a live record; a high one (a fast clock) only delays
+    /// the drop of a dead hint.
     pub(super) fn hint_score(&self) -> u64 {
         Timestamp::now().saturating_add(self.ttl).as_millis()
     }

@@ -271,13 +271,11 @@ impl ValkeyStore {
                 StoreError::Corrupt(format!("change log {what}: not a stream id: {v:?}"))
             })
         };
-        let state = LogState {
-            last: next_cursor("last-generated-id")?,
-            deleted: next_cursor("max-deleted-entry-id")?,
-            first: next_cursor("recorded-first-entry-id")?,
-            trimmed: false,
-            held: false,
-        };
+        let (last, deleted, first) = (
+            next_cursor("last-generated-id")?,
+            next_cursor("max-deleted-entry-id")?,
+            next_cursor("recorded-first-entry-id")?,
+        );
         let flag = |what: &str, v: Option<Value>| match v {
             Some(Value::Integer(n)) => Ok(n != 0),
             other => Err(StoreError::Corrupt(format!("change log {what}: {other:?}"))),
@@ -293,14 +291,14 @@ impl ValkeyStore {
             }
         };
         let held = flag("held flag", items.next())?;
-        Ok(Some((
-            LogState {
-                trimmed,
-                held,
-                ..state
-            },
-            entries,
-        )))
+        let state = LogState {
+            last,
+            deleted,
+            first,
+            trimmed,
+            held,
+        };
+        Ok(Some((state, entries)))
     }
 
     /// [`Store::change_head`](crate::store::Store::change_head).
@@ -474,13 +472,7 @@ fn decode_entry(entry: Value) -> Result<Change, (String, String)> {
         return Err(fail("kind, id or data missing".into()));
     };
     let id = Ulid::from_string(&id).map_err(|_| fail(format!("bad id {id:?}")))?;
-    let kind = match kind.as_str() {
-        "registered" => ChangeKind::Registered,
-        "updated" => ChangeKind::Updated,
-        "deregistered" => ChangeKind::Deregistered,
-        "expired" => ChangeKind::Expired,
-        other => return Err(fail(format!("unknown kind {other:?}"))),
-    };
+    let kind = ChangeKind::parse(&kind).ok_or_else(|| fail(format!("unknown kind {kind:?}")))?;
     let subject = if kind == ChangeKind::Expired {
         known_subject(id, &data).map_err(fail)?
     } else {
