@@ -35,7 +35,7 @@ use serde_json::json;
 use servicekit::discovery::{BalancedClient, Filter, Watcher};
 use servicekit_orchestrator::config::Config;
 
-use common::{connect, env_num, send};
+use common::{connect, cpu_time, env_num, send};
 
 /// Concurrent request loops.
 const LOOPS: usize = 16;
@@ -51,26 +51,6 @@ fn main() {
         .build()
         .expect("runtime");
     rt.block_on(run(Duration::from_secs(secs), rounds));
-}
-
-/// The process's CPU time so far (user + system), from /proc/self/stat (in clock ticks,
-/// 100 per second on Linux).
-fn cpu_time() -> Duration {
-    let ticks = std::fs::read_to_string("/proc/self/stat")
-        .ok()
-        .and_then(|s| {
-            // Fields after the command's closing parenthesis: utime is the 12th, stime the 13th.
-            let rest = s.rsplit_once(')')?.1.to_owned();
-            let f: Vec<u64> = rest
-                .split_whitespace()
-                .skip(11)
-                .take(2)
-                .filter_map(|v| v.parse().ok())
-                .collect();
-            Some(f.iter().sum::<u64>())
-        })
-        .unwrap_or(0);
-    Duration::from_millis(ticks * 10)
 }
 
 /// One round's result.
@@ -90,7 +70,7 @@ where
 {
     let stop = Arc::new(AtomicBool::new(false));
     let started = Instant::now();
-    let cpu = cpu_time();
+    let cpu = cpu_time("self");
     let tasks: Vec<_> = (0..loops)
         .map(|_| {
             let (call, stop) = (call.clone(), stop.clone());
@@ -112,7 +92,7 @@ where
         all.extend(t.await.expect("loop"));
     }
     let rate = all.len() as f64 / started.elapsed().as_secs_f64();
-    let cpu_us = (cpu_time() - cpu).as_secs_f64() * 1e6 / all.len().max(1) as f64;
+    let cpu_us = (cpu_time("self") - cpu).as_secs_f64() * 1e6 / all.len().max(1) as f64;
     all.sort_unstable();
     Round {
         rate,

@@ -33,7 +33,7 @@ use servicekit_orchestrator::config::Config;
 use servicekit_orchestrator::store::ValkeyStore;
 use ulid::Ulid;
 
-use common::{connect, env_num, ping_phase, rss, send, used_memory, Reply, Resp};
+use common::{connect, cores, env_num, ping_phase, rss, send, used_memory, Reply, Resp};
 
 const NAMES: usize = 100;
 const CONNECTIONS: usize = 64;
@@ -181,12 +181,6 @@ async fn run(n: usize, duration: Duration) {
 
     drop(orch.stdin.take());
     let _ = orch.wait();
-}
-
-fn cores() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
 }
 
 fn registration(i: usize) -> Vec<u8> {

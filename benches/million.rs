@@ -43,7 +43,9 @@ use serde_json::{json, Value};
 use servicekit_orchestrator::store::{Store, ValkeyStore};
 use ulid::Ulid;
 
-use common::{connect, env_num, info_number, ping_phase, send, used_memory, Reply, Resp};
+use common::{
+    connect, cores, cpu_time, env_num, info_number, ping_phase, send, used_memory, Reply, Resp,
+};
 
 const PREFIX: &str = "servicekit:";
 const TTL: Duration = Duration::from_secs(3600);
@@ -78,7 +80,6 @@ fn main() {
     println!("machine: {} cores, load average {}", cores(), loadavg());
     for name in targets.split(',') {
         let target = Target::start(name);
-        rt.block_on(target.replicas_in_sync());
         rt.block_on(run(&target, n, Duration::from_secs(secs), conns));
     }
 }
@@ -140,31 +141,6 @@ impl Target {
                 }
             }
             other => panic!("MILLION_TARGETS: unknown target {other:?} (single, cluster)"),
-        }
-    }
-
-    /// Waits until every replica has its link to its master up and no sync in progress, so
-    /// their memory is measured from a settled start.
-    async fn replicas_in_sync(&self) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        for &port in &self.replicas {
-            let mut conn = Resp::connect(port).await;
-            loop {
-                let info = match conn.call(&[b"INFO", b"replication"]).await {
-                    Reply::Bulk(text) => String::from_utf8_lossy(&text).into_owned(),
-                    other => panic!("INFO replication: {other:?}"),
-                };
-                if info.contains("master_link_status:up")
-                    && info.contains("master_sync_in_progress:0")
-                {
-                    break;
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "replica {port} not in sync:\n{info}"
-                );
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
         }
     }
 
@@ -268,44 +244,10 @@ fn key_slot(key: &str) -> u16 {
     crc % cluster::SLOTS
 }
 
-fn cores() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
-}
-
 fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
         .unwrap_or_default()
-}
-
-/// CPU seconds (user + system) of process `pid` so far, from /proc/PID/stat.
-fn cpu_secs(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which may hold spaces): state is field 3, utime 14.
-    let after = stat.rfind(')').map(|i| &stat[i + 2..]).unwrap_or("");
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    (ticks(11) + ticks(12)) / clock_ticks()
-}
-
-fn clock_ticks() -> f64 {
-    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
-    *TICKS.get_or_init(|| {
-        std::process::Command::new("getconf")
-            .arg("CLK_TCK")
-            .output()
-            .ok()
-            .and_then(|o| String::from_utf8(o.stdout).ok())
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or(100.0)
-    })
 }
 
 fn display_name(i: usize) -> String {
@@ -361,12 +303,15 @@ async fn run(target: &Target, n: usize, phase: Duration, conns: usize) {
     let replica_mem_before = Target::memory(&target.replicas).await;
 
     // Register N through the orchestrator.
-    let (orch_cpu, valkey_cpu) = (cpu_secs(pid), Target::cpu(&target.masters).await);
+    let (orch_cpu, valkey_cpu) = (
+        cpu_time(&pid.to_string()).as_secs_f64(),
+        Target::cpu(&target.masters).await,
+    );
     let started = Instant::now();
     let ids = register_all(&addr, n, conns, t).await;
     let took = started.elapsed().as_secs_f64();
     let (orch_cpu, valkey_cpu) = (
-        cpu_secs(pid) - orch_cpu,
+        cpu_time(&pid.to_string()).as_secs_f64() - orch_cpu,
         Target::cpu(&target.masters).await - valkey_cpu,
     );
     let register_rate = n as f64 / took;
@@ -430,13 +375,13 @@ async fn run(target: &Target, n: usize, phase: Duration, conns: usize) {
     // Pings through the orchestrator, then the same script straight to Valkey.
     let ids = Arc::new(ids);
     let before = (
-        cpu_secs(pid),
+        cpu_time(&pid.to_string()).as_secs_f64(),
         Target::cpu(&target.masters).await,
         Target::cpu(&target.replicas).await,
     );
     let (pings, errors, mut lat) = ping_phase(&addr, ids.clone(), phase, conns).await;
     let used = (
-        cpu_secs(pid) - before.0,
+        cpu_time(&pid.to_string()).as_secs_f64() - before.0,
         Target::cpu(&target.masters).await - before.1,
         Target::cpu(&target.replicas).await - before.2,
     );
@@ -734,12 +679,15 @@ async fn sweep_passes(target: &Target, store: &ValkeyStore, n: usize) {
     let t = target.name.as_str();
     let me = std::process::id();
     let pass = |what: &'static str| async move {
-        let (own, valkey) = (cpu_secs(me), Target::cpu(&target.masters).await);
+        let (own, valkey) = (
+            cpu_time(&me.to_string()).as_secs_f64(),
+            Target::cpu(&target.masters).await,
+        );
         let started = Instant::now();
         let dropped = store.sweep().await.expect("sweep");
         let took = started.elapsed();
         let (own, valkey) = (
-            cpu_secs(me) - own,
+            cpu_time(&me.to_string()).as_secs_f64() - own,
             Target::cpu(&target.masters).await - valkey,
         );
         assert_eq!(dropped, 0, "every entry is live");

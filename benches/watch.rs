@@ -39,7 +39,7 @@ use serde_json::json;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
-use common::{connect, env_num, rss, send};
+use common::{connect, cpu_time, env_num, rss, send};
 
 /// Display names the fan-out watchers filter on.
 const NAMES: usize = 10;
@@ -103,22 +103,8 @@ impl Orchestrator {
 
     /// CPU time used so far (user + system).
     fn cpu(&self) -> Duration {
-        cpu_of(&self.pid().to_string())
+        cpu_time(&self.pid().to_string())
     }
-}
-
-/// CPU time process `pid` (or `self`) used so far (user + system), from /proc.
-fn cpu_of(pid: &str) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which is in parentheses and may hold spaces).
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let fields: Vec<u64> = rest
-        .split_whitespace()
-        .map(|f| f.parse().unwrap_or(0))
-        .collect();
-    // utime and stime are fields 14 and 15 of stat, 12 and 13 after the name.
-    let ticks = fields.get(11).copied().unwrap_or(0) + fields.get(12).copied().unwrap_or(0);
-    Duration::from_millis(ticks * 10) // USER_HZ is 100 on Linux
 }
 
 impl Drop for Orchestrator {
@@ -279,9 +265,7 @@ async fn run(watchers: &[usize], duration: Duration, rounds: usize) {
     let b = Orchestrator::start(Some(&valkey.url()));
     println!(
         "machine: {} cores; replicas A {} and B {} on valkey {}",
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1),
+        common::cores(),
         a.addr,
         b.addr,
         valkey.url()
@@ -441,7 +425,7 @@ async fn fan_out(orch: &Orchestrator, watchers: usize, duration: Duration) {
     );
 
     let cpu_before = orch.cpu();
-    let own_cpu_before = cpu_of("self");
+    let own_cpu_before = cpu_time("self");
     let started = Instant::now();
     let tag = format!("w{watchers}");
     let sent = drive_changes(&orch.addr, duration, &tag).await;
@@ -464,7 +448,7 @@ async fn fan_out(orch: &Orchestrator, watchers: usize, duration: Duration) {
     }
     let wall = started.elapsed();
     let cpu = orch.cpu().saturating_sub(cpu_before);
-    let own_cpu = cpu_of("self").saturating_sub(own_cpu_before);
+    let own_cpu = cpu_time("self").saturating_sub(own_cpu_before);
     drop(tx);
     let mut latencies = Vec::new();
     while let Ok(e) = rx.try_recv() {
