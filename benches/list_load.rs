@@ -61,7 +61,8 @@ fn main() {
     }
 }
 
-/// The orchestrator process: configured from its environment, serves until stdin closes.
+/// The orchestrator as its own process (common::spawn_orchestrator), holding at least `n`
+/// registrations for an hour, on `valkey` when given.
 fn spawn_orchestrator(valkey: Option<&valkey::ValkeyServer>, n: usize) -> (Child, String) {
     let mut envs = vec![
         ("ORCHESTRATOR_TTL_SECONDS", "3600".to_owned()),

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use servicekit_orchestrator::config::Config;
-use servicekit_orchestrator::server::{self, Running};
+use servicekit_orchestrator::server::Running;
 use servicekit_orchestrator::store::url_tag;
 use servicekit_orchestrator::store::valkey::tag_text;
 use support::cluster::ValkeyCluster;
@@ -44,14 +44,9 @@ static ONE_CLUSTER_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const
 /// replicas.
 async fn replica(url: String, prefix: &str) -> (Running, Api) {
     let mut config = Config::for_tests();
-    config.valkey_url = Some(url);
-    config.key_prefix = prefix.to_owned();
     config.ttl_seconds = TTL_SECONDS;
     config.admin_key = Some(ADMIN_KEY.to_owned());
-    let running = server::start(config).await.expect("orchestrator starts");
-    assert_eq!(running.store_kind(), "valkey");
-    let api = Api::new(running.base_url());
-    (running, api)
+    support::replicas::start_with(config, url, prefix).await
 }
 
 /// A real `service` process registering and pinging through `api`.

@@ -892,8 +892,8 @@ fn check_k8s_service(p: &mut Problems, k8s: &K8s, name: &str, port: u64) {
     );
 }
 
-fn k8s_problems(texts: &[String]) -> Problems {
-    let mut p = Problems::default();
+/// Every YAML document of `texts`; a text that is not YAML is a problem.
+fn k8s_docs(texts: &[String], p: &mut Problems) -> K8s {
     let mut docs = Vec::new();
     for text in texts {
         match yaml_docs(text) {
@@ -901,7 +901,12 @@ fn k8s_problems(texts: &[String]) -> Problems {
             Err(e) => p.0.push(format!("not YAML: {e}")),
         }
     }
-    let k8s = K8s { docs };
+    K8s { docs }
+}
+
+fn k8s_problems(texts: &[String]) -> Problems {
+    let mut p = Problems::default();
+    let k8s = k8s_docs(texts, &mut p);
     for doc in &k8s.docs {
         check!(
             p,
@@ -1236,14 +1241,7 @@ fn compose_cluster_problems(text: &str) -> Problems {
 
 fn k8s_cluster_problems(texts: &[String]) -> Problems {
     let mut p = Problems::default();
-    let mut docs = Vec::new();
-    for text in texts {
-        match yaml_docs(text) {
-            Ok(d) => docs.extend(d),
-            Err(e) => p.0.push(format!("not YAML: {e}")),
-        }
-    }
-    let k8s = K8s { docs };
+    let k8s = k8s_docs(texts, &mut p);
     let null = Value::Null;
     let kustomization = k8s
         .docs

@@ -144,7 +144,7 @@ struct Load {
     errors: std::sync::Mutex<Vec<String>>,
 }
 
-/// GETs `/` through `client` every 5 ms (four at a time) until `load.stop`.
+/// GETs `/` through `client` every 20 ms (four at a time) until `load.stop`.
 fn run_load(client: BalancedClient, load: Arc<Load>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut workers = Vec::new();

@@ -661,20 +661,13 @@ pub async fn bad_watch_queries_are_400_problems(start: Factory) {
 async fn changes_through_one_replica_reach_watchers_on_every_replica() {
     let valkey = support::valkey::ValkeyServer::new();
     let prefix = format!("test:{}:", ulid::Ulid::new());
+    // memory_server starts whatever store the config names: here the shared Valkey.
     let replica = || {
         let mut config = Config::for_tests();
         config.ttl_seconds = 1;
         config.valkey_url = Some(valkey.url());
         config.key_prefix = prefix.clone();
-        async move {
-            let running = server::start(config).await.expect("orchestrator starts");
-            let api = Api::new(running.base_url());
-            Server {
-                running,
-                api,
-                _backing: Box::new(()),
-            }
-        }
+        memory_server(config)
     };
     let (a, b) = (replica().await, replica().await);
     let mut on_a = watch(&a, "watch=true", &[]).await;

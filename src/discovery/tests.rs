@@ -632,10 +632,6 @@ async fn no_instance_is_a_typed_error_within_the_wait() {
     );
 }
 
-fn is_ejected(client: &BalancedClient, url: &str) -> bool {
-    client.is_ejected(url)
-}
-
 #[tokio::test]
 async fn an_ejected_instance_returns_after_the_cooldown() {
     let mut a = Backend::start("a").await;
@@ -647,7 +643,7 @@ async fn an_ejected_instance_returns_after_the_cooldown() {
         .unwrap();
     a.kill();
     let url = a.url();
-    while !is_ejected(&client, &url) {
+    while !client.is_ejected(&url) {
         client.get("/").await.unwrap();
     }
     a.restart().await;
@@ -658,7 +654,7 @@ async fn an_ejected_instance_returns_after_the_cooldown() {
         }
     })
     .await;
-    assert!(!is_ejected(&client, &url));
+    assert!(!client.is_ejected(&url));
 }
 
 #[tokio::test]
@@ -672,7 +668,7 @@ async fn an_ejected_instance_returns_when_discovery_shows_it_again() {
         .unwrap();
     a.kill();
     let url = a.url();
-    while !is_ejected(&client, &url) {
+    while !client.is_ejected(&url) {
         client.get("/").await.unwrap();
     }
     a.restart().await;

@@ -9,6 +9,8 @@ pub mod cluster;
 #[path = "../../orchestrator/tests/support/http.rs"]
 pub mod http;
 pub mod process;
+#[path = "../../orchestrator/tests/support/replicas.rs"]
+pub mod replicas;
 #[path = "../../orchestrator/tests/support/tls.rs"]
 pub mod tls;
 #[path = "../../orchestrator/tests/support/valkey.rs"]

@@ -67,7 +67,11 @@ impl Replicas {
 
 /// One orchestrator on the Valkey at `url` (test settings otherwise), keyed under `prefix`.
 pub async fn start(url: String, prefix: &str) -> (Running, Api) {
-    let mut config = Config::for_tests();
+    start_with(Config::for_tests(), url, prefix).await
+}
+
+/// One orchestrator with `config`, on the Valkey at `url`, keyed under `prefix`.
+pub async fn start_with(mut config: Config, url: String, prefix: &str) -> (Running, Api) {
     config.valkey_url = Some(url);
     config.key_prefix = prefix.to_owned();
     let running = server::start(config).await.expect("orchestrator starts");
