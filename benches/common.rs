@@ -4,6 +4,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -25,6 +26,51 @@ pub fn rss(pid: u32, field: &str) -> u64 {
                 .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
         })
         .unwrap_or(0)
+}
+
+/// Registers `range` through the orchestrator at `addr` over `conns` HTTP/1.1 connections,
+/// `body(i)` for each `i`, counting each in `done`; the ids, in no particular order.
+pub async fn register_range(
+    addr: &str,
+    range: std::ops::Range<usize>,
+    conns: usize,
+    body: fn(usize) -> Vec<u8>,
+    done: &Arc<AtomicUsize>,
+) -> Vec<Ulid> {
+    let next = Arc::new(AtomicUsize::new(range.start));
+    let mut tasks = Vec::new();
+    for _ in 0..conns {
+        let (addr, next, done, end) = (addr.to_owned(), next.clone(), done.clone(), range.end);
+        tasks.push(tokio::spawn(async move {
+            let mut sender = connect(&addr).await;
+            let mut ids = Vec::new();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= end {
+                    return ids;
+                }
+                let (status, reply) =
+                    send(&mut sender, "POST", "/services/$register", Some(body(i))).await;
+                assert!(
+                    status == 201 || status == 200,
+                    "register: {status} {reply:?}"
+                );
+                let v: serde_json::Value = serde_json::from_slice(&reply).expect("json");
+                ids.push(
+                    v["id"]
+                        .as_str()
+                        .and_then(|s| Ulid::from_string(s).ok())
+                        .expect("id"),
+                );
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    let mut ids = Vec::new();
+    for t in tasks {
+        ids.extend(t.await.expect("task"));
+    }
+    ids
 }
 
 /// CPU time (user + system) process `pid` (a number, or `self`) has used so far, from

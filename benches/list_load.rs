@@ -31,7 +31,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{connect, env_num, rss, send};
-use serde_json::{json, Value};
+use serde_json::json;
 
 const REGISTER_CONNECTIONS: usize = 64;
 const PING_CONNECTIONS: usize = 16;
@@ -79,7 +79,15 @@ async fn run(store: &str, valkey: Option<&valkey::ValkeyServer>, n: usize, phase
     let (mut child, addr) = spawn_orchestrator(valkey, n);
     let pid = child.id();
     let started = Instant::now();
-    let ids = Arc::new(register_range(&addr, n).await);
+    let ids = common::register_range(
+        &addr,
+        0..n,
+        REGISTER_CONNECTIONS,
+        registration,
+        &Arc::default(),
+    )
+    .await;
+    let ids: Arc<Vec<String>> = Arc::new(ids.iter().map(ToString::to_string).collect());
     println!(
         "[{store}] registered {n} in {:.1} s",
         started.elapsed().as_secs_f64()
@@ -158,34 +166,6 @@ fn registration(i: usize) -> Vec<u8> {
         }
     }))
     .expect("json")
-}
-
-async fn register_range(addr: &str, n: usize) -> Vec<String> {
-    let next = Arc::new(AtomicUsize::new(0));
-    let mut tasks = Vec::new();
-    for _ in 0..REGISTER_CONNECTIONS {
-        let (addr, next) = (addr.to_owned(), next.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut sender = connect(&addr).await;
-            let mut ids = Vec::new();
-            loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= n {
-                    return ids;
-                }
-                let body = Some(registration(i));
-                let (status, body) = send(&mut sender, "POST", "/services/$register", body).await;
-                assert!(status == 201 || status == 200, "register: {status}");
-                let v: Value = serde_json::from_slice(&body).expect("json");
-                ids.push(v["id"].as_str().expect("id").to_owned());
-            }
-        }));
-    }
-    let mut ids = Vec::new();
-    for t in tasks {
-        ids.extend(t.await.expect("task"));
-    }
-    ids
 }
 
 struct Latency {

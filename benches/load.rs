@@ -24,7 +24,6 @@ mod valkey;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -119,7 +118,16 @@ async fn run(n: usize, duration: Duration) {
         if upto <= done {
             continue;
         }
-        ids.extend(register_range(&addr, done, upto).await);
+        ids.extend(
+            common::register_range(
+                &addr,
+                done..upto,
+                CONNECTIONS,
+                registration,
+                &Arc::default(),
+            )
+            .await,
+        );
         done = upto;
         if upto == 10_000 || upto == 100_000 {
             list_timings(&addr, upto).await;
@@ -197,44 +205,6 @@ fn registration(i: usize) -> Vec<u8> {
         }
     }))
     .expect("json")
-}
-
-async fn register_range(addr: &str, from: usize, to: usize) -> Vec<Ulid> {
-    let next = Arc::new(AtomicUsize::new(from));
-    let mut tasks = Vec::new();
-    for _ in 0..CONNECTIONS {
-        let (addr, next) = (addr.to_owned(), next.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut sender = connect(&addr).await;
-            let mut ids = Vec::new();
-            loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= to {
-                    return ids;
-                }
-                let (status, body) = send(
-                    &mut sender,
-                    "POST",
-                    "/services/$register",
-                    Some(registration(i)),
-                )
-                .await;
-                assert!(status == 201 || status == 200, "register: {status}");
-                let v: Value = serde_json::from_slice(&body).expect("json");
-                ids.push(
-                    v["id"]
-                        .as_str()
-                        .and_then(|s| Ulid::from_string(s).ok())
-                        .expect("id"),
-                );
-            }
-        }));
-    }
-    let mut ids = Vec::new();
-    for t in tasks {
-        ids.extend(t.await.expect("task"));
-    }
-    ids
 }
 
 async fn list_timings(addr: &str, n: usize) {

@@ -44,7 +44,7 @@ use servicekit_orchestrator::store::{Store, ValkeyStore};
 use ulid::Ulid;
 
 use common::{
-    connect, cores, cpu_time, env_num, info_number, ping_phase, send, used_memory, Reply, Resp,
+    connect, cores, cpu_time, env_num, info_number, ping_phase, used_memory, Reply, Resp,
 };
 
 const PREFIX: &str = "servicekit:";
@@ -420,41 +420,7 @@ async fn run(target: &Target, n: usize, phase: Duration, conns: usize) {
 
 /// Registers `0..n` over `conns` connections; prints progress every tenth.
 async fn register_all(addr: &str, n: usize, conns: usize, t: &str) -> Vec<Ulid> {
-    let next = Arc::new(AtomicUsize::new(0));
     let done = Arc::new(AtomicUsize::new(0));
-    let mut tasks = Vec::new();
-    for _ in 0..conns {
-        let (addr, next, done) = (addr.to_owned(), next.clone(), done.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut sender = connect(&addr).await;
-            let mut ids = Vec::new();
-            loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= n {
-                    return ids;
-                }
-                let (status, body) = send(
-                    &mut sender,
-                    "POST",
-                    "/services/$register",
-                    Some(registration(i)),
-                )
-                .await;
-                assert!(
-                    status == 201 || status == 200,
-                    "register: {status} {body:?}"
-                );
-                let v: Value = serde_json::from_slice(&body).expect("json");
-                ids.push(
-                    v["id"]
-                        .as_str()
-                        .and_then(|s| Ulid::from_string(s).ok())
-                        .expect("id"),
-                );
-                done.fetch_add(1, Ordering::Relaxed);
-            }
-        }));
-    }
     let progress = {
         let (done, t) = (done.clone(), t.to_owned());
         tokio::spawn(async move {
@@ -473,10 +439,7 @@ async fn register_all(addr: &str, n: usize, conns: usize, t: &str) -> Vec<Ulid> 
             }
         })
     };
-    let mut ids = Vec::new();
-    for task in tasks {
-        ids.extend(task.await.expect("task"));
-    }
+    let ids = common::register_range(addr, 0..n, conns, registration, &done).await;
     progress.abort();
     ids
 }
