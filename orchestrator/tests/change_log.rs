@@ -1,10 +1,10 @@
 //! The stores' change log (`Store::change_head`, `changes`, `reap`): what the watch feed reads.
 //!
 //! Each scenario is a function generic over [`Store`] taking two stores on one backend: two
-//! orchestrator replicas on one Valkey (or two clones of one memory store). The Valkey
-//! and memory instantiations are at the bottom, and the same on the test binary's shared
-//! six-node Valkey Cluster (`cluster::*`). Scenarios that need
-//! the backend itself (flushing Valkey, a record lost under a listing) are Valkey-only.
+//! orchestrator replicas on one Valkey (or two clones of one memory store). `scenarios!` runs
+//! each as `memory::*`, `valkey::*` and on the test binary's shared six-node Valkey Cluster
+//! (`cluster::*`). Scenarios that need the backend itself (flushing Valkey, a record lost
+//! under a listing) are written out for Valkey only.
 
 mod support;
 
@@ -476,10 +476,31 @@ impl Valkey {
 
 const LOG_LEN: usize = servicekit_orchestrator::store::CHANGE_LOG_LEN;
 
-/// Each scenario also on the shared cluster: two replicas seeded by different nodes, on a key
-/// prefix of the test's own (`name(ttl, log length, extra arguments)`).
-macro_rules! on_cluster {
+/// Each scenario on each store, as `memory::<name>`, `valkey::<name>` (its own valkey-server)
+/// and `cluster::<name>` (the shared cluster: two replicas seeded by different nodes, on a key
+/// prefix of the test's own): `name(ttl, log length, extra arguments)`.
+macro_rules! scenarios {
     ($($name:ident($ttl:expr, $len:expr $(, $arg:expr)*)),* $(,)?) => {
+        mod memory {
+            use super::*;
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let (a, b) = super::memory($ttl, $len);
+                    super::$name(&a, &b $(, $arg)*).await;
+                }
+            )*
+        }
+        mod valkey {
+            use super::*;
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let v = Valkey::open($ttl, $len).await;
+                    super::$name(&v.a, &v.b $(, $arg)*).await;
+                }
+            )*
+        }
         mod cluster {
             use super::*;
             $(
@@ -505,7 +526,7 @@ macro_rules! on_cluster {
     };
 }
 
-on_cluster!(
+scenarios!(
     lifecycle_in_order(LONG_TTL, LOG_LEN),
     head_then_listing_agree(LONG_TTL, LOG_LEN),
     expiry_logged_once_by_racing_reapers(SHORT_TTL, LOG_LEN),
@@ -513,42 +534,6 @@ on_cluster!(
     waiting_reader_sees_other_replica(LONG_TTL, LOG_LEN),
     trimmed_and_future_cursors_are_gaps(LONG_TTL, 10, 100),
 );
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn valkey_lifecycle_in_order() {
-    let v = Valkey::open(LONG_TTL, LOG_LEN).await;
-    lifecycle_in_order(&v.a, &v.b).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn valkey_head_then_listing_agree() {
-    let v = Valkey::open(LONG_TTL, LOG_LEN).await;
-    head_then_listing_agree(&v.a, &v.b).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn valkey_expiry_logged_once_by_racing_reapers() {
-    let v = Valkey::open(SHORT_TTL, LOG_LEN).await;
-    expiry_logged_once_by_racing_reapers(&v.a, &v.b).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn valkey_deregister_racing_reap_logs_one_removal() {
-    let v = Valkey::open(SHORT_TTL, LOG_LEN).await;
-    deregister_racing_reap_logs_one_removal(&v.a, &v.b).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn valkey_waiting_reader_sees_other_replica() {
-    let v = Valkey::open(LONG_TTL, LOG_LEN).await;
-    waiting_reader_sees_other_replica(&v.a, &v.b).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn valkey_trimmed_and_future_cursors_are_gaps() {
-    let v = Valkey::open(LONG_TTL, 10).await;
-    trimmed_and_future_cursors_are_gaps(&v.a, &v.b, 100).await;
-}
 
 /// Valkey lost its data (FLUSHALL, a restart without persistence): every cursor but ZERO is
 /// a gap, before and after the log is written anew.
@@ -777,42 +762,6 @@ async fn valkey_lost_registration_is_announced_again() {
 fn memory(ttl: Duration, log_len: usize) -> (MemoryStore, MemoryStore) {
     let a = MemoryStore::new(ttl).with_change_log_len(log_len);
     (a.clone(), a)
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn memory_lifecycle_in_order() {
-    let (a, b) = memory(LONG_TTL, LOG_LEN);
-    lifecycle_in_order(&a, &b).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn memory_head_then_listing_agree() {
-    let (a, b) = memory(LONG_TTL, LOG_LEN);
-    head_then_listing_agree(&a, &b).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn memory_expiry_logged_once_by_racing_reapers() {
-    let (a, b) = memory(SHORT_TTL, LOG_LEN);
-    expiry_logged_once_by_racing_reapers(&a, &b).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn memory_deregister_racing_reap_logs_one_removal() {
-    let (a, b) = memory(SHORT_TTL, LOG_LEN);
-    deregister_racing_reap_logs_one_removal(&a, &b).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn memory_waiting_reader_sees_other_replica() {
-    let (a, b) = memory(LONG_TTL, LOG_LEN);
-    waiting_reader_sees_other_replica(&a, &b).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn memory_trimmed_and_future_cursors_are_gaps() {
-    let (a, b) = memory(LONG_TTL, 10);
-    trimmed_and_future_cursors_are_gaps(&a, &b, 100).await;
 }
 
 /// An orchestrator on the memory store restarted: a cursor the old process handed out is a
