@@ -349,13 +349,13 @@ async fn run(target: &Target, n: usize, phase: Duration, conns: usize) {
         replicas as f64 / n as f64
     );
 
+    // A store client of the bench's own: the record key here, the raw ping baseline and the
+    // sweep passes below.
+    let store = ValkeyStore::connect(&target.url, PREFIX, TTL)
+        .await
+        .expect("store");
     // The register baseline: SET of a record-sized value straight to Valkey.
-    let record_key = {
-        let store = ValkeyStore::connect(&target.url, PREFIX, TTL)
-            .await
-            .expect("store");
-        store.ping_command(ids[0]).1[0].clone()
-    };
+    let record_key = store.ping_command(ids[0]).1[0].clone();
     let record_len = match Routed::new(&target.routing)
         .await
         .call(&record_key, &[b"STRLEN", record_key.as_bytes()])
@@ -398,9 +398,6 @@ async fn run(target: &Target, n: usize, phase: Duration, conns: usize) {
         pings as f64 / used.1,
         used.2
     );
-    let store = ValkeyStore::connect(&target.url, PREFIX, TTL)
-        .await
-        .expect("store");
     let valkey_before = Target::cpu(&target.masters).await;
     let raw = raw_ping_count(target, &store, ids.clone(), phase, conns).await;
     let raw_cpu = Target::cpu(&target.masters).await - valkey_before;
