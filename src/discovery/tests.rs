@@ -632,6 +632,25 @@ async fn no_instance_is_a_typed_error_within_the_wait() {
     );
 }
 
+/// Kills `a`, sends requests until the client ejects it, then starts it again.
+async fn eject_then_restart(client: &BalancedClient, a: &mut Backend) {
+    a.kill();
+    while !client.is_ejected(&a.url()) {
+        client.get("/").await.unwrap();
+    }
+    a.restart().await;
+}
+
+/// Sends requests until `a` answers one.
+async fn gets_traffic_again(client: &BalancedClient, a: &Backend) {
+    within("a gets traffic again", async {
+        while a.hits() == 0 {
+            client.get("/").await.unwrap();
+        }
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn an_ejected_instance_returns_after_the_cooldown() {
     let mut a = Backend::start("a").await;
@@ -641,19 +660,10 @@ async fn an_ejected_instance_returns_after_the_cooldown() {
         .eject_cooldown(Duration::from_millis(300))
         .build()
         .unwrap();
-    a.kill();
     let url = a.url();
-    while !client.is_ejected(&url) {
-        client.get("/").await.unwrap();
-    }
-    a.restart().await;
+    eject_then_restart(&client, &mut a).await;
     // Readmitted with the first request after the cooldown.
-    within("a gets traffic again", async {
-        while a.hits() == 0 {
-            client.get("/").await.unwrap();
-        }
-    })
-    .await;
+    gets_traffic_again(&client, &a).await;
     assert!(!client.is_ejected(&url));
 }
 
@@ -666,22 +676,12 @@ async fn an_ejected_instance_returns_when_discovery_shows_it_again() {
         .eject_cooldown(Duration::from_secs(3600))
         .build()
         .unwrap();
-    a.kill();
-    let url = a.url();
-    while !client.is_ejected(&url) {
-        client.get("/").await.unwrap();
-    }
-    a.restart().await;
+    eject_then_restart(&client, &mut a).await;
     // a re-registers (a new record): discovery inserts it again.
     let mut again = records[0].clone();
     again.last_updated = Timestamp::from_millis(2);
     conn.send(&event("2-0", "updated", &again)).await;
-    within("a gets traffic again", async {
-        while a.hits() == 0 {
-            client.get("/").await.unwrap();
-        }
-    })
-    .await;
+    gets_traffic_again(&client, &a).await;
 }
 
 #[cfg(feature = "tonic")]
