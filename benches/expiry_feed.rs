@@ -77,6 +77,7 @@ async fn run(n: usize) {
                 ),
                 info: ServiceInfo::new(format!("service-{:03}", i % 100)),
                 requested_id: None,
+                check: None,
             };
             let r = store.register(reg).await.expect("register").record;
             (r.id, r.expires_at.as_millis())

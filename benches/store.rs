@@ -44,6 +44,7 @@ fn registration(i: usize) -> Registration {
         ),
         info,
         requested_id: None,
+        check: None,
     }
 }
 

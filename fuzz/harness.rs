@@ -25,6 +25,7 @@ pub async fn check(data: &[u8]) -> Result<(), String> {
         url: "http://seed.example:8000".into(),
         info: ServiceInfo::new("seed"),
         lease: None,
+        check: None,
     })
     .map_err(|e| format!("seed registration rejected: {e:?}"))?;
     let live = store

@@ -252,6 +252,7 @@ impl OrchestratorClient {
             url: url.to_owned(),
             info: info.clone(),
             lease: Some(true),
+            check: None,
         };
         let target = self.register_url.clone();
         let bytes = serde_json::to_vec(&body).map_err(|e| ClientError::Protocol {

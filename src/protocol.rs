@@ -12,6 +12,13 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::{Map, Value};
 use ulid::Ulid;
 
+pub mod health;
+
+pub use health::{
+    CheckSpec, CheckTarget, Health, HealthReport, HealthStatus, HealthStatusError,
+    MAX_HEALTH_OUTPUT,
+};
+
 /// Path of the registration endpoint, relative to the orchestrator's base URL.
 pub const REGISTER_PATH: &str = "/services/$register";
 
@@ -274,6 +281,10 @@ pub struct RegisterRequest {
     /// write of this entry must present. Left out when not set, as the reference client does.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lease: Option<bool>,
+    /// A check for the orchestrator to run on the instance (see [`CheckSpec`]). Left out when
+    /// not set; an orchestrator without health support ignores it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check: Option<CheckSpec>,
 }
 
 /// The secret of a leased registration, as the orchestrator hands it out (`lease_token`) and
@@ -418,6 +429,13 @@ pub struct ServiceRecord {
     pub last_ping_at: Timestamp,
     /// When the entry expires unless pinged.
     pub expires_at: Timestamp,
+    /// How the instance is doing; `passing` until a report or a check says otherwise (and
+    /// when an orchestrator without health support leaves it out).
+    #[serde(default)]
+    pub health: Health,
+    /// The check the orchestrator runs on the instance, when its registration declared one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check: Option<CheckSpec>,
 }
 
 /// Answer to `GET /services`.
@@ -637,6 +655,8 @@ mod tests {
             last_updated: Timestamp::from_millis(2),
             last_ping_at: Timestamp::from_millis(3),
             expires_at: Timestamp::from_millis(4),
+            health: Health::default(),
+            check: None,
         };
         let whole: RemovedService =
             serde_json::from_value(serde_json::to_value(&record).unwrap()).unwrap();
@@ -752,6 +772,7 @@ mod tests {
             url: "http://a".into(),
             info: ServiceInfo::new("A"),
             lease: None,
+            check: None,
         };
         let json = serde_json::to_value(&request).unwrap();
         assert_eq!(

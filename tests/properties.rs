@@ -7,8 +7,8 @@
 use proptest::prelude::*;
 use serde_json::{Map, Value};
 use servicekit::protocol::{
-    LeaseToken, ListResponse, Problem, RegisterRequest, RegisterResponse, RegistrationStatus,
-    ServiceInfo, ServiceRecord, Timestamp,
+    Health, HealthStatus, LeaseToken, ListResponse, Problem, RegisterRequest, RegisterResponse,
+    RegistrationStatus, ServiceInfo, ServiceRecord, Timestamp,
 };
 use servicekit_orchestrator::api::canonical_url;
 use ulid::Ulid;
@@ -73,8 +73,9 @@ fn service_record() -> impl Strategy<Value = ServiceRecord> {
         any::<String>(),
         service_info(),
         [timestamp(), timestamp(), timestamp(), timestamp()],
+        health(),
     )
-        .prop_map(|(id, url, info, [a, b, c, d])| ServiceRecord {
+        .prop_map(|(id, url, info, [a, b, c, d], health)| ServiceRecord {
             id,
             url,
             info,
@@ -82,6 +83,21 @@ fn service_record() -> impl Strategy<Value = ServiceRecord> {
             last_updated: b,
             last_ping_at: c,
             expires_at: d,
+            health,
+            check: None,
+        })
+}
+
+fn health() -> impl Strategy<Value = Health> {
+    (
+        proptest::sample::select(HealthStatus::ALL.to_vec()),
+        any::<String>(),
+        proptest::option::of(timestamp()),
+    )
+        .prop_map(|(status, output, checked_at)| Health {
+            status,
+            output,
+            checked_at,
         })
 }
 
@@ -143,7 +159,13 @@ proptest! {
         info in service_info(),
         lease in proptest::option::of(any::<bool>()),
     ) {
-        round_trips(&RegisterRequest { id, url, info, lease })?;
+        round_trips(&RegisterRequest {
+            id,
+            url,
+            info,
+            lease,
+            check: None,
+        })?;
     }
 
     #[test]

@@ -22,9 +22,9 @@ use serde::Serialize;
 use serde_json::{json, Map};
 use servicekit::protocol::ServiceRecord;
 use servicekit::protocol::{
-    DeregisterResponse, HealthResponse, PingResponse, RegisterRequest, RegisterResponse,
-    RegistrationStatus, ADMIN_KEY_HEADER, LAST_EVENT_ID_HEADER, LEASE_TOKEN_HEADER,
-    SERVICE_KEY_HEADER, WATCH_PARAM,
+    DeregisterResponse, Health, HealthReport, HealthResponse, HealthStatus, PingResponse,
+    RegisterRequest, RegisterResponse, RegistrationStatus, ADMIN_KEY_HEADER, LAST_EVENT_ID_HEADER,
+    LEASE_TOKEN_HEADER, SERVICE_KEY_HEADER, WATCH_PARAM,
 };
 use subtle::ConstantTimeEq;
 use tower_http::timeout::TimeoutError;
@@ -37,8 +37,8 @@ use crate::logsafe::Untrusted;
 use crate::metrics::Metrics;
 use crate::problem::ApiError;
 use crate::store::{
-    Access, Changes, ClusterHealth, Cursor, LeaseOutcome, ListFilter, Listing, Pinged, Registered,
-    Registration, Store, StoreError, StoreHealth, LIST_BATCH,
+    Access, Changes, ClusterHealth, Cursor, HealthSet, LeaseOutcome, ListFilter, Listing, Pinged,
+    Registered, Registration, Store, StoreError, StoreHealth, LIST_BATCH,
 };
 
 /// Upper bound for the health check, so `/health` answers even when the store hangs.
@@ -277,6 +277,27 @@ impl<S: Store> Store for Bounded<S> {
             STORE_TIMEOUT,
             self.inner.deregister_as(id, access),
         )
+    }
+
+    fn set_health(
+        &self,
+        id: Ulid,
+        health: Health,
+        access: Access,
+    ) -> impl Future<Output = Result<Option<HealthSet>, StoreError>> + Send {
+        self.timed(
+            "set_health",
+            STORE_TIMEOUT,
+            self.inner.set_health(id, health, access),
+        )
+    }
+
+    fn checkers(
+        &self,
+        replica: &str,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<Vec<String>, StoreError>> + Send {
+        self.timed("checkers", STORE_TIMEOUT, self.inner.checkers(replica, ttl))
     }
 
     fn sweep(&self) -> impl Future<Output = Result<usize, StoreError>> + Send {
@@ -532,7 +553,9 @@ impl<S: Store> Api<S> {
             }
             (Route::Ping(id), &Method::PUT) => {
                 let access = self.authorize(&req)?;
-                self.ping(id.ok_or_else(no_such_id)?, access).await
+                let id = id.ok_or_else(no_such_id)?;
+                let report = self.health_report(req).await?;
+                self.ping(id, access, report).await
             }
             (route, method) => Err(ApiError::MethodNotAllowed {
                 method: method.to_string(),
@@ -663,13 +686,49 @@ impl<S: Store> Api<S> {
         Ok(response)
     }
 
-    async fn ping(&self, id: Ulid, access: Access) -> Result<Response<ApiBody>, ApiError> {
+    /// The health a ping's body reports: none for an empty body (the reference client's
+    /// ping) or `null`.
+    async fn health_report<B>(&self, req: Request<B>) -> Result<Option<HealthReport>, ApiError>
+    where
+        B: Body<Data = Bytes> + Send,
+        B::Error: Into<BoxError>,
+    {
+        let body = self.json_body(req).await?;
+        if body.iter().all(u8::is_ascii_whitespace) {
+            return Ok(None);
+        }
+        serde_json::from_slice::<Option<HealthReport>>(&body).map_err(|e| {
+            ApiError::BadRequest(format!(
+                "invalid ping body: {e}; send nothing, or {{\"status\": \"passing\" | \
+                 \"warning\" | \"critical\", \"output\": \"...\"}}"
+            ))
+        })
+    }
+
+    async fn ping(
+        &self,
+        id: Ulid,
+        access: Access,
+        report: Option<HealthReport>,
+    ) -> Result<Response<ApiBody>, ApiError> {
         let pinged = self
             .store
             .ping_as(id, access)
             .await?
             .ok_or_else(|| not_found(id))?;
         tracing::debug!(id = %id, "service.pinged");
+        if let Some(report) = report {
+            let health = report.into_health(pinged.last_ping_at);
+            let set = self
+                .store
+                .set_health(id, health, access)
+                .await?
+                .ok_or_else(|| not_found(id))?;
+            if set.changed {
+                let h = &set.record.health;
+                tracing::info!(id = %id, status = %h.status, output = %Untrusted(&h.output), source = "push", "service.health");
+            }
+        }
         json_response(
             StatusCode::OK,
             &PingResponse {
@@ -1101,10 +1160,14 @@ pub fn validate_registration(request: RegisterRequest) -> Result<Registration, A
     if name.len() != info.display_name.len() {
         info.display_name = name.to_owned();
     }
+    if let Some(check) = &request.check {
+        crate::checks::Probe::resolve(check, &url).map_err(ApiError::BadRequest)?;
+    }
     Ok(Registration {
         url,
         info,
         requested_id: request.id.as_deref().and_then(parse_id),
+        check: request.check,
     })
 }
 
@@ -1174,6 +1237,16 @@ fn parse_list_query(query: &str) -> Result<ListQuery, ApiError> {
                     )))
                 }
             },
+            "health" => {
+                for status in value.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+                    let status = status
+                        .parse::<HealthStatus>()
+                        .map_err(|e| ApiError::BadRequest(format!("invalid health filter: {e}")))?;
+                    if !q.filter.health.contains(&status) {
+                        q.filter.health.push(status);
+                    }
+                }
+            }
             WATCH_PARAM => match value.as_ref() {
                 "true" => q.watch = true,
                 "false" => q.watch = false,
@@ -1190,7 +1263,7 @@ fn parse_list_query(query: &str) -> Result<ListQuery, ApiError> {
                 _ => {
                     return Err(ApiError::BadRequest(format!(
                         "unknown query parameter {k:?}; use display_name, url, info.FIELD, \
-                         limit, cursor or watch"
+                         health, limit, cursor or watch"
                     )))
                 }
             },

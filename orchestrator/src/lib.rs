@@ -30,6 +30,7 @@
 //! ```
 
 pub mod api;
+pub mod checks;
 pub mod config;
 pub mod connection;
 pub mod fd_limit;

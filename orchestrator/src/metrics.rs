@@ -33,7 +33,9 @@ const BUCKETS: [f64; 14] = [
 ];
 
 /// The store operations timed by [`crate::api::Bounded`], one `op` label value each.
-const STORE_OPS: [&str; 11] = [
+const STORE_OPS: [&str; 13] = [
+    "set_health",
+    "checkers",
     "register",
     "ping",
     "get",

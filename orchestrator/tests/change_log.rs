@@ -32,6 +32,7 @@ fn reg(url: &str, name: &str) -> Registration {
         url: url.to_owned(),
         info: ServiceInfo::new(name),
         requested_id: None,
+        check: None,
     }
 }
 

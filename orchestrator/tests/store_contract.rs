@@ -284,6 +284,7 @@ fn reg(url: &str, name: &str) -> Registration {
         url: url.to_owned(),
         info: ServiceInfo::new(name),
         requested_id: None,
+        check: None,
     }
 }
 
@@ -573,6 +574,7 @@ async fn register_creates<H: Harness>() {
             url: url.into(),
             info: info(json!({"display_name": "A", "version": "1.2", "team": "data"})),
             requested_id: None,
+            check: None,
         })
         .await
         .expect("register");
@@ -610,6 +612,7 @@ async fn register_is_idempotent<H: Harness>() {
             url: url.into(),
             info: info(json!({"display_name": "A", "version": "1", "team": "data"})),
             requested_id: None,
+            check: None,
         })
         .await
         .expect("register");
@@ -622,6 +625,7 @@ async fn register_is_idempotent<H: Harness>() {
             url: url.into(),
             info: new_info.clone(),
             requested_id: None,
+            check: None,
         })
         .await
         .expect("register again");
@@ -1071,6 +1075,7 @@ async fn deregister_returns_the_record_and_hides_it<H: Harness>() {
             url: url.into(),
             info: info(json!({"display_name": "A", "team": "data"})),
             requested_id: None,
+            check: None,
         })
         .await
         .expect("register A");
@@ -1262,12 +1267,14 @@ async fn expired_entries_are_never_listed<H: Harness>() {
             url: "http://dying:8000".into(),
             info: info(json!({"display_name": "D", "team": "data"})),
             requested_id: None,
+            check: None,
         }))
         .await;
         let (living, l) = timed(s.register(Registration {
             url: "http://living:8000".into(),
             info: info(json!({"display_name": "L", "team": "data"})),
             requested_id: None,
+            check: None,
         }))
         .await;
         let dying_id = dying.expect("register").record.id;
@@ -1317,6 +1324,7 @@ async fn list_filters<H: Harness>() {
                 "priority": 5, "gpu": true, "capabilities": ["ml", "etl"]}),
             ),
             requested_id: None,
+            check: None,
         })
         .await
         .expect("register s1")
@@ -1330,6 +1338,7 @@ async fn list_filters<H: Harness>() {
                 "priority": 3, "gpu": false, "capabilities": ["web"]}),
             ),
             requested_id: None,
+            check: None,
         })
         .await
         .expect("register s2")
@@ -1343,6 +1352,7 @@ async fn list_filters<H: Harness>() {
                 "capabilities": ["etl"]}),
             ),
             requested_id: None,
+            check: None,
         })
         .await
         .expect("register s3")
@@ -1395,6 +1405,7 @@ async fn list_filters<H: Harness>() {
             .iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect(),
+        health: vec![],
     };
     assert_eq!(
         list(combined(Some("alpha"), None, &[("team", "data")])).await,
@@ -1473,6 +1484,7 @@ async fn pages_honour_every_filter<H: Harness>() {
             url: format!("http://f{i}:8000"),
             info: info(json!({"display_name": name, "team": team})),
             requested_id: None,
+            check: None,
         };
         registered.push((i, s.register(r).await.expect("register").record.id));
     }
@@ -1489,6 +1501,7 @@ async fn pages_honour_every_filter<H: Harness>() {
         display_name: Some("even".into()),
         info: vec![("team".into(), "data".into())],
         url: None,
+        health: vec![],
     };
     let cases = [
         (by_name("even"), matching(&|i| i % 2 == 0)),
@@ -1736,6 +1749,7 @@ async fn valkey_key_layout() {
             url: url.into(),
             info: info(json!({"display_name": "A", "team": "data"})),
             requested_id: None,
+            check: None,
         })
         .await
         .expect("register")
@@ -1870,6 +1884,7 @@ async fn valkey_record_encoding_survives_any_url_and_name() {
                 url: url.into(),
                 info: info.clone(),
                 requested_id: None,
+                check: None,
             })
             .await
             .expect("register");
@@ -1896,6 +1911,7 @@ async fn valkey_record_encoding_survives_any_url_and_name() {
                 url: url.into(),
                 info: info.clone(),
                 requested_id: None,
+                check: None,
             })
             .await
             .expect("register again");
@@ -1911,6 +1927,7 @@ async fn valkey_record_encoding_survives_any_url_and_name() {
             url: first.url.clone(),
             info: ServiceInfo::new("renamed"),
             requested_id: None,
+            check: None,
         })
         .await
         .expect("rename")

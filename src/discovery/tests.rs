@@ -60,6 +60,8 @@ fn record(id: Ulid, url: &str) -> ServiceRecord {
         last_updated: Timestamp::from_millis(1),
         last_ping_at: Timestamp::from_millis(1),
         expires_at: Timestamp::from_millis(30_001),
+        health: Default::default(),
+        check: None,
     }
 }
 

@@ -1,5 +1,7 @@
 use super::*;
 
+const TTL_30: Duration = Duration::from_secs(30);
+
 /// A store that never answers.
 struct Hangs;
 
@@ -56,6 +58,21 @@ impl Store for Hangs {
     ) -> impl Future<Output = Result<Option<ServiceRecord>, StoreError>> + Send {
         std::future::pending()
     }
+    fn set_health(
+        &self,
+        _: Ulid,
+        _: Health,
+        _: Access,
+    ) -> impl Future<Output = Result<Option<HealthSet>, StoreError>> + Send {
+        std::future::pending()
+    }
+    fn checkers(
+        &self,
+        _: &str,
+        _: Duration,
+    ) -> impl Future<Output = Result<Vec<String>, StoreError>> + Send {
+        std::future::pending()
+    }
     fn sweep(&self) -> impl Future<Output = Result<usize, StoreError>> + Send {
         std::future::pending()
     }
@@ -103,6 +120,7 @@ async fn every_store_call_is_bounded() {
         url: "http://svca:8000".into(),
         info: serde_json::from_value(json!({"display_name": "A"})).expect("info"),
         requested_id: None,
+        check: None,
     };
     unavailable(
         "register",
@@ -110,6 +128,12 @@ async fn every_store_call_is_bounded() {
     );
     unavailable("ping", settles("ping", store.ping(id)).await);
     unavailable("get", settles("get", store.get(id)).await);
+    let health = store.set_health(id, Health::default(), Access::default());
+    unavailable("set_health", settles("set_health", health).await);
+    unavailable(
+        "checkers",
+        settles("checkers", store.checkers("r", TTL_30)).await,
+    );
     let filter = ListFilter::default();
     unavailable("list", settles("list", store.list(&filter)).await);
     unavailable("count", settles("count", store.count()).await);

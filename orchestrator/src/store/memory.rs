@@ -28,13 +28,13 @@ use std::ops::{Bound, Deref, DerefMut};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use servicekit::protocol::{ServiceRecord, Timestamp};
+use servicekit::protocol::{Health, ServiceRecord, Timestamp};
 use tokio::time::Instant;
 use ulid::Ulid;
 
 use super::{
-    mint_id, Access, Change, ChangeKind, Changes, Cursor, LeaseHash, LeaseOutcome, ListFilter,
-    Listing, Pinged, Registered, Registration, Store, StoreError, StoreHealth, Subject,
+    mint_id, Access, Change, ChangeKind, Changes, Cursor, HealthSet, LeaseHash, LeaseOutcome,
+    ListFilter, Listing, Pinged, Registered, Registration, Store, StoreError, StoreHealth, Subject,
     CHANGE_LOG_LEN,
 };
 
@@ -373,6 +373,7 @@ impl Store for MemoryStore {
                 entry.lease = new_lease;
             }
             let old_name = std::mem::replace(&mut entry.record.info, reg.info).display_name;
+            entry.record.check = reg.check;
             entry.record.last_updated = stamp;
             entry.record.last_ping_at = stamp;
             entry.record.expires_at = expires_at;
@@ -423,6 +424,8 @@ impl Store for MemoryStore {
             last_updated: stamp,
             last_ping_at: stamp,
             expires_at,
+            health: Health::default(),
+            check: reg.check,
         };
         inner.by_url.insert(record.url.clone(), id);
         inner
@@ -467,6 +470,32 @@ impl Store for MemoryStore {
             last_ping_at: stamp,
             expires_at,
         }))
+    }
+
+    async fn set_health(
+        &self,
+        id: Ulid,
+        health: Health,
+        access: Access,
+    ) -> Result<Option<HealthSet>, StoreError> {
+        let mut inner = self.lock();
+        let Some(entry) = inner.live(id, Instant::now()) else {
+            return Ok(None);
+        };
+        LeaseOutcome::decide(entry.lease.as_ref(), access, None)?;
+        let changed = entry.record.health.status != health.status;
+        entry.record.health = health;
+        let record = entry.record.clone();
+        let shared = entry.record.0.clone();
+        if changed {
+            inner.log.push(ChangeKind::Updated, shared);
+        }
+        Ok(Some(HealthSet { record, changed }))
+    }
+
+    async fn checkers(&self, replica: &str, _ttl: Duration) -> Result<Vec<String>, StoreError> {
+        // One process holds the store: it is the only checker.
+        Ok(vec![replica.to_owned()])
     }
 
     async fn get(&self, id: Ulid) -> Result<Option<ServiceRecord>, StoreError> {
@@ -582,6 +611,7 @@ mod tests {
             url: url.to_owned(),
             info: ServiceInfo::new(name),
             requested_id: None,
+            check: None,
         }
     }
 

@@ -40,7 +40,9 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use servicekit::protocol::{ServiceInfo, ServiceRecord, Timestamp};
+use servicekit::protocol::{
+    CheckSpec, Health, HealthStatus, ServiceInfo, ServiceRecord, Timestamp,
+};
 use ulid::Ulid;
 
 pub use crate::lease::LeaseHash;
@@ -100,6 +102,9 @@ pub struct Registration {
     pub info: ServiceInfo,
     /// An id the client had before; kept only under the rule in the module docs.
     pub requested_id: Option<Ulid>,
+    /// The check the orchestrator runs on the instance (validated); replaces the entry's
+    /// check on a re-registration. The entry's health survives a re-registration.
+    pub check: Option<CheckSpec>,
 }
 
 /// The result of a registration.
@@ -164,6 +169,15 @@ pub struct Pinged {
     pub expires_at: Timestamp,
 }
 
+/// The result of [`Store::set_health`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct HealthSet {
+    /// The record with its new health.
+    pub record: ServiceRecord,
+    /// Whether the status changed (then the change log has an `Updated` for it).
+    pub changed: bool,
+}
+
 /// Which registrations `GET /services` returns. All given conditions must hold.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ListFilter {
@@ -173,6 +187,8 @@ pub struct ListFilter {
     pub url: Option<String>,
     /// `?info.FIELD=VALUE`: equality for strings, numbers and booleans; membership for arrays.
     pub info: Vec<(String, String)>,
+    /// `?health=passing,warning`: the record's health status is one of these; empty: any.
+    pub health: Vec<HealthStatus>,
 }
 
 impl ListFilter {
@@ -187,6 +203,9 @@ impl ListFilter {
             if record.url != *url {
                 return false;
             }
+        }
+        if !self.health.is_empty() && !self.health.contains(&record.health.status) {
+            return false;
         }
         self.info
             .iter()
@@ -440,6 +459,25 @@ pub trait Store: Send + Sync + 'static {
         id: Ulid,
         access: Access,
     ) -> impl Future<Output = Result<Option<ServiceRecord>, StoreError>> + Send;
+
+    /// Sets a live entry's health as a caller presenting `access` (the orchestrator's own
+    /// checks present the admin key); [`StoreError::Forbidden`] for a live leased entry it
+    /// may not write. Logs `Updated` when the status changed, nothing when only the output or
+    /// time did. `None` when the entry is unknown or expired.
+    fn set_health(
+        &self,
+        id: Ulid,
+        health: Health,
+        access: Access,
+    ) -> impl Future<Output = Result<Option<HealthSet>, StoreError>> + Send;
+
+    /// Says that the health checker `replica` is alive for `ttl` from now, and returns every
+    /// checker alive now (itself included), sorted: the replicas that share the checks.
+    fn checkers(
+        &self,
+        replica: &str,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<Vec<String>, StoreError>> + Send;
 
     /// Drops index entries of expired registrations; returns how many were dropped.
     fn sweep(&self) -> impl Future<Output = Result<usize, StoreError>> + Send;

@@ -20,7 +20,7 @@ use fred::clients::Client;
 use fred::error::Error as FredError;
 use fred::interfaces::{ClientLike, KeysInterface, SetsInterface, SortedSetsInterface};
 use fred::types::{Expiration, Value};
-use servicekit::protocol::{ServiceRecord, Timestamp};
+use servicekit::protocol::{Health, ServiceRecord, Timestamp};
 use ulid::Ulid;
 
 pub use connection::{COMMAND_TIMEOUT, TIMEOUTS_BEFORE_RECONNECT};
@@ -34,8 +34,8 @@ use record::{record_from_value, record_head, RawRecord, MAX_TTL};
 use scripts::{DEREGISTER, PING, REGISTER};
 
 use super::{
-    id_fits_url, mint_id, Access, LeaseHash, LeaseOutcome, ListFilter, Pinged, Registered,
-    Registration, Store, StoreError, StoreHealth, CHANGE_LOG_LEN,
+    id_fits_url, mint_id, Access, HealthSet, LeaseHash, LeaseOutcome, ListFilter, Pinged,
+    Registered, Registration, Store, StoreError, StoreHealth, CHANGE_LOG_LEN,
 };
 
 /// Lifetime of the health check's test key.
@@ -320,6 +320,8 @@ impl ValkeyStore {
                 last_updated: now,
                 last_ping_at: now,
                 expires_at,
+                health: Health::default(),
+                check: reg.check,
             };
             // The change log's entry, with the index update (both raise the all-index score
             // with ZADD GT, so their order does not matter). A failed announcement fails the
@@ -492,6 +494,21 @@ impl Store for ValkeyStore {
             });
         }
         Ok(Some(pinged))
+    }
+
+    async fn set_health(
+        &self,
+        _id: Ulid,
+        _health: Health,
+        _access: Access,
+    ) -> Result<Option<HealthSet>, StoreError> {
+        Err(StoreError::Unavailable(
+            "set_health: not yet on Valkey".into(),
+        ))
+    }
+
+    async fn checkers(&self, replica: &str, _ttl: Duration) -> Result<Vec<String>, StoreError> {
+        Ok(vec![replica.to_owned()])
     }
 
     async fn get(&self, id: Ulid) -> Result<Option<ServiceRecord>, StoreError> {

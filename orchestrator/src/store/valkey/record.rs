@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use fred::types::Value;
-use servicekit::protocol::{ServiceInfo, ServiceRecord, Timestamp};
+use servicekit::protocol::{Health, ServiceInfo, ServiceRecord, Timestamp};
 use ulid::Ulid;
 
 use crate::store::StoreError;
@@ -101,6 +101,8 @@ impl<'a> RawRecord<'a> {
             last_updated: Timestamp::from_millis(self.last_updated),
             last_ping_at: Timestamp::from_millis(self.last_ping_at),
             expires_at: Timestamp::from_millis(self.expires_at),
+            health: Health::default(),
+            check: None,
         })
     }
 }
