@@ -520,3 +520,96 @@ fn checkers_by_path(target: &Target, since: Instant) -> HashMap<String, BTreeSet
     }
     by
 }
+
+/// A gauge's value in `GET /metrics`.
+async fn gauge(api: &Api, name: &str) -> Option<i64> {
+    let text = String::from_utf8_lossy(&api.get("/metrics").await.body).into_owned();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[tokio::test]
+async fn two_replicas_on_one_valkey_share_the_checks_and_take_over_from_a_dead_one() {
+    const N: usize = 8;
+    let interval = Duration::from_secs(2);
+    let valkey = support::valkey::ValkeyServer::new();
+    let prefix = format!("test:{}:", ulid::Ulid::new());
+    let mut config = Config::for_tests();
+    config.checker_ttl_seconds = 1;
+    let (a, api_a) = support::replicas::start_with(config.clone(), valkey.url(), &prefix).await;
+    let (b, api_b) = support::replicas::start_with(config, valkey.url(), &prefix).await;
+    let target = Target::start().await;
+    for k in 0..N {
+        register(
+            &api_a,
+            &target.url(&format!("/i{k}")),
+            json!({"http": "/health", "interval_seconds": 2}),
+        )
+        .await;
+    }
+    // Both replicas see both, and between them own every instance.
+    let started = Instant::now();
+    loop {
+        let (ca, cb) = (
+            gauge(&api_a, "servicekit_checkers").await,
+            gauge(&api_b, "servicekit_checkers").await,
+        );
+        let (oa, ob) = (
+            gauge(&api_a, "servicekit_checks_owned").await.unwrap_or(0),
+            gauge(&api_b, "servicekit_checks_owned").await.unwrap_or(0),
+        );
+        if ca == Some(2) && cb == Some(2) && oa + ob == N as i64 {
+            println!("owned: {oa} by one replica, {ob} by the other");
+            break;
+        }
+        assert!(
+            started.elapsed() < WAIT,
+            "checkers {ca:?}/{cb:?}, owned {oa}+{ob}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Past any handover in progress (one announce period), then three intervals.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let window = Instant::now();
+    tokio::time::sleep(interval * 3).await;
+    let by_path = checkers_by_path(&target, window);
+    let ids = [a.checker_id().to_owned(), b.checker_id().to_owned()];
+    for k in 0..N {
+        let path = format!("/i{k}/health");
+        let checkers = by_path.get(&path).cloned().unwrap_or_default();
+        assert_eq!(checkers.len(), 1, "{path} checked by {checkers:?}");
+        assert!(ids.iter().any(|id| checkers.contains(id)), "{checkers:?}");
+    }
+    // Stop the owner of /i0; the other replica takes its instances over within an interval.
+    let owner = by_path["/i0/health"].iter().next().cloned().expect("owner");
+    let moved: Vec<String> = (0..N)
+        .map(|k| format!("/i{k}/health"))
+        .filter(|p| by_path[p].contains(&owner))
+        .collect();
+    let (dead, survivor) = if owner == ids[0] { (a, b) } else { (b, a) };
+    let killed = Instant::now();
+    dead.shutdown().await;
+    let other = survivor.checker_id().to_owned();
+    let started = Instant::now();
+    let mut worst = Duration::ZERO;
+    for path in &moved {
+        let first = loop {
+            let taken = target.seen().into_iter().find(|s| {
+                s.path == *path && s.at >= killed && s.checker.as_deref() == Some(&other)
+            });
+            if let Some(s) = taken {
+                break s.at;
+            }
+            assert!(started.elapsed() < WAIT, "{path} not taken over");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        worst = worst.max(first - killed);
+    }
+    println!(
+        "takeover of {} instance(s): the last one first checked by the survivor {worst:?} after \
+         the owner stopped (interval {interval:?}, --checker-ttl-seconds 1)",
+        moved.len()
+    );
+    assert!(worst <= interval, "takeover took {worst:?}");
+    survivor.shutdown().await;
+}
