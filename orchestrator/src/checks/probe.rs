@@ -1,9 +1,14 @@
 //! One probe of a [`Probe`]: connect, ask, judge, within the check's timeout.
 //!
 //! Every probe connects afresh to the host [`Probe::resolve`] fixed at registration (nothing
-//! here picks another one), follows no redirect, reads at most [`MAX_BODY_BYTES`] of a body
-//! and then drops the connection, and is bounded as a whole by the timeout: a target that
-//! accepts and never answers, or drips a byte a second, costs the orchestrator at most that.
+//! here picks another one), follows no redirect, reads an HTTP check's status line and head
+//! but never its body (a gRPC check reads at most [`MAX_BODY_BYTES`]) and then drops the
+//! connection, and is bounded as a whole by the timeout: a target that accepts and never
+//! answers, or drips a byte a second, costs the orchestrator at most that.
+//!
+//! An HTTP check's output is its status line only. The registrant picks the URL, and the
+//! output is public in the record: quoting the body would let anyone who can register read
+//! the first bytes of any page the orchestrator can reach (see the README's threat model).
 
 use std::future::Future;
 use std::io;
@@ -23,7 +28,7 @@ use url::Url;
 
 use super::Probe;
 
-/// The most of a response body a check reads (into its output); the rest is never read.
+/// The most of a gRPC response body a check reads; the rest is never read.
 pub const MAX_BODY_BYTES: usize = 4096;
 /// The largest response head (HTTP/1: buffer; HTTP/2: header list) a check accepts.
 pub const MAX_HEAD_BYTES: usize = 16 * 1024;
@@ -131,7 +136,7 @@ impl Prober {
                 _ => http1(stream, request).await,
             }
         };
-        let (status, body) = within(deadline, exchange).await?;
+        let status = within(deadline, exchange).await?;
         let judged = if status.is_success() {
             HealthStatus::Passing
         } else if status == StatusCode::TOO_MANY_REQUESTS {
@@ -140,12 +145,10 @@ impl Prober {
             // 3xx included: a check follows no redirect (it could point anywhere).
             HealthStatus::Critical
         };
-        let mut output = format!("HTTP {}", status.as_u16());
-        let text = body_text(&body);
-        if !text.is_empty() {
-            output.push_str(": ");
-            output.push_str(&text);
-        }
+        let output = match status.canonical_reason() {
+            Some(reason) => format!("HTTP {} {reason}", status.as_u16()),
+            None => format!("HTTP {}", status.as_u16()),
+        };
         Ok(ProbeResult::new(judged, output))
     }
 
@@ -271,8 +274,9 @@ impl Drop for Abort {
     }
 }
 
-/// One HTTP/1.1 exchange on `io`: the status and at most [`MAX_BODY_BYTES`] of the body.
-async fn http1<IO>(io: IO, request: Request<Empty<Bytes>>) -> Result<(StatusCode, Bytes), Failure>
+/// One HTTP/1.1 exchange on `io` up to the response head: its status. The body is never read;
+/// dropping the connection discards it.
+async fn http1<IO>(io: IO, request: Request<Empty<Bytes>>) -> Result<StatusCode, Failure>
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -289,9 +293,7 @@ where
         .send_request(request)
         .await
         .map_err(|e| Failure::Other(http_error(&e)))?;
-    let status = response.status();
-    let (body, _) = read_capped(response.into_body()).await?;
-    Ok((status, body))
+    Ok(response.status())
 }
 
 /// What an HTTP/2 exchange returned: status, head, capped body, trailers.
