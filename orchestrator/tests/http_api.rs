@@ -100,6 +100,9 @@ api_tests!(
     credentials_in_service_urls_are_refused,
     head_requests_answer_without_a_body,
     urls_come_from_public_url_or_host,
+    ping_bodies_report_health,
+    lists_filter_by_health,
+    checks_are_validated_and_kept_with_the_record,
 );
 
 async fn register_creates_then_updates_the_same_id<B: Backend>() {
@@ -166,10 +169,12 @@ async fn record_has_the_reference_shape<B: Backend>() {
     let v: Value = api.get(&format!("/services/{id}")).await.json();
     let mut keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
     keys.sort_unstable();
+    // The reference's fields, plus `health` (which its clients ignore).
     assert_eq!(
         keys,
         [
             "expires_at",
+            "health",
             "id",
             "info",
             "last_ping_at",
@@ -1145,4 +1150,193 @@ fn tokio_stream_from<T>(rx: tokio::sync::mpsc::Receiver<T>) -> impl futures_core
         }
     }
     Rx(rx)
+}
+
+/// A ping carrying `body` (JSON) for the entry `id`.
+async fn ping_with(api: &Api, id: &str, body: &str) -> support::http::Reply {
+    api.send(
+        Method::PUT,
+        &format!("/services/{id}/$ping"),
+        &[("content-type", "application/json")],
+        Some(body.as_bytes().to_vec()),
+    )
+    .await
+}
+
+async fn health_of(api: &Api, id: &str) -> Value {
+    let r = api.get(&format!("/services/{id}")).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    r.json::<Value>()["health"].clone()
+}
+
+async fn ping_bodies_report_health<B: Backend>() {
+    let (running, api) = B::start(Config::for_tests()).await;
+    let id = api.register("http://svca:8000", "A").await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(
+        health_of(&api, &id).await,
+        json!({"status": "passing", "output": ""}),
+        "a new entry is passing, never checked"
+    );
+    let r = ping_with(&api, &id, r#"{"status":"critical","output":"db down"}"#).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let pinged: Value = r.json();
+    let h = health_of(&api, &id).await;
+    assert_eq!(
+        (&h["status"], &h["output"]),
+        (&json!("critical"), &json!("db down"))
+    );
+    assert_eq!(h["checked_at"], pinged["last_ping_at"], "{h}");
+
+    // A ping without a body (the reference client's), or with `null`, keeps the health.
+    assert_eq!(api.put(&format!("/services/{id}/$ping")).await.status, 200);
+    assert_eq!(ping_with(&api, &id, "null").await.status, 200);
+    assert_eq!(health_of(&api, &id).await["status"], "critical");
+
+    // Bad reports are 400 problems and change nothing, not even the TTL's clock.
+    for bad in [
+        r#"{"status":"sick"}"#,
+        r#"{"status":"passing","extra":1}"#,
+        r#"{"output":"no status"}"#,
+        r#"[1]"#,
+        r#"{"status":"passing""#,
+    ] {
+        let p = ping_with(&api, &id, bad)
+            .await
+            .assert_problem(400, t::BAD_REQUEST);
+        assert!(
+            p["detail"].as_str().unwrap().contains("ping body"),
+            "{bad}: {p}"
+        );
+    }
+    assert_eq!(health_of(&api, &id).await["output"], "db down");
+
+    // Output is cut to 1 KiB; a report of passing brings the entry back.
+    let long = "x".repeat(5000);
+    let r = ping_with(
+        &api,
+        &id,
+        &json!({"status": "passing", "output": long}).to_string(),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let h = health_of(&api, &id).await;
+    assert_eq!(h["status"], "passing");
+    assert_eq!(h["output"].as_str().unwrap().len(), 1024);
+
+    // An unknown entry is 404, body or not.
+    let unknown = ulid::Ulid::new();
+    ping_with(&api, &unknown.to_string(), r#"{"status":"passing"}"#)
+        .await
+        .assert_problem(404, t::NOT_FOUND);
+    running.shutdown().await;
+}
+
+async fn lists_filter_by_health<B: Backend>() {
+    let (running, api) = B::start(Config::for_tests()).await;
+    let mut ids = Vec::new();
+    for (port, status) in [(1, "passing"), (2, "warning"), (3, "critical")] {
+        let id = api.register(&format!("http://svc:{port}"), "svc").await["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let body = json!({"status": status}).to_string();
+        assert_eq!(ping_with(&api, &id, &body).await.status, 200);
+        ids.push(id);
+    }
+    let listed = |query: &'static str| {
+        let api = &api;
+        async move {
+            let r = api.get(&format!("/services?{query}")).await;
+            assert_eq!(r.status, 200, "{query}: {r:?}");
+            let v: Value = r.json();
+            v["services"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|s| s["id"].as_str().unwrap().to_owned())
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(listed("health=passing").await, ids[..1]);
+    assert_eq!(listed("health=passing,warning").await, ids[..2]);
+    assert_eq!(listed("health=critical&display_name=svc").await, ids[2..]);
+    assert_eq!(listed("health=warning,critical&limit=1").await, ids[1..2]);
+    assert_eq!(listed("display_name=svc").await, ids);
+    let p = api
+        .get("/services?health=passing,sick")
+        .await
+        .assert_problem(400, t::BAD_REQUEST);
+    assert!(p["detail"].as_str().unwrap().contains("sick"), "{p}");
+    running.shutdown().await;
+}
+
+async fn checks_are_validated_and_kept_with_the_record<B: Backend>() {
+    let (running, api) = B::start(Config::for_tests()).await;
+    // Port 9 (discard) refuses at once: the orchestrator's own checks of it stay harmless.
+    let url = "http://127.0.0.1:9";
+    let register = |check: Value| {
+        let api = &api;
+        async move {
+            api.post_json(
+                "/services/$register",
+                &json!({"url": url, "info": {"display_name": "A"}, "check": check}),
+            )
+            .await
+        }
+    };
+    let r = register(json!({"http": "/health", "interval_seconds": 30})).await;
+    assert_eq!(r.status, 201, "{r:?}");
+    let id = r.json::<Value>()["id"].as_str().unwrap().to_owned();
+    let record: Value = api.get(&format!("/services/{id}")).await.json();
+    assert_eq!(
+        record["check"],
+        json!({"http": "/health", "interval_seconds": 30, "timeout_seconds": 2,
+               "failures_before_critical": 2, "successes_before_passing": 2})
+    );
+
+    let bad = [
+        (json!({"http": "http://other.example:9/health"}), "own host"),
+        (json!({"http": "/health", "tcp": true}), "only one"),
+        (json!({}), "one of http, tcp or grpc"),
+        (
+            json!({"tcp": true, "interval_seconds": 0}),
+            "interval_seconds",
+        ),
+        (
+            json!({"tcp": true, "interval_seconds": 5, "timeout_seconds": 6}),
+            "timeout_seconds",
+        ),
+        (
+            json!({"tcp": true, "failures_before_critical": 0}),
+            "failures_before_critical",
+        ),
+        (
+            json!({"tcp": true, "deregister_critical_after_seconds": 0}),
+            "deregister",
+        ),
+        (json!({"htp": "/health"}), "unknown field"),
+        (json!({"http": "gopher://127.0.0.1:9/"}), "scheme"),
+    ];
+    for (check, says) in bad {
+        let p = register(check.clone())
+            .await
+            .assert_problem(400, t::BAD_REQUEST);
+        assert!(p["detail"].as_str().unwrap().contains(says), "{check}: {p}");
+    }
+    // None of that touched the entry; a registration without a check removes it.
+    let record: Value = api.get(&format!("/services/{id}")).await.json();
+    assert_eq!(record["check"]["interval_seconds"], 30);
+    let r = api
+        .post_json(
+            "/services/$register",
+            &json!({"url": url, "info": {"display_name": "A"}}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let record: Value = api.get(&format!("/services/{id}")).await.json();
+    assert!(record.get("check").is_none(), "{record}");
+    running.shutdown().await;
 }

@@ -20,10 +20,13 @@ use std::time::Duration;
 use fred::interfaces::{ClientLike, KeysInterface, SetsInterface, SortedSetsInterface};
 use fred::types::{ClusterHash, CustomCommand};
 use serde_json::json;
-use servicekit::protocol::{ServiceInfo, ServiceRecord, Timestamp};
+use servicekit::protocol::{
+    CheckSpec, Health, HealthStatus, ServiceInfo, ServiceRecord, Timestamp,
+};
 use servicekit_orchestrator::store::{
-    binding_grace, id_fits_url, mint_id, url_tag, Access, LeaseHash, LeaseOutcome, ListFilter,
-    Listing, MemoryStore, Registration, Store, StoreError, ValkeyStore,
+    binding_grace, id_fits_url, mint_id, url_tag, Access, ChangeKind, Changes, Cursor, LeaseHash,
+    LeaseOutcome, ListFilter, Listing, MemoryStore, Registration, Store, StoreError, Subject,
+    ValkeyStore,
 };
 use support::valkey::ValkeyServer;
 use tokio::time::Instant;
@@ -258,8 +261,17 @@ contract_tests!(
         pages_return_every_entry_once_in_id_order,
         pages_honour_every_filter,
         pages_across_registrations_and_removals,
+        set_health_sets_and_persists,
+        a_status_change_logs_one_updated,
+        set_health_of_an_unknown_id_is_none,
+        a_lease_guards_set_health,
+        lists_filter_by_health,
+        a_check_round_trips_and_is_replaced,
+        checkers_lists_every_live_replica,
     ],
     expiry: [
+        set_health_of_an_expired_id_is_none,
+        a_silent_checker_is_gone_after_its_ttl,
         reregister_restarts_the_ttl,
         requested_id_is_kept_after_expiry,
         ping_extends_life,
@@ -2333,5 +2345,383 @@ async fn valkey_hung_connection_is_replaced() {
         client_id(store.clone()).await,
         before,
         "the hung connection was replaced by a new one"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Health (issue 13)
+
+fn health(status: HealthStatus, output: &str) -> Health {
+    Health {
+        status,
+        output: output.to_owned(),
+        checked_at: Some(Timestamp::now()),
+    }
+}
+
+/// Every record of one listing of `filter`, by id.
+async fn listed<S: Store>(s: &S, filter: &ListFilter) -> Vec<ServiceRecord> {
+    let mut records = s.list(filter).await.expect("list");
+    records.sort_by_key(|r| r.id);
+    records
+}
+
+/// The changes after `after`, without waiting.
+async fn changes_after<S: Store>(s: &S, after: Cursor) -> Vec<(ChangeKind, Option<ServiceRecord>)> {
+    match s
+        .changes(after, 100, Duration::ZERO)
+        .await
+        .expect("changes")
+    {
+        Changes::Changes(v) => v
+            .into_iter()
+            .map(|c| {
+                let record = match c.subject {
+                    Subject::Record(r) => Some((*r).clone()),
+                    Subject::Known { .. } => None,
+                };
+                (c.kind, record)
+            })
+            .collect(),
+        Changes::Gap => panic!("a gap in a fresh log"),
+    }
+}
+
+fn with_check(mut r: Registration, check: Option<CheckSpec>) -> Registration {
+    r.check = check;
+    r
+}
+
+async fn set_health_sets_and_persists<H: Harness>() {
+    let h = H::open(LONG_TTL).await;
+    let s = h.store();
+    let url = "http://healthy:8000";
+    let r = s.register(reg(url, "H")).await.expect("register");
+    assert_eq!(r.record.health, Health::default(), "a new entry is passing");
+    let id = r.record.id;
+    let sick = health(HealthStatus::Critical, "db: down {12:34}");
+    let set = s
+        .set_health(id, sick.clone(), Access::default())
+        .await
+        .expect("set_health")
+        .expect("live");
+    assert!(set.changed);
+    assert_eq!(set.record.health, sick);
+    assert_eq!(
+        ServiceRecord {
+            health: Health::default(),
+            ..set.record.clone()
+        },
+        r.record,
+        "only the health changed (the TTL too is kept)"
+    );
+    assert_eq!(s.get(id).await.expect("get").expect("live").health, sick);
+    assert_eq!(listed(s, &all()).await, vec![set.record.clone()]);
+    assert_eq!(listed(s, &by_name("H")).await, vec![set.record.clone()]);
+
+    // A ping renews the entry, not its health.
+    s.ping(id).await.expect("ping").expect("live");
+    assert_eq!(s.get(id).await.expect("get").expect("live").health, sick);
+
+    // A re-registration keeps it too, and answers it.
+    let again = s.register(reg(url, "H2")).await.expect("re-register");
+    assert!(!again.created);
+    assert_eq!(again.record.health, sick);
+    assert_eq!(s.get(id).await.expect("get").expect("live"), again.record);
+
+    // Back to the default health: the record is as if nothing ever reported.
+    let set = s
+        .set_health(id, Health::default(), Access::default())
+        .await
+        .expect("set_health")
+        .expect("live");
+    assert!(set.changed);
+    assert_eq!(
+        s.get(id).await.expect("get").expect("live").health,
+        Health::default()
+    );
+}
+
+async fn a_status_change_logs_one_updated<H: Harness>() {
+    let h = H::open(LONG_TTL).await;
+    let s = h.store();
+    let id = s
+        .register(reg("http://logged:8000", "L"))
+        .await
+        .expect("register")
+        .record
+        .id;
+    let head = s.change_head().await.expect("head");
+    let sick = health(HealthStatus::Critical, "first");
+    let set = |health: Health| async move {
+        s.set_health(id, health, Access::default())
+            .await
+            .expect("set_health")
+            .expect("live")
+    };
+    assert!(set(sick.clone()).await.changed);
+    // Same status, other output: written, not logged.
+    let quieter = health(HealthStatus::Critical, "second");
+    let same = set(quieter.clone()).await;
+    assert!(!same.changed);
+    assert_eq!(same.record.health, quieter);
+    assert_eq!(s.get(id).await.expect("get").expect("live").health, quieter);
+    let logged = changes_after(s, head).await;
+    assert_eq!(logged.len(), 1, "{logged:?}");
+    let (kind, record) = &logged[0];
+    assert_eq!(*kind, ChangeKind::Updated);
+    let record = record.as_ref().expect("the record");
+    assert_eq!((record.id, &record.health), (id, &sick));
+
+    // Another status: one more.
+    let head = s.change_head().await.expect("head");
+    let warning = health(HealthStatus::Warning, "slow");
+    assert!(set(warning.clone()).await.changed);
+    let logged = changes_after(s, head).await;
+    assert_eq!(logged.len(), 1, "{logged:?}");
+    assert_eq!(logged[0].0, ChangeKind::Updated);
+    assert_eq!(logged[0].1.as_ref().map(|r| &r.health), Some(&warning));
+}
+
+async fn set_health_of_an_unknown_id_is_none<H: Harness>() {
+    let h = H::open(LONG_TTL).await;
+    let s = h.store();
+    let sick = health(HealthStatus::Critical, "x");
+    for access in [Access::default(), ADMIN] {
+        assert!(s
+            .set_health(mint_id("http://nobody:1"), sick.clone(), access)
+            .await
+            .expect("set_health")
+            .is_none());
+    }
+    // A deregistered one too.
+    let id = s
+        .register(reg("http://gone:8000", "G"))
+        .await
+        .expect("register")
+        .record
+        .id;
+    s.deregister(id)
+        .await
+        .expect("deregister")
+        .expect("was live");
+    let head = s.change_head().await.expect("head");
+    assert!(s
+        .set_health(id, sick, Access::default())
+        .await
+        .expect("set_health")
+        .is_none());
+    assert!(s.get(id).await.expect("get").is_none(), "not resurrected");
+    assert!(changes_after(s, head).await.is_empty());
+}
+
+async fn set_health_of_an_expired_id_is_none<H: Harness>() {
+    let h = H::open(EXPIRY_TTL).await;
+    let s = h.store();
+    let (registered, span) = timed(s.register(reg("http://expiring:8000", "E"))).await;
+    let id = registered.expect("register").record.id;
+    // Nothing reads the entry before: a store that drops expired entries only when read
+    // must still refuse it here.
+    tokio::time::sleep_until(span.surely_expired(s.ttl())).await;
+    assert!(s
+        .set_health(id, health(HealthStatus::Critical, "x"), ADMIN)
+        .await
+        .expect("set_health")
+        .is_none());
+    assert!(s.get(id).await.expect("get").is_none(), "not resurrected");
+}
+
+async fn a_lease_guards_set_health<H: Harness>() {
+    let h = H::open(LONG_TTL).await;
+    let s = h.store();
+    let r = s
+        .register_as(
+            reg("http://leased-health:8000", "L"),
+            Access::default(),
+            Some(lease("one")),
+        )
+        .await
+        .expect("register leased");
+    let id = r.record.id;
+    let sick = health(HealthStatus::Critical, "x");
+    for access in [Access::default(), holding("wrong")] {
+        forbidden("set_health", s.set_health(id, sick.clone(), access).await);
+    }
+    assert_eq!(
+        s.get(id).await.expect("get").expect("live"),
+        r.record,
+        "untouched"
+    );
+    for (access, status) in [
+        (holding("one"), HealthStatus::Critical),
+        (ADMIN, HealthStatus::Warning),
+    ] {
+        let set = s
+            .set_health(id, health(status, "y"), access)
+            .await
+            .expect("set_health")
+            .expect("live");
+        assert_eq!(set.record.health.status, status);
+    }
+    // The lease is still there, still guarding.
+    forbidden("ping", s.ping(id).await);
+}
+
+async fn lists_filter_by_health<H: Harness>() {
+    let h = H::open(LONG_TTL).await;
+    let s = h.store();
+    let mut made = Vec::new();
+    for (i, name) in ["A", "A", "B"].iter().enumerate() {
+        let url = format!("http://by-health-{i}:8000");
+        made.push(
+            s.register(reg(&url, name))
+                .await
+                .expect("register")
+                .record
+                .id,
+        );
+    }
+    for (id, status) in [
+        (made[1], HealthStatus::Critical),
+        (made[2], HealthStatus::Warning),
+    ] {
+        s.set_health(id, health(status, ""), ADMIN)
+            .await
+            .expect("set_health")
+            .expect("live");
+    }
+    let by_health = |statuses: &[HealthStatus], name: Option<&str>| ListFilter {
+        health: statuses.to_vec(),
+        display_name: name.map(str::to_owned),
+        ..ListFilter::default()
+    };
+    use HealthStatus::{Critical, Passing, Warning};
+    let cases: [(ListFilter, Vec<Ulid>); 6] = [
+        (by_health(&[], None), made.clone()),
+        (by_health(&[Passing], None), vec![made[0]]),
+        (by_health(&[Passing, Warning], None), vec![made[0], made[2]]),
+        (by_health(&[Critical], None), vec![made[1]]),
+        (
+            by_health(&[Passing, Critical], Some("A")),
+            vec![made[0], made[1]],
+        ),
+        (by_health(&[Warning], Some("A")), vec![]),
+    ];
+    for (filter, want) in cases {
+        assert_eq!(
+            sorted(ids(&listed(s, &filter).await)),
+            sorted(want.clone()),
+            "{filter:?}"
+        );
+        assert_eq!(
+            sorted(walk(s, &filter, 1).await),
+            sorted(want),
+            "{filter:?} by pages"
+        );
+    }
+}
+
+async fn a_check_round_trips_and_is_replaced<H: Harness>() {
+    let h = H::open(LONG_TTL).await;
+    let s = h.store();
+    let url = "http://checked:8000";
+    let http = CheckSpec::http("/health")
+        .interval(Duration::from_secs(3))
+        .deregister_critical_after(Duration::from_secs(30));
+    let r = s
+        .register(with_check(reg(url, "C"), Some(http.clone())))
+        .await
+        .expect("register");
+    let id = r.record.id;
+    assert_eq!(r.record.check.as_ref(), Some(&http));
+    assert_eq!(
+        s.get(id).await.expect("get").expect("live").check,
+        Some(http.clone())
+    );
+    assert_eq!(listed(s, &all()).await[0].check, Some(http.clone()));
+    let sick = health(HealthStatus::Critical, "x");
+    let set = s
+        .set_health(id, sick.clone(), ADMIN)
+        .await
+        .expect("set_health")
+        .expect("live");
+    assert_eq!(set.record.check, Some(http), "set_health keeps the check");
+
+    // A re-registration replaces the check, keeping the health.
+    let r = s
+        .register(with_check(reg(url, "C"), Some(CheckSpec::tcp())))
+        .await
+        .expect("re-register");
+    assert_eq!(
+        (r.record.check.clone(), &r.record.health),
+        (Some(CheckSpec::tcp()), &sick)
+    );
+    assert_eq!(s.get(id).await.expect("get").expect("live"), r.record);
+    // One without a check removes it.
+    let r = s.register(reg(url, "C")).await.expect("re-register");
+    assert_eq!((r.record.check.clone(), &r.record.health), (None, &sick));
+    assert_eq!(s.get(id).await.expect("get").expect("live"), r.record);
+    assert_eq!(listed(s, &all()).await, vec![r.record]);
+}
+
+async fn checkers_lists_every_live_replica<H: Harness>() {
+    let h = H::open(LONG_TTL).await;
+    let s = h.store();
+    let ttl = Duration::from_secs(60);
+    assert_eq!(
+        s.checkers("replica-b", ttl).await.expect("checkers"),
+        ["replica-b"]
+    );
+    assert_eq!(
+        s.checkers("replica-a", ttl).await.expect("checkers"),
+        ["replica-a", "replica-b"]
+    );
+    assert_eq!(
+        s.checkers("replica-b", ttl).await.expect("checkers"),
+        ["replica-a", "replica-b"],
+        "announcing again adds no second entry"
+    );
+    for (replica, ttl) in [
+        ("", ttl),
+        ("bad\nid", ttl),
+        (&*"x".repeat(300), ttl),
+        ("replica-c", Duration::ZERO),
+        ("replica-c", Duration::from_secs(400 * 24 * 3600)),
+    ] {
+        let r = s.checkers(replica, ttl).await;
+        assert!(
+            matches!(r, Err(StoreError::Config(_))),
+            "{replica:?} {ttl:?}: {r:?}"
+        );
+    }
+    assert_eq!(
+        s.checkers("replica-a", ttl).await.expect("checkers"),
+        ["replica-a", "replica-b"],
+        "refused announcements are not listed"
+    );
+}
+
+async fn a_silent_checker_is_gone_after_its_ttl<H: Harness>() {
+    let h = H::open(LONG_TTL).await;
+    let s = h.store();
+    let long = Duration::from_secs(60);
+    let short = Duration::from_secs(1);
+    let (announced, span) = timed(s.checkers("silent", short)).await;
+    assert_eq!(announced.expect("checkers"), ["silent"]);
+    let (both, later) = timed(s.checkers("steady", long)).await;
+    if span.keeps_alive(short, later) {
+        assert_eq!(both.expect("checkers"), ["silent", "steady"]);
+    }
+    eventually(
+        "the silent checker to drop out",
+        short + Duration::from_secs(10),
+        || async { s.checkers("steady", long).await.expect("checkers") == ["steady"] },
+    )
+    .await;
+    let gone_at = Instant::now();
+    assert!(
+        gone_at >= span.start + short,
+        "dropped before its ttl: {:?} after announcing",
+        gone_at - span.start
     );
 }

@@ -12,6 +12,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::time::Duration;
 
+use http::Method;
 use serde_json::{json, Value};
 use servicekit::protocol::problem_type as t;
 use servicekit_orchestrator::config::Config;
@@ -62,6 +63,7 @@ macro_rules! watch_tests {
                 changes_arrive_in_order_with_increasing_ids,
                 expiry_reaches_watchers_without_any_read,
                 filters_follow_records_in_and_out,
+                health_changes_are_updates_and_move_records_across_health_filters,
                 last_event_id_resumes_with_only_the_missed_events,
                 an_unusable_last_event_id_gets_a_snapshot,
                 a_quiet_feed_sends_heartbeats,
@@ -359,6 +361,70 @@ pub async fn filters_follow_records_in_and_out(start: Factory) {
         ("registered".to_owned(), b.clone(), json!("svca")),
     ];
     assert_eq!(got, expected);
+}
+
+pub async fn health_changes_are_updates_and_move_records_across_health_filters(start: Factory) {
+    let server = start(Config::for_tests()).await;
+    let api = &server.api;
+    let a = register(api, "http://a:1", json!({"display_name": "svca"})).await;
+    let mut all = watch(&server, "watch=true", &[]).await;
+    let mut healthy = watch(&server, "watch=true&health=passing,warning", &[]).await;
+    for s in [&mut all, &mut healthy] {
+        let (_, list) = snapshot(s).await;
+        assert_eq!(list["count"], 1);
+    }
+    let report = |status: &str, output: &str| {
+        let body = json!({"status": status, "output": output}).to_string();
+        let path = format!("/services/{a}/$ping");
+        async move {
+            let r = api
+                .send(
+                    Method::PUT,
+                    &path,
+                    &[("content-type", "application/json")],
+                    Some(body.into_bytes()),
+                )
+                .await;
+            assert_eq!(r.status, 200, "{r:?}");
+        }
+    };
+    // Output alone is no event; each change of status is one, with the new health.
+    report("passing", "fine").await;
+    report("warning", "slow").await;
+    report("warning", "slower").await;
+    report("critical", "down").await;
+    report("passing", "back").await;
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        let e = all.next_event(SOON).await;
+        let h = &e.json()["health"];
+        seen.push((e.event.clone(), h["status"].clone(), h["output"].clone()));
+    }
+    assert_eq!(
+        seen,
+        [
+            ("updated".to_owned(), json!("warning"), json!("slow")),
+            ("updated".to_owned(), json!("critical"), json!("down")),
+            ("updated".to_owned(), json!("passing"), json!("back")),
+        ]
+    );
+    // Through `?health=passing,warning`, critical is a removal and passing a return.
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        let e = healthy.next_event(SOON).await;
+        let data = e.json();
+        assert_eq!(data["id"], a.as_str(), "{data}");
+        // A removal's data is the entry's id, URL and info, not its health.
+        seen.push((e.event.clone(), data["health"]["status"].clone()));
+    }
+    assert_eq!(
+        seen,
+        [
+            ("updated".to_owned(), json!("warning")),
+            ("deregistered".to_owned(), Value::Null),
+            ("registered".to_owned(), json!("passing")),
+        ]
+    );
 }
 
 pub async fn last_event_id_resumes_with_only_the_missed_events(start: Factory) {

@@ -33,9 +33,9 @@ use tokio::time::Instant;
 use ulid::Ulid;
 
 use super::{
-    mint_id, Access, Change, ChangeKind, Changes, Cursor, HealthSet, LeaseHash, LeaseOutcome,
-    ListFilter, Listing, Pinged, Registered, Registration, Store, StoreError, StoreHealth, Subject,
-    CHANGE_LOG_LEN,
+    checker_replica_ok, mint_id, Access, Change, ChangeKind, Changes, Cursor, HealthSet, LeaseHash,
+    LeaseOutcome, ListFilter, Listing, Pinged, Registered, Registration, Store, StoreError,
+    StoreHealth, Subject, CHANGE_LOG_LEN,
 };
 
 /// Index entries a listing examines per hold of the lock.
@@ -63,6 +63,8 @@ struct Inner {
     /// Every entry's deadline, soonest first: what [`Store::reap`] and the sweep walk.
     deadlines: BTreeSet<(Instant, Ulid)>,
     log: ChangeLog,
+    /// The health-checker replicas that announced themselves, with their deadline.
+    checkers: HashMap<String, Instant>,
 }
 
 /// The ring of recent changes and what a reader needs to tell a gap.
@@ -493,9 +495,18 @@ impl Store for MemoryStore {
         Ok(Some(HealthSet { record, changed }))
     }
 
-    async fn checkers(&self, replica: &str, _ttl: Duration) -> Result<Vec<String>, StoreError> {
-        // One process holds the store: it is the only checker.
-        Ok(vec![replica.to_owned()])
+    async fn checkers(&self, replica: &str, ttl: Duration) -> Result<Vec<String>, StoreError> {
+        // One process holds the store, so normally it is the only checker; clones of the
+        // store (tests) still see each other, as replicas on one Valkey do.
+        checker_replica_ok(replica, ttl)?;
+        let now = Instant::now();
+        let mut inner = self.lock();
+        inner.checkers.retain(|_, deadline| *deadline > now);
+        // At most MAX_CHECKER_TTL (checked above): no overflow.
+        inner.checkers.insert(replica.to_owned(), now + ttl);
+        let mut live: Vec<String> = inner.checkers.keys().cloned().collect();
+        live.sort();
+        Ok(live)
     }
 
     async fn get(&self, id: Ulid) -> Result<Option<ServiceRecord>, StoreError> {

@@ -169,6 +169,35 @@ pub struct Pinged {
     pub expires_at: Timestamp,
 }
 
+/// The longest health-checker replica id [`Store::checkers`] accepts, in bytes.
+pub const MAX_CHECKER_ID_LEN: usize = 128;
+
+/// The longest announcement [`Store::checkers`] accepts.
+pub const MAX_CHECKER_TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// Whether [`Store::checkers`] may announce `replica` for `ttl`: an id of 1 to
+/// [`MAX_CHECKER_ID_LEN`] bytes without control characters (it is ours, but no text reaches
+/// a store unbounded), a ttl from 1 ms to [`MAX_CHECKER_TTL`]. [`StoreError::Config`]
+/// otherwise.
+pub fn checker_replica_ok(replica: &str, ttl: Duration) -> Result<(), StoreError> {
+    if ttl.as_millis() == 0 || ttl > MAX_CHECKER_TTL {
+        return Err(StoreError::Config(format!(
+            "a checker's announcement lasts 1 ms to {} s, not {ttl:?}",
+            MAX_CHECKER_TTL.as_secs()
+        )));
+    }
+    if replica.is_empty()
+        || replica.len() > MAX_CHECKER_ID_LEN
+        || replica.chars().any(char::is_control)
+    {
+        return Err(StoreError::Config(format!(
+            "a checker replica id is 1 to {MAX_CHECKER_ID_LEN} printable bytes, not {:?}",
+            replica.chars().take(32).collect::<String>()
+        )));
+    }
+    Ok(())
+}
+
 /// The result of [`Store::set_health`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct HealthSet {

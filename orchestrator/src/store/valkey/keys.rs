@@ -70,6 +70,12 @@ impl Keys {
         format!("{}{{all}}:announced", self.prefix)
     }
 
+    /// The live health-checker replicas, scored by the deadline of their last announcement
+    /// (see `lua/checkers.lua`).
+    pub(super) fn checkers(&self) -> String {
+        format!("{}{{all}}:checkers", self.prefix)
+    }
+
     /// The health check's test key of one orchestrator (`instance`). In the slot of the
     /// all-index, which every registration writes: if that node refuses writes, so does
     /// every register. One key per orchestrator, expiring on its own.
@@ -112,5 +118,6 @@ mod tests {
         assert_eq!(keys.names(), "p:{all}:names");
         assert_eq!(keys.events(), "p:{all}:events");
         assert_eq!(keys.announced(), "p:{all}:announced");
+        assert_eq!(keys.checkers(), "p:{all}:checkers");
     }
 }

@@ -88,6 +88,21 @@ impl ValkeyStore {
     /// version a register just wrote (or a live record the log missed). Returns whether it
     /// logged: not when this version or a later one is announced already.
     pub(super) async fn announce(&self, record: &ServiceRecord) -> Result<bool, StoreError> {
+        self.announce_version(record, false).await
+    }
+
+    /// Logs `updated` for `record`, changed without a new version (its health status): like
+    /// [`Self::announce`], but also when this version is the one announced; not when a later
+    /// one is (that write logged a record that already had this change).
+    pub(super) async fn announce_change(&self, record: &ServiceRecord) -> Result<bool, StoreError> {
+        self.announce_version(record, true).await
+    }
+
+    async fn announce_version(
+        &self,
+        record: &ServiceRecord,
+        same_version: bool,
+    ) -> Result<bool, StoreError> {
         let json = record_json(record)?;
         let reply = self.note(
             ANNOUNCE
@@ -100,6 +115,7 @@ impl ValkeyStore {
                         record_head(&record.url, &record.info.display_name),
                         json,
                         self.log_len.to_string(),
+                        if same_version { "1" } else { "0" }.to_owned(),
                     ],
                 )
                 .await,

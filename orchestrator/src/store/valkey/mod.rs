@@ -30,12 +30,15 @@ pub use list::ValkeyListing;
 use connection::ConnState;
 use index::{DropMode, BATCH};
 use keys::Keys;
-use record::{record_from_value, record_head, RawRecord, MAX_TTL};
-use scripts::{DEREGISTER, PING, REGISTER};
+use record::{
+    check_field, health_field, health_from_field, record_from_value, record_head, RawRecord,
+    MAX_TTL,
+};
+use scripts::{CHECKERS, DEREGISTER, HEALTH, PING, REGISTER};
 
 use super::{
-    id_fits_url, mint_id, Access, HealthSet, LeaseHash, LeaseOutcome, ListFilter, Pinged,
-    Registered, Registration, Store, StoreError, StoreHealth, CHANGE_LOG_LEN,
+    checker_replica_ok, id_fits_url, mint_id, Access, HealthSet, LeaseHash, LeaseOutcome,
+    ListFilter, Pinged, Registered, Registration, Store, StoreError, StoreHealth, CHANGE_LOG_LEN,
 };
 
 /// Lifetime of the health check's test key.
@@ -221,6 +224,7 @@ impl ValkeyStore {
             .map_err(|e| StoreError::Corrupt(format!("cannot encode info: {e}")))?;
         let name = reg.info.display_name.clone();
         let head = record_head(&reg.url, &name);
+        let check = check_field(reg.check.as_ref())?;
         let url_key = self.keys.url(&reg.url);
         let [token, admin] = access_args(access);
         let new_lease_hex = new_lease.map(|h| h.hex()).unwrap_or_default();
@@ -264,6 +268,7 @@ impl ValkeyStore {
                             new_lease_hex.clone(),
                             admin.clone(),
                             self.url_key_ms().to_string(),
+                            check.clone(),
                         ],
                     )
                     .await,
@@ -308,6 +313,17 @@ impl ValkeyStore {
                     )))
                 }
             };
+            // A live entry keeps its health; a new one starts with the default.
+            let health = match items.get(7).and_then(Value::as_bytes) {
+                Some(field) => health_from_field(field).map_err(|e| {
+                    StoreError::Corrupt(format!("register of {id} answered health: {e}"))
+                })?,
+                None => {
+                    return Err(StoreError::Corrupt(format!(
+                        "register answered no health: {items:?}"
+                    )))
+                }
+            };
             let previous = match (old_name, old_expires) {
                 (Some(old), Some(expires)) if old != name => Some((old, expires)),
                 _ => None,
@@ -320,7 +336,7 @@ impl ValkeyStore {
                 last_updated: now,
                 last_ping_at: now,
                 expires_at,
-                health: Health::default(),
+                health,
                 check: reg.check,
             };
             // The change log's entry, with the index update (both raise the all-index score
@@ -343,6 +359,46 @@ impl ValkeyStore {
             "registration of {} kept racing with others; try again",
             reg.url
         )))
+    }
+
+    /// [`Store::set_health`]'s steps, run to completion by [`to_completion`]: the record
+    /// script, then (for a new status) the change log's entry, like a re-registration's.
+    async fn set_health_steps(
+        &self,
+        id: Ulid,
+        health: Health,
+        access: Access,
+    ) -> Result<Option<HealthSet>, StoreError> {
+        let [token, admin] = access_args(access);
+        let reply = self.note(
+            HEALTH
+                .run(
+                    &self.client,
+                    vec![self.keys.svc(id)],
+                    vec![health_field(&health), token, admin],
+                )
+                .await,
+        )?;
+        if reply.is_null() {
+            return Ok(None);
+        }
+        let (value, changed) = match array_of(reply, "set_health")?.as_slice() {
+            [value, Value::Integer(changed)] => (value.clone(), *changed != 0),
+            other => {
+                return Err(StoreError::Corrupt(format!(
+                    "set_health answered {other:?}"
+                )))
+            }
+        };
+        let record = record_from_value(id, &value)?
+            .ok_or_else(|| StoreError::Corrupt(format!("set_health of {id} answered no record")))?;
+        if changed {
+            // As for a register, a failed log entry fails the call. The record has its new
+            // health already, so a retry finds the status unchanged and logs nothing: the
+            // feed learns of it with the entry's next change (docs/valkey-store.md).
+            self.announce_change(&record).await?;
+        }
+        Ok(Some(HealthSet { record, changed }))
     }
 
     /// [`Store::deregister_as`]'s steps, run to completion by [`to_completion`].
@@ -498,17 +554,38 @@ impl Store for ValkeyStore {
 
     async fn set_health(
         &self,
-        _id: Ulid,
-        _health: Health,
-        _access: Access,
+        id: Ulid,
+        health: Health,
+        access: Access,
     ) -> Result<Option<HealthSet>, StoreError> {
-        Err(StoreError::Unavailable(
-            "set_health: not yet on Valkey".into(),
-        ))
+        let store = self.clone();
+        to_completion(Box::pin(async move {
+            store.set_health_steps(id, health, access).await
+        }))
+        .await
     }
 
-    async fn checkers(&self, replica: &str, _ttl: Duration) -> Result<Vec<String>, StoreError> {
-        Ok(vec![replica.to_owned()])
+    async fn checkers(&self, replica: &str, ttl: Duration) -> Result<Vec<String>, StoreError> {
+        checker_replica_ok(replica, ttl)?;
+        let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+        let reply = self.note(
+            CHECKERS
+                .run(
+                    &self.client,
+                    vec![self.keys.checkers()],
+                    vec![replica.to_owned(), ttl_ms.to_string()],
+                )
+                .await,
+        )?;
+        let mut live = array_of(reply, "checkers")?
+            .iter()
+            .map(|v| {
+                v.as_string()
+                    .ok_or_else(|| StoreError::Corrupt(format!("checkers answered {v:?}")))
+            })
+            .collect::<Result<Vec<String>, StoreError>>()?;
+        live.sort();
+        Ok(live)
     }
 
     async fn get(&self, id: Ulid) -> Result<Option<ServiceRecord>, StoreError> {

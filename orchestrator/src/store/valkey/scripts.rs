@@ -11,15 +11,20 @@ use fred::interfaces::LuaInterface;
 use fred::types::Value;
 use tokio::sync::OnceCell;
 
-use super::record::{HEADER_LEN, PING_OFFSET, STAMP_DIGITS};
+use servicekit::protocol::HealthStatus;
+
+use super::record::{status_letter, CHECK_TAG, HEADER_LEN, HEALTH_TAG, PING_OFFSET, STAMP_DIGITS};
 
 /// The helpers for the record layout that every record script uses.
 const RECORD_LUA: &str = include_str!("lua/record.lua");
 
 /// The layout constants as Lua locals, rendered from the Rust ones.
 fn layout_prelude() -> String {
+    let [health, check, passing] =
+        [HEALTH_TAG, CHECK_TAG, status_letter(HealthStatus::Passing)].map(char::from);
     format!(
-        "local STAMP_DIGITS, HEADER_LEN, PING_OFFSET = {STAMP_DIGITS}, {HEADER_LEN}, {PING_OFFSET}\n"
+        "local STAMP_DIGITS, HEADER_LEN, PING_OFFSET = {STAMP_DIGITS}, {HEADER_LEN}, {PING_OFFSET}\n\
+         local HEALTH_TAG, CHECK_TAG, PASSING = '{health}', '{check}', '{passing}'\n"
     )
 }
 
@@ -46,6 +51,12 @@ pub(super) static DEREGISTERED: LazyLock<LuaScript> =
 /// See `lua/reap.lua`: drops gone all-index entries and logs `expired`.
 pub(super) static REAP: LazyLock<LuaScript> =
     LazyLock::new(|| record_script(include_str!("lua/reap.lua")));
+/// See `lua/health.lua`.
+pub(super) static HEALTH: LazyLock<LuaScript> =
+    LazyLock::new(|| record_script(include_str!("lua/health.lua")));
+/// See `lua/checkers.lua`.
+pub(super) static CHECKERS: LazyLock<LuaScript> =
+    LazyLock::new(|| record_script(include_str!("lua/checkers.lua")));
 /// See `lua/log_read.lua`.
 pub(super) static LOG_READ: LazyLock<LuaScript> =
     LazyLock::new(|| LuaScript::new(include_str!("lua/log_read.lua").to_owned()));
@@ -116,11 +127,15 @@ mod tests {
             (&*ANNOUNCE, include_str!("lua/announce.lua")),
             (&*DEREGISTERED, include_str!("lua/deregistered.lua")),
             (&*REAP, include_str!("lua/reap.lua")),
+            (&*HEALTH, include_str!("lua/health.lua")),
+            (&*CHECKERS, include_str!("lua/checkers.lua")),
         ] {
             let expected = format!("{}{RECORD_LUA}{body}", layout_prelude());
             assert_eq!(script.lua(), expected);
         }
-        assert!(layout_prelude()
-            .ends_with(&format!(" = {STAMP_DIGITS}, {HEADER_LEN}, {PING_OFFSET}\n")));
+        assert!(
+            layout_prelude().contains(&format!(" = {STAMP_DIGITS}, {HEADER_LEN}, {PING_OFFSET}\n"))
+        );
+        assert!(layout_prelude().ends_with(" = 'h', 'c', 'p'\n"));
     }
 }

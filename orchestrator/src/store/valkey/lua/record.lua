@@ -66,3 +66,37 @@ end
 local function forbidden()
   return redis.error_reply('FORBIDDEN the entry is leased')
 end
+
+-- The optional tagged fields after the lease (docs/valkey-store.md): where they start, the
+-- whole health field and the whole check field ('' when absent), and where the info JSON
+-- starts. nil when malformed.
+local function extras_of(v)
+  local _, p = field(v, HEADER_LEN + 1)
+  if not p then return nil end
+  local _, q = field(v, p)
+  if not q then return nil end
+  if string.find(v, '^%d', q) then
+    _, q = field(v, q)
+    if not q then return nil end
+  end
+  local start, health, check = q, '', ''
+  if string.sub(v, q, q) == HEALTH_TAG then
+    local _, r = field(v, q + 1)
+    if not r then return nil end
+    health, q = string.sub(v, q, r - 1), r
+  end
+  if string.sub(v, q, q) == CHECK_TAG then
+    local _, r = field(v, q + 1)
+    if not r then return nil end
+    check, q = string.sub(v, q, r - 1), r
+  end
+  return start, health, check, q
+end
+
+-- The status letter of a whole health field ('' is the default health: passing).
+local function status_of(health)
+  if health == '' then return PASSING end
+  local s = string.match(health, '^.%d+:()')
+  if not s then return nil end
+  return string.sub(health, s, s)
+end

@@ -3,9 +3,13 @@
 -- ARGV: [1] expected url-key value ('' = absent), [2] id, [3] url, [4] record head (URL and
 -- display name, length-prefixed), [5] ttl ms, [6] info JSON, [7] '1' when the id is one the
 -- client proposed, [8] presented lease hash ('' = none), [9] hash of a new lease ('' = no
--- lease asked for), [10] '1' for the admin key, [11] url key ms (ttl + the binding's grace).
+-- lease asked for), [10] '1' for the admin key, [11] url key ms (ttl + the binding's grace),
+-- [12] the check field ('' = no check).
+-- A live entry keeps its health field; its check is replaced by ARGV[12]. A new one starts
+-- with the default health (no field).
 -- Returns {'retry'}, {'conflict'}, {'unbound'}, a FORBIDDEN error, or
--- {status, registered_at, now, expires_at, old name, old expires_at, lease outcome}.
+-- {status, registered_at, now, expires_at, old name, old expires_at, lease outcome,
+-- health field}.
 local cur = redis.call('GET', KEYS[1])
 if not cur then cur = '' end
 if cur ~= ARGV[1] then return {'retry'} end
@@ -14,13 +18,16 @@ local reg = nil
 local old_name = false
 local old_exp = false
 local held = false
+local health = ''
 if old then
   local url, p = field(old, HEADER_LEN + 1)
   local name = url and field(old, p)
   reg = stamp(old, 0)
   old_exp = stamp(old, 3)
   held = lease_of(old)
-  if not (name and reg and old_exp) or held == nil then return malformed(KEYS[2]) end
+  local start
+  start, health = extras_of(old)
+  if not (name and reg and old_exp and start) or held == nil then return malformed(KEYS[2]) end
   if url ~= ARGV[3] then return {'conflict'} end
   old_name = name
 end
@@ -63,8 +70,10 @@ local header = stamp_text(reg) .. stamp_text(now) .. stamp_text(now) .. stamp_te
 if #header ~= HEADER_LEN then
   return redis.error_reply('ERR expiry beyond ' .. STAMP_DIGITS .. ' digits')
 end
-redis.call('SET', KEYS[2], header .. ARGV[4] .. lease_field(lease) .. ARGV[6], 'PX', ttl)
+redis.call('SET', KEYS[2], header .. ARGV[4] .. lease_field(lease) .. health .. ARGV[12] .. ARGV[6],
+  'PX', ttl)
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[11])
 redis.call('DEL', KEYS[3])
 if old_exp then old_exp = ms_text(old_exp) end
-return {status, ms_text(reg), ms_text(now), ms_text(now + ttl), old_name, old_exp, outcome}
+return {status, ms_text(reg), ms_text(now), ms_text(now + ttl), old_name, old_exp, outcome,
+  health}
