@@ -200,21 +200,28 @@ impl<O: Orchestrator> Task<O> {
     }
 
     /// The service's health for the next ping (`None` without a health function), bounded
-    /// by its timeout and by half the keepalive `interval`; a shutdown meanwhile abandons it
-    /// (the ping is abandoned too).
-    async fn health_report(&mut self, interval: Duration) -> Option<HealthReport> {
+    /// by its timeout and by half the keepalive `interval`. It runs as a task of its own, so
+    /// a panic in it is a `critical` report, not the end of the keepalive.
+    async fn health_report(&self, interval: Duration) -> Option<HealthReport> {
         let health = self.config.tunables.health.clone()?;
         let bound = self.config.tunables.health_timeout.min(interval / 2);
-        match tokio::time::timeout(bound, (health.0)()).await {
-            Ok(report) => Some(report),
+        let mut call = tokio::spawn((health.0)());
+        let report = match tokio::time::timeout(bound, &mut call).await {
+            Ok(Ok(report)) => report,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "keepalive.health_failed");
+                HealthReport::critical("health check panicked")
+            }
             Err(_) => {
+                call.abort();
                 tracing::warn!(
                     timeout_ms = bound.as_millis() as u64,
                     "keepalive.health_timed_out"
                 );
-                Some(HealthReport::critical("health check timed out"))
+                HealthReport::critical("health check timed out")
             }
-        }
+        };
+        Some(report)
     }
 
     async fn wait_for_server(&mut self) -> Outcome<()> {
@@ -376,7 +383,11 @@ impl<O: Orchestrator> Task<O> {
             }
             let interval = interval_of(&entry);
             let asked = Instant::now();
-            let report = self.health_report(interval).await;
+            // Abandoned, like the ping, when shutdown is requested meanwhile.
+            let mut stop = self.stop.clone();
+            let Some(report) = unless_stopped(&mut stop, self.health_report(interval)).await else {
+                break;
+            };
             health_took = asked.elapsed();
             if let Some(r) = &report {
                 if last_reported != Some(r.status) {
@@ -421,11 +432,16 @@ impl<O: Orchestrator> Task<O> {
                             self.status.registered(fresh.id);
                             failures = 0;
                             entry = fresh;
-                            next = schedule::next_ping(
-                                interval_of(&entry),
-                                PingOutcome::Alive,
-                                schedule::random(),
-                            );
+                            // The new entry starts passing: say how the service is at once.
+                            next = if reports {
+                                Duration::ZERO
+                            } else {
+                                schedule::next_ping(
+                                    interval_of(&entry),
+                                    PingOutcome::Alive,
+                                    schedule::random(),
+                                )
+                            };
                         }
                         Some(Err(e)) => {
                             tracing::warn!(previous_id = %entry.id, error = %ErrorChain(&e),

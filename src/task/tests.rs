@@ -629,3 +629,59 @@ async fn report_health_now_brings_the_next_ping_forward() {
     assert!(pings[1].0 - asked < Duration::from_millis(1));
     assert_eq!(r.fake.reports()[1], Some(HealthReport::critical("db down")));
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_panicking_health_function_reports_critical_and_the_keepalive_goes_on() {
+    let health = || {
+        Box::pin(async { panic!("the health function broke") as HealthReport })
+            as std::pin::Pin<Box<dyn Future<Output = HealthReport> + Send>>
+    };
+    let t = Tunables {
+        health: Some(crate::config::HealthFn(Arc::new(health))),
+        ..Tunables::default()
+    };
+    let r = start(Fake::default(), t, false);
+    r.wait_phase(Phase::Registered).await;
+    tokio::time::sleep(Duration::from_secs(25)).await;
+    let reports = r.fake.reports();
+    assert!(reports.len() >= 3, "{reports:?}");
+    let panicked = HealthReport::critical("health check panicked");
+    assert!(
+        reports.iter().all(|x| x.as_ref() == Some(&panicked)),
+        "{reports:?}"
+    );
+    assert_eq!(r.status.snapshot().phase, Phase::Registered);
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_during_a_slow_health_call_deregisters_at_once() {
+    let state = Arc::new(Mutex::new(HealthReport::passing()));
+    let mut t = reporting(state, Duration::from_secs(3600));
+    t.health_timeout = Duration::from_secs(4);
+    let r = start(Fake::default(), t, false);
+    r.wait_phase(Phase::Registered).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let asked = r.request_stop();
+    r.wait_phase(Phase::Stopped).await;
+    assert!(
+        asked.elapsed() < Duration::from_millis(10),
+        "{:?}",
+        asked.elapsed()
+    );
+    assert_eq!(r.fake.calls("deregister").len(), 1);
+    assert!(r.fake.calls("ping").is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_re_registration_reports_the_health_at_once() {
+    let fake = with_script(|s| s.ping = [Answer::Ok, Answer::Status(404)].into());
+    let state = Arc::new(Mutex::new(HealthReport::critical("db down")));
+    let r = start(fake, reporting(state, Duration::ZERO), false);
+    r.wait_phase(Phase::Registered).await;
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    // Registered, report, (interval) 404, re-registered, report at once.
+    let registers = r.fake.calls("register");
+    let pings = r.fake.calls("ping");
+    assert_eq!((registers.len(), pings.len()), (2, 3), "{pings:?}");
+    assert_eq!(pings[2].0, registers[1].0);
+}
