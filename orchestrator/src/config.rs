@@ -181,6 +181,22 @@ pub struct Config {
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_watchers: u32,
 
+    /// Most health check probes (pull checks, see the README's "Health") this replica runs at
+    /// once; further due checks wait for a slot.
+    #[arg(long, env = "ORCHESTRATOR_CHECK_CONCURRENCY",
+          default_value_t = crate::checks::DEFAULT_CHECK_CONCURRENCY,
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub check_concurrency: u32,
+
+    /// Seconds a checker replica counts as alive after it last announced itself in the store
+    /// (it announces every third of this). Replicas on one Valkey share the checks; when one
+    /// dies, the others take its instances over within about this plus a third of it, so keep
+    /// it well under the shortest check interval.
+    #[arg(long, env = "ORCHESTRATOR_CHECKER_TTL_SECONDS",
+          default_value_t = crate::checks::DEFAULT_CHECKER_TTL_SECONDS,
+          value_parser = clap::value_parser!(u64).range(1..=300))]
+    pub checker_ttl_seconds: u64,
+
     /// Log output: human-readable or one JSON object per line.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Pretty)]
     pub log_format: LogFormat,
@@ -217,6 +233,8 @@ impl std::fmt::Debug for Config {
             .field("max_registrations", &self.max_registrations)
             .field("max_info_bytes", &self.max_info_bytes)
             .field("max_watchers", &self.max_watchers)
+            .field("check_concurrency", &self.check_concurrency)
+            .field("checker_ttl_seconds", &self.checker_ttl_seconds)
             .field("log_format", &self.log_format)
             .field("watch_tuning", &self.watch_tuning)
             .finish()
@@ -281,6 +299,8 @@ impl Config {
             max_registrations: 100_000,
             max_info_bytes: 16_384,
             max_watchers: 10_000,
+            check_concurrency: crate::checks::DEFAULT_CHECK_CONCURRENCY,
+            checker_ttl_seconds: crate::checks::DEFAULT_CHECKER_TTL_SECONDS,
             log_format: LogFormat::Pretty,
             watch_tuning: crate::watch::WatchTuning::default(),
         }
@@ -303,6 +323,11 @@ impl Config {
 
     pub fn ttl(&self) -> Duration {
         Duration::from_secs(self.ttl_seconds)
+    }
+
+    /// How long a checker replica counts as alive after announcing itself.
+    pub fn checker_ttl(&self) -> Duration {
+        Duration::from_secs(self.checker_ttl_seconds)
     }
 
     /// How long a request head may take to arrive (see `--header-timeout-seconds`).
@@ -369,6 +394,21 @@ mod tests {
         let defaults = Config::try_parse_from(["orchestrator"]).unwrap();
         assert_eq!(defaults.limits(), crate::api::Limits::default());
         assert!(Config::try_parse_from(["orchestrator", "--max-registrations", "0"]).is_err());
+        assert_eq!(
+            (defaults.check_concurrency, defaults.checker_ttl()),
+            (64, Duration::from_secs(3))
+        );
+        let c = Config::try_parse_from([
+            "orchestrator",
+            "--check-concurrency",
+            "8",
+            "--checker-ttl-seconds",
+            "1",
+        ])
+        .unwrap();
+        assert_eq!((c.check_concurrency, c.checker_ttl_seconds), (8, 1));
+        assert!(Config::try_parse_from(["orchestrator", "--check-concurrency", "0"]).is_err());
+        assert!(Config::try_parse_from(["orchestrator", "--checker-ttl-seconds", "0"]).is_err());
     }
 
     #[test]

@@ -75,6 +75,11 @@ struct EventLabel {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabel {
+    result: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabel {
     reason: &'static str,
 }
@@ -95,6 +100,10 @@ pub struct Metrics {
     watch_snapshots: Family<ReasonLabel, Counter>,
     watchers_dropped: Counter,
     watch_hub_changes: Counter,
+    checks: Family<ResultLabel, Counter>,
+    check_duration: Histogram,
+    checks_owned: Gauge,
+    checkers: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -207,6 +216,36 @@ impl Metrics {
             "Changes the watch hub read from the store's change log and fanned out",
             watch_hub_changes.clone(),
         );
+        let checks = Family::<ResultLabel, Counter>::default();
+        for status in servicekit::protocol::HealthStatus::ALL {
+            drop(checks.get_or_create(&ResultLabel {
+                result: status.as_str(),
+            }));
+        }
+        registry.register(
+            "checks",
+            "Health checks (pull) this orchestrator ran, by result before flap damping",
+            checks.clone(),
+        );
+        let check_duration = histogram();
+        registry.register_with_unit(
+            "check_duration",
+            "Time of one health check probe, connecting included",
+            Unit::Seconds,
+            check_duration.clone(),
+        );
+        let checks_owned = Gauge::default();
+        registry.register(
+            "checks_owned",
+            "Instances whose health checks this orchestrator replica runs",
+            checks_owned.clone(),
+        );
+        let checkers = Gauge::default();
+        registry.register(
+            "checkers",
+            "Live checker replicas sharing the health checks, as this replica saw last",
+            checkers.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -221,7 +260,28 @@ impl Metrics {
             watch_snapshots,
             watchers_dropped,
             watch_hub_changes,
+            checks,
+            check_duration,
+            checks_owned,
+            checkers,
         }
+    }
+
+    /// Counts one health check probe by its result (`passing`, `warning`, `critical`).
+    pub fn check_done(&self, result: &'static str, elapsed: Duration) {
+        self.checks.get_or_create(&ResultLabel { result }).inc();
+        self.check_duration.observe(elapsed.as_secs_f64());
+    }
+
+    /// Sets how many instances this replica checks.
+    pub fn checks_owned(&self, owned: usize) {
+        self.checks_owned
+            .set(i64::try_from(owned).unwrap_or(i64::MAX));
+    }
+
+    /// Sets how many checker replicas are alive.
+    pub fn checkers(&self, live: usize) {
+        self.checkers.set(i64::try_from(live).unwrap_or(i64::MAX));
     }
 
     /// Counts one answered request on `route` (a route pattern, never a raw path).
@@ -456,6 +516,9 @@ mod tests {
         m.watch_snapshot("lagged");
         m.watcher_dropped();
         m.watch_hub_read(5);
+        m.check_done("warning", Duration::from_millis(3));
+        m.checks_owned(7);
+        m.checkers(2);
         let text = m.encode(Some(42)).expect("encode");
         for line in [
             "servicekit_http_requests_total{route=\"/services/{id}/$ping\",status=\"200\"} 1",
@@ -475,6 +538,11 @@ mod tests {
             "servicekit_watch_snapshots_total{reason=\"start\"} 0",
             "servicekit_watchers_dropped_total 1",
             "servicekit_watch_hub_changes_total 5",
+            "servicekit_checks_total{result=\"warning\"} 1",
+            "servicekit_checks_total{result=\"critical\"} 0",
+            "servicekit_check_duration_seconds_count 1",
+            "servicekit_checks_owned 7",
+            "servicekit_checkers 2",
         ] {
             assert!(
                 text.lines().any(|l| l == line),

@@ -1,5 +1,6 @@
 //! Accepting connections, the middleware in front of the API, the background tasks (the
-//! sweeper, the reaper that logs expiries for watchers, the watch hub), and graceful shutdown.
+//! sweeper, the reaper that logs expiries for watchers, the watch hub, the health checker),
+//! and graceful shutdown.
 //!
 //! The binary and the tests start the orchestrator the same way, through [`start`], so the
 //! tests exercise the real accept loop over real sockets. Each request passes a tower stack
@@ -67,6 +68,7 @@ pub struct Running {
     local_addr: SocketAddr,
     scheme: &'static str,
     store_kind: &'static str,
+    checker: String,
     shutdown: watch::Sender<bool>,
     task: JoinHandle<()>,
 }
@@ -86,6 +88,11 @@ impl Running {
     /// `"memory"` or `"valkey"`.
     pub fn store_kind(&self) -> &'static str {
         self.store_kind
+    }
+
+    /// This replica's health checker id, as its checks send it in `x-servicekit-checker`.
+    pub fn checker_id(&self) -> &str {
+        &self.checker
     }
 
     /// Stops accepting, waits for in-flight requests, and returns when the server is done.
@@ -132,13 +139,28 @@ pub async fn start_with_signal(
         tracing::info!("orchestrator.shutdown_requested");
     });
     let ttl = config.ttl();
+    // Unique per process: replicas on one store tell each other apart by it.
+    let checker = ulid::Ulid::new().to_string().to_lowercase();
+    let checks = crate::checks::CheckerConfig {
+        replica: checker.clone(),
+        concurrency: usize::try_from(config.check_concurrency).unwrap_or(usize::MAX),
+        membership_ttl: config.checker_ttl(),
+    };
     let (store_kind, task) = match &config.valkey_url {
         Some(url) => {
             let store = ValkeyStore::connect(url, &config.key_prefix, ttl).await?;
             log_start(&config, local_addr, "valkey");
             (
                 "valkey",
-                spawn_server(&config, local_addr, listener, store, tls.clone(), stop),
+                spawn_server(
+                    &config,
+                    local_addr,
+                    listener,
+                    store,
+                    tls.clone(),
+                    checks,
+                    stop,
+                ),
             )
         }
         None => {
@@ -146,7 +168,15 @@ pub async fn start_with_signal(
             let store = MemoryStore::new(ttl);
             (
                 "memory",
-                spawn_server(&config, local_addr, listener, store, tls.clone(), stop),
+                spawn_server(
+                    &config,
+                    local_addr,
+                    listener,
+                    store,
+                    tls.clone(),
+                    checks,
+                    stop,
+                ),
             )
         }
     };
@@ -154,6 +184,7 @@ pub async fn start_with_signal(
         local_addr,
         scheme: if tls.is_some() { "https" } else { "http" },
         store_kind,
+        checker,
         shutdown,
         task,
     })
@@ -187,6 +218,7 @@ fn spawn_server<S: Store>(
     listener: TcpListener,
     store: S,
     tls: Option<crate::tls::Acceptor>,
+    checks: crate::checks::CheckerConfig,
     stop: watch::Receiver<bool>,
 ) -> JoinHandle<()> {
     let api = Arc::new(
@@ -214,6 +246,7 @@ fn spawn_server<S: Store>(
             crate::watch::hub::run(api.store(), hub, api.metrics(), stop).await;
         })
     };
+    let checker = tokio::spawn(crate::checks::run(api.clone(), checks, stop.clone()));
     let accept = Accept {
         max_connections: crate::fd_limit::fit_connection_cap(config.max_connections),
         peers: PeerLimit::new(config.max_connections_per_ip),
@@ -226,6 +259,8 @@ fn spawn_server<S: Store>(
         accept_loop(listener, api, accept, tls, stop).await;
         sweeper.abort();
         reaper.abort();
+        // Ended by the stop signal already, its check tasks with it.
+        checker.abort();
         // Ended by the stop signal already (it closed the hub first thing).
         hub.abort();
     })
