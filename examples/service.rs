@@ -12,8 +12,14 @@
 //! Endpoints:
 //!
 //! - `GET /` — a small HTML landing page linking the others;
-//! - `GET /health` — `{"status":"healthy", "registration": {...}}`, always 200; the layer
-//!   probes it and registers only once it answers;
+//! - `GET /health` — `{"status":"passing", "output":"", "served":N, "registration": {...}}`:
+//!   the service's health (`passing`, `warning` or `critical`) with 200, 429 or 503 (what an
+//!   orchestrator pull check reads as passing, warning, critical), the requests `GET /` has
+//!   served (to see which instance gets traffic), and the registration state. The same health
+//!   goes to the orchestrator on every keepalive ping (`report_health`);
+//! - `PUT /admin/health` — only with `SERVICE_ADMIN=true`, for tests and demos: sets the
+//!   health, e.g. `{"status":"critical","output":"db down"}` (`output` optional), reports it
+//!   to the orchestrator at once and answers the new health; 404 otherwise;
 //! - `GET /api/v1/system` — time (RFC 3339), hostname, OS, architecture and versions;
 //! - `GET /api/v1/info` — the `ServiceInfo` this service registers with;
 //! - `GET /docs/` — Swagger UI (served from the binary, works offline) for
@@ -33,12 +39,25 @@
 //!   orchestrator URL (default `false`: keep serving, retrying in the background every 30 s).
 //! - `SERVICEKIT_MAX_RETRIES` — registration attempts before giving up (at least 1; default 5).
 //! - `SERVICEKIT_RETRY_DELAY_MS` — base of the exponential backoff in ms (default 2000).
+//! - `SERVICE_HEALTH` — the health to start with: `passing` (default), `warning` or
+//!   `critical`; `SERVICE_HEALTH_OUTPUT` — its output text (default empty).
+//! - `SERVICE_REPORT_HEALTH` — `false` (or `0`/`no`/`off`) sends no health on the pings
+//!   (default on), e.g. to see a pull check (`SERVICEKIT_CHECK_*`) alone at work.
+//! - `SERVICE_ADMIN` — `true` (or `1`/`yes`/`on`) enables `PUT /admin/health` (default off:
+//!   anyone who can reach it could take the instance out of rotation).
+//! - `SERVICEKIT_CHECK_HTTP=/health` (or `SERVICEKIT_CHECK_TCP=true`), with
+//!   `SERVICEKIT_CHECK_INTERVAL_SECONDS`, `SERVICEKIT_CHECK_TIMEOUT_SECONDS` and
+//!   `SERVICEKIT_CHECK_DEREGISTER_CRITICAL_AFTER_SECONDS` — ask the orchestrator to check
+//!   the service itself (read by the library; see the README's configuration table).
 //! - `RUST_LOG` — log filter (default `info`).
 //!
-//! `SERVICEKIT_FAIL_ON_ERROR`, `SERVICEKIT_MAX_RETRIES` and `SERVICEKIT_RETRY_DELAY_MS` are
-//! read by this example, the other `SERVICEKIT_*` ones by the library (`SERVICEKIT_PORT` by
+//! Before registering, the layer waits until `GET /api/v1/info` answers (not `/health`,
+//! which a service started `critical` never passes: it registers and reports `critical`).
+//!
+//! `SERVICEKIT_FAIL_ON_ERROR`, `SERVICEKIT_MAX_RETRIES`, `SERVICEKIT_RETRY_DELAY_MS` and the
+//! `SERVICE_*` variables are read by this example, the other `SERVICEKIT_*` ones by the library (`SERVICEKIT_PORT` by
 //! both). A malformed port or knob stops the example at once with status 1; a missing or
-//! malformed orchestrator URL, host or key is only logged and the service runs unregistered
+//! malformed orchestrator URL, host, key or check is only logged and the service runs unregistered
 //! (unless `SERVICEKIT_FAIL_ON_ERROR` is on).
 //! SIGTERM or Ctrl-C deregisters the service, then drains and exits with status 0.
 
@@ -46,15 +65,18 @@ use std::error::Error;
 use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::extract::State;
+use axum::http::StatusCode;
 use axum::response::Html;
-use axum::routing::get;
+use axum::routing::{get, put};
 use axum::{Json, Router};
 use serde::Serialize;
 use servicekit::error::ErrorChain;
-use servicekit::protocol::Timestamp;
+use servicekit::protocol::{HealthReport, HealthStatus, Timestamp};
 use servicekit::{RegistrationHandle, RegistrationLayer, ServiceInfo};
 use tracing_subscriber::EnvFilter;
 use utoipa::{OpenApi, ToSchema};
@@ -68,14 +90,29 @@ const OPENAPI_PATH: &str = "/api-docs/openapi.json";
 struct AppState {
     info: ServiceInfo,
     registration: RegistrationHandle,
+    layer: RegistrationLayer,
+    /// What `/health` and the keepalive pings report.
+    health: Arc<Mutex<HealthReport>>,
+    /// Requests `GET /` has served.
+    served: Arc<AtomicU64>,
 }
 
-/// Liveness, plus where the registration stands.
+/// The service's own health: one place for `/health` and the pings.
+fn current_health(health: &Mutex<HealthReport>) -> HealthReport {
+    health.lock().unwrap_or_else(|p| p.into_inner()).clone()
+}
+
+/// The service's health, plus where the registration stands.
 #[derive(Serialize, ToSchema)]
 struct Health {
-    /// Always `healthy` while the process serves.
-    #[schema(example = "healthy")]
-    status: &'static str,
+    /// `passing` (answered with 200), `warning` (429) or `critical` (503).
+    #[schema(example = "passing")]
+    status: String,
+    /// Why, when not passing.
+    #[schema(example = "")]
+    output: String,
+    /// Requests `GET /` has served since the start.
+    served: u64,
     registration: RegistrationState,
 }
 
@@ -143,20 +180,46 @@ struct ServiceInfoDoc {
 )]
 struct ApiDoc;
 
-/// Liveness and registration state.
-#[utoipa::path(get, path = "/health", responses((status = 200, body = Health)))]
-async fn health(State(state): State<AppState>) -> Json<Health> {
+/// Health and registration state.
+#[utoipa::path(get, path = "/health", responses(
+    (status = 200, description = "passing", body = Health),
+    (status = 429, description = "warning", body = Health),
+    (status = 503, description = "critical", body = Health),
+))]
+async fn health(State(state): State<AppState>) -> (StatusCode, Json<Health>) {
+    let report = current_health(&state.health);
+    let code = match report.status {
+        HealthStatus::Passing => StatusCode::OK,
+        HealthStatus::Warning => StatusCode::TOO_MANY_REQUESTS,
+        HealthStatus::Critical => StatusCode::SERVICE_UNAVAILABLE,
+    };
     let status = state.registration.status();
-    Json(Health {
-        status: "healthy",
-        registration: RegistrationState {
-            phase: status.phase.to_string(),
-            registered: state.registration.is_registered(),
-            id: status.id.map(|id| id.to_string()),
-            last_ping: status.last_ping.map(|t| Timestamp::from(t).to_string()),
-            error: status.error.map(|e| ErrorChain(&e).to_string()),
-        },
-    })
+    (
+        code,
+        Json(Health {
+            status: report.status.to_string(),
+            output: report.output,
+            served: state.served.load(Ordering::Relaxed),
+            registration: RegistrationState {
+                phase: status.phase.to_string(),
+                registered: state.registration.is_registered(),
+                id: status.id.map(|id| id.to_string()),
+                last_ping: status.last_ping.map(|t| Timestamp::from(t).to_string()),
+                error: status.error.map(|e| ErrorChain(&e).to_string()),
+            },
+        }),
+    )
+}
+
+/// `PUT /admin/health` (with `SERVICE_ADMIN=true`): sets the health and reports it now.
+async fn set_health(
+    State(state): State<AppState>,
+    Json(report): Json<HealthReport>,
+) -> Json<HealthReport> {
+    tracing::info!(status = %report.status, output = ?report.output, "service.health_set");
+    *state.health.lock().unwrap_or_else(|p| p.into_inner()) = report.clone();
+    state.layer.report_health_now();
+    Json(report)
 }
 
 /// Time, host, OS and versions.
@@ -182,6 +245,7 @@ async fn service_info(State(state): State<AppState>) -> Json<ServiceInfo> {
 }
 
 async fn landing(State(state): State<AppState>) -> Html<String> {
+    state.served.fetch_add(1, Ordering::Relaxed);
     let name = escape_html(&state.info.display_name);
     Html(format!(
         r#"<!doctype html>
@@ -251,6 +315,15 @@ async fn run() -> Result<(), Box<dyn Error>> {
         );
     }
     let retry_delay = env_parse::<u64>("SERVICEKIT_RETRY_DELAY_MS", "milliseconds")?;
+    let admin = env_bool("SERVICE_ADMIN")?;
+    let push = match std::env::var("SERVICE_REPORT_HEALTH") {
+        Ok(v) if !v.trim().is_empty() => env_bool("SERVICE_REPORT_HEALTH")?,
+        _ => true,
+    };
+    let initial = env_parse::<HealthStatus>("SERVICE_HEALTH", "passing, warning or critical")?
+        .unwrap_or(HealthStatus::Passing);
+    let output = env_parse::<String>("SERVICE_HEALTH_OUTPUT", "text")?.unwrap_or_default();
+    let own_health = Arc::new(Mutex::new(HealthReport::new(initial, output)));
 
     let mut info = ServiceInfo::new(
         std::env::var("SERVICE_DISPLAY_NAME")
@@ -263,8 +336,16 @@ async fn run() -> Result<(), Box<dyn Error>> {
 
     let mut builder = RegistrationLayer::builder()
         .info(&info)
-        .health_path("/health")
+        // Ready once it serves; /health may be critical on purpose (SERVICE_HEALTH).
+        .health_path("/api/v1/info")
         .fail_on_error(fail_on_error);
+    if push {
+        let reported = own_health.clone();
+        builder = builder.report_health(move || {
+            let report = current_health(&reported);
+            async move { report }
+        });
+    }
     if let Some(attempts) = max_retries {
         builder = builder.max_attempts(attempts);
     }
@@ -278,12 +359,19 @@ async fn run() -> Result<(), Box<dyn Error>> {
     let state = AppState {
         info,
         registration: registration.handle(),
+        layer: registration.clone(),
+        health: own_health,
+        served: Arc::default(),
     };
-    let app = Router::new()
+    let mut app = Router::new()
         .route("/", get(landing))
         .route("/health", get(health))
         .route("/api/v1/system", get(system))
-        .route("/api/v1/info", get(service_info))
+        .route("/api/v1/info", get(service_info));
+    if admin {
+        app = app.route("/admin/health", put(set_health));
+    }
+    let app = app
         .with_state(state)
         .merge(
             SwaggerUi::new("/docs")

@@ -1,13 +1,16 @@
 //! The options of a [`RegistrationLayer`], set in code (the environment fills in the rest), and
 //! the constructors that start from them.
 
+use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::config::{self, ConfigError, Overrides, Tunables};
+use crate::config::{self, ConfigError, HealthFn, Overrides, Tunables};
 use crate::layer::RegistrationLayer;
 use crate::lifecycle::Lifecycle;
+use crate::protocol::{CheckSpec, HealthReport};
 
 impl RegistrationLayer {
     /// Configuration from the environment (`SERVICEKIT_ORCHESTRATOR_URL`, `SERVICEKIT_HOST`,
@@ -177,6 +180,58 @@ impl RegistrationLayerBuilder {
     /// gRPC servers). Either way the server must accept connections on loopback.
     pub fn health_path(mut self, path: impl Into<String>) -> Self {
         self.tunables.health_path = Some(path.into());
+        self
+    }
+
+    /// The service's own health, pushed to the orchestrator: `health` is called before every
+    /// keepalive ping and its [`HealthReport`] is the ping's body (`PUT …/$ping`), which sets
+    /// the instance's `health` on the record (discovery leaves out `critical` instances by
+    /// default). Without it a ping has no body and leaves the health alone, as the reference
+    /// client's does.
+    ///
+    /// One report per ping: a change reaches the orchestrator within one keepalive interval,
+    /// or at once after [`RegistrationLayer::report_health_now`]. A call that takes longer
+    /// than [`health_timeout`](Self::health_timeout) reports `critical` ("health check timed
+    /// out") and never delays the ping beyond that. Not to be confused with
+    /// [`health_path`](Self::health_path), the readiness probe before registering.
+    ///
+    /// ```
+    /// use servicekit::protocol::HealthReport;
+    /// use servicekit::RegistrationLayer;
+    ///
+    /// let registration = RegistrationLayer::builder()
+    ///     .orchestrator_url("http://orchestrator:9000")
+    ///     .report_health(|| async { HealthReport::passing() })
+    ///     .build()?;
+    /// # Ok::<(), servicekit::ConfigError>(())
+    /// ```
+    pub fn report_health<F, Fut>(mut self, health: F) -> Self
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = HealthReport> + Send + 'static,
+    {
+        self.tunables.health = Some(HealthFn(Arc::new(move || Box::pin(health()))));
+        self
+    }
+
+    /// How long one call of the [`report_health`](Self::report_health) function may take;
+    /// a slower one reports `critical` ("health check timed out"). Default 2 s, and never
+    /// more than half the keepalive interval, so the ping still goes out in time.
+    pub fn health_timeout(mut self, timeout: Duration) -> Self {
+        self.tunables.health_timeout = timeout;
+        self
+    }
+
+    /// Asks the orchestrator to check this instance itself (pull): the `check` of the
+    /// registration, e.g. `CheckSpec::http("/health").interval(Duration::from_secs(5))`.
+    /// Default: from `SERVICEKIT_CHECK_HTTP` (a path such as `/health`), `SERVICEKIT_CHECK_TCP`
+    /// (`true`) or `SERVICEKIT_CHECK_GRPC` (a gRPC service name, `*` for the whole server),
+    /// with `SERVICEKIT_CHECK_INTERVAL_SECONDS` (default 10; the default timeout follows a
+    /// shorter interval down), `SERVICEKIT_CHECK_TIMEOUT_SECONDS` (default 2) and
+    /// `SERVICEKIT_CHECK_DEREGISTER_CRITICAL_AFTER_SECONDS` (default: never); none when
+    /// none of them is set. A mistake is [`ConfigError::InvalidCheck`].
+    pub fn check(mut self, check: CheckSpec) -> Self {
+        self.overrides.check = Some(check);
         self
     }
 

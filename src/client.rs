@@ -24,8 +24,8 @@ use ulid::Ulid;
 
 use crate::config::RegistrationKey;
 use crate::protocol::{
-    LeaseToken, PingResponse, Problem, RegisterRequest, RegisterResponse, ServiceInfo,
-    LEASE_TOKEN_HEADER, REGISTER_PATH, SERVICE_KEY_HEADER,
+    CheckSpec, HealthReport, LeaseToken, PingResponse, Problem, RegisterRequest, RegisterResponse,
+    ServiceInfo, LEASE_TOKEN_HEADER, REGISTER_PATH, SERVICE_KEY_HEADER,
 };
 
 /// Largest answer read from the orchestrator.
@@ -199,6 +199,7 @@ pub struct OrchestratorClient {
     register_url: Uri,
     key: Option<HeaderValue>,
     timeout: Duration,
+    check: Option<CheckSpec>,
 }
 
 impl std::fmt::Debug for OrchestratorClient {
@@ -207,6 +208,7 @@ impl std::fmt::Debug for OrchestratorClient {
             .field("register_url", &self.register_url)
             .field("key", &self.key.as_ref().map(|_| "***"))
             .field("timeout", &self.timeout)
+            .field("check", &self.check)
             .finish()
     }
 }
@@ -235,7 +237,15 @@ impl OrchestratorClient {
             register_url,
             key,
             timeout,
+            check: None,
         }
+    }
+
+    /// The same client, declaring `check` (the orchestrator's pull check of the instance) in
+    /// every registration.
+    pub fn with_check(mut self, check: Option<CheckSpec>) -> Self {
+        self.check = check;
+        self
     }
 
     /// `POST` the registration, asking for a lease; `previous` is the id this instance had
@@ -252,7 +262,7 @@ impl OrchestratorClient {
             url: url.to_owned(),
             info: info.clone(),
             lease: Some(true),
-            check: None,
+            check: self.check.clone(),
         };
         let target = self.register_url.clone();
         let bytes = serde_json::to_vec(&body).map_err(|e| ClientError::Protocol {
@@ -320,11 +330,31 @@ impl OrchestratorClient {
         within: Duration,
         lease: Option<&LeaseToken>,
     ) -> Result<Option<PingResponse>, ClientError> {
+        self.ping_reporting(ping_url, within, lease, None).await
+    }
+
+    /// [`ping`](Self::ping) carrying the service's own health as its JSON body (`None`: no
+    /// body, which leaves the recorded health as it is).
+    pub async fn ping_reporting(
+        &self,
+        ping_url: &Uri,
+        within: Duration,
+        lease: Option<&LeaseToken>,
+        report: Option<&HealthReport>,
+    ) -> Result<Option<PingResponse>, ClientError> {
+        let body = match report {
+            Some(r) => Some(serde_json::to_vec(r).map_err(|e| ClientError::Protocol {
+                method: Method::PUT,
+                url: ping_url.to_string(),
+                reason: e.to_string(),
+            })?),
+            None => None,
+        };
         let answer: serde_json::Value = self
             .call(
                 Method::PUT,
                 ping_url.clone(),
-                None,
+                body,
                 within.min(self.timeout),
                 lease,
             )
@@ -557,6 +587,103 @@ mod tests {
                 format!("http://{addr}/prefix/services/{id}")
             ),
             "the same orchestrator under a path prefix is trusted"
+        );
+    }
+
+    /// Reads one request (head and a content-length body) and answers `answer` (JSON, 200).
+    async fn one_request(listener: &tokio::net::TcpListener, answer: &str) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut conn, _) = listener.accept().await.unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = conn.read(&mut buf).await.unwrap();
+            got.extend_from_slice(&buf[..n]);
+            let text = String::from_utf8_lossy(&got).to_string();
+            if let Some(end) = text.find("\r\n\r\n") {
+                let length = text[..end]
+                    .lines()
+                    .find_map(|l| {
+                        l.to_lowercase()
+                            .strip_prefix("content-length:")
+                            .map(|v| v.trim().parse::<usize>().unwrap())
+                    })
+                    .unwrap_or(0);
+                if got.len() >= end + 4 + length || n == 0 {
+                    break;
+                }
+            }
+        }
+        let reply = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{answer}",
+            answer.len()
+        );
+        conn.write_all(reply.as_bytes()).await.unwrap();
+        String::from_utf8_lossy(&got).into_owned()
+    }
+
+    #[tokio::test]
+    async fn the_check_and_health_reports_go_on_the_wire_and_a_plain_ping_stays_bodyless() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let id = "01JDQ9J4XWAZ3M5S1X2VQ7N8C4";
+        let client = OrchestratorClient::new(
+            format!("http://{addr}/services/$register").parse().unwrap(),
+            None,
+            Duration::from_secs(5),
+        )
+        .with_check(Some(CheckSpec::http("/health")));
+        let registered = format!(r#"{{"id":"{id}","ttl_seconds":9,"ping_url":""}}"#);
+        let pong = format!(
+            r#"{{"id":"{id}","status":"alive","last_ping_at":"2026-01-01T00:00:00Z","expires_at":"2026-01-01T00:00:09Z"}}"#
+        );
+        let info = ServiceInfo::new("a");
+        let (request, r) = tokio::join!(
+            one_request(&listener, &registered),
+            client.register("http://svc:1", &info, None, None)
+        );
+        let r = r.unwrap();
+        let body = request.split("\r\n\r\n").nth(1).unwrap();
+        let sent: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(
+            sent["check"],
+            serde_json::json!({"http": "/health", "interval_seconds": 10, "timeout_seconds": 2,
+                "failures_before_critical": 2, "successes_before_passing": 2})
+        );
+
+        let report = HealthReport::critical("db down");
+        let (request, pinged) = tokio::join!(
+            one_request(&listener, &pong),
+            client.ping_reporting(&r.ping_url, Duration::from_secs(5), None, Some(&report))
+        );
+        pinged.unwrap();
+        assert!(
+            request.starts_with(&format!("PUT /services/{id}/$ping ")),
+            "{request}"
+        );
+        assert!(
+            request
+                .to_lowercase()
+                .contains("content-type: application/json"),
+            "{request}"
+        );
+        assert!(
+            request.ends_with(r#"{"status":"critical","output":"db down"}"#),
+            "{request}"
+        );
+
+        // Without a report: the reference client's ping, no body and no content type.
+        let (request, pinged) = tokio::join!(
+            one_request(&listener, &pong),
+            client.ping(&r.ping_url, Duration::from_secs(5), None)
+        );
+        pinged.unwrap();
+        let lower = request.to_lowercase();
+        assert!(!lower.contains("content-type"), "{request}");
+        assert!(request.ends_with("\r\n\r\n"), "{request}");
+        assert!(
+            !lower.contains("content-length: ") || lower.contains("content-length: 0"),
+            "{request}"
         );
     }
 

@@ -14,7 +14,13 @@ use http::Uri;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::protocol::{ServiceInfo, REGISTER_PATH};
+use crate::protocol::{CheckSpec, ServiceInfo, REGISTER_PATH};
+
+mod check;
+pub use check::{
+    CHECK_DEREGISTER_ENV, CHECK_GRPC_ENV, CHECK_HTTP_ENV, CHECK_INTERVAL_ENV, CHECK_TCP_ENV,
+    CHECK_TIMEOUT_ENV,
+};
 
 /// Default name of the variable holding the orchestrator's URL (its base URL, or the full
 /// registration endpoint).
@@ -91,6 +97,14 @@ pub enum ConfigError {
     /// The service info is not a JSON object with a `display_name`.
     #[error("invalid service info: {0}")]
     InvalidInfo(String),
+    /// The declared pull check (`.check(...)` or `SERVICEKIT_CHECK_*`) is not usable.
+    #[error("invalid health check from {origin}: {reason}")]
+    InvalidCheck {
+        /// Where it came from (`parameter` or `env:VAR`).
+        origin: String,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// Another option has an impossible value.
     #[error("invalid option {name}: {reason}")]
     InvalidOption {
@@ -166,8 +180,32 @@ pub struct Config {
     pub registration_key: Option<RegistrationKey>,
     /// What the service says about itself.
     pub info: ServiceInfo,
+    /// The check the orchestrator is asked to run on this instance (sent as `check` in the
+    /// registration), if any.
+    pub check: Option<CheckSpec>,
     pub(crate) tunables: Tunables,
 }
+
+/// The service's own health function (the builder's `report_health`): called before each
+/// keepalive ping, its answer is the ping's body.
+#[derive(Clone)]
+pub(crate) struct HealthFn(
+    pub  std::sync::Arc<
+        dyn Fn() -> std::pin::Pin<
+                Box<dyn std::future::Future<Output = crate::protocol::HealthReport> + Send>,
+            > + Send
+            + Sync,
+    >,
+);
+
+impl fmt::Debug for HealthFn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("HealthFn")
+    }
+}
+
+/// Default of the builder's `health_timeout`.
+pub(crate) const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How persistent registration is; set through the builder.
 #[derive(Debug, Clone)]
@@ -183,6 +221,8 @@ pub(crate) struct Tunables {
     pub startup_timeout: Duration,
     pub shutdown_timeout: Duration,
     pub drain_delay: Duration,
+    pub health: Option<HealthFn>,
+    pub health_timeout: Duration,
 }
 
 impl Default for Tunables {
@@ -200,6 +240,8 @@ impl Default for Tunables {
             startup_timeout: Duration::from_secs(60),
             shutdown_timeout: Duration::from_secs(2),
             drain_delay: Duration::ZERO,
+            health: None,
+            health_timeout: DEFAULT_HEALTH_TIMEOUT,
         }
     }
 }
@@ -217,6 +259,7 @@ impl Tunables {
             ("startup_timeout", self.startup_timeout),
             ("max_retry_delay", self.max_retry_delay),
             ("shutdown_timeout", self.shutdown_timeout),
+            ("health_timeout", self.health_timeout),
         ] {
             if d.is_zero() {
                 return Err(ConfigError::InvalidOption {
@@ -234,6 +277,7 @@ impl Tunables {
             ("max_retry_delay", Some(self.max_retry_delay)),
             ("shutdown_timeout", Some(self.shutdown_timeout)),
             ("drain_delay", Some(self.drain_delay)),
+            ("health_timeout", Some(self.health_timeout)),
             ("keepalive_interval", self.keepalive_interval),
         ] {
             if d.is_some_and(|d| d > MAX_DURATION) {
@@ -286,6 +330,7 @@ pub(crate) struct Overrides {
     pub port_env: String,
     pub registration_key: Option<RegistrationKey>,
     pub info: Option<Result<ServiceInfo, ConfigError>>,
+    pub check: Option<CheckSpec>,
 }
 
 impl Default for Overrides {
@@ -299,6 +344,7 @@ impl Default for Overrides {
             port_env: PORT_ENV.into(),
             registration_key: None,
             info: None,
+            check: None,
         }
     }
 }
@@ -406,6 +452,7 @@ impl Overrides {
             port_source,
             registration_key: registration_key(self.registration_key.as_ref(), env)?,
             info,
+            check: check::resolve_check(self.check.as_ref(), env)?,
             tunables: tunables.clone(),
         })
     }

@@ -128,6 +128,15 @@ impl RegistrationLayer {
         self.lifecycle.clone().shutdown_on(signal)
     }
 
+    /// Sends the service's health to the orchestrator now, with the next ping brought forward,
+    /// instead of at the next keepalive interval: call it when the service knows its health
+    /// just changed. Does nothing without
+    /// [`report_health`](crate::RegistrationLayerBuilder::report_health), before registration,
+    /// or while pings are failing (they are backing off). Calls close together make one ping.
+    pub fn report_health_now(&self) {
+        self.lifecycle.report_health_now();
+    }
+
     /// Why registration failed for good with `fail_on_error` (the reason the shutdown hook
     /// fired on its own), or `None`.
     pub fn error(&self) -> Option<RegistrationError> {

@@ -38,6 +38,8 @@ pub(crate) struct Lifecycle {
     listened: AtomicBool,
     stop: watch::Sender<Option<Instant>>,
     status: StatusWriter,
+    /// Wakes the keepalive to report health now.
+    health_now: std::sync::Arc<tokio::sync::Notify>,
 }
 
 impl Lifecycle {
@@ -50,6 +52,7 @@ impl Lifecycle {
             listened: AtomicBool::new(false),
             stop,
             status: StatusWriter::new(fail_on_error),
+            health_now: Default::default(),
         }
     }
 
@@ -103,11 +106,13 @@ impl Lifecycle {
                 config.orchestrator_url.clone(),
                 config.registration_key.as_ref(),
                 t.timeout,
-            ),
+            )
+            .with_check(config.check.clone()),
             probe: Probe::new(config.port, t.health_path.as_deref()),
             config,
             status: self.status.clone(),
             stop: self.stop.subscribe(),
+            health_now: self.health_now.clone(),
         };
         self.status.waiting_for_server();
         let this = self.clone();
@@ -168,6 +173,11 @@ impl Lifecycle {
         if !drain.is_zero() {
             tokio::time::sleep(drain).await;
         }
+    }
+
+    /// Asks the keepalive to ping with a fresh health report now.
+    pub(crate) fn report_health_now(&self) {
+        self.health_now.notify_one();
     }
 
     /// Why registration failed for good with `fail_on_error`, or `None`.

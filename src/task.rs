@@ -7,10 +7,11 @@
 //! step through the [`StatusWriter`]; the pauses come from [`crate::schedule`].
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::{StatusCode, Uri};
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 use ulid::Ulid;
 
@@ -19,7 +20,9 @@ use crate::config::Config;
 use crate::error::{ErrorChain, RegistrationError};
 use crate::handle::StatusWriter;
 use crate::probe::Probe;
-use crate::protocol::{LeaseToken, PingResponse, RegistrationStatus, ServiceInfo};
+use crate::protocol::{
+    HealthReport, HealthStatus, LeaseToken, PingResponse, RegistrationStatus, ServiceInfo,
+};
 use crate::schedule::{self, PingOutcome, MAX_TTL, MIN_PING_RETRY};
 
 /// The calls the task makes. [`OrchestratorClient`] in production; a fake in the unit tests,
@@ -38,6 +41,7 @@ pub(crate) trait Orchestrator: Send + Sync + 'static {
         ping_url: &Uri,
         within: Duration,
         lease: Option<&LeaseToken>,
+        report: Option<&HealthReport>,
     ) -> impl Future<Output = Result<Option<PingResponse>, ClientError>> + Send;
     fn deregister(
         &self,
@@ -62,8 +66,9 @@ impl Orchestrator for OrchestratorClient {
         ping_url: &Uri,
         within: Duration,
         lease: Option<&LeaseToken>,
+        report: Option<&HealthReport>,
     ) -> Result<Option<PingResponse>, ClientError> {
-        OrchestratorClient::ping(self, ping_url, within, lease).await
+        OrchestratorClient::ping_reporting(self, ping_url, within, lease, report).await
     }
     async fn deregister(
         &self,
@@ -121,6 +126,9 @@ pub(crate) struct Task<O> {
     pub probe: Probe,
     pub status: StatusWriter,
     pub stop: StopRequest,
+    /// Wakes the keepalive to ping (with a fresh health report) now: the layer's
+    /// `report_health_now`.
+    pub health_now: Arc<Notify>,
 }
 
 impl<O: Orchestrator> Task<O> {
@@ -176,6 +184,44 @@ impl<O: Orchestrator> Task<O> {
         unless_stopped(&mut self.stop, tokio::time::sleep(d))
             .await
             .is_some()
+    }
+
+    /// Sleeps for `d`, or less when `early` and the service asked to report its health now;
+    /// `false` when shutdown was requested first.
+    async fn pause_or_health_now(&mut self, d: Duration, early: bool) -> bool {
+        let now = self.health_now.clone();
+        let wake = async {
+            tokio::select! {
+                _ = tokio::time::sleep(d) => {}
+                _ = now.notified(), if early => {}
+            }
+        };
+        unless_stopped(&mut self.stop, wake).await.is_some()
+    }
+
+    /// The service's health for the next ping (`None` without a health function), bounded
+    /// by its timeout and by half the keepalive `interval`. It runs as a task of its own, so
+    /// a panic in it is a `critical` report, not the end of the keepalive.
+    async fn health_report(&self, interval: Duration) -> Option<HealthReport> {
+        let health = self.config.tunables.health.clone()?;
+        let bound = self.config.tunables.health_timeout.min(interval / 2);
+        let mut call = tokio::spawn((health.0)());
+        let report = match tokio::time::timeout(bound, &mut call).await {
+            Ok(Ok(report)) => report,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "keepalive.health_failed");
+                HealthReport::critical("health check panicked")
+            }
+            Err(_) => {
+                call.abort();
+                tracing::warn!(
+                    timeout_ms = bound.as_millis() as u64,
+                    "keepalive.health_timed_out"
+                );
+                HealthReport::critical("health check timed out")
+            }
+        };
+        Some(report)
     }
 
     async fn wait_for_server(&mut self) -> Outcome<()> {
@@ -310,18 +356,54 @@ impl<O: Orchestrator> Task<O> {
         let interval_of = |e: &Entry| schedule::keepalive_interval(fixed, e.ttl);
         tracing::info!(id = %entry.id, interval_ms = interval_of(&entry).as_millis() as u64,
             "keepalive.started");
-        let mut next = schedule::jitter(interval_of(&entry), schedule::random());
+        let reports = self.config.tunables.health.is_some();
+        // A service that reports its health says it right after registering: it may not be
+        // passing, which the orchestrator assumes until told.
+        let mut next = if reports {
+            Duration::ZERO
+        } else {
+            schedule::jitter(interval_of(&entry), schedule::random())
+        };
         let mut failures: u32 = 0;
+        let mut last_reported: Option<HealthStatus> = None;
+        let mut health_took = Duration::ZERO;
         loop {
-            if !self.pause(next).await {
+            // The health function's time is part of the interval (unless backing off), so a
+            // slow one does not stretch it; a health change wakes the keepalive early.
+            let pause = if failures == 0 {
+                next.saturating_sub(health_took)
+            } else {
+                next
+            };
+            if !self
+                .pause_or_health_now(pause, reports && failures == 0)
+                .await
+            {
                 break;
             }
-            let sent = Instant::now();
             let interval = interval_of(&entry);
+            let asked = Instant::now();
+            // Abandoned, like the ping, when shutdown is requested meanwhile.
+            let mut stop = self.stop.clone();
+            let Some(report) = unless_stopped(&mut stop, self.health_report(interval)).await else {
+                break;
+            };
+            health_took = asked.elapsed();
+            if let Some(r) = &report {
+                if last_reported != Some(r.status) {
+                    tracing::info!(id = %entry.id, status = %r.status, output = ?r.output,
+                        "keepalive.health_changed");
+                    last_reported = Some(r.status);
+                }
+            }
+            let sent = Instant::now();
             // A ping stuck on a dead connection must not outlive the interval.
-            let call = self
-                .orchestrator
-                .ping(&entry.ping_url, interval, entry.lease.as_ref());
+            let call = self.orchestrator.ping(
+                &entry.ping_url,
+                interval,
+                entry.lease.as_ref(),
+                report.as_ref(),
+            );
             let mut stop = self.stop.clone();
             let Some(result) = unless_stopped(&mut stop, call).await else {
                 break;
@@ -350,11 +432,16 @@ impl<O: Orchestrator> Task<O> {
                             self.status.registered(fresh.id);
                             failures = 0;
                             entry = fresh;
-                            next = schedule::next_ping(
-                                interval_of(&entry),
-                                PingOutcome::Alive,
-                                schedule::random(),
-                            );
+                            // The new entry starts passing: say how the service is at once.
+                            next = if reports {
+                                Duration::ZERO
+                            } else {
+                                schedule::next_ping(
+                                    interval_of(&entry),
+                                    PingOutcome::Alive,
+                                    schedule::random(),
+                                )
+                            };
                         }
                         Some(Err(e)) => {
                             tracing::warn!(previous_id = %entry.id, error = %ErrorChain(&e),

@@ -390,3 +390,164 @@ fn registration_key_comes_from_the_environment_and_never_shows() {
     assert!(err.contains("SERVICEKIT_REGISTRATION_KEY"), "{err}");
     assert!(!err.contains("a\u{7}b"), "the secret is not echoed: {err}");
 }
+
+// --- The declared pull check ---
+
+fn check_of(o: &Overrides, vars: &[(&str, &str)]) -> Result<Option<CheckSpec>, ConfigError> {
+    let mut all = vec![URL];
+    all.extend_from_slice(vars);
+    resolve(o, &all).map(|c| c.check)
+}
+
+fn check_error(vars: &[(&str, &str)]) -> (String, String) {
+    match check_of(&Overrides::default(), vars) {
+        Err(ConfigError::InvalidCheck { origin, reason }) => (origin, reason),
+        other => panic!("expected InvalidCheck for {vars:?}, got {other:?}"),
+    }
+}
+
+#[test]
+fn no_check_unless_one_is_declared() {
+    assert_eq!(check_of(&Overrides::default(), &[]), Ok(None));
+    assert_eq!(
+        check_of(&Overrides::default(), &[(CHECK_HTTP_ENV, "  ")]),
+        Ok(None),
+        "an empty value is unset"
+    );
+}
+
+#[test]
+fn a_check_comes_from_the_environment_with_its_numbers() {
+    let c = check_of(
+        &Overrides::default(),
+        &[
+            (CHECK_HTTP_ENV, "/health"),
+            (CHECK_INTERVAL_ENV, "5"),
+            (CHECK_TIMEOUT_ENV, "3"),
+            (CHECK_DEREGISTER_ENV, "300"),
+        ],
+    )
+    .unwrap()
+    .unwrap();
+    assert_eq!(
+        c,
+        CheckSpec::http("/health")
+            .interval(Duration::from_secs(5))
+            .timeout(Duration::from_secs(3))
+            .deregister_critical_after(Duration::from_secs(300))
+    );
+    let c = check_of(&Overrides::default(), &[(CHECK_TCP_ENV, "true")]);
+    assert_eq!(c, Ok(Some(CheckSpec::tcp())));
+    let c = check_of(
+        &Overrides::default(),
+        &[(CHECK_GRPC_ENV, "orders.v1.Orders")],
+    );
+    assert_eq!(c, Ok(Some(CheckSpec::grpc("orders.v1.Orders"))));
+    let c = check_of(&Overrides::default(), &[(CHECK_GRPC_ENV, "*")]);
+    assert_eq!(c, Ok(Some(CheckSpec::grpc(""))), "* is the whole server");
+    // A 1 s interval takes the default timeout (2 s) down with it.
+    let c = check_of(
+        &Overrides::default(),
+        &[(CHECK_HTTP_ENV, "/health"), (CHECK_INTERVAL_ENV, "1")],
+    )
+    .unwrap()
+    .unwrap();
+    assert_eq!((c.interval_seconds, c.timeout_seconds), (1, 1));
+}
+
+#[test]
+fn the_builder_check_wins_over_the_environment() {
+    let o = Overrides {
+        check: Some(CheckSpec::tcp()),
+        ..Overrides::default()
+    };
+    assert_eq!(
+        check_of(
+            &o,
+            &[(CHECK_HTTP_ENV, "/health"), (CHECK_INTERVAL_ENV, "x")]
+        ),
+        Ok(Some(CheckSpec::tcp()))
+    );
+    let o = Overrides {
+        check: Some(CheckSpec::http("health")),
+        ..Overrides::default()
+    };
+    let err = check_of(&o, &[]).unwrap_err();
+    assert!(
+        matches!(&err, ConfigError::InvalidCheck { origin, .. } if origin == "parameter"),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("\"health\""), "{err}");
+    let o = Overrides {
+        check: Some(CheckSpec::http("/h").interval(Duration::from_secs(1))),
+        ..Overrides::default()
+    };
+    let err = check_of(&o, &[]).unwrap_err().to_string();
+    assert!(err.contains("timeout is 2 s"), "{err}");
+}
+
+#[test]
+fn check_mistakes_name_their_variable() {
+    let (origin, reason) = check_error(&[(CHECK_HTTP_ENV, "/h"), (CHECK_INTERVAL_ENV, "soon")]);
+    assert_eq!(origin, "env:SERVICEKIT_CHECK_INTERVAL_SECONDS");
+    assert!(reason.contains("\"soon\""), "{reason}");
+
+    let (origin, reason) = check_error(&[(CHECK_HTTP_ENV, "/h"), (CHECK_INTERVAL_ENV, "0")]);
+    assert_eq!(origin, "env:SERVICEKIT_CHECK_INTERVAL_SECONDS");
+    assert!(reason.contains("from 1 to 3600"), "{reason}");
+
+    let (origin, reason) = check_error(&[(CHECK_HTTP_ENV, "/h"), (CHECK_TIMEOUT_ENV, "20")]);
+    assert_eq!(origin, "env:SERVICEKIT_CHECK_TIMEOUT_SECONDS");
+    assert!(reason.contains("interval (10 s)"), "{reason}");
+
+    let (origin, _) = check_error(&[(CHECK_HTTP_ENV, "/h"), (CHECK_DEREGISTER_ENV, "0")]);
+    assert_eq!(
+        origin,
+        "env:SERVICEKIT_CHECK_DEREGISTER_CRITICAL_AFTER_SECONDS"
+    );
+
+    let (origin, reason) = check_error(&[(CHECK_HTTP_ENV, "/h"), (CHECK_TCP_ENV, "true")]);
+    assert_eq!(origin, "env:SERVICEKIT_CHECK_TCP");
+    assert!(
+        reason.contains("SERVICEKIT_CHECK_HTTP") && reason.contains("only one"),
+        "{reason}"
+    );
+
+    let (origin, reason) = check_error(&[(CHECK_TCP_ENV, "maybe")]);
+    assert_eq!(origin, "env:SERVICEKIT_CHECK_TCP");
+    assert!(reason.contains("true"), "{reason}");
+
+    let (origin, reason) = check_error(&[(CHECK_HTTP_ENV, "health")]);
+    assert_eq!(origin, "env:SERVICEKIT_CHECK_HTTP");
+    assert!(reason.contains("starting with '/'"), "{reason}");
+
+    let (origin, reason) = check_error(&[(CHECK_INTERVAL_ENV, "5")]);
+    assert_eq!(origin, "env:SERVICEKIT_CHECK_INTERVAL_SECONDS");
+    assert!(reason.contains("no check is"), "{reason}");
+
+    let err = check_of(&Overrides::default(), &[(CHECK_HTTP_ENV, "bad path")]).unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with("invalid health check from env:SERVICEKIT_CHECK_HTTP:"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_zero_health_timeout_is_refused() {
+    let t = Tunables {
+        health_timeout: Duration::ZERO,
+        ..Tunables::default()
+    };
+    let err = resolve_with(&Overrides::default(), &t, &[URL], Ok("m".into())).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ConfigError::InvalidOption {
+                name: "health_timeout",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+}

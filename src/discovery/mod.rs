@@ -6,7 +6,8 @@
 //! then [`WatchState::Stale`]) until a new snapshot replaces it. [`Watcher::discover`] turns the
 //! cache into a `tower::discover` stream, and [`BalancedClient`] puts tower's power-of-two-choices
 //! balancer, retries and ejection on top. With the `tonic` feature, [`tonic::balance_channel`]
-//! feeds a tonic `Channel` from the same watcher. The README's "Discover and call services"
+//! feeds a tonic `Channel` from the same watcher. Only `passing` and `warning` instances are
+//! used by default ([`WatcherBuilder::health`]). The README's "Discover and call services"
 //! section shows them together.
 
 mod balance;
@@ -32,7 +33,7 @@ pub use balance::{BalancedClient, BalancedClientBuilder, ServedBy};
 pub use discover::Changes;
 pub use error::Error;
 pub use filter::Filter;
-pub use watcher::{Watcher, WatcherBuilder};
+pub use watcher::{Watcher, WatcherBuilder, DEFAULT_HEALTH};
 
 /// One registered instance, as the watch feed last described it.
 #[derive(Debug, Clone, PartialEq)]
@@ -57,15 +58,17 @@ impl From<ServiceRecord> for Instance {
 }
 
 impl Instance {
-    /// Whether `other` describes the same registration of the same endpoint: same URL, info
-    /// and registration time (`last_updated`: a re-registration is news), whatever its pings
-    /// since. Pings move `last_ping_at` and `expires_at` all the time, so a resync snapshot
-    /// compared on those would re-announce every instance.
+    /// Whether `other` describes the same registration of the same endpoint in the same
+    /// health: same URL, info, registration time (`last_updated`: a re-registration is news)
+    /// and health status, whatever its pings since. Pings move `last_ping_at` and
+    /// `expires_at` (and a pushed report the health's `checked_at`) all the time, so a resync
+    /// snapshot compared on those would re-announce every instance.
     pub fn same_registration(&self, other: &Instance) -> bool {
         self.id == other.id
             && self.url == other.url
             && self.record.info == other.record.info
             && self.record.last_updated == other.record.last_updated
+            && self.record.health.status == other.record.health.status
     }
 }
 

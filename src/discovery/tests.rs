@@ -20,7 +20,8 @@ use tower::discover::Change;
 use ulid::Ulid;
 
 use super::*;
-use crate::protocol::{ServiceInfo, ServiceRecord, Timestamp};
+use crate::config::ConfigError;
+use crate::protocol::{Health, HealthStatus, ServiceInfo, ServiceRecord, Timestamp};
 
 const DEADLINE: Duration = Duration::from_secs(10);
 
@@ -197,8 +198,9 @@ async fn the_cache_follows_the_feed_through_reconnects_and_outages() {
 
     let mut conn = feed.accept().await;
     assert!(
-        conn.head
-            .starts_with("get /services?watch=true&display_name=svca http/1.1"),
+        conn.head.starts_with(
+            "get /services?watch=true&display_name=svca&health=passing,warning http/1.1"
+        ),
         "{}",
         conn.head
     );
@@ -860,4 +862,142 @@ async fn the_last_instance_standing_is_never_ejected() {
     only.restart().await;
     let res = client.get("/").await.expect("served again at once");
     assert_eq!(body_text(&res), "only GET /");
+}
+
+// --- Health ---
+
+fn with_health(record: &ServiceRecord, status: HealthStatus) -> ServiceRecord {
+    ServiceRecord {
+        health: Health {
+            status,
+            output: format!("{status} now"),
+            checked_at: Some(Timestamp::from_millis(5)),
+        },
+        ..record.clone()
+    }
+}
+
+#[tokio::test]
+async fn critical_instances_leave_the_cache_and_come_back_when_passing() {
+    let mut feed = Feed::start().await;
+    let w = watcher(&feed).build().unwrap();
+    assert_eq!(w.health(), DEFAULT_HEALTH);
+    let [a, b, c, d, _] = ids();
+    let ra = record(a, "http://a:1");
+    let rb = with_health(&record(b, "http://b:1"), HealthStatus::Critical);
+    let rc = with_health(&record(c, "http://c:1"), HealthStatus::Warning);
+    let mut conn = feed.accept().await;
+    conn.ok().await;
+    // Filtered locally too: this feed ignores ?health= and sends the critical b.
+    conn.send(&snapshot("1-0", &[&ra, &rb, &rc])).await;
+    within("the first snapshot", w.synced()).await;
+    assert_eq!(urls(&w), ["http://a:1", "http://c:1"]);
+    let mut changes = w.discover();
+    assert_eq!(next_change(&mut changes).await, "+http://a:1");
+    assert_eq!(next_change(&mut changes).await, "+http://c:1");
+
+    // a turns critical: removed; b turns passing: added; c warning -> passing is news too.
+    conn.send(&event(
+        "2-0",
+        "updated",
+        &with_health(&ra, HealthStatus::Critical),
+    ))
+    .await;
+    assert_eq!(next_change(&mut changes).await, format!("-{a}"));
+    conn.send(&event(
+        "3-0",
+        "updated",
+        &with_health(&rb, HealthStatus::Passing),
+    ))
+    .await;
+    assert_eq!(next_change(&mut changes).await, "+http://b:1");
+    conn.send(&event(
+        "4-0",
+        "updated",
+        &with_health(&rc, HealthStatus::Passing),
+    ))
+    .await;
+    assert_eq!(next_change(&mut changes).await, "+http://c:1");
+    // A new instance registering critical is not added; a record without health (an
+    // orchestrator before health) reads as passing.
+    let rd = with_health(&record(d, "http://d:1"), HealthStatus::Critical);
+    conn.send(&event("5-0", "registered", &rd)).await;
+    let mut bare = serde_json::to_value(&ra).unwrap();
+    bare.as_object_mut().unwrap().remove("health");
+    conn.send(&format!("id: 6-0\nevent: updated\ndata: {bare}\n\n"))
+        .await;
+    assert_eq!(next_change(&mut changes).await, "+http://a:1");
+    assert_eq!(urls(&w), ["http://a:1", "http://b:1", "http://c:1"]);
+}
+
+#[tokio::test]
+async fn all_three_statuses_mean_no_health_filtering() {
+    let mut feed = Feed::start().await;
+    let w = watcher(&feed).health(HealthStatus::ALL).build().unwrap();
+    let [a, ..] = ids();
+    let mut conn = feed.accept().await;
+    assert!(
+        conn.head
+            .starts_with("get /services?watch=true&display_name=svca http/1.1"),
+        "{}",
+        conn.head
+    );
+    conn.ok().await;
+    let critical = with_health(&record(a, "http://a:1"), HealthStatus::Critical);
+    conn.send(&snapshot("1-0", &[&critical])).await;
+    within("the first snapshot", w.synced()).await;
+    assert_eq!(urls(&w), ["http://a:1"]);
+
+    let w = watcher(&feed)
+        .health([HealthStatus::Critical])
+        .build()
+        .unwrap();
+    let conn = feed.accept().await;
+    assert!(conn.head.contains("&health=critical "), "{}", conn.head);
+    drop(w);
+
+    let err = watcher(&feed).health([]).build().unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Config(ConfigError::InvalidOption { name: "health", .. })
+        ),
+        "{err:?}"
+    );
+}
+
+#[tokio::test]
+async fn the_balancer_stops_calling_a_critical_instance_and_calls_it_again_when_passing() {
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    let (w, _feed, mut conn, records) = watching(&[&a.url(), &b.url()]).await;
+    let client = BalancedClient::new(w.clone());
+    gets_traffic_again(&client, &a).await;
+
+    conn.send(&event(
+        "2-0",
+        "updated",
+        &with_health(&records[0], HealthStatus::Critical),
+    ))
+    .await;
+    wait_until("a leaves the cache", || urls(&w) == [b.url()]).await;
+    let before = a.hits();
+    for _ in 0..40 {
+        let res = client.get("/").await.unwrap();
+        assert_eq!(res.extensions().get::<ServedBy>().unwrap().url, b.url());
+    }
+    assert_eq!(a.hits(), before, "a critical instance got requests");
+
+    conn.send(&event(
+        "3-0",
+        "updated",
+        &with_health(&records[0], HealthStatus::Passing),
+    ))
+    .await;
+    within("a gets traffic again", async {
+        while a.hits() == before {
+            client.get("/").await.unwrap();
+        }
+    })
+    .await;
 }

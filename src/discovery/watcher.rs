@@ -24,7 +24,7 @@ use crate::client::{connector, Connector};
 use crate::config::{orchestrator_base, process_env, ConfigError, Source, ORCHESTRATOR_URL_ENV};
 use crate::error::ErrorChain;
 use crate::protocol::{
-    ListResponse, RemovedService, ServiceRecord, WatchEventKind, EVENT_STREAM,
+    HealthStatus, ListResponse, RemovedService, ServiceRecord, WatchEventKind, EVENT_STREAM,
     LAST_EVENT_ID_HEADER, WATCH_HEARTBEAT, WATCH_PARAM,
 };
 use crate::schedule;
@@ -33,6 +33,8 @@ use crate::schedule;
 pub(crate) struct Shared {
     pub cache: Cache,
     pub filter: Filter,
+    /// The health statuses an instance may have to be in the cache.
+    pub health: Vec<HealthStatus>,
     state: watch::Sender<WatchState>,
     synced: watch::Sender<bool>,
 }
@@ -62,6 +64,7 @@ impl std::fmt::Debug for Watcher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Watcher")
             .field("filter", &self.shared.filter)
+            .field("health", &self.shared.health)
             .field("state", &self.state())
             .finish_non_exhaustive()
     }
@@ -85,6 +88,7 @@ impl Watcher {
         WatcherBuilder {
             url: None,
             filter,
+            health: DEFAULT_HEALTH.to_vec(),
             idle_timeout: WATCH_HEARTBEAT * 2,
             min_backoff: Duration::from_millis(250),
             max_backoff: Duration::from_secs(10),
@@ -116,6 +120,12 @@ impl Watcher {
         &self.shared.filter
     }
 
+    /// The health statuses of the instances this watcher keeps (see
+    /// [`WatcherBuilder::health`]).
+    pub fn health(&self) -> &[HealthStatus] {
+        &self.shared.health
+    }
+
     /// A `tower::discover` stream of the cache: `Insert`s for the instances known now, then
     /// every change. Each call gives an independent stream.
     pub fn discover(&self) -> Changes {
@@ -133,6 +143,7 @@ impl Watcher {
 pub struct WatcherBuilder {
     url: Option<String>,
     filter: Filter,
+    health: Vec<HealthStatus>,
     idle_timeout: Duration,
     min_backoff: Duration,
     max_backoff: Duration,
@@ -145,6 +156,7 @@ impl std::fmt::Debug for WatcherBuilder {
         f.debug_struct("WatcherBuilder")
             .field("url", &self.url.as_deref().map(crate::redact::url))
             .field("filter", &self.filter)
+            .field("health", &self.health)
             .field("idle_timeout", &self.idle_timeout)
             .field("min_backoff", &self.min_backoff)
             .field("max_backoff", &self.max_backoff)
@@ -158,6 +170,21 @@ impl WatcherBuilder {
     /// The orchestrator's URL (base or registration URL); default: `SERVICEKIT_ORCHESTRATOR_URL`.
     pub fn url(mut self, url: impl Into<String>) -> Self {
         self.url = Some(url.into());
+        self
+    }
+
+    /// The health statuses an instance must have to be used; default `passing` and `warning`
+    /// ([`DEFAULT_HEALTH`]): a `critical` instance leaves the cache (and a balancer's set)
+    /// when its record says so, and comes back when it is passing or warning again. All three
+    /// statuses: no health filtering. The watcher asks the orchestrator for these only
+    /// (`?health=passing,warning`) and also filters itself, for an orchestrator that ignores
+    /// the parameter; a record without health (an older orchestrator) reads as passing.
+    /// An empty set is [`Error::Config`].
+    pub fn health(mut self, statuses: impl IntoIterator<Item = HealthStatus>) -> Self {
+        let mut health: Vec<HealthStatus> = statuses.into_iter().collect();
+        health.sort();
+        health.dedup();
+        self.health = health;
         self
     }
 
@@ -203,7 +230,20 @@ impl WatcherBuilder {
             },
         };
         let base = orchestrator_base(&text, &source).map_err(Error::Config)?;
-        let query = self.filter.query();
+        if self.health.is_empty() {
+            return Err(Error::Config(ConfigError::InvalidOption {
+                name: "health",
+                reason: "name at least one status (all three: no health filtering)".into(),
+            }));
+        }
+        let mut query = self.filter.query();
+        if self.health.len() < HealthStatus::ALL.len() {
+            let statuses: Vec<&str> = self.health.iter().map(|s| s.as_str()).collect();
+            if !query.is_empty() {
+                query.push('&');
+            }
+            query.push_str(&format!("health={}", statuses.join(",")));
+        }
         let sep = if query.is_empty() { "" } else { "&" };
         let feed: Uri = format!("{base}/services?{WATCH_PARAM}=true{sep}{query}")
             .parse()
@@ -229,6 +269,7 @@ impl WatcherBuilder {
         let shared = Arc::new(Shared {
             cache: Cache::new(self.changes_capacity),
             filter: self.filter,
+            health: self.health,
             state: watch::Sender::new(WatchState::Connecting),
             synced: watch::Sender::new(false),
         });
@@ -246,6 +287,10 @@ impl WatcherBuilder {
         })
     }
 }
+
+/// The statuses a watcher keeps unless told otherwise: an instance under strain still serves,
+/// one that says it cannot does not get traffic.
+pub const DEFAULT_HEALTH: [HealthStatus; 2] = [HealthStatus::Passing, HealthStatus::Warning];
 
 /// The longest pause a server's `retry:` or `Retry-After` can impose (a broken or hostile
 /// server must not stop the watcher for good).
@@ -420,6 +465,7 @@ fn apply(shared: &Shared, event: SseEvent) -> Result<(), String> {
             let map: HashMap<_, _> = list
                 .services
                 .into_iter()
+                .filter(|r| shared.health.contains(&r.health.status))
                 .map(|r| (r.id, Instance::from(r)))
                 .collect();
             let count = map.len();
@@ -441,9 +487,14 @@ fn apply(shared: &Shared, event: SseEvent) -> Result<(), String> {
         }
         WatchEventKind::Registered | WatchEventKind::Updated => {
             let record: ServiceRecord = serde_json::from_str(&event.data).map_err(bad)?;
-            let (id, url) = (record.id, record.url.clone());
-            if shared.cache.upsert(Instance::from(record)) {
-                tracing::debug!(%id, url = ?url, event = %kind, "discovery.instance_up");
+            let (id, url, health) = (record.id, record.url.clone(), record.health.status);
+            if !shared.health.contains(&health) {
+                // Still registered, but not usable: out of the set until it recovers.
+                if shared.cache.remove(id) {
+                    tracing::info!(%id, url = ?url, %health, "discovery.instance_unhealthy");
+                }
+            } else if shared.cache.upsert(Instance::from(record)) {
+                tracing::debug!(%id, url = ?url, event = %kind, %health, "discovery.instance_up");
             }
         }
         WatchEventKind::Deregistered | WatchEventKind::Expired => {

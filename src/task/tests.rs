@@ -33,6 +33,8 @@ struct Script {
     grant: VecDeque<&'static str>,
     /// (what, when, presented id, presented lease token) of every call.
     calls: Vec<(&'static str, Instant, Option<Ulid>, Option<String>)>,
+    /// The health report of every ping, in order.
+    reports: Vec<Option<HealthReport>>,
 }
 
 #[derive(Clone, Default)]
@@ -129,7 +131,9 @@ impl Orchestrator for Fake {
         _url: &Uri,
         within: Duration,
         lease: Option<&LeaseToken>,
+        report: Option<&HealthReport>,
     ) -> Result<Option<PingResponse>, ClientError> {
+        self.0.lock().unwrap().reports.push(report.cloned());
         let answer = self.next("ping", None, lease);
         let pong = PingResponse {
             id: Ulid::from_string(ID).unwrap(),
@@ -169,6 +173,7 @@ struct Running {
     fake: Fake,
     status: StatusWriter,
     stop: watch::Sender<Option<Instant>>,
+    health_now: Arc<Notify>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -192,17 +197,20 @@ fn start(fake: Fake, tunables: Tunables, fail_on_error: bool) -> Running {
         .unwrap();
     let status = StatusWriter::new(fail_on_error);
     let (stop, rx) = watch::channel(None);
+    let health_now = Arc::new(Notify::new());
     let task = Task {
         config,
         orchestrator: fake.clone(),
         probe: Probe::always_ready(),
         status: status.clone(),
         stop: rx,
+        health_now: health_now.clone(),
     };
     Running {
         fake,
         status,
         stop,
+        health_now,
         task: tokio::spawn(task.run()),
     }
 }
@@ -497,4 +505,183 @@ async fn a_failure_after_the_signal_is_not_a_registration_failure() {
     let s = r.status.snapshot();
     assert_eq!(s.phase, Phase::Stopped, "{:?}", s.error);
     assert!(s.error.is_none());
+}
+
+// --- Health reports on the pings ---
+
+/// Tunables whose health function answers what `state` holds (after `delay`).
+fn reporting(state: Arc<Mutex<HealthReport>>, delay: Duration) -> Tunables {
+    let health = move || {
+        let state = state.clone();
+        Box::pin(async move {
+            tokio::time::sleep(delay).await;
+            state.lock().unwrap().clone()
+        }) as std::pin::Pin<Box<dyn Future<Output = HealthReport> + Send>>
+    };
+    Tunables {
+        health: Some(crate::config::HealthFn(Arc::new(health))),
+        ..Tunables::default()
+    }
+}
+
+impl Fake {
+    fn reports(&self) -> Vec<Option<HealthReport>> {
+        self.0.lock().unwrap().reports.clone()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_a_health_function_pings_have_no_body() {
+    let r = start(Fake::default(), Tunables::default(), false);
+    r.wait_phase(Phase::Registered).await;
+    tokio::time::sleep(Duration::from_secs(25)).await;
+    let reports = r.fake.reports();
+    assert_eq!(reports.len(), 2, "{reports:?}");
+    assert!(reports.iter().all(Option::is_none), "{reports:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn every_ping_carries_the_health_of_the_moment_the_first_right_after_registering() {
+    let state = Arc::new(Mutex::new(HealthReport::passing()));
+    let r = start(
+        Fake::default(),
+        reporting(state.clone(), Duration::from_millis(10)),
+        false,
+    );
+    r.wait_phase(Phase::Registered).await;
+    let registered = Instant::now();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let pings = r.fake.calls("ping");
+    assert_eq!(pings.len(), 1, "one report right after registering");
+    assert!(pings[0].0 - registered <= Duration::from_millis(20));
+    *state.lock().unwrap() = HealthReport::critical("db down");
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    assert_eq!(
+        r.fake.reports(),
+        [
+            Some(HealthReport::passing()),
+            Some(HealthReport::critical("db down"))
+        ]
+    );
+    // One report per ping: the interval is still a third of the TTL.
+    let pings = r.fake.calls("ping");
+    let gap = pings[1].0 - pings[0].0;
+    assert!(
+        gap >= Duration::from_secs(9) && gap <= Duration::from_secs(11),
+        "{gap:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hung_health_function_reports_critical_and_never_stalls_the_keepalive() {
+    let state = Arc::new(Mutex::new(HealthReport::passing()));
+    let r = start(
+        Fake::default(),
+        reporting(state, Duration::from_secs(3600)),
+        false,
+    );
+    r.wait_phase(Phase::Registered).await;
+    let registered = Instant::now();
+    tokio::time::sleep(Duration::from_secs(25)).await;
+    let pings = r.fake.calls("ping");
+    assert!(pings.len() >= 3, "{} pings", pings.len());
+    // The default health timeout: 2 s, then the ping goes out anyway.
+    let first = pings[0].0 - registered;
+    assert_eq!(first, Duration::from_secs(2), "{first:?}");
+    let timed_out = HealthReport::critical("health check timed out");
+    assert!(
+        r.fake
+            .reports()
+            .iter()
+            .all(|x| x.as_ref() == Some(&timed_out)),
+        "{:?}",
+        r.fake.reports()
+    );
+    assert_eq!(r.status.snapshot().phase, Phase::Registered);
+    r.request_stop();
+    within_budget(r).await;
+}
+
+async fn within_budget(r: Running) {
+    tokio::time::timeout(Duration::from_secs(3), r.task)
+        .await
+        .expect("the task stops within the shutdown budget")
+        .unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn report_health_now_brings_the_next_ping_forward() {
+    let state = Arc::new(Mutex::new(HealthReport::passing()));
+    let r = start(
+        Fake::default(),
+        reporting(state.clone(), Duration::ZERO),
+        false,
+    );
+    r.wait_phase(Phase::Registered).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(r.fake.calls("ping").len(), 1);
+    *state.lock().unwrap() = HealthReport::critical("db down");
+    let asked = Instant::now();
+    r.health_now.notify_one();
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    let pings = r.fake.calls("ping");
+    assert_eq!(pings.len(), 2, "pinged at once");
+    assert!(pings[1].0 - asked < Duration::from_millis(1));
+    assert_eq!(r.fake.reports()[1], Some(HealthReport::critical("db down")));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_panicking_health_function_reports_critical_and_the_keepalive_goes_on() {
+    let health = || {
+        Box::pin(async { panic!("the health function broke") as HealthReport })
+            as std::pin::Pin<Box<dyn Future<Output = HealthReport> + Send>>
+    };
+    let t = Tunables {
+        health: Some(crate::config::HealthFn(Arc::new(health))),
+        ..Tunables::default()
+    };
+    let r = start(Fake::default(), t, false);
+    r.wait_phase(Phase::Registered).await;
+    tokio::time::sleep(Duration::from_secs(25)).await;
+    let reports = r.fake.reports();
+    assert!(reports.len() >= 3, "{reports:?}");
+    let panicked = HealthReport::critical("health check panicked");
+    assert!(
+        reports.iter().all(|x| x.as_ref() == Some(&panicked)),
+        "{reports:?}"
+    );
+    assert_eq!(r.status.snapshot().phase, Phase::Registered);
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_during_a_slow_health_call_deregisters_at_once() {
+    let state = Arc::new(Mutex::new(HealthReport::passing()));
+    let mut t = reporting(state, Duration::from_secs(3600));
+    t.health_timeout = Duration::from_secs(4);
+    let r = start(Fake::default(), t, false);
+    r.wait_phase(Phase::Registered).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let asked = r.request_stop();
+    r.wait_phase(Phase::Stopped).await;
+    assert!(
+        asked.elapsed() < Duration::from_millis(10),
+        "{:?}",
+        asked.elapsed()
+    );
+    assert_eq!(r.fake.calls("deregister").len(), 1);
+    assert!(r.fake.calls("ping").is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_re_registration_reports_the_health_at_once() {
+    let fake = with_script(|s| s.ping = [Answer::Ok, Answer::Status(404)].into());
+    let state = Arc::new(Mutex::new(HealthReport::critical("db down")));
+    let r = start(fake, reporting(state, Duration::ZERO), false);
+    r.wait_phase(Phase::Registered).await;
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    // Registered, report, (interval) 404, re-registered, report at once.
+    let registers = r.fake.calls("register");
+    let pings = r.fake.calls("ping");
+    assert_eq!((registers.len(), pings.len()), (2, 3), "{pings:?}");
+    assert_eq!(pings[2].0, registers[1].0);
 }
