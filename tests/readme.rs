@@ -8,6 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use support::process::{example, Process};
 use support::*;
 
 /// Commands run elsewhere, with where.
@@ -130,6 +131,7 @@ fn every_readme_command_is_run_somewhere() {
     assert!(commands.len() >= 6, "found {commands:?}");
     for command in &commands {
         let here = command.starts_with("curl ")
+            || command.starts_with(HEALTH_SERVICE)
             || command == "cargo run -p servicekit-orchestrator &"
             || command == "VALKEY_URL=redis://127.0.0.1:6379 cargo run -p servicekit-orchestrator";
         let elsewhere = RUN_ELSEWHERE.iter().any(|(c, _)| c == command);
@@ -146,7 +148,7 @@ fn the_try_it_commands_work() {
     let _orch = Orchestrator::start(&addr, None);
     let curls: Vec<String> = readme_commands()
         .into_iter()
-        .filter(|c| c.starts_with("curl "))
+        .filter(|c| c.starts_with("curl ") && !c.contains("health"))
         .collect();
     assert_eq!(curls.len(), 2, "{curls:?}");
     let registered: Value = serde_json::from_str(&sh(&curls[0], &addr)).expect("register JSON");
@@ -155,6 +157,65 @@ fn the_try_it_commands_work() {
     let listed: Value = serde_json::from_str(&sh(&curls[1], &addr)).expect("list JSON");
     assert_eq!(listed["count"], 1);
     assert_eq!(listed["services"][0]["id"], registered["id"]);
+}
+
+/// How the README's health demo starts its service.
+const HEALTH_SERVICE: &str = "SERVICE_ADMIN=true ";
+
+/// Polls `curl` (a README command) until its JSON satisfies `ok`, for up to 20 s.
+fn until_json(command: &str, addr: &str, what: &str, ok: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let v: Value = serde_json::from_str(&sh(command, addr)).unwrap_or(Value::Null);
+        if ok(&v) {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "{what}: still {v}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn the_health_commands_work() {
+    let addr = format!("127.0.0.1:{}", free_port());
+    let _orch = Orchestrator::start(&addr, None);
+    let commands = readme_commands();
+    let service = commands
+        .iter()
+        .find(|c| c.starts_with(HEALTH_SERVICE))
+        .expect("the README's health demo service");
+    // Its variables, as the README sets them; then its address and the test's orchestrator.
+    let mut cmd = example("service");
+    let port = free_port();
+    for (k, v) in service
+        .split_whitespace()
+        .map_while(|word| word.split_once('='))
+    {
+        cmd.env(k, v);
+    }
+    cmd.env("SERVICEKIT_ORCHESTRATOR_URL", format!("http://{addr}"))
+        .env("SERVICEKIT_PORT", port.to_string());
+    let _service = Process::spawn(cmd);
+    let [switch, list] = ["/admin/health", "health=critical"].map(|part| {
+        commands
+            .iter()
+            .find(|c| c.starts_with("curl ") && c.contains(part))
+            .unwrap_or_else(|| panic!("the README's curl with {part}"))
+            .replace("127.0.0.1:8001", &format!("127.0.0.1:{port}"))
+    });
+    until_json(
+        "curl -s localhost:9000/services",
+        &addr,
+        "registered",
+        |v| v["count"] == 1,
+    );
+    let critical = until_json(&list, &addr, "nothing critical yet", |v| v["count"] == 0);
+    assert_eq!(critical["services"], serde_json::json!([]));
+    sh(&switch, &addr);
+    let critical = until_json(&list, &addr, "the switch made it critical", |v| {
+        v["count"] == 1
+    });
+    assert_eq!(critical["services"][0]["health"]["output"], "db down");
 }
 
 #[test]

@@ -445,44 +445,6 @@ async fn a_tcp_check_follows_the_listener() {
 }
 
 #[tokio::test]
-async fn a_grpc_check_uses_the_standard_health_service() {
-    use tonic::transport::server::TcpIncoming;
-    use tonic_health::ServingStatus;
-
-    let (orch, api) = orchestrator().await;
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let port = listener.local_addr().expect("addr").port();
-    let (reporter, service) = tonic_health::server::health_reporter();
-    reporter
-        .set_service_status("svc.v1.Echo", ServingStatus::Serving)
-        .await;
-    let server = tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(service)
-            .serve_with_incoming(TcpIncoming::from(listener)),
-    );
-    let url = format!("http://127.0.0.1:{port}");
-    let spec = |name: &str| json!({"grpc": name, "failures_before_critical": 1});
-    let echo = register(&api, &format!("{url}/echo"), spec("svc.v1.Echo")).await;
-    let unknown = register(&api, &format!("{url}/other"), spec("svc.v1.Nope")).await;
-    let (h, _) = health_until(&api, &echo, "serving", |h| !output_of(h).is_empty()).await;
-    assert_eq!(
-        (h["status"].as_str(), output_of(&h)),
-        (Some("passing"), "gRPC SERVING")
-    );
-    let (h, _) = health_until(&api, &unknown, "unknown", status_is("critical")).await;
-    // NOT_FOUND for a service the server does not know.
-    assert!(output_of(&h).starts_with("grpc-status 5"), "{h}");
-    reporter
-        .set_service_status("svc.v1.Echo", ServingStatus::NotServing)
-        .await;
-    let (h, _) = health_until(&api, &echo, "not serving", status_is("critical")).await;
-    assert_eq!(output_of(&h), "gRPC NOT_SERVING");
-    server.abort();
-    orch.shutdown().await;
-}
-
-#[tokio::test]
 async fn critical_instances_are_deregistered_after_the_set_time_passing_ones_never() {
     let (orch, api) = orchestrator().await;
     let target = Target::start().await;
