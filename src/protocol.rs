@@ -15,7 +15,7 @@ use ulid::Ulid;
 pub mod health;
 
 pub use health::{
-    CheckSpec, CheckTarget, Health, HealthReport, HealthStatus, HealthStatusError,
+    CheckSpec, CheckTarget, Health, HealthReport, HealthStatus, HealthStatusError, CHECK_FIELDS,
     MAX_HEALTH_OUTPUT,
 };
 

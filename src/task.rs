@@ -205,15 +205,16 @@ impl<O: Orchestrator> Task<O> {
     async fn health_report(&self, interval: Duration) -> Option<HealthReport> {
         let health = self.config.tunables.health.clone()?;
         let bound = self.config.tunables.health_timeout.min(interval / 2);
-        let mut call = tokio::spawn((health.0)());
-        let report = match tokio::time::timeout(bound, &mut call).await {
+        // Aborted when this future is dropped too (a shutdown during the call), so a hung
+        // function does not outlive the keepalive.
+        let mut call = AbortOnDrop(tokio::spawn((health.0)()));
+        let report = match tokio::time::timeout(bound, &mut call.0).await {
             Ok(Ok(report)) => report,
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "keepalive.health_failed");
                 HealthReport::critical("health check panicked")
             }
             Err(_) => {
-                call.abort();
                 tracing::warn!(
                     timeout_ms = bound.as_millis() as u64,
                     "keepalive.health_timed_out"
@@ -592,6 +593,15 @@ async fn shutdown_deadline(stop: &mut StopRequest, budget: Duration) {
         Some(at) => tokio::time::sleep_until(at + budget).await,
         // The lifecycle is gone: nobody will ever ask to stop.
         None => std::future::pending().await,
+    }
+}
+
+/// A task aborted when its handle is dropped.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

@@ -12,7 +12,7 @@ use std::time::Duration;
 use servicekit::discovery::{BalancedClient, Filter, WatchState, Watcher};
 use servicekit_orchestrator::config::Config;
 use servicekit_orchestrator::server::{self, Running};
-use support::process::{example, Process};
+use support::process::{consumer, example, field, Process};
 use support::*;
 
 /// A `service` example process registered as `name` with the orchestrator at `base`.
@@ -36,24 +36,6 @@ impl Instance {
         registered(api, &url, Duration::from_secs(30)).await;
         Instance { process, url }
     }
-}
-
-/// The `consumer` example calling the instances of `target` at `rate` requests per second.
-fn consumer(base: &str, target: &str, rate: u32) -> Process {
-    let mut cmd = example("consumer");
-    cmd.env("SERVICEKIT_ORCHESTRATOR_URL", base)
-        .env("CONSUMER_TARGET", target)
-        .env("CONSUMER_RATE", rate.to_string())
-        .env("RUST_LOG", "info,consumer=debug");
-    Process::spawn(cmd)
-}
-
-/// The value of `field=` in a log line.
-fn field<'a>(line: &'a str, field: &str) -> Option<&'a str> {
-    let start = line.find(&format!("{field}="))? + field.len() + 1;
-    let rest = &line[start..];
-    let end = rest.find([' ', ',', '}']).unwrap_or(rest.len());
-    Some(rest[..end].trim_matches('"'))
 }
 
 /// Waits until the consumer has logged an answer from `url`.

@@ -12,7 +12,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use support::process::{example, Process};
+use support::process::{consumer, example, field, Process};
 use support::*;
 
 /// The orchestrator's TTL: the layer pings every third of it.
@@ -99,24 +99,6 @@ impl Instance {
     }
 }
 
-/// The consumer example calling `svca`.
-fn consumer(base: &str) -> Process {
-    let mut cmd = example("consumer");
-    cmd.env("SERVICEKIT_ORCHESTRATOR_URL", base)
-        .env("CONSUMER_TARGET", "svca")
-        .env("CONSUMER_RATE", "50")
-        .env("RUST_LOG", "info");
-    Process::spawn(cmd)
-}
-
-/// The value of `field=` in a log line.
-fn field<'a>(line: &'a str, field: &str) -> Option<&'a str> {
-    let start = line.find(&format!("{field}="))? + field.len() + 1;
-    let rest = &line[start..];
-    let end = rest.find([' ', ',', '}']).unwrap_or(rest.len());
-    Some(rest[..end].trim_matches('"'))
-}
-
 /// Waits until the record of `id` has `status`; how long that took from `since`.
 async fn status_becomes(api: &http::Api, id: &str, status: &str, since: Instant) -> Duration {
     eventually(
@@ -160,7 +142,7 @@ async fn cycle(mode: Mode) {
     let (orch, api) = orchestrator(TTL_SECONDS, None).await;
     let a = Instance::start(&api, mode).await;
     let b = Instance::start(&api, mode).await;
-    let consumer = consumer(api.base());
+    let consumer = consumer(api.base(), "svca", 50);
     both_served(&a, &b).await;
 
     // Unhealthy: critical on the record within two intervals.

@@ -625,8 +625,18 @@ impl<S: Store> Api<S> {
             .and_then(|t| t.to_str().ok())
             .map(servicekit::protocol::LeaseToken::new);
         let body = self.json_body(req).await?;
-        let request: RegisterRequest = serde_json::from_slice(&body)
+        let mut request: RegisterRequest = serde_json::from_slice(&body)
             .map_err(|e| ApiError::BadRequest(format!("invalid registration body: {e}")))?;
+        if let Some(check) = request.check.as_mut() {
+            /// The `check` object again, as JSON, for what the typed one cannot say.
+            #[derive(serde::Deserialize)]
+            struct Raw {
+                check: serde_json::Map<String, serde_json::Value>,
+            }
+            let raw: Raw = serde_json::from_slice(&body)
+                .map_err(|e| ApiError::BadRequest(format!("invalid registration body: {e}")))?;
+            crate::checks::spec::settle(check, &raw.check).map_err(ApiError::BadRequest)?;
+        }
         let wants_lease = request.lease == Some(true);
         if self.require_lease && !wants_lease {
             return Err(ApiError::BadRequest(
@@ -693,10 +703,14 @@ impl<S: Store> Api<S> {
         B: Body<Data = Bytes> + Send,
         B::Error: Into<BoxError>,
     {
-        let body = self.json_body(req).await?;
+        // An empty ping is the reference's, whatever type a client library puts on it (curl
+        // says form-urlencoded, fetch() says text/plain): only a body must be JSON.
+        let typed = json_type(&req);
+        let body = self.body(req).await?;
         if body.iter().all(u8::is_ascii_whitespace) {
             return Ok(None);
         }
+        typed?;
         serde_json::from_slice::<Option<HealthReport>>(&body).map_err(|e| {
             ApiError::BadRequest(format!(
                 "invalid ping body: {e}; send nothing, or {{\"status\": \"passing\" | \
@@ -927,18 +941,16 @@ impl<S: Store> Api<S> {
         B: Body<Data = Bytes> + Send,
         B::Error: Into<BoxError>,
     {
-        if let Some(ct) = req.headers().get(CONTENT_TYPE) {
-            let ct = ct.to_str().unwrap_or("");
-            let essence = ct
-                .split(';')
-                .next()
-                .unwrap_or("")
-                .trim()
-                .to_ascii_lowercase();
-            if essence != "application/json" && !essence.ends_with("+json") {
-                return Err(ApiError::UnsupportedMediaType(ct.to_owned()));
-            }
-        }
+        json_type(&req)?;
+        self.body(req).await
+    }
+
+    /// Reads a request body, whatever its type; bounded as [`Api::json_body`] is.
+    async fn body<B>(&self, req: Request<B>) -> Result<Bytes, ApiError>
+    where
+        B: Body<Data = Bytes> + Send,
+        B::Error: Into<BoxError>,
+    {
         match req.into_body().collect().await {
             Ok(collected) => Ok(collected.to_bytes()),
             Err(e) => Err(body_error(e.into(), self.max_body_bytes)),
@@ -1120,6 +1132,24 @@ fn body_error(e: BoxError, limit: usize) -> ApiError {
     } else {
         ApiError::BadRequest(format!("could not read request body: {e}"))
     }
+}
+
+/// Refuses a request whose `Content-Type`, when it has one, is not JSON (`application/json` or
+/// any `+json`).
+fn json_type<B>(req: &Request<B>) -> Result<(), ApiError> {
+    if let Some(ct) = req.headers().get(CONTENT_TYPE) {
+        let ct = ct.to_str().unwrap_or("");
+        let essence = ct
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
+        if essence != "application/json" && !essence.ends_with("+json") {
+            return Err(ApiError::UnsupportedMediaType(ct.to_owned()));
+        }
+    }
+    Ok(())
 }
 
 fn json_response<T: Serialize>(code: StatusCode, body: &T) -> Result<Response<ApiBody>, ApiError> {

@@ -2622,6 +2622,8 @@ async fn lists_filter_by_health<H: Harness>() {
 }
 
 async fn a_check_round_trips_and_is_replaced<H: Harness>() {
+    // The health a check found belongs to that check: a re-registration keeps the health only
+    // with the same check (or, for pushed health, with none before and after).
     let h = H::open(LONG_TTL).await;
     let s = h.store();
     let url = "http://checked:8000";
@@ -2645,23 +2647,47 @@ async fn a_check_round_trips_and_is_replaced<H: Harness>() {
         .await
         .expect("set_health")
         .expect("live");
-    assert_eq!(set.record.check, Some(http), "set_health keeps the check");
+    assert_eq!(
+        set.record.check,
+        Some(http.clone()),
+        "set_health keeps the check"
+    );
 
-    // A re-registration replaces the check, keeping the health.
+    // The same check again: the health stays.
+    let r = s
+        .register(with_check(reg(url, "C"), Some(http)))
+        .await
+        .expect("re-register");
+    assert_eq!(r.record.health, sick);
+    // Another check replaces it and starts from passing.
     let r = s
         .register(with_check(reg(url, "C"), Some(CheckSpec::tcp())))
         .await
         .expect("re-register");
     assert_eq!(
         (r.record.check.clone(), &r.record.health),
-        (Some(CheckSpec::tcp()), &sick)
+        (Some(CheckSpec::tcp()), &Health::default())
     );
     assert_eq!(s.get(id).await.expect("get").expect("live"), r.record);
-    // One without a check removes it.
+    // One without a check removes it, and the health it found.
+    s.set_health(id, sick.clone(), ADMIN)
+        .await
+        .expect("set_health")
+        .expect("live");
     let r = s.register(reg(url, "C")).await.expect("re-register");
-    assert_eq!((r.record.check.clone(), &r.record.health), (None, &sick));
+    assert_eq!(
+        (r.record.check.clone(), &r.record.health),
+        (None, &Health::default())
+    );
     assert_eq!(s.get(id).await.expect("get").expect("live"), r.record);
-    assert_eq!(listed(s, &all()).await, vec![r.record]);
+    assert_eq!(listed(s, &all()).await, vec![r.record.clone()]);
+    // Without a check before and after (pushed health), the health stays.
+    s.set_health(id, sick.clone(), ADMIN)
+        .await
+        .expect("set_health")
+        .expect("live");
+    let r = s.register(reg(url, "C")).await.expect("re-register");
+    assert_eq!(r.record.health, sick);
 }
 
 async fn checkers_lists_every_live_replica<H: Harness>() {

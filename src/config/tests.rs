@@ -479,7 +479,11 @@ fn the_builder_check_wins_over_the_environment() {
     );
     assert!(err.to_string().contains("\"health\""), "{err}");
     let o = Overrides {
-        check: Some(CheckSpec::http("/h").interval(Duration::from_secs(1))),
+        check: Some(
+            CheckSpec::http("/h")
+                .interval(Duration::from_secs(1))
+                .timeout(Duration::from_secs(2)),
+        ),
         ..Overrides::default()
     };
     let err = check_of(&o, &[]).unwrap_err().to_string();

@@ -198,9 +198,8 @@ async fn the_cache_follows_the_feed_through_reconnects_and_outages() {
 
     let mut conn = feed.accept().await;
     assert!(
-        conn.head.starts_with(
-            "get /services?watch=true&display_name=svca&health=passing,warning http/1.1"
-        ),
+        conn.head
+            .starts_with("get /services?watch=true&display_name=svca http/1.1"),
         "{}",
         conn.head
     );
@@ -888,7 +887,7 @@ async fn critical_instances_leave_the_cache_and_come_back_when_passing() {
     let rc = with_health(&record(c, "http://c:1"), HealthStatus::Warning);
     let mut conn = feed.accept().await;
     conn.ok().await;
-    // Filtered locally too: this feed ignores ?health= and sends the critical b.
+    // Filtered by the watcher: the feed sends the critical b too.
     conn.send(&snapshot("1-0", &[&ra, &rb, &rc])).await;
     within("the first snapshot", w.synced()).await;
     assert_eq!(urls(&w), ["http://a:1", "http://c:1"]);
@@ -953,7 +952,8 @@ async fn all_three_statuses_mean_no_health_filtering() {
         .build()
         .unwrap();
     let conn = feed.accept().await;
-    assert!(conn.head.contains("&health=critical "), "{}", conn.head);
+    // The filter is the watcher's own: the orchestrator is not asked for it.
+    assert!(!conn.head.contains("health="), "{}", conn.head);
     drop(w);
 
     let err = watcher(&feed).health([]).build().unwrap_err();

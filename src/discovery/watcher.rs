@@ -176,9 +176,9 @@ impl WatcherBuilder {
     /// The health statuses an instance must have to be used; default `passing` and `warning`
     /// ([`DEFAULT_HEALTH`]): a `critical` instance leaves the cache (and a balancer's set)
     /// when its record says so, and comes back when it is passing or warning again. All three
-    /// statuses: no health filtering. The watcher asks the orchestrator for these only
-    /// (`?health=passing,warning`) and also filters itself, for an orchestrator that ignores
-    /// the parameter; a record without health (an older orchestrator) reads as passing.
+    /// statuses: no health filtering. The watcher follows every instance of its filter and
+    /// keeps these itself (it does not send `?health=`, which an orchestrator from before
+    /// health refuses); a record without health (such an orchestrator's) reads as passing.
     /// An empty set is [`Error::Config`].
     pub fn health(mut self, statuses: impl IntoIterator<Item = HealthStatus>) -> Self {
         let mut health: Vec<HealthStatus> = statuses.into_iter().collect();
@@ -236,14 +236,9 @@ impl WatcherBuilder {
                 reason: "name at least one status (all three: no health filtering)".into(),
             }));
         }
-        let mut query = self.filter.query();
-        if self.health.len() < HealthStatus::ALL.len() {
-            let statuses: Vec<&str> = self.health.iter().map(|s| s.as_str()).collect();
-            if !query.is_empty() {
-                query.push('&');
-            }
-            query.push_str(&format!("health={}", statuses.join(",")));
-        }
+        // Health is filtered here, not with `?health=`: an orchestrator from before health
+        // refuses the parameter, and an `updated` to critical then reads as what it is.
+        let query = self.filter.query();
         let sep = if query.is_empty() { "" } else { "&" };
         let feed: Uri = format!("{base}/services?{WATCH_PARAM}=true{sep}{query}")
             .parse()

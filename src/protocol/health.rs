@@ -104,9 +104,9 @@ impl Health {
 }
 
 /// The optional body of `PUT /services/{id}/$ping`: the service's own health. A ping without
-/// a body leaves the health as it is.
+/// a body leaves the health as it is. Fields this version does not know are ignored, so a
+/// newer client's report still pings.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct HealthReport {
     /// The status the service reports.
     pub status: HealthStatus,
@@ -171,9 +171,10 @@ fn default_threshold() -> u32 {
 }
 
 /// The `check` of a registration: how the orchestrator probes the instance. Exactly one of
-/// `http`, `tcp` and `grpc` is set (the orchestrator refuses anything else with a 400).
+/// `http`, `tcp` and `grpc` is set (the orchestrator refuses anything else with a 400, and a
+/// field it does not know too: [`CHECK_FIELDS`]). Reading a record, unknown fields are
+/// ignored, so a newer orchestrator's records still parse.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct CheckSpec {
     /// An HTTP GET: a path relative to the service URL (`/health`), or an absolute URL on the
     /// service's own host. 2xx is passing, 429 warning, anything else critical.
@@ -202,6 +203,18 @@ pub struct CheckSpec {
     #[serde(default = "default_threshold")]
     pub successes_before_passing: u32,
 }
+
+/// Every field of a [`CheckSpec`], as the orchestrator accepts them in a registration.
+pub const CHECK_FIELDS: [&str; 8] = [
+    "http",
+    "tcp",
+    "grpc",
+    "interval_seconds",
+    "timeout_seconds",
+    "deregister_critical_after_seconds",
+    "failures_before_critical",
+    "successes_before_passing",
+];
 
 /// What a [`CheckSpec`] probes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -252,9 +265,10 @@ impl CheckSpec {
         }
     }
 
-    /// The same check every `interval`.
+    /// The same check every `interval`; a timeout longer than that comes down to it.
     pub fn interval(mut self, interval: Duration) -> Self {
         self.interval_seconds = interval.as_secs();
+        self.timeout_seconds = self.timeout_seconds.min(self.interval_seconds);
         self
     }
 
@@ -309,7 +323,14 @@ mod tests {
         assert!(none.target().is_err());
         let two: CheckSpec = serde_json::from_str(r#"{"tcp":true,"grpc":""}"#).unwrap();
         assert!(two.target().is_err());
-        assert!(serde_json::from_str::<CheckSpec>(r#"{"htp":"/x"}"#).is_err());
+        // Unknown fields are ignored when reading (the orchestrator refuses them itself).
+        assert!(serde_json::from_str::<CheckSpec>(r#"{"http":"/x","later":1}"#).is_ok());
+        assert_eq!(
+            CheckSpec::http("/x")
+                .interval(Duration::from_secs(1))
+                .timeout_seconds,
+            1
+        );
     }
 
     #[test]

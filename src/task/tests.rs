@@ -673,6 +673,48 @@ async fn shutdown_during_a_slow_health_call_deregisters_at_once() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_health_call_hung_at_shutdown_is_abandoned_not_left_running() {
+    /// Says when the health call's future is dropped (its task aborted).
+    struct Dropped(Arc<std::sync::atomic::AtomicBool>);
+    impl Drop for Dropped {
+        fn drop(&mut self) {
+            self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+    let dropped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = dropped.clone();
+    let health = move || {
+        let guard = Dropped(flag.clone());
+        Box::pin(async move {
+            let _guard = guard;
+            std::future::pending::<()>().await;
+            HealthReport::passing()
+        }) as std::pin::Pin<Box<dyn Future<Output = HealthReport> + Send>>
+    };
+    let mut t = Tunables {
+        health: Some(crate::config::HealthFn(Arc::new(health))),
+        ..Tunables::default()
+    };
+    t.health_timeout = Duration::from_secs(4);
+    let r = start(Fake::default(), t, false);
+    r.wait_phase(Phase::Registered).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        !dropped.load(std::sync::atomic::Ordering::SeqCst),
+        "still in its call"
+    );
+    r.request_stop();
+    r.wait_phase(Phase::Stopped).await;
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    assert!(
+        dropped.load(std::sync::atomic::Ordering::SeqCst),
+        "the hung health call outlived the keepalive"
+    );
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_re_registration_reports_the_health_at_once() {
     let fake = with_script(|s| s.ping = [Answer::Ok, Answer::Status(404)].into());
     let state = Arc::new(Mutex::new(HealthReport::critical("db down")));

@@ -181,3 +181,22 @@ impl Drop for Process {
         self.kill();
     }
 }
+
+/// The `consumer` example calling the instances of `target` at `rate` requests per second,
+/// logging each answer (`consumer=debug`).
+pub fn consumer(base: &str, target: &str, rate: u32) -> Process {
+    let mut cmd = example("consumer");
+    cmd.env("SERVICEKIT_ORCHESTRATOR_URL", base)
+        .env("CONSUMER_TARGET", target)
+        .env("CONSUMER_RATE", rate.to_string())
+        .env("RUST_LOG", "info,consumer=debug");
+    Process::spawn(cmd)
+}
+
+/// The value of `field=` in a log line.
+pub fn field<'a>(line: &'a str, field: &str) -> Option<&'a str> {
+    let start = line.find(&format!("{field}="))? + field.len() + 1;
+    let rest = &line[start..];
+    let end = rest.find([' ', ',', '}']).unwrap_or(rest.len());
+    Some(rest[..end].trim_matches('"'))
+}

@@ -6,7 +6,8 @@
 
 use std::time::Duration;
 
-use servicekit::protocol::{CheckSpec, CheckTarget};
+use serde_json::{Map, Value};
+use servicekit::protocol::{CheckSpec, CheckTarget, CHECK_FIELDS};
 use url::Url;
 
 /// Bounds of `interval_seconds`.
@@ -124,6 +125,24 @@ impl Probe {
     }
 }
 
+/// What only the registration's JSON tells about its `check` (`raw`): a field this version
+/// does not know is an error (a typo would otherwise silently check something else), and a
+/// left-out `timeout_seconds` is the default or the interval, whichever is shorter (so
+/// `{"http": "/health", "interval_seconds": 1}` is valid as written).
+pub fn settle(spec: &mut CheckSpec, raw: &Map<String, Value>) -> Result<(), String> {
+    if let Some(unknown) = raw.keys().find(|k| !CHECK_FIELDS.contains(&k.as_str())) {
+        return Err(format!(
+            "check: unknown field {:?}; a check takes {}",
+            unknown.chars().take(64).collect::<String>(),
+            CHECK_FIELDS.join(", ")
+        ));
+    }
+    if !raw.contains_key("timeout_seconds") {
+        spec.timeout_seconds = spec.timeout_seconds.min(spec.interval_seconds).max(1);
+    }
+    Ok(())
+}
+
 /// The interval of a spec.
 pub fn interval(spec: &CheckSpec) -> Duration {
     Duration::from_secs(spec.interval_seconds)
@@ -184,6 +203,36 @@ mod tests {
         spec.interval_seconds = 10;
         spec.failures_before_critical = 0;
         assert!(Probe::resolve(&spec, "http://a:1").is_err());
+    }
+
+    #[test]
+    fn settling_refuses_unknown_fields_and_fits_a_left_out_timeout() {
+        let raw = |v: Value| v.as_object().cloned().expect("object");
+        let mut spec = CheckSpec::tcp();
+        spec.interval_seconds = 1;
+        settle(
+            &mut spec,
+            &raw(serde_json::json!({"tcp": true, "interval_seconds": 1})),
+        )
+        .expect("valid");
+        assert_eq!(spec.timeout_seconds, 1);
+        assert!(Probe::resolve(&spec, "http://a:1").is_ok());
+        let mut spec = CheckSpec::tcp();
+        spec.interval_seconds = 1;
+        spec.timeout_seconds = 2;
+        let given =
+            raw(serde_json::json!({"tcp": true, "interval_seconds": 1, "timeout_seconds": 2}));
+        settle(&mut spec, &given).expect("valid fields");
+        assert!(
+            Probe::resolve(&spec, "http://a:1").is_err(),
+            "an explicit timeout stays"
+        );
+        let err = settle(
+            &mut CheckSpec::tcp(),
+            &raw(serde_json::json!({"tcp": true, "htp": 1})),
+        )
+        .unwrap_err();
+        assert!(err.contains("\"htp\""), "{err}");
     }
 
     #[test]

@@ -375,7 +375,11 @@ impl Store for MemoryStore {
                 entry.lease = new_lease;
             }
             let old_name = std::mem::replace(&mut entry.record.info, reg.info).display_name;
-            entry.record.check = reg.check;
+            // The health a check found belongs to it: another check (or none) starts afresh.
+            if entry.record.check != reg.check {
+                entry.record.health = Health::default();
+                entry.record.check = reg.check;
+            }
             entry.record.last_updated = stamp;
             entry.record.last_ping_at = stamp;
             entry.record.expires_at = expires_at;

@@ -103,7 +103,8 @@ pub struct Registration {
     /// An id the client had before; kept only under the rule in the module docs.
     pub requested_id: Option<Ulid>,
     /// The check the orchestrator runs on the instance (validated); replaces the entry's
-    /// check on a re-registration. The entry's health survives a re-registration.
+    /// check on a re-registration. The entry's health survives a re-registration with the
+    /// same check (or none before and after); a changed check starts from the default.
     pub check: Option<CheckSpec>,
 }
 

@@ -5,8 +5,9 @@
 -- client proposed, [8] presented lease hash ('' = none), [9] hash of a new lease ('' = no
 -- lease asked for), [10] '1' for the admin key, [11] url key ms (ttl + the binding's grace),
 -- [12] the check field ('' = no check).
--- A live entry keeps its health field; its check is replaced by ARGV[12]. A new one starts
--- with the default health (no field).
+-- A live entry keeps its health field when its check field is ARGV[12] (the health a check
+-- found belongs to that check), else its check is replaced and its health is the default (no
+-- field), as a new entry's.
 -- Returns {'retry'}, {'conflict'}, {'unbound'}, a FORBIDDEN error, or
 -- {status, registered_at, now, expires_at, old name, old expires_at, lease outcome,
 -- health field}.
@@ -25,9 +26,10 @@ if old then
   reg = stamp(old, 0)
   old_exp = stamp(old, 3)
   held = lease_of(old)
-  local start
-  start, health = extras_of(old)
+  local start, check
+  start, health, check = extras_of(old)
   if not (name and reg and old_exp and start) or held == nil then return malformed(KEYS[2]) end
+  if check ~= ARGV[12] then health = '' end
   if url ~= ARGV[3] then return {'conflict'} end
   old_name = name
 end
