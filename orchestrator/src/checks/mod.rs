@@ -144,7 +144,7 @@ pub async fn run<S: Store>(
         let hub = api.watch().hub().clone();
         let mut scheduler = Scheduler {
             ctx: Arc::new(Ctx {
-                prober: Prober::new(&config.replica),
+                prober: Prober::new(&config.replica, config.concurrency.max(1)),
                 permits: Semaphore::new(config.concurrency.max(1)),
                 announce: config.announce_every(),
                 api,
