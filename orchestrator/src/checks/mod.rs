@@ -425,6 +425,7 @@ async fn check_forever<S: Store>(
     let mut next = Instant::now();
     loop {
         let result = ctx.probe(&instance).await;
+        let failed = result.status != HealthStatus::Passing;
         if let Some(status) = damper.feed(result.status) {
             let health = HealthReport::new(status, result.output).into_health(Timestamp::now());
             if health.status != shown.status || health.output != shown.output {
@@ -446,7 +447,11 @@ async fn check_forever<S: Store>(
         }
         if damper.status() == HealthStatus::Critical {
             let since = *critical.get_or_insert_with(Instant::now);
-            if let Some(after) = deregister_after.filter(|a| since.elapsed() >= *a) {
+            // Only while the latest probe failed too: a damped status still critical (it
+            // needs `successes_before_passing` passes to leave) says nothing against an
+            // instance that answers well again, and `since` may come from an old record.
+            let due = |after: &Duration| failed && since.elapsed() >= *after;
+            if let Some(after) = deregister_after.filter(due) {
                 match ctx.api.store().deregister_as(id, ADMIN).await {
                     Ok(Some(record)) => {
                         tracing::info!(id = %id, url = %Untrusted(&record.url),
