@@ -476,6 +476,37 @@ async fn critical_instances_are_deregistered_after_the_set_time_passing_ones_nev
 }
 
 #[tokio::test]
+async fn a_critical_instance_that_passes_again_is_not_deregistered_while_damped() {
+    let (orch, api) = orchestrator().await;
+    let target = Target::start().await;
+    target.set(503);
+    // Critical after one failure; back to passing only after ten passes (ten intervals), so
+    // the damped status stays critical well past deregister_critical_after_seconds.
+    let spec = json!({"http": "/health", "failures_before_critical": 1,
+        "successes_before_passing": 10, "deregister_critical_after_seconds": 2});
+    let id = register(&api, &target.url(""), spec).await;
+    health_until(&api, &id, "critical", status_is("critical")).await;
+    target.set(200);
+    let healthy_from = target.requests_to("/health");
+    // Past the deregistration time with passing probes (one interval of slack for a failing
+    // probe that was already under way).
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(2) + INTERVAL * 2 {
+        let h = health(&api, &id)
+            .await
+            .expect("an instance that passes again is not deregistered");
+        assert_eq!(h["status"], "critical", "{h}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        target.requests_to("/health") >= healthy_from + 3,
+        "{:?}",
+        target.seen()
+    );
+    orch.shutdown().await;
+}
+
+#[tokio::test]
 async fn a_check_cannot_target_another_host() {
     let (orch, api) = orchestrator().await;
     let r = api

@@ -112,6 +112,15 @@ struct Instance {
 /// A check task, aborted when dropped.
 struct Task(JoinHandle<()>);
 
+impl Task {
+    /// Whether the task still runs. One that ended by itself (its record was gone when it
+    /// wrote, or it deregistered the instance) checks nothing: the same id may come back
+    /// (re-registered before this replica saw the removal) and then needs a new task.
+    fn running(&self) -> bool {
+        !self.0.is_finished()
+    }
+}
+
 impl Drop for Task {
     fn drop(&mut self) {
         self.0.abort();
@@ -120,8 +129,15 @@ impl Drop for Task {
 
 struct Known {
     instance: Arc<Instance>,
-    /// The check task; present exactly while this replica owns the instance.
+    /// The check task; present exactly while this replica owns the instance (it may have
+    /// ended by itself: see [`Task::running`]).
     task: Option<Task>,
+}
+
+impl Known {
+    fn running(&self) -> bool {
+        self.task.as_ref().is_some_and(Task::running)
+    }
 }
 
 /// The checker's state: every record with a check, and the live checker replicas.
@@ -131,6 +147,7 @@ struct Scheduler<S: Store> {
     membership_ttl: Duration,
     members: Vec<String>,
     known: HashMap<Ulid, Known>,
+    /// Instances with a task (running or ended by itself), as `servicekit_checks_owned`.
     owned: usize,
 }
 
@@ -144,7 +161,7 @@ pub async fn run<S: Store>(
         let hub = api.watch().hub().clone();
         let mut scheduler = Scheduler {
             ctx: Arc::new(Ctx {
-                prober: Prober::new(&config.replica),
+                prober: Prober::new(&config.replica, config.concurrency.max(1)),
                 permits: Semaphore::new(config.concurrency.max(1)),
                 announce: config.announce_every(),
                 api,
@@ -237,12 +254,16 @@ impl<S: Store> Scheduler<S> {
             let Some(known) = self.known.get_mut(&id) else {
                 continue;
             };
-            match (mine, known.task.is_some()) {
+            // A finished task counts as none: an owned instance gets a new one.
+            let had = known.task.is_some();
+            match (mine, known.running()) {
                 (true, false) => {
                     known.task = Some(spawn(&self.ctx, known.instance.clone(), start));
-                    self.set_owned(1);
+                    if !had {
+                        self.set_owned(1);
+                    }
                 }
-                (false, true) => {
+                (false, _) if had => {
                     known.task = None;
                     self.set_owned(-1);
                 }
@@ -269,6 +290,8 @@ impl<S: Store> Scheduler<S> {
     }
 
     /// Takes a record as it is now: a new or changed check (re)starts its task (when owned),
+    /// and so does an owned one whose task ended by itself (the record expired or was
+    /// deregistered and came back with the same id before this replica saw the removal);
     /// anything else about it leaves the running task alone.
     fn upsert(&mut self, record: &ServiceRecord, start: Start) {
         let Some(spec) = &record.check else {
@@ -276,7 +299,9 @@ impl<S: Store> Scheduler<S> {
             return;
         };
         if let Some(known) = self.known.get(&record.id) {
-            if known.instance.spec == *spec && known.instance.url == record.url {
+            let same = known.instance.spec == *spec && known.instance.url == record.url;
+            // Unchanged and as it should be: running when owned, no task when not.
+            if same && known.running() == self.mine(record.id) {
                 return;
             }
         }
@@ -400,6 +425,7 @@ async fn check_forever<S: Store>(
     let mut next = Instant::now();
     loop {
         let result = ctx.probe(&instance).await;
+        let failed = result.status != HealthStatus::Passing;
         if let Some(status) = damper.feed(result.status) {
             let health = HealthReport::new(status, result.output).into_health(Timestamp::now());
             if health.status != shown.status || health.output != shown.output {
@@ -421,7 +447,11 @@ async fn check_forever<S: Store>(
         }
         if damper.status() == HealthStatus::Critical {
             let since = *critical.get_or_insert_with(Instant::now);
-            if let Some(after) = deregister_after.filter(|a| since.elapsed() >= *a) {
+            // Only while the latest probe failed too: a damped status still critical (it
+            // needs `successes_before_passing` passes to leave) says nothing against an
+            // instance that answers well again, and `since` may come from an old record.
+            let due = |after: &Duration| failed && since.elapsed() >= *after;
+            if let Some(after) = deregister_after.filter(due) {
                 match ctx.api.store().deregister_as(id, ADMIN).await {
                     Ok(Some(record)) => {
                         tracing::info!(id = %id, url = %Untrusted(&record.url),
@@ -449,5 +479,100 @@ async fn check_forever<S: Store>(
             }
         }
         tokio::time::sleep_until(next).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::MemoryStore;
+
+    fn scheduler() -> Scheduler<MemoryStore> {
+        let api = Api::new(
+            MemoryStore::new(Duration::from_secs(30)),
+            None,
+            None,
+            1 << 20,
+            std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+        );
+        Scheduler {
+            ctx: Arc::new(Ctx {
+                prober: Prober::new("me", 4),
+                permits: Semaphore::new(4),
+                announce: Duration::from_secs(1),
+                api: Arc::new(api),
+            }),
+            me: "me".into(),
+            membership_ttl: Duration::from_secs(3),
+            members: vec!["me".into()],
+            known: HashMap::new(),
+            owned: 0,
+        }
+    }
+
+    /// A record with a TCP check of a port nobody listens on, not in the store: its check
+    /// fails at once and its write finds no record, so its task ends by itself.
+    fn record(port: u16) -> ServiceRecord {
+        let mut check = CheckSpec::tcp();
+        check.interval_seconds = 1;
+        check.timeout_seconds = 1;
+        check.failures_before_critical = 1;
+        let now = Timestamp::now();
+        ServiceRecord {
+            id: Ulid::new(),
+            url: format!("http://127.0.0.1:{port}"),
+            info: serde_json::from_value(serde_json::json!({"display_name": "x"})).expect("info"),
+            registered_at: now,
+            last_updated: now,
+            last_ping_at: now,
+            expires_at: now,
+            health: Health::default(),
+            check: Some(check),
+        }
+    }
+
+    async fn until_ended(s: &Scheduler<MemoryStore>, id: Ulid) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while s.known[&id].running() {
+            assert!(Instant::now() < deadline, "the check task never ended");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_task_that_ended_by_itself_is_restarted_by_the_same_record() {
+        // A port that was free a moment ago: connecting is refused.
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            l.local_addr().expect("addr").port()
+        };
+        let mut s = scheduler();
+        let record = record(port);
+        s.upsert(&record, Start::Orphaned);
+        assert!(s.known[&record.id].running());
+        assert_eq!(s.owned, 1);
+        until_ended(&s, record.id).await;
+        assert!(s.known[&record.id].task.is_some());
+
+        // The same id comes back with the same check (no removal seen in between).
+        s.upsert(&record, Start::Fresh);
+        assert!(s.known[&record.id].running(), "not restarted by upsert");
+        assert_eq!(s.owned, 1);
+        until_ended(&s, record.id).await;
+
+        // A membership change that keeps it here restarts it too.
+        let before = s.members.clone();
+        s.reconcile(&before);
+        assert!(s.known[&record.id].running(), "not restarted by reconcile");
+        assert_eq!(s.owned, 1);
+        until_ended(&s, record.id).await;
+
+        // Not owned any more: no task, not counted.
+        s.members = vec!["other".into()];
+        s.reconcile(&before);
+        assert!(s.known[&record.id].task.is_none());
+        assert_eq!(s.owned, 0);
+        s.remove(record.id);
+        assert_eq!(s.owned, 0);
     }
 }

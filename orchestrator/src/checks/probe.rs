@@ -4,7 +4,9 @@
 //! here picks another one), follows no redirect, reads an HTTP check's status line and head
 //! but never its body (a gRPC check reads at most [`MAX_BODY_BYTES`]) and then drops the
 //! connection, and is bounded as a whole by the timeout: a target that accepts and never
-//! answers, or drips a byte a second, costs the orchestrator at most that.
+//! answers, or drips a byte a second, costs the orchestrator at most that. A name lookup
+//! cannot be stopped at the deadline (getaddrinfo blocks a thread), so lookups in flight are
+//! bounded separately ([`resolve`]).
 //!
 //! An HTTP check's output is its status line only. The registrant picks the URL, and the
 //! output is public in the record: quoting the body would let anyone who can register read
@@ -12,6 +14,8 @@
 
 use std::future::Future;
 use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -23,6 +27,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use servicekit::protocol::HealthStatus;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use url::Url;
 
@@ -41,7 +46,8 @@ const GRPC_HEALTH_PATH: &str = "/grpc.health.v1.Health/Check";
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProbeResult {
     pub status: HealthStatus,
-    /// A short human text: `HTTP 200`, `HTTP 503: <body>`, `timed out after 2 s`, …
+    /// A short human text: `HTTP 200 OK`, `HTTP 503 Service Unavailable`, `timed out after
+    /// 2 s`, `connection refused`, …
     pub output: String,
 }
 
@@ -63,6 +69,8 @@ impl ProbeResult {
 pub struct Prober {
     user_agent: HeaderValue,
     checker: HeaderValue,
+    /// Name lookups in flight, each held until the lookup itself ends (see [`resolve`]).
+    lookups: Arc<Semaphore>,
     #[cfg(feature = "tls")]
     tls: tls::Configs,
 }
@@ -84,14 +92,16 @@ enum Failure {
 }
 
 impl Prober {
-    /// A prober that names `replica` in [`CHECKER_HEADER`]. `replica` is the orchestrator's
-    /// own id (ASCII); anything a header cannot carry is replaced.
-    pub fn new(replica: &str) -> Self {
+    /// A prober that names `replica` in [`CHECKER_HEADER`] and runs at most `lookups` name
+    /// lookups at once. `replica` is the orchestrator's own id (ASCII); anything a header
+    /// cannot carry is replaced.
+    pub fn new(replica: &str, lookups: usize) -> Self {
         let user_agent = concat!("servicekit-orchestrator/", env!("CARGO_PKG_VERSION"));
         Prober {
             user_agent: HeaderValue::from_static(user_agent),
             checker: HeaderValue::from_str(replica)
                 .unwrap_or_else(|_| HeaderValue::from_static("invalid")),
+            lookups: Arc::new(Semaphore::new(lookups.max(1))),
             #[cfg(feature = "tls")]
             tls: tls::Configs::default(),
         }
@@ -102,7 +112,8 @@ impl Prober {
         let deadline = Instant::now() + timeout;
         let result = match probe {
             Probe::Http(url) => self.http(url, deadline).await,
-            Probe::Tcp { host, port } => connect(host, *port, deadline)
+            Probe::Tcp { host, port } => self
+                .connect(host, *port, deadline)
                 .await
                 .map(|_| ProbeResult::new(HealthStatus::Passing, "TCP connect ok")),
             Probe::Grpc { url, service } => self.grpc(url, service, deadline).await,
@@ -120,7 +131,7 @@ impl Prober {
 
     async fn http(&self, url: &Url, deadline: Instant) -> Result<ProbeResult, Failure> {
         let (host, port) = host_port(url)?;
-        let stream = connect(&host, port, deadline).await?;
+        let stream = self.connect(&host, port, deadline).await?;
         let request = Request::get(path_and_query(url))
             .header(HOST, authority(url))
             .header(USER_AGENT, self.user_agent.clone())
@@ -159,7 +170,7 @@ impl Prober {
         deadline: Instant,
     ) -> Result<ProbeResult, Failure> {
         let (host, port) = host_port(url)?;
-        let stream = connect(&host, port, deadline).await?;
+        let stream = self.connect(&host, port, deadline).await?;
         let uri = format!("{}://{}{GRPC_HEALTH_PATH}", url.scheme(), authority(url));
         let request = Request::post(uri)
             .header(CONTENT_TYPE, "application/grpc")
@@ -244,16 +255,85 @@ fn path_and_query(url: &Url) -> &str {
     &url[url::Position::BeforePath..url::Position::AfterQuery]
 }
 
-/// Connects to `host:port` (a name is resolved; each address is tried in turn) by `deadline`.
-async fn connect(host: &str, port: u16, deadline: Instant) -> Result<TcpStream, Failure> {
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    match tokio::time::timeout_at(deadline, TcpStream::connect((host, port))).await {
-        Err(_) => Err(Failure::TimedOut { connecting: true }),
-        Ok(Err(e)) => Err(Failure::Other(connect_error(&e))),
-        Ok(Ok(stream)) => {
-            let _ = stream.set_nodelay(true);
-            Ok(stream)
+impl Prober {
+    /// Connects to `host:port` by `deadline`: a name is resolved first ([`resolve`]), then
+    /// each address is tried in turn.
+    async fn connect(
+        &self,
+        host: &str,
+        port: u16,
+        deadline: Instant,
+    ) -> Result<TcpStream, Failure> {
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let addrs = resolve(&self.lookups, host, port, deadline, system_lookup).await?;
+        let attempt = async {
+            let mut last = None;
+            for addr in addrs {
+                match TcpStream::connect(addr).await {
+                    Ok(stream) => return Ok(stream),
+                    Err(e) => last = Some(e),
+                }
+            }
+            Err(last.unwrap_or_else(|| io::Error::other("the name has no address")))
+        };
+        match tokio::time::timeout_at(deadline, attempt).await {
+            Err(_) => Err(Failure::TimedOut { connecting: true }),
+            Ok(Err(e)) => Err(Failure::Other(connect_error(&e))),
+            Ok(Ok(stream)) => {
+                let _ = stream.set_nodelay(true);
+                Ok(stream)
+            }
         }
+    }
+}
+
+/// The system resolver (getaddrinfo, on tokio's blocking pool).
+async fn system_lookup(name: String) -> io::Result<Vec<SocketAddr>> {
+    Ok(tokio::net::lookup_host(name).await?.collect())
+}
+
+/// The addresses of `host:port`, by `deadline`. An IP literal needs no lookup. A name is
+/// looked up by `lookup` in a task of its own that holds a permit of `lookups` until the
+/// lookup itself ends, not just until the deadline: getaddrinfo runs on a blocking thread
+/// that no timeout stops, so without this a registrant with names under a DNS server that
+/// never answers could pile up blocking threads (and starve every other user of the pool).
+/// With it, at most `lookups` such threads exist; further probes wait for a permit, within
+/// their own deadline.
+async fn resolve<F, Fut>(
+    lookups: &Arc<Semaphore>,
+    host: &str,
+    port: u16,
+    deadline: Instant,
+    lookup: F,
+) -> Result<Vec<SocketAddr>, Failure>
+where
+    F: FnOnce(String) -> Fut,
+    Fut: Future<Output = io::Result<Vec<SocketAddr>>> + Send + 'static,
+{
+    if let Ok(ip) = host.parse::<IpAddr>() {
+        return Ok(vec![SocketAddr::new(ip, port)]);
+    }
+    let permit = match tokio::time::timeout_at(deadline, lookups.clone().acquire_owned()).await {
+        Err(_) => return Err(Failure::TimedOut { connecting: true }),
+        // Never closed: the semaphore lives as long as the prober.
+        Ok(Err(_)) => return Err(Failure::Other("name lookups closed".into())),
+        Ok(Ok(permit)) => permit,
+    };
+    let pending = lookup(format!("{host}:{port}"));
+    // Not aborted at the deadline: the task ends (and frees its permit) with the lookup.
+    let task = tokio::spawn(async move {
+        let found = pending.await;
+        drop(permit);
+        found
+    });
+    match tokio::time::timeout_at(deadline, task).await {
+        Err(_) => Err(Failure::TimedOut { connecting: true }),
+        Ok(Err(e)) => Err(Failure::Other(format!("name lookup failed: {e}"))),
+        Ok(Ok(Err(e))) => Err(Failure::Other(format!("name lookup failed: {e}"))),
+        Ok(Ok(Ok(addrs))) if addrs.is_empty() => {
+            Err(Failure::Other("name lookup found no address".into()))
+        }
+        Ok(Ok(Ok(addrs))) => Ok(addrs),
     }
 }
 
@@ -612,6 +692,64 @@ mod tests {
             "ok fine [31m \u{fffd}"
         );
         assert_eq!(body_text(b"\n\n"), "");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lookup_past_the_deadline_keeps_its_permit_until_it_ends() {
+        let lookups = Arc::new(Semaphore::new(1));
+        let timeout = Duration::from_secs(1);
+        // A lookup that answers only when the test says so (a DNS server that never answers).
+        let (answer, answered) = tokio::sync::oneshot::channel::<()>();
+        let slow = |_: String| async move {
+            let _ = answered.await;
+            Ok(vec![SocketAddr::from(([127, 0, 0, 1], 1))])
+        };
+        let result = resolve(&lookups, "slow.test", 80, Instant::now() + timeout, slow).await;
+        assert!(matches!(
+            result,
+            Err(Failure::TimedOut { connecting: true })
+        ));
+        // The probe gave up; the lookup did not, and still holds the one permit.
+        assert_eq!(lookups.available_permits(), 0);
+
+        // So the next name waits for a permit (within its own deadline) and starts no lookup.
+        let started = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = started.clone();
+        let next = move |_: String| {
+            flag.store(true, std::sync::atomic::Ordering::SeqCst);
+            async { Ok(vec![SocketAddr::from(([127, 0, 0, 1], 2))]) }
+        };
+        let result = resolve(&lookups, "next.test", 80, Instant::now() + timeout, next).await;
+        assert!(matches!(
+            result,
+            Err(Failure::TimedOut { connecting: true })
+        ));
+        assert!(!started.load(std::sync::atomic::Ordering::SeqCst));
+
+        // The slow lookup ends: its permit comes back, and names resolve again.
+        let _ = answer.send(());
+        while lookups.available_permits() == 0 {
+            tokio::task::yield_now().await;
+        }
+        let fast = |_: String| async { Ok(vec![SocketAddr::from(([127, 0, 0, 1], 3))]) };
+        let found = resolve(&lookups, "fast.test", 80, Instant::now() + timeout, fast).await;
+        assert_eq!(
+            found.ok(),
+            Some(vec![SocketAddr::from(([127, 0, 0, 1], 3))])
+        );
+        assert_eq!(lookups.available_permits(), 1);
+    }
+
+    #[tokio::test]
+    async fn an_ip_literal_needs_no_lookup() {
+        let lookups = Arc::new(Semaphore::new(1));
+        let deadline = Instant::now() + Duration::from_secs(1);
+        let never = |_: String| async { Err(io::Error::other("looked up")) };
+        for (host, ip) in [("127.0.0.1", "127.0.0.1"), ("::1", "::1")] {
+            let found = resolve(&lookups, host, 8080, deadline, never).await.ok();
+            let ip: IpAddr = ip.parse().expect("ip");
+            assert_eq!(found, Some(vec![SocketAddr::new(ip, 8080)]));
+        }
     }
 
     #[test]
