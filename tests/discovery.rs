@@ -12,7 +12,7 @@ use std::time::Duration;
 use servicekit::discovery::{BalancedClient, Filter, WatchState, Watcher};
 use servicekit_orchestrator::config::Config;
 use servicekit_orchestrator::server::{self, Running};
-use support::process::{consumer, example, field, Process};
+use support::process::{consumer, consumer_summary, example, Process};
 use support::*;
 
 /// A `service` example process registered as `name` with the orchestrator at `base`.
@@ -46,27 +46,6 @@ async fn answered_by(consumer: &Process, url: &str, within: Duration) {
             .then_some(())
     })
     .await
-}
-
-/// Stops the consumer and returns `(requests, failed)` from its summary line.
-async fn summary(consumer: Process) -> (u64, u64, Vec<String>) {
-    let (status, lines) = consumer.terminate(Duration::from_secs(20)).await;
-    assert!(
-        status.success(),
-        "the consumer exits 0: {status:?}\n{}",
-        lines.join("\n")
-    );
-    let line = lines
-        .iter()
-        .rev()
-        .find(|l| l.contains("consumer.summary"))
-        .unwrap_or_else(|| panic!("no consumer.summary line:\n{}", lines.join("\n")));
-    let number = |name| {
-        field(line, name)
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or_else(|| panic!("no {name}= in {line:?}"))
-    };
-    (number("requests"), number("failed"), lines)
 }
 
 /// Three instances of one name, each restarted in turn (SIGTERM, then a new one on a new
@@ -103,7 +82,7 @@ async fn a_rolling_restart_costs_the_consumer_no_request() {
             served.push(old.url);
         }
     }
-    let (requests, failed, lines) = summary(consumer).await;
+    let (requests, failed, lines) = consumer_summary(consumer).await;
     let failures: Vec<&String> = lines
         .iter()
         .filter(|l| l.contains("consumer.request_failed"))

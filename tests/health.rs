@@ -12,7 +12,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use support::process::{consumer, example, field, Process};
+use support::process::{consumer, consumer_summary, example, Process};
 use support::*;
 
 /// The orchestrator's TTL: the layer pings every third of it.
@@ -214,28 +214,13 @@ async fn cycle(mode: Mode) {
     .await;
     println!("{mode:?}: the recovered instance gets requests again");
 
-    let (status, lines) = consumer.terminate(Duration::from_secs(20)).await;
-    assert!(status.success(), "{status:?}\n{}", lines.join("\n"));
-    let summary = lines
-        .iter()
-        .rev()
-        .find(|l| l.contains("consumer.summary"))
-        .unwrap_or_else(|| panic!("no consumer.summary line:\n{}", lines.join("\n")));
-    let number = |name| {
-        field(summary, name)
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or_else(|| panic!("no {name}= in {summary:?}"))
-    };
+    let (requests, failed, lines) = consumer_summary(consumer).await;
     let failures: Vec<&String> = lines
         .iter()
         .filter(|l| l.contains("consumer.request_failed"))
         .collect();
-    assert_eq!(number("failed"), 0, "failed requests: {failures:#?}");
-    println!(
-        "{mode:?}: consumer {} requests, {} failed",
-        number("requests"),
-        number("failed")
-    );
+    assert_eq!(failed, 0, "failed requests: {failures:#?}");
+    println!("{mode:?}: consumer {requests} requests, {failed} failed");
     for i in [a, b] {
         let (status, lines) = i.process.terminate(Duration::from_secs(20)).await;
         assert!(

@@ -200,3 +200,25 @@ pub fn field<'a>(line: &'a str, field: &str) -> Option<&'a str> {
     let end = rest.find([' ', ',', '}']).unwrap_or(rest.len());
     Some(rest[..end].trim_matches('"'))
 }
+
+/// Stops the consumer and returns `(requests, failed)` from its summary line, and everything it
+/// printed.
+pub async fn consumer_summary(consumer: Process) -> (u64, u64, Vec<String>) {
+    let (status, lines) = consumer.terminate(Duration::from_secs(20)).await;
+    assert!(
+        status.success(),
+        "the consumer exits 0: {status:?}\n{}",
+        lines.join("\n")
+    );
+    let line = lines
+        .iter()
+        .rev()
+        .find(|l| l.contains("consumer.summary"))
+        .unwrap_or_else(|| panic!("no consumer.summary line:\n{}", lines.join("\n")));
+    let number = |name| {
+        field(line, name)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("no {name}= in {line:?}"))
+    };
+    (number("requests"), number("failed"), lines)
+}
