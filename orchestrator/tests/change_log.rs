@@ -12,9 +12,10 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::time::Duration;
 
-use servicekit::protocol::ServiceInfo;
+use servicekit::protocol::{HealthReport, ServiceInfo, Timestamp};
 use servicekit_orchestrator::store::{
-    Change, ChangeKind, Changes, Cursor, ListFilter, MemoryStore, Registration, Store, ValkeyStore,
+    Access, Change, ChangeKind, Changes, Cursor, ListFilter, MemoryStore, Registration, Store,
+    ValkeyStore,
 };
 use support::valkey::ValkeyServer;
 use tokio::time::Instant;
@@ -573,6 +574,62 @@ async fn valkey_lost_log_is_a_gap() {
     assert!(
         matches!(&fresh, Ok(Changes::Changes(c)) if c.len() == 1 && c[0].kind == ChangeKind::Registered),
         "{fresh:?}"
+    );
+}
+
+/// A health change whose log entry failed (the `{all}` slot refused the append after the
+/// record was written) is logged by the next report of the same status, once: the record
+/// keeps the change pending until the log has it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn valkey_a_health_change_whose_log_entry_failed_is_logged_by_the_next_report() {
+    let v = Valkey::open(LONG_TTL, LOG_LEN).await;
+    let events = format!("{}{{all}}:events", v.a.prefix());
+    let id =
+        v.a.register(reg("http://sick:1", "sick"))
+            .await
+            .expect("register")
+            .record
+            .id;
+    let admin = Access {
+        admin: true,
+        ..Access::default()
+    };
+    let critical = || HealthReport::critical("db down").into_health(Timestamp::now());
+    // The stream's key holds a string for a moment: every append fails (WRONGTYPE).
+    let saved = format!("{events}:saved");
+    assert_eq!(v.server.command(&["RENAME", &events, &saved]), "+OK");
+    assert_eq!(v.server.command(&["SET", &events, "not a stream"]), "+OK");
+    let failed = v.a.set_health(id, critical(), admin).await;
+    assert!(failed.is_err(), "{failed:?}");
+    assert_eq!(v.server.command(&["RENAME", &saved, &events]), "+OK");
+    let head = v.a.change_head().await.expect("head");
+    // The record says critical already; the next report of it still counts as the change.
+    let set =
+        v.a.set_health(id, critical(), admin)
+            .await
+            .expect("set")
+            .expect("live");
+    assert!(set.changed, "the pending change was not logged again");
+    let set =
+        v.a.set_health(id, critical(), admin)
+            .await
+            .expect("set")
+            .expect("live");
+    assert!(!set.changed, "logged twice");
+    let Changes::Changes(log) =
+        v.a.changes(head, 10, Duration::ZERO)
+            .await
+            .expect("changes")
+    else {
+        panic!("a gap after the head")
+    };
+    let kinds: Vec<(ChangeKind, Ulid)> = log.iter().map(|c| (c.kind, c.subject.id())).collect();
+    assert_eq!(kinds, [(ChangeKind::Updated, id)]);
+    // Read back, a pending field is the same health.
+    let record = v.b.get(id).await.expect("get").expect("live");
+    assert_eq!(
+        record.health.status,
+        servicekit::protocol::HealthStatus::Critical
     );
 }
 

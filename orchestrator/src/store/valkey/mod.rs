@@ -34,7 +34,7 @@ use record::{
     check_field, health_field, health_from_field, record_from_value, record_head, RawRecord,
     MAX_TTL,
 };
-use scripts::{CHECKERS, DEREGISTER, HEALTH, PING, REGISTER};
+use scripts::{CHECKERS, DEREGISTER, HEALTH, HEALTH_LOGGED, PING, REGISTER};
 
 use super::{
     checker_replica_ok, id_fits_url, mint_id, Access, HealthSet, LeaseHash, LeaseOutcome,
@@ -382,8 +382,10 @@ impl ValkeyStore {
         if reply.is_null() {
             return Ok(None);
         }
-        let (value, changed) = match array_of(reply, "set_health")?.as_slice() {
-            [value, Value::Integer(changed)] => (value.clone(), *changed != 0),
+        let (value, changed, written) = match array_of(reply, "set_health")?.as_slice() {
+            [value, Value::Integer(changed), written] => {
+                (value.clone(), *changed != 0, written.as_string())
+            }
             other => {
                 return Err(StoreError::Corrupt(format!(
                     "set_health answered {other:?}"
@@ -393,10 +395,20 @@ impl ValkeyStore {
         let record = record_from_value(id, &value)?
             .ok_or_else(|| StoreError::Corrupt(format!("set_health of {id} answered no record")))?;
         if changed {
-            // As for a register, a failed log entry fails the call. The record has its new
-            // health already, so a retry finds the status unchanged and logs nothing: the
-            // feed learns of it with the entry's next change (docs/valkey-store.md).
+            // As for a register, a failed log entry fails the call. The record's new health
+            // stays pending until the entry is logged, so the next report of any status logs
+            // it (docs/valkey-store.md).
             self.announce_change(&record).await?;
+            if let Some(pending) = written.filter(|w| !w.is_empty()) {
+                // Unmarked, the next report of the same status logs a second `updated`:
+                // harmless (watchers apply it as an upsert), so a failure here is no error.
+                let marked = HEALTH_LOGGED
+                    .run(&self.client, vec![self.keys.svc(id)], vec![pending])
+                    .await;
+                if let Err(e) = self.note(marked.map(|_: Value| ())) {
+                    tracing::debug!(%id, error = %e, "set_health: not marked logged");
+                }
+            }
         }
         Ok(Some(HealthSet { record, changed }))
     }

@@ -84,7 +84,8 @@ pub(super) struct RawHealth<'a> {
 impl<'a> RawHealth<'a> {
     /// Splits a health field's text (after its tag and length).
     fn parse(text: &'a str) -> Result<RawHealth<'a>, String> {
-        let first = text.as_bytes().first().copied();
+        // Upper-case: a status change not yet known to be in the change log (health.lua).
+        let first = text.as_bytes().first().map(u8::to_ascii_lowercase);
         let status = STATUS_LETTERS
             .iter()
             .find(|&&(_, letter)| Some(letter) == first)

@@ -54,6 +54,9 @@ pub(super) static REAP: LazyLock<LuaScript> =
 /// See `lua/health.lua`.
 pub(super) static HEALTH: LazyLock<LuaScript> =
     LazyLock::new(|| record_script(include_str!("lua/health.lua")));
+/// See `lua/health_logged.lua`.
+pub(super) static HEALTH_LOGGED: LazyLock<LuaScript> =
+    LazyLock::new(|| record_script(include_str!("lua/health_logged.lua")));
 /// See `lua/checkers.lua`.
 pub(super) static CHECKERS: LazyLock<LuaScript> =
     LazyLock::new(|| record_script(include_str!("lua/checkers.lua")));
@@ -128,6 +131,7 @@ mod tests {
             (&*DEREGISTERED, include_str!("lua/deregistered.lua")),
             (&*REAP, include_str!("lua/reap.lua")),
             (&*HEALTH, include_str!("lua/health.lua")),
+            (&*HEALTH_LOGGED, include_str!("lua/health_logged.lua")),
             (&*CHECKERS, include_str!("lua/checkers.lua")),
         ] {
             let expected = format!("{}{RECORD_LUA}{body}", layout_prelude());

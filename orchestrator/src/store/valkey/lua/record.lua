@@ -93,10 +93,22 @@ local function extras_of(v)
   return start, health, check, q
 end
 
--- The status letter of a whole health field ('' is the default health: passing).
+-- The status letter of a whole health field ('' is the default health: passing), lower-case,
+-- and whether the field is pending: its status change written but not yet known to be in the
+-- change log (an upper-case letter; see health.lua).
 local function status_of(health)
-  if health == '' then return PASSING end
+  if health == '' then return PASSING, false end
   local s = string.match(health, '^.%d+:()')
   if not s then return nil end
-  return string.sub(health, s, s)
+  local letter = string.sub(health, s, s)
+  return string.lower(letter), letter ~= string.lower(letter)
+end
+
+-- A whole (non-empty) health field marked pending (upper-case status letter) or logged.
+local function health_marked(health, pending)
+  local s = string.match(health, '^.%d+:()')
+  if not s then return health end
+  local letter = string.lower(string.sub(health, s, s))
+  if pending then letter = string.upper(letter) end
+  return string.sub(health, 1, s - 1) .. letter .. string.sub(health, s + 1)
 end
