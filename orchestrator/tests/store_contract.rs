@@ -2466,6 +2466,17 @@ async fn a_status_change_logs_one_updated<H: Harness>() {
     assert!(!same.changed);
     assert_eq!(same.record.health, quieter);
     assert_eq!(s.get(id).await.expect("get").expect("live").health, quieter);
+    // The same status and output again, later: nothing to write, `checked_at` stays.
+    let later = Health {
+        checked_at: quieter
+            .checked_at
+            .map(|t| Timestamp::from_millis(t.as_millis() + 1000)),
+        ..quieter.clone()
+    };
+    let same = set(later).await;
+    assert!(!same.changed);
+    assert_eq!(same.record.health, quieter);
+    assert_eq!(s.get(id).await.expect("get").expect("live").health, quieter);
     let logged = changes_after(s, head).await;
     assert_eq!(logged.len(), 1, "{logged:?}");
     let (kind, record) = &logged[0];

@@ -489,7 +489,15 @@ impl Store for MemoryStore {
             return Ok(None);
         };
         LeaseOutcome::decide(entry.lease.as_ref(), access, None)?;
-        let changed = entry.record.health.status != health.status;
+        let old = &entry.record.health;
+        if old.status == health.status && old.output == health.output {
+            // Nothing new: `checked_at` stays when the status or output was last set.
+            return Ok(Some(HealthSet {
+                record: entry.record.clone(),
+                changed: false,
+            }));
+        }
+        let changed = old.status != health.status;
         entry.record.health = health;
         let record = entry.record.clone();
         let shared = entry.record.0.clone();

@@ -7,6 +7,8 @@
 -- pending field counts as a change again, so an entry lost to a failed append is logged by
 -- the next report. (The default health, '', has no letter to mark: a change to it is written
 -- logged.)
+-- A report of the status and output the record has (and not pending) writes nothing:
+-- `checked_at` says when they were last set, and a pushed report comes with every ping.
 -- Returns nil for a missing record, a FORBIDDEN error for a leased one without its lease,
 -- else {the new record value, 1 when the status changed (or was pending) else 0, the health
 -- field written}.
@@ -19,6 +21,13 @@ local old_status, pending = status_of(health)
 if not old_status then return malformed(KEYS[1]) end
 if lease and ARGV[2] ~= lease and ARGV[3] ~= '1' then return forbidden() end
 local field = ARGV[1]
+local function output_of(h)
+  if h == '' then return '' end
+  return string.match(h, '^.%d+:.%d*:(.*)$')
+end
+if not pending and status_of(field) == old_status and output_of(field) == output_of(health) then
+  return {v, 0, health}
+end
 local changed = 0
 if status_of(field) ~= old_status or pending then
   changed = 1
