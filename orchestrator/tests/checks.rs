@@ -6,7 +6,6 @@ mod support;
 
 use std::collections::{BTreeSet, HashMap};
 use std::convert::Infallible;
-use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU16, Ordering};
@@ -72,39 +71,19 @@ fn full(status: u16, body: &'static str) -> Answer {
         .expect("response")
 }
 
-/// A body producing `chunk` every `every`, forever.
-struct Forever {
-    chunk: Bytes,
-    every: Duration,
-    next: Pin<Box<tokio::time::Sleep>>,
-}
+/// A body that never ends: `chunk` again and again.
+struct Forever(Bytes);
 
 impl Body for Forever {
     type Data = Bytes;
     type Error = Infallible;
 
     fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        if !self.every.is_zero() {
-            std::task::ready!(self.next.as_mut().poll(cx));
-            let next = Instant::now() + self.every;
-            self.next.as_mut().reset(next);
-        }
-        Poll::Ready(Some(Ok(Frame::data(self.chunk.clone()))))
+        Poll::Ready(Some(Ok(Frame::data(self.0.clone()))))
     }
-}
-
-fn forever(chunk: Bytes, every: Duration) -> Answer {
-    Response::new(
-        Forever {
-            chunk,
-            every,
-            next: Box::pin(tokio::time::sleep(every)),
-        }
-        .boxed(),
-    )
 }
 
 impl Target {
@@ -143,7 +122,9 @@ impl Target {
                                 .body(Full::new(Bytes::new()).boxed())
                                 .expect("response"),
                             "/landing" => full(200, "landed"),
-                            "/endless" => forever(Bytes::from(vec![b'x'; 8192]), Duration::ZERO),
+                            "/endless" => {
+                                Response::new(Forever(Bytes::from(vec![b'x'; 8192])).boxed())
+                            }
                             p if p.ends_with("/hang") => {
                                 tokio::time::sleep(Duration::from_secs(3600)).await;
                                 full(200, "late")
