@@ -1,6 +1,6 @@
 //! The HTTP API: routing, request validation and the JSON answers.
 //!
-//! Hand-routed on purpose: seven routes do not justify a framework, and owning the routing means
+//! Hand-routed on purpose: a dozen routes do not justify a framework, and owning the routing means
 //! every miss (unknown path, wrong method, bad id) gets a problem+json answer instead of a
 //! framework's default body. Handlers validate everything a client controls before the store
 //! sees it, so a client mistake is a 4xx and never a 500. `GET /services?watch=true` goes to
@@ -32,6 +32,7 @@ use tower_http::BoxError;
 use ulid::Ulid;
 use url::Url;
 
+use crate::assets::{self, Asset};
 use crate::lease::{self, LeaseHash};
 use crate::logsafe::Untrusted;
 use crate::metrics::Metrics;
@@ -40,6 +41,7 @@ use crate::store::{
     Access, Changes, ClusterHealth, Cursor, HealthSet, LeaseOutcome, ListFilter, Listing, Pinged,
     Registered, Registration, Store, StoreError, StoreHealth, LIST_BATCH,
 };
+use crate::{dashboard, openapi};
 
 /// Upper bound for the health check, so `/health` answers even when the store hangs.
 const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
@@ -369,6 +371,13 @@ enum Route {
     Register,
     Service(Option<Ulid>),
     Ping(Option<Ulid>),
+    /// `/`: a browser is sent to the dashboard; anything else gets a 404 as before.
+    Root,
+    /// An embedded page or file (the dashboard, the OpenAPI document, Swagger UI) and its
+    /// route pattern; `None`: a file name under `/ui/` or `/docs/` that is not one (a 404).
+    Asset(Option<&'static Asset>, &'static str),
+    /// `/ui/` and `/docs/`: redirected to the page (this relative location) and its pattern.
+    Slash(&'static str, &'static str),
 }
 
 impl Route {
@@ -377,7 +386,23 @@ impl Route {
             "/health" => return Some(Route::Health),
             "/metrics" => return Some(Route::Metrics),
             "/services" | "/services/" => return Some(Route::Services),
-            p => p.strip_prefix("/services/")?,
+            "/" => return Some(Route::Root),
+            "/ui" => return Some(Route::Asset(Some(&dashboard::PAGE), "/ui")),
+            "/ui/" => return Some(Route::Slash("../ui", "/ui")),
+            "/docs" => return Some(Route::Asset(Some(&openapi::PAGE), "/docs")),
+            "/docs/" => return Some(Route::Slash("../docs", "/docs")),
+            "/openapi.json" => {
+                return Some(Route::Asset(Some(openapi::document()), "/openapi.json"))
+            }
+            p => {
+                if let Some(name) = p.strip_prefix("/ui/") {
+                    return Some(Route::Asset(dashboard::file(name), "/ui/{file}"));
+                }
+                if let Some(name) = p.strip_prefix("/docs/") {
+                    return Some(Route::Asset(openapi::file(name), "/docs/{file}"));
+                }
+                p.strip_prefix("/services/")?
+            }
         };
         let mut parts = rest.split('/');
         let first = parts.next()?;
@@ -395,7 +420,12 @@ impl Route {
 
     fn allow(&self) -> &'static str {
         match self {
-            Route::Health | Route::Metrics | Route::Services => "GET, HEAD",
+            Route::Health
+            | Route::Metrics
+            | Route::Services
+            | Route::Root
+            | Route::Asset(..)
+            | Route::Slash(..) => "GET, HEAD",
             Route::Register => "POST",
             Route::Service(_) => "GET, HEAD, DELETE",
             Route::Ping(_) => "PUT",
@@ -411,6 +441,8 @@ impl Route {
             Route::Register => "/services/$register",
             Route::Service(_) => "/services/{id}",
             Route::Ping(_) => "/services/{id}/$ping",
+            Route::Root => "/",
+            Route::Asset(_, pattern) | Route::Slash(_, pattern) => pattern,
         }
     }
 }
@@ -528,10 +560,7 @@ impl<S: Store> Api<S> {
         B::Error: Into<BoxError>,
     {
         let Some(route) = Route::parse(req.uri().path()) else {
-            return Err(ApiError::NotFound(format!(
-                "no route for {:?}",
-                req.uri().path()
-            )));
+            return Err(no_route(req.uri().path()));
         };
         let method = req.method();
         let read = method == Method::GET || method == Method::HEAD;
@@ -543,6 +572,17 @@ impl<S: Store> Api<S> {
                 self.list(req.uri().query(), last_event_id).await
             }
             (Route::Service(id), _) if read => self.get(id.ok_or_else(no_such_id)?).await,
+            (Route::Root, _) if read && assets::accepts_html(req.headers()) => {
+                Ok(assets::redirect("ui").map(ApiBody::Whole))
+            }
+            (Route::Root, _) if read => Err(no_route(req.uri().path())),
+            (Route::Slash(location, _), _) if read => {
+                Ok(assets::redirect(location).map(ApiBody::Whole))
+            }
+            (Route::Asset(Some(asset), _), _) if read => {
+                Ok(asset.respond(req.headers()).map(ApiBody::Whole))
+            }
+            (Route::Asset(None, _), _) if read => Err(no_route(req.uri().path())),
             (Route::Service(id), &Method::DELETE) => {
                 let access = self.authorize(&req)?;
                 self.deregister(id.ok_or_else(no_such_id)?, access).await
@@ -1081,6 +1121,11 @@ fn not_found(id: Ulid) -> ApiError {
 
 /// The answer for a path id that is no ULID's canonical text. It does not repeat the id: that
 /// is untrusted text, and the problem's `instance` already holds the (JSON-escaped) path.
+/// A path no route has: `path` is quoted escaped, as it is the client's.
+fn no_route(path: &str) -> ApiError {
+    ApiError::NotFound(format!("no route for {path:?}"))
+}
+
 fn no_such_id() -> ApiError {
     ApiError::NotFound(
         "no service has this id; service ids are ULIDs in canonical form (26 characters of \

@@ -13,6 +13,8 @@
 //! - [`api`]: routing, validation and JSON answers.
 //! - [`problem`]: RFC 9457 errors, also for the middleware's own answers.
 //! - [`metrics`]: `GET /metrics` (Prometheus text format).
+//! - [`dashboard`]: the live dashboard, `GET /ui`; [`openapi`]: `GET /openapi.json` and
+//!   Swagger UI on `GET /docs`; [`assets`]: how their embedded files are served.
 //! - [`logsafe`]: untrusted text in log lines.
 //! - [`lease`]: lease tokens: minting and hashing.
 //! - [`store`]: the storage contract and its two implementations.
@@ -30,13 +32,16 @@
 //! ```
 
 pub mod api;
+pub mod assets;
 pub mod checks;
 pub mod config;
 pub mod connection;
+pub mod dashboard;
 pub mod fd_limit;
 pub mod lease;
 pub mod logsafe;
 pub mod metrics;
+pub mod openapi;
 pub mod problem;
 /// Secret redaction, shared with the library.
 pub use servicekit::redact;
