@@ -24,15 +24,21 @@ async fn get_as_browser(api: &Api, path: &str) -> Reply {
         .await
 }
 
-/// The `src`/`href` values of a page's `<script>` and `<link>` elements.
+/// The `src`/`href` values of a page's `<script>` and `<link>` elements (not its `<a>` links,
+/// which lead to other pages and endpoints).
 fn loaded_files(html: &str) -> Vec<String> {
     let mut files = Vec::new();
-    for attr in ["src=\"", "href=\""] {
-        let mut rest = html;
-        while let Some(at) = rest.find(attr) {
-            rest = &rest[at + attr.len()..];
-            let end = rest.find('"').unwrap_or(rest.len());
-            files.push(rest[..end].to_owned());
+    for tag in html.split('<').skip(1) {
+        if !(tag.starts_with("script ") || tag.starts_with("link ")) {
+            continue;
+        }
+        let tag = tag.split('>').next().unwrap_or_default();
+        for attr in ["src=\"", "href=\""] {
+            if let Some(at) = tag.find(attr) {
+                let rest = &tag[at + attr.len()..];
+                let end = rest.find('"').unwrap_or(rest.len());
+                files.push(rest[..end].to_owned());
+            }
         }
     }
     files
@@ -97,6 +103,7 @@ async fn each_page_and_every_file_it_loads_is_served_with_its_type() {
                 Some("js") => "text/javascript",
                 Some("css") => "text/css",
                 Some("png") => "image/png",
+                Some("svg") => "image/svg+xml",
                 other => panic!("{page} loads {path}, of an unexpected kind {other:?}"),
             };
             assert!(content_type.starts_with(expected), "{path}: {content_type}");

@@ -15,7 +15,7 @@ const POLICY: &str = "default-src 'none'; script-src 'self'; style-src 'self'; \
 /// `GET /ui`.
 pub static PAGE: Asset = Asset::page("ui", include_bytes!("index.html"), POLICY);
 
-static FILES: [Asset; 2] = [
+static FILES: [Asset; 3] = [
     Asset::file(
         "dashboard.js",
         "text/javascript; charset=utf-8",
@@ -25,6 +25,11 @@ static FILES: [Asset; 2] = [
         "dashboard.css",
         "text/css; charset=utf-8",
         include_bytes!("dashboard.css"),
+    ),
+    Asset::file(
+        "favicon.svg",
+        "image/svg+xml",
+        include_bytes!("favicon.svg"),
     ),
 ];
 
