@@ -236,7 +236,19 @@ async function dashboard(browser) {
   await page.waitForFunction((selector) => document.querySelector(selector)?.textContent.trim() === '3', registrations, { timeout: 10_000 })
     .catch(async () => fail(`${registrations} does not show 3: ${JSON.stringify(await page.locator(registrations).textContent().catch(() => null))}`));
 
+  // Each instance shows its URL, version, age, last ping, expiry countdown and health.
+  const row = page.locator(instance(billing1.id));
+  for (const part of ['.url', '.version', '.age', '.last-ping', '.expires', '.health[data-status="passing"]']) {
+    if ((await row.locator(part).count()) !== 1) fail(`${instance(billing1.id)} has no single ${part}`);
+  }
+  const shownUrl = (await row.locator('.url').innerText()).trim();
+  if (shownUrl !== 'http://billing-1.internal:8080') fail(`.url shows ${JSON.stringify(shownUrl)}`);
+  const shownVersion = (await row.locator('.version').innerText()).trim();
+  if (shownVersion !== '1.4.2') fail(`.version shows ${JSON.stringify(shownVersion)}`);
+
   await shoot(page, 'desktop');
+  const background = (p) => p.evaluate(() => getComputedStyle(document.body).backgroundColor);
+  const light = await background(page);
   for (const [label, options] of [
     ['phone', { viewport: { width: 390, height: 844 }, isMobile: true, hasTouch: true, deviceScaleFactor: 2 }],
     ['dark', { viewport: { width: 1280, height: 800 }, colorScheme: 'dark' }],
@@ -244,6 +256,13 @@ async function dashboard(browser) {
     const other = await open(browser, label, '/ui', options);
     await connection(other.page, 'live', 10_000);
     await other.page.locator(instance(search.id)).waitFor({ state: 'visible' });
+    if (label === 'phone') {
+      // Readable on a phone: nothing wider than the screen, so no sideways scrolling.
+      const width = await other.page.evaluate(() => document.documentElement.scrollWidth);
+      if (width > 390) fail(`on a 390 px phone the page is ${width} px wide`);
+    } else if ((await background(other.page)) === light) {
+      fail(`dark mode: the background is the light one (${light})`);
+    }
     await shoot(other.page, label);
     await other.close();
   }
