@@ -187,7 +187,10 @@ fn forward(from: impl Read + Send + 'static, name: &'static str, to: mpsc::Sende
 #[test]
 fn the_dashboard_works_in_a_real_browser() {
     require_tools();
-    let target = profile_dir().parent().map(Path::to_path_buf).expect("target");
+    let target = profile_dir()
+        .parent()
+        .map(Path::to_path_buf)
+        .expect("target");
     let screenshots = target.join("dashboard-screenshots");
     let tmp = target.join("dashboard-browser-tmp");
     let _ = std::fs::remove_dir_all(&tmp);
@@ -264,7 +267,10 @@ fn the_dashboard_works_in_a_real_browser() {
         if let Some(status) = script.child.try_wait().expect("wait") {
             break status;
         }
-        assert!(Instant::now() < deadline, "node closed its output but did not exit");
+        assert!(
+            Instant::now() < deadline,
+            "node closed its output but did not exit"
+        );
         std::thread::sleep(Duration::from_millis(20));
     };
     script.finished = status.success() && done;
