@@ -8,8 +8,9 @@
 //! ```
 //!
 //! It prints the registry once both services are registered and the consumer's first answer,
-//! then keeps running so you can look around (`curl localhost:9000/services`, or watch changes
-//! with `curl -N 'localhost:9000/services?watch=true'`). Ctrl-C (or SIGTERM) stops the
+//! then keeps running so you can look around (the dashboard at <http://localhost:9000/ui>,
+//! `curl localhost:9000/services`, or watch changes with
+//! `curl -N 'localhost:9000/services?watch=true'`). Ctrl-C (or SIGTERM) stops the
 //! consumer (printing how many calls it made and how many failed), shuts the services down
 //! gracefully — each deregisters before it drains — prints the now empty registry, and exits.
 //!
@@ -47,6 +48,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
     let orchestrator = server::start(config).await?;
     let base = orchestrator.base_url();
     println!("orchestrator: {base} (in-memory store, TTL 10 s)");
+    println!("dashboard: {base}/ui");
 
     let (stop, stopped) = watch::channel(false);
     let svca = start_service("Service A", &base, stopped.clone()).await?;

@@ -93,19 +93,19 @@
     return Number.isNaN(t) ? null : t;
   }
 
-  /** A duration in ms as "5 s", "3 min 4 s", "2 h 5 min", "3 d 4 h". */
+  /** A duration in ms, compact: "5s", "3m 4s", "2h 5m", "3d 4h". */
   function duration(ms) {
     let s = Math.max(0, Math.floor(ms / 1000));
-    if (s < 60) return s + " s";
+    if (s < 60) return s + "s";
     let m = Math.floor(s / 60);
     s %= 60;
-    if (m < 60) return s ? `${m} min ${s} s` : `${m} min`;
+    if (m < 60) return s ? `${m}m ${s}s` : `${m}m`;
     let h = Math.floor(m / 60);
     m %= 60;
-    if (h < 24) return m ? `${h} h ${m} min` : `${h} h`;
+    if (h < 24) return m ? `${h}h ${m}m` : `${h}h`;
     const d = Math.floor(h / 24);
     h %= 24;
-    return h ? `${d} d ${h} h` : `${d} d`;
+    return h ? `${d}d ${h}h` : `${d}d`;
   }
 
   const clock = (t) =>
@@ -129,25 +129,36 @@
     disconnected: "Disconnected — reconnecting…",
   };
   let disconnectedSince = null;
+  /** When this page itself opens the next feed (after the browser gave up), else null. */
+  let retryAt = null;
 
-  function setConnection(state, detail) {
+  function setConnection(state) {
     if (state === "disconnected" && el.body.dataset.connection !== "disconnected") {
       disconnectedSince = Date.now();
     }
-    if (state === "live") disconnectedSince = null;
+    if (state !== "disconnected") disconnectedSince = null;
     el.body.dataset.connection = state;
     setText(el.connection, CONNECTION_TEXT[state]);
-    setText(el.connectionDetail, detail || "");
+    showDetail();
+  }
+
+  /** The line beside the status: how long the page has been disconnected, the next try. */
+  function showDetail() {
+    let text = "";
+    if (disconnectedSince !== null) {
+      text = `showing the last known state · for ${duration(Date.now() - disconnectedSince)}`;
+      if (retryAt !== null) text += ` · next try in ${duration(Math.max(0, retryAt - Date.now()) + 999)}`;
+    }
+    setText(el.connectionDetail, text);
   }
 
   // ---- the watch feed ----------------------------------------------------------------------
 
   let source = null;
   let backoffMs = BACKOFF_MIN_MS;
-  let reconnectTimer = null;
 
   function connect() {
-    reconnectTimer = null;
+    retryAt = null;
     if (source) source.close();
     // A new EventSource cannot send Last-Event-ID, so this one starts with a snapshot; the
     // browser's own reconnects (after a network error) do send it and resume.
@@ -167,12 +178,13 @@
         source = null;
         const wait = backoffMs;
         backoffMs = Math.min(backoffMs * 2, BACKOFF_MAX_MS);
-        setConnection("disconnected", `showing the last known state; retrying in ${duration(wait)}`);
-        reconnectTimer = setTimeout(connect, wait);
+        retryAt = Date.now() + wait;
+        setConnection("disconnected");
+        setTimeout(connect, wait);
       } else {
         // A network error or the end of the stream: the browser retries by itself and resumes
         // with Last-Event-ID.
-        setConnection("disconnected", "showing the last known state");
+        setConnection("disconnected");
       }
       refreshStatus();
     });
@@ -653,10 +665,7 @@
     for (const group of groups.values()) {
       for (const row of group.rows.values()) if (row.record) tickRow(row, row.record);
     }
-    if (disconnectedSince !== null) {
-      const base = el.connectionDetail.textContent.split(" · ")[0];
-      setText(el.connectionDetail, `${base} · for ${duration(Date.now() - disconnectedSince)}`);
-    }
+    showDetail();
   }
 
   // ---- the filter, kept in the URL's hash (#q=...) so a reload keeps it --------------------
