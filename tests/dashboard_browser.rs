@@ -1,0 +1,288 @@
+//! The dashboard in a real headless Chromium (issue 12): `tests/browser/dashboard.mjs` drives
+//! Debian's `/usr/bin/chromium` through playwright-core against the real orchestrator binary,
+//! and this test owns the processes: it starts the orchestrator, stops it and starts it again
+//! on the same port when the script asks (`@stop` / `@start`, answered `ok`), and kills the
+//! orchestrator, node and the browser whatever happens. Screenshots go to
+//! `target/dashboard-screenshots/`.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// The whole run, browser included: a hang fails the test instead of stalling CI.
+const BOUND: Duration = Duration::from_secs(120);
+/// Short, so an unpinged registration expires while the page watches.
+const TTL_SECONDS: u64 = 3;
+const CHROMIUM: &str = "/usr/bin/chromium";
+const HOW_TO_FIX: &str = "run scripts/test, which installs node, npm and Debian's chromium \
+    (.ci/install-deps) and the browser test's packages (`npm ci` in tests/browser)";
+
+/// target/debug/deps/<this test> → target/debug.
+fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test path");
+    exe.parent()
+        .and_then(|deps| deps.parent())
+        .map(Path::to_path_buf)
+        .expect("target dir")
+}
+
+fn browser_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("browser")
+}
+
+/// Node, Chromium and playwright-core are there, or the test says how to get them.
+fn require_tools() {
+    let node = Command::new("node").arg("--version").output();
+    match node {
+        Ok(out) if out.status.success() => {}
+        Ok(out) => panic!("`node --version` failed ({}): {HOW_TO_FIX}", out.status),
+        Err(e) => panic!("node is missing ({e}): {HOW_TO_FIX}"),
+    }
+    assert!(
+        Path::new(CHROMIUM).exists(),
+        "{CHROMIUM} is missing: {HOW_TO_FIX}"
+    );
+    let playwright = browser_dir().join("node_modules/playwright-core");
+    assert!(
+        playwright.join("package.json").exists(),
+        "{} is missing: {HOW_TO_FIX}",
+        playwright.display()
+    );
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// The orchestrator binary on `addr`, its output appended to `log`; killed when dropped.
+struct Orchestrator(Child);
+
+impl Orchestrator {
+    fn start(addr: &str, log: &Path) -> Orchestrator {
+        let binary = profile_dir().join("orchestrator");
+        assert!(
+            binary.exists(),
+            "{} is missing: build the binaries first (`cargo build --bins`, as scripts/test does)",
+            binary.display()
+        );
+        let out = File::options()
+            .create(true)
+            .append(true)
+            .open(log)
+            .expect("orchestrator log");
+        let err = out.try_clone().expect("orchestrator log");
+        let mut cmd = Command::new(binary);
+        cmd.args(["--bind", addr, "--ttl-seconds", &TTL_SECONDS.to_string()])
+            .env("LOG_FORMAT", "pretty")
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err);
+        for var in [
+            "VALKEY_URL",
+            "ORCHESTRATOR_REGISTRATION_KEY",
+            "ORCHESTRATOR_ADMIN_KEY",
+            "ORCHESTRATOR_REQUIRE_LEASE",
+            "ORCHESTRATOR_PUBLIC_URL",
+            "ORCHESTRATOR_TLS_CERT",
+            "ORCHESTRATOR_TLS_KEY",
+            "RUST_LOG",
+        ] {
+            cmd.env_remove(var);
+        }
+        let mut child = Orchestrator(cmd.spawn().expect("orchestrator starts"));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect(addr).is_err() {
+            if let Some(status) = child.0.try_wait().expect("wait") {
+                panic!("the orchestrator exited ({status}): see {}", log.display());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the orchestrator did not listen on {addr}: see {}",
+                log.display()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        child
+    }
+
+    /// SIGTERM, as a deployment stops it, and its exit awaited (killed after 10 s).
+    fn stop(mut self) {
+        let term = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(term.success(), "kill -TERM {}", self.0.id());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.0.try_wait().expect("wait").is_none() {
+            assert!(
+                Instant::now() < deadline,
+                "the orchestrator did not exit within 10 s of SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Orchestrator {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `kill -KILL -- -<group>`: every process of the group.
+fn kill_group(group: u32) {
+    let _ = Command::new("kill")
+        .args(["-KILL", "--", &format!("-{group}")])
+        .stderr(Stdio::null())
+        .status();
+}
+
+/// The node script in its own process group, and the browser it launched (playwright starts
+/// Chromium in a group of its own): unless the script finished, both groups are killed when
+/// dropped, so a failed or hung run leaves nothing behind. Its TMPDIR (Chromium's profile) is
+/// removed too.
+struct Script {
+    child: Child,
+    stdin: ChildStdin,
+    browser_group: Option<u32>,
+    finished: bool,
+    tmp: PathBuf,
+}
+
+impl Drop for Script {
+    fn drop(&mut self) {
+        if !self.finished {
+            kill_group(self.child.id());
+            if let Some(group) = self.browser_group {
+                kill_group(group);
+            }
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.tmp);
+    }
+}
+
+/// Forwards each line of `from` to `to`, prefixed with the stream's name.
+fn forward(from: impl Read + Send + 'static, name: &'static str, to: mpsc::Sender<String>) {
+    std::thread::spawn(move || {
+        for line in BufReader::new(from).lines() {
+            let Ok(line) = line else { break };
+            if to.send(format!("{name}{line}")).is_err() {
+                break;
+            }
+        }
+    });
+}
+
+#[test]
+fn the_dashboard_works_in_a_real_browser() {
+    require_tools();
+    let target = profile_dir()
+        .parent()
+        .map(Path::to_path_buf)
+        .expect("target");
+    let screenshots = target.join("dashboard-screenshots");
+    let tmp = target.join("dashboard-browser-tmp");
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).expect("browser tmp dir");
+    let orchestrator_log = target.join("dashboard-browser-orchestrator.log");
+    let _ = std::fs::remove_file(&orchestrator_log);
+
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut orchestrator = Some(Orchestrator::start(&addr, &orchestrator_log));
+    let started = Instant::now();
+
+    let mut child = Command::new("node")
+        .arg("dashboard.mjs")
+        .current_dir(browser_dir())
+        .env("ORCHESTRATOR_URL", format!("http://{addr}"))
+        .env("SCREENSHOT_DIR", &screenshots)
+        .env("TTL_SECONDS", TTL_SECONDS.to_string())
+        .env("CHROMIUM", CHROMIUM)
+        .env("TMPDIR", &tmp)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .expect("node starts");
+    let (tx, lines) = mpsc::channel();
+    forward(child.stdout.take().expect("stdout"), "", tx.clone());
+    forward(child.stderr.take().expect("stderr"), "node stderr: ", tx);
+    let stdin = child.stdin.take().expect("stdin");
+    let mut script = Script {
+        child,
+        stdin,
+        browser_group: None,
+        finished: false,
+        tmp,
+    };
+
+    let mut output = Vec::new();
+    let mut done = false;
+    let deadline = started + BOUND;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = match lines.recv_timeout(left) {
+            Ok(line) => line,
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(mpsc::RecvTimeoutError::Timeout) => panic!(
+                "the browser test did not finish within {BOUND:?}; its output:\n{}",
+                output.join("\n")
+            ),
+        };
+        println!("{line}");
+        let reply = if let Some(pid) = line.strip_prefix("@browser-pid ") {
+            script.browser_group = pid.trim().parse().ok();
+            None
+        } else if line == "@stop" {
+            if let Some(o) = orchestrator.take() {
+                o.stop();
+            }
+            Some("ok")
+        } else if line == "@start" {
+            orchestrator = Some(Orchestrator::start(&addr, &orchestrator_log));
+            Some("ok")
+        } else {
+            done |= line == "@done";
+            None
+        };
+        if let Some(reply) = reply {
+            writeln!(script.stdin, "{reply}").expect("answer the script");
+        }
+        output.push(line);
+    }
+    // Its output ended: node is exiting.
+    let status = loop {
+        if let Some(status) = script.child.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node closed its output but did not exit"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    script.finished = status.success() && done;
+    assert!(
+        script.finished,
+        "the browser test failed ({status}); the orchestrator's log is {}; its output:\n{}",
+        orchestrator_log.display(),
+        output.join("\n")
+    );
+    println!(
+        "browser test passed in {:.1} s; screenshots in {}",
+        started.elapsed().as_secs_f64(),
+        screenshots.display()
+    );
+}
