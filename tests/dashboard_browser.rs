@@ -3,7 +3,8 @@
 //! and this test owns the processes: it starts the orchestrator, stops it and starts it again
 //! on the same port when the script asks (`@stop` / `@start`, answered `ok`), and kills the
 //! orchestrator, node and the browser whatever happens. Screenshots go to
-//! `target/dashboard-screenshots/`.
+//! `target/dashboard-screenshots/`. The README's screenshot script (`tests/browser/
+//! screenshot.mjs`) runs here too, so its command stays true.
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -284,5 +285,88 @@ fn the_dashboard_works_in_a_real_browser() {
         "browser test passed in {:.1} s; screenshots in {}",
         started.elapsed().as_secs_f64(),
         screenshots.display()
+    );
+}
+
+#[test]
+fn the_readme_screenshot_script_takes_a_picture() {
+    require_tools();
+    let target = profile_dir()
+        .parent()
+        .map(Path::to_path_buf)
+        .expect("target");
+    let out = target.join("dashboard-screenshots").join("readme.png");
+    std::fs::create_dir_all(out.parent().expect("folder")).expect("screenshot folder");
+    let _ = std::fs::remove_file(&out);
+    let tmp = target.join("dashboard-screenshot-tmp");
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).expect("browser tmp dir");
+    let log = target.join("dashboard-screenshot-orchestrator.log");
+    let addr = format!("127.0.0.1:{}", free_port());
+    let _orchestrator = Orchestrator::start(&addr, &log);
+
+    let mut child = Command::new("node")
+        .arg("screenshot.mjs")
+        .arg(format!("http://{addr}"))
+        .arg(&out)
+        .current_dir(browser_dir())
+        .env("CHROMIUM", CHROMIUM)
+        .env("TMPDIR", &tmp)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .expect("node starts");
+    let (tx, lines) = mpsc::channel();
+    forward(child.stdout.take().expect("stdout"), "", tx.clone());
+    forward(child.stderr.take().expect("stderr"), "node stderr: ", tx);
+    let stdin = child.stdin.take().expect("stdin");
+    let mut script = Script {
+        child,
+        stdin,
+        browser_group: None,
+        finished: false,
+        tmp,
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut output = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(line) => {
+                if let Some(pid) = line.strip_prefix("@browser-pid ") {
+                    script.browser_group = pid.trim().parse().ok();
+                }
+                output.push(line);
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                panic!("screenshot.mjs did not finish: {}", output.join("\n"))
+            }
+        }
+    }
+    let status = loop {
+        if let Some(status) = script.child.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node closed its output but did not exit"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    script.finished = status.success();
+    assert!(
+        script.finished,
+        "screenshot.mjs failed ({status}): {}",
+        output.join("\n")
+    );
+    let png = std::fs::read(&out).expect("the screenshot exists");
+    assert!(
+        png.starts_with(b"\x89PNG\r\n\x1a\n") && png.len() > 10_000,
+        "{} is not a picture of a page ({} bytes)",
+        out.display(),
+        png.len()
     );
 }

@@ -1,0 +1,58 @@
+// The README's picture of the dashboard, taken from a running orchestrator (the demo):
+//
+//   cargo run -p servicekit-orchestrator --example demo &
+//   node tests/browser/screenshot.mjs http://127.0.0.1:9000 docs/dashboard.png
+//
+// So that the timeline shows more than the first snapshot, it registers one more instance of
+// the demo's "Service A", reports it `warning` on a ping, and deregisters it again
+// after the picture, leaving the demo as it found it. tests/dashboard_browser.rs runs it
+// against its own orchestrator, so the command keeps working.
+
+import { chromium } from 'playwright-core';
+
+const [base, out] = process.argv.slice(2).map((a, i) => (i === 0 ? a.replace(/\/$/, '') : a));
+if (!base || !out) {
+  console.error('usage: node tests/browser/screenshot.mjs <orchestrator URL> <out.png>');
+  process.exit(2);
+}
+
+async function call(method, path, body) {
+  const response = await fetch(`${base}${path}`, {
+    method,
+    headers: body ? { 'content-type': 'application/json' } : {},
+    body: body ? JSON.stringify(body) : undefined,
+  });
+  if (!response.ok) throw new Error(`${method} ${path}: ${response.status} ${await response.text()}`);
+  return response.json();
+}
+
+const server = await chromium.launchServer({
+  executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
+  headless: true,
+  args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+    '--disable-background-networking', '--disable-component-update', '--disable-sync'],
+});
+// Chromium leads its own process group: tests/dashboard_browser.rs kills it if this hangs.
+console.log(`@browser-pid ${server.process().pid}`);
+const browser = await chromium.connect(server.wsEndpoint());
+let extra;
+try {
+  const page = await browser.newPage({ viewport: { width: 1280, height: 720 } });
+  await page.goto(`${base}/ui`);
+  await page.waitForSelector('body[data-connection=live]', { timeout: 10_000 });
+  const registered = await call('POST', '/services/$register', {
+    url: 'http://127.0.0.1:18080',
+    info: { display_name: 'Service A', version: '0.3.0-rc.1' },
+  });
+  extra = registered.id;
+  await call('PUT', `/services/${extra}/$ping`, { status: 'warning', output: 'slow: p99 840 ms' });
+  await page.waitForSelector(`#timeline li[data-event=updated][data-instance="${extra}"]`, { timeout: 10_000 });
+  // The figures and the ping times come from polls: let one of each land.
+  await page.waitForTimeout(5_500);
+  await page.screenshot({ path: out });
+  console.log(`saved ${out}`);
+} finally {
+  if (extra) await call('DELETE', `/services/${extra}`).catch(() => {});
+  await browser.close();
+  await server.close();
+}
