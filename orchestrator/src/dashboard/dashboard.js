@@ -310,10 +310,14 @@
   // ---- the poll: ping times, which make no feed events -------------------------------------
 
   let polling = false;
+  /** No poll before this: a slow walk (a large registry, a busy orchestrator) is followed by
+   * a rest of twice its length, so the page never lists back to back. */
+  let pollNotBefore = 0;
 
   async function poll() {
-    if (polling || document.hidden) return;
+    if (polling || document.hidden || Date.now() < pollNotBefore) return;
     polling = true;
+    const started = Date.now();
     try {
       let cursor = null;
       for (let page = 0; page < MAX_PAGES; page += 1) {
@@ -331,6 +335,7 @@
       // Unreachable: the feed's state says so; the next poll tries again.
     } finally {
       polling = false;
+      pollNotBefore = Date.now() + 2 * (Date.now() - started);
     }
   }
 
