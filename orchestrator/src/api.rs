@@ -575,7 +575,16 @@ impl<S: Store> Api<S> {
             (Route::Root, _) if read && assets::accepts_html(req.headers()) => {
                 Ok(assets::redirect("ui").map(ApiBody::Whole))
             }
-            (Route::Root, _) if read => Err(no_route(req.uri().path())),
+            (Route::Root, _) if read => {
+                // The answer depends on `Accept` (a browser gets the redirect): a cache must not
+                // keep this 404 (heuristically cacheable) and hand it to a browser.
+                let path = req.uri().path();
+                let mut response = no_route(path).into_response(path);
+                response
+                    .headers_mut()
+                    .insert(http::header::VARY, HeaderValue::from_static("accept"));
+                Ok(response.map(ApiBody::Whole))
+            }
             (Route::Slash(location, _), _) if read => {
                 Ok(assets::redirect(location).map(ApiBody::Whole))
             }
@@ -1119,13 +1128,13 @@ fn not_found(id: Ulid) -> ApiError {
     ApiError::NotFound(format!("Service with ID {id} not found"))
 }
 
-/// The answer for a path id that is no ULID's canonical text. It does not repeat the id: that
-/// is untrusted text, and the problem's `instance` already holds the (JSON-escaped) path.
 /// A path no route has: `path` is quoted escaped, as it is the client's.
 fn no_route(path: &str) -> ApiError {
     ApiError::NotFound(format!("no route for {path:?}"))
 }
 
+/// The answer for a path id that is no ULID's canonical text. It does not repeat the id: that
+/// is untrusted text, and the problem's `instance` already holds the (JSON-escaped) path.
 fn no_such_id() -> ApiError {
     ApiError::NotFound(
         "no service has this id; service ids are ULIDs in canonical form (26 characters of \

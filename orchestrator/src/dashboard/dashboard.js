@@ -23,6 +23,10 @@
   const BACKOFF_MAX_MS = 5000;
   // A clock difference with the orchestrator below this is the Date header's rounding.
   const SKEW_THRESHOLD_MS = 2000;
+  // A tab hidden this long closes its feed (and opens a new one when shown again): over plain
+  // HTTP a browser keeps at most six connections per host, and every open feed holds one, so
+  // six dashboard tabs left none for a seventh, for /docs, or for their own polls.
+  const HIDDEN_RELEASE_MS = 30000;
 
   const $ = (id) => document.getElementById(id);
   const el = {
@@ -156,9 +160,16 @@
 
   let source = null;
   let backoffMs = BACKOFF_MIN_MS;
+  /** The pending reconnect after a backoff, so that only one ever is. */
+  let retryTimer = null;
+  /** Whether the feed was closed because the tab is hidden (see HIDDEN_RELEASE_MS). */
+  let released = false;
 
   function connect() {
+    clearTimeout(retryTimer);
+    retryTimer = null;
     retryAt = null;
+    if (released) return;
     if (source) source.close();
     // A new EventSource cannot send Last-Event-ID, so this one starts with a snapshot; the
     // browser's own reconnects (after a network error) do send it and resume.
@@ -180,7 +191,7 @@
         backoffMs = Math.min(backoffMs * 2, BACKOFF_MAX_MS);
         retryAt = Date.now() + wait;
         setConnection("disconnected");
-        setTimeout(connect, wait);
+        retryTimer = setTimeout(connect, wait);
       } else {
         // A network error or the end of the stream: the browser retries by itself and resumes
         // with Last-Event-ID.
@@ -299,10 +310,14 @@
   // ---- the poll: ping times, which make no feed events -------------------------------------
 
   let polling = false;
+  /** No poll before this: a slow walk (a large registry, a busy orchestrator) is followed by
+   * a rest of twice its length, so the page never lists back to back. */
+  let pollNotBefore = 0;
 
   async function poll() {
-    if (polling || document.hidden) return;
+    if (polling || document.hidden || Date.now() < pollNotBefore) return;
     polling = true;
+    const started = Date.now();
     try {
       let cursor = null;
       for (let page = 0; page < MAX_PAGES; page += 1) {
@@ -320,6 +335,7 @@
       // Unreachable: the feed's state says so; the next poll tries again.
     } finally {
       polling = false;
+      pollNotBefore = Date.now() + 2 * (Date.now() - started);
     }
   }
 
@@ -687,13 +703,35 @@
 
   // ---- start -------------------------------------------------------------------------------
 
+  /** Closes the feed of a tab that stayed hidden; shown again, it starts with a snapshot. */
+  let releaseTimer = null;
+  function release() {
+    releaseTimer = null;
+    if (!document.hidden) return;
+    released = true;
+    clearTimeout(retryTimer);
+    retryTimer = null;
+    retryAt = null;
+    if (source) source.close();
+    source = null;
+  }
+
   el.filter.addEventListener("input", () => setFilter(el.filter.value, false));
   window.addEventListener("hashchange", () => setFilter(filterFromHash(), true));
   document.addEventListener("visibilitychange", () => {
-    if (!document.hidden) {
-      poll();
-      refreshStatus();
+    if (document.hidden) {
+      if (releaseTimer === null) releaseTimer = setTimeout(release, HIDDEN_RELEASE_MS);
+      return;
     }
+    clearTimeout(releaseTimer);
+    releaseTimer = null;
+    if (released) {
+      released = false;
+      setConnection("connecting");
+      connect();
+    }
+    poll();
+    refreshStatus();
   });
 
   setFilter(filterFromHash(), true);
