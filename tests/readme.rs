@@ -19,6 +19,10 @@ const RUN_ELSEWHERE: &[(&str, &str)] = &[
     ),
     ("scripts/test", ".ci/run runs it"),
     (
+        "cargo test -p servicekit-tests --test dashboard_browser",
+        "scripts/test runs it with every other test",
+    ),
+    (
         "VALKEY_URL=redis-cluster://10.0.0.1:6379,10.0.0.2:6379,10.0.0.3:6379 orchestrator",
         "orchestrator/tests/binary.rs runs the binary with three seeds of a real local cluster",
     ),

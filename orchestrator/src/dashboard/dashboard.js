@@ -443,7 +443,7 @@
       if (!node) continue;
       const value = sums.get(name);
       setText(node, value === undefined ? "–" : Math.round(value).toLocaleString());
-      // Health checks are only shown by orchestrators that run some.
+      // Hidden for an orchestrator from before health checks, which has no such family.
       if (figure === "checks") node.parentElement.hidden = value === undefined;
     }
   }
