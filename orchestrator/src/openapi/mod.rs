@@ -2,7 +2,7 @@
 //! (Swagger UI, vendored under `swagger-ui/` with its licence, so it works offline).
 //!
 //! The document is written by hand next to the code it describes, not generated: the routes
-//! are hand-written too (see [`crate::api`]), and `tests/openapi.rs` checks real answers of
+//! are hand-written too (see [`crate::api`]), and `tests/openapi/` checks real answers of
 //! every documented endpoint against it, so the two cannot drift apart unnoticed.
 
 use std::sync::OnceLock;
