@@ -6,12 +6,13 @@
 //! `target/dashboard-screenshots/`. The README's screenshot script (`tests/browser/
 //! screenshot.mjs`) runs here too, so its command stays true.
 
+use std::ffi::OsStr;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -185,95 +186,135 @@ fn forward(from: impl Read + Send + 'static, name: &'static str, to: mpsc::Sende
     });
 }
 
+/// A fresh, empty `target/<name>` for Chromium's profile (the script's TMPDIR).
+fn fresh_dir(name: &str) -> PathBuf {
+    let dir = target_dir().join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("browser tmp dir");
+    dir
+}
+
+/// target/debug → target.
+fn target_dir() -> PathBuf {
+    profile_dir()
+        .parent()
+        .map(Path::to_path_buf)
+        .expect("target")
+}
+
+impl Script {
+    /// Runs `node <script> <args>` in tests/browser with `env`, `tmp` as its TMPDIR, until its
+    /// output ends or `bound` passes (a panic). Each line goes to `answer`, whose reply (if
+    /// any) is written to the script's stdin; `@browser-pid N` is noted for the clean-up.
+    /// Returns the exit status and the output; the caller says whether it `finished`.
+    fn run(
+        script: &str,
+        args: &[&OsStr],
+        env: &[(&str, &OsStr)],
+        tmp: PathBuf,
+        bound: Duration,
+        mut answer: impl FnMut(&str) -> Option<&'static str>,
+    ) -> (Script, ExitStatus, Vec<String>) {
+        let started = Instant::now();
+        let mut child = Command::new("node")
+            .arg(script)
+            .args(args)
+            .current_dir(browser_dir())
+            .envs(env.iter().copied())
+            .env("CHROMIUM", CHROMIUM)
+            .env("TMPDIR", &tmp)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .spawn()
+            .expect("node starts");
+        let (tx, lines) = mpsc::channel();
+        forward(child.stdout.take().expect("stdout"), "", tx.clone());
+        forward(child.stderr.take().expect("stderr"), "node stderr: ", tx);
+        let stdin = child.stdin.take().expect("stdin");
+        let mut run = Script {
+            child,
+            stdin,
+            browser_group: None,
+            finished: false,
+            tmp,
+        };
+        let deadline = started + bound;
+        let mut output = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = match lines.recv_timeout(left) {
+                Ok(line) => line,
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                Err(mpsc::RecvTimeoutError::Timeout) => panic!(
+                    "{script} did not finish within {bound:?}; its output:\n{}",
+                    output.join("\n")
+                ),
+            };
+            println!("{line}");
+            if let Some(pid) = line.strip_prefix("@browser-pid ") {
+                run.browser_group = pid.trim().parse().ok();
+            } else if let Some(reply) = answer(&line) {
+                writeln!(run.stdin, "{reply}").expect("answer the script");
+            }
+            output.push(line);
+        }
+        // Its output ended: node is exiting.
+        let status = loop {
+            if let Some(status) = run.child.try_wait().expect("wait") {
+                break status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node closed its output but did not exit"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        (run, status, output)
+    }
+}
+
 #[test]
 fn the_dashboard_works_in_a_real_browser() {
     require_tools();
-    let target = profile_dir()
-        .parent()
-        .map(Path::to_path_buf)
-        .expect("target");
-    let screenshots = target.join("dashboard-screenshots");
-    let tmp = target.join("dashboard-browser-tmp");
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).expect("browser tmp dir");
-    let orchestrator_log = target.join("dashboard-browser-orchestrator.log");
+    let screenshots = target_dir().join("dashboard-screenshots");
+    let orchestrator_log = target_dir().join("dashboard-browser-orchestrator.log");
     let _ = std::fs::remove_file(&orchestrator_log);
 
     let addr = format!("127.0.0.1:{}", free_port());
     let mut orchestrator = Some(Orchestrator::start(&addr, &orchestrator_log));
     let started = Instant::now();
-
-    let mut child = Command::new("node")
-        .arg("dashboard.mjs")
-        .current_dir(browser_dir())
-        .env("ORCHESTRATOR_URL", format!("http://{addr}"))
-        .env("SCREENSHOT_DIR", &screenshots)
-        .env("TTL_SECONDS", TTL_SECONDS.to_string())
-        .env("CHROMIUM", CHROMIUM)
-        .env("TMPDIR", &tmp)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .spawn()
-        .expect("node starts");
-    let (tx, lines) = mpsc::channel();
-    forward(child.stdout.take().expect("stdout"), "", tx.clone());
-    forward(child.stderr.take().expect("stderr"), "node stderr: ", tx);
-    let stdin = child.stdin.take().expect("stdin");
-    let mut script = Script {
-        child,
-        stdin,
-        browser_group: None,
-        finished: false,
-        tmp,
-    };
-
-    let mut output = Vec::new();
+    let base = format!("http://{addr}");
+    let ttl = TTL_SECONDS.to_string();
     let mut done = false;
-    let deadline = started + BOUND;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let line = match lines.recv_timeout(left) {
-            Ok(line) => line,
-            Err(mpsc::RecvTimeoutError::Disconnected) => break,
-            Err(mpsc::RecvTimeoutError::Timeout) => panic!(
-                "the browser test did not finish within {BOUND:?}; its output:\n{}",
-                output.join("\n")
-            ),
-        };
-        println!("{line}");
-        let reply = if let Some(pid) = line.strip_prefix("@browser-pid ") {
-            script.browser_group = pid.trim().parse().ok();
-            None
-        } else if line == "@stop" {
-            if let Some(o) = orchestrator.take() {
-                o.stop();
+    let (mut script, status, output) = Script::run(
+        "dashboard.mjs",
+        &[],
+        &[
+            ("ORCHESTRATOR_URL", base.as_ref()),
+            ("SCREENSHOT_DIR", screenshots.as_ref()),
+            ("TTL_SECONDS", ttl.as_ref()),
+        ],
+        fresh_dir("dashboard-browser-tmp"),
+        BOUND,
+        |line| match line {
+            "@stop" => {
+                if let Some(o) = orchestrator.take() {
+                    o.stop();
+                }
+                Some("ok")
             }
-            Some("ok")
-        } else if line == "@start" {
-            orchestrator = Some(Orchestrator::start(&addr, &orchestrator_log));
-            Some("ok")
-        } else {
-            done |= line == "@done";
-            None
-        };
-        if let Some(reply) = reply {
-            writeln!(script.stdin, "{reply}").expect("answer the script");
-        }
-        output.push(line);
-    }
-    // Its output ended: node is exiting.
-    let status = loop {
-        if let Some(status) = script.child.try_wait().expect("wait") {
-            break status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "node closed its output but did not exit"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+            "@start" => {
+                orchestrator = Some(Orchestrator::start(&addr, &orchestrator_log));
+                Some("ok")
+            }
+            _ => {
+                done |= line == "@done";
+                None
+            }
+        },
+    );
     script.finished = status.success() && done;
     assert!(
         script.finished,
@@ -291,71 +332,24 @@ fn the_dashboard_works_in_a_real_browser() {
 #[test]
 fn the_readme_screenshot_script_takes_a_picture() {
     require_tools();
-    let target = profile_dir()
-        .parent()
-        .map(Path::to_path_buf)
-        .expect("target");
-    let out = target.join("dashboard-screenshots").join("readme.png");
+    let out = target_dir()
+        .join("dashboard-screenshots")
+        .join("readme.png");
     std::fs::create_dir_all(out.parent().expect("folder")).expect("screenshot folder");
     let _ = std::fs::remove_file(&out);
-    let tmp = target.join("dashboard-screenshot-tmp");
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).expect("browser tmp dir");
-    let log = target.join("dashboard-screenshot-orchestrator.log");
+    let log = target_dir().join("dashboard-screenshot-orchestrator.log");
     let addr = format!("127.0.0.1:{}", free_port());
     let _orchestrator = Orchestrator::start(&addr, &log);
 
-    let mut child = Command::new("node")
-        .arg("screenshot.mjs")
-        .arg(format!("http://{addr}"))
-        .arg(&out)
-        .current_dir(browser_dir())
-        .env("CHROMIUM", CHROMIUM)
-        .env("TMPDIR", &tmp)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .spawn()
-        .expect("node starts");
-    let (tx, lines) = mpsc::channel();
-    forward(child.stdout.take().expect("stdout"), "", tx.clone());
-    forward(child.stderr.take().expect("stderr"), "node stderr: ", tx);
-    let stdin = child.stdin.take().expect("stdin");
-    let mut script = Script {
-        child,
-        stdin,
-        browser_group: None,
-        finished: false,
-        tmp,
-    };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut output = Vec::new();
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match lines.recv_timeout(left) {
-            Ok(line) => {
-                if let Some(pid) = line.strip_prefix("@browser-pid ") {
-                    script.browser_group = pid.trim().parse().ok();
-                }
-                output.push(line);
-            }
-            Err(mpsc::RecvTimeoutError::Disconnected) => break,
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                panic!("screenshot.mjs did not finish: {}", output.join("\n"))
-            }
-        }
-    }
-    let status = loop {
-        if let Some(status) = script.child.try_wait().expect("wait") {
-            break status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "node closed its output but did not exit"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let base = format!("http://{addr}");
+    let (mut script, status, output) = Script::run(
+        "screenshot.mjs",
+        &[base.as_ref(), out.as_ref()],
+        &[],
+        fresh_dir("dashboard-screenshot-tmp"),
+        Duration::from_secs(60),
+        |_| None,
+    );
     script.finished = status.success();
     assert!(
         script.finished,
