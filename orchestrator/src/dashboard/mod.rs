@@ -5,15 +5,10 @@
 //! `GET /services`, `/health` and `/metrics`); it never asks for or holds a key, so it is
 //! read-only whatever keys the orchestrator is configured with. Design notes: `docs/dashboard.md`.
 
-use crate::assets::Asset;
-
-/// Only this origin's scripts, styles and connections; no inline script, no frames.
-const POLICY: &str = "default-src 'none'; script-src 'self'; style-src 'self'; \
-    connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; \
-    frame-ancestors 'none'";
+use crate::assets::{Asset, PAGE_POLICY};
 
 /// `GET /ui`.
-pub static PAGE: Asset = Asset::page("ui", include_bytes!("index.html"), POLICY);
+pub static PAGE: Asset = Asset::page("ui", include_bytes!("index.html"), PAGE_POLICY);
 
 static FILES: [Asset; 3] = [
     Asset::file(

@@ -7,18 +7,16 @@
 
 use std::sync::OnceLock;
 
-use crate::assets::Asset;
+use crate::assets::{self, Asset};
 
 /// The document as written; `info.version` is set to this build's version when served.
 const DOCUMENT: &[u8] = include_bytes!("openapi.json");
 
-/// The same policy as the dashboard's. Swagger UI draws icons from `data:` images in its style sheet; the
-/// styles it sets on elements go through the DOM (`element.style`), which `style-src` does not
-/// govern, so it needs no `'unsafe-inline'` (checked in headless Chromium: no violation while
-/// every operation, schema and the authorize dialog are opened and requests are executed).
-const POLICY: &str = "default-src 'none'; script-src 'self'; style-src 'self'; \
-    connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; \
-    frame-ancestors 'none'";
+/// Swagger UI draws icons from `data:` images in its style sheet, and the styles it sets on
+/// elements go through the DOM (`element.style`), which `style-src` does not govern: it runs
+/// under the same strict policy as the dashboard (checked in headless Chromium: no violation
+/// while every operation, schema and the authorize dialog are opened and requests executed).
+const POLICY: &str = assets::PAGE_POLICY;
 
 /// `GET /openapi.json`.
 pub fn document() -> &'static Asset {
