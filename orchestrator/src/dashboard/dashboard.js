@@ -135,6 +135,10 @@
   let disconnectedSince = null;
   /** When this page itself opens the next feed (after the browser gave up), else null. */
   let retryAt = null;
+  /** Whether the last attempt got an answer that was not a feed (429 at --max-watchers, 503). */
+  let refused = false;
+  /** Whether a snapshot ever arrived: before that there is no state to show. */
+  let haveState = false;
 
   function setConnection(state) {
     if (state === "disconnected" && el.body.dataset.connection !== "disconnected") {
@@ -150,7 +154,11 @@
   function showDetail() {
     let text = "";
     if (disconnectedSince !== null) {
-      text = `showing the last known state · for ${duration(Date.now() - disconnectedSince)}`;
+      const shown = haveState ? "showing the last known state" : "nothing to show yet";
+      text = `${shown} · for ${duration(Date.now() - disconnectedSince)}`;
+      // An EventSource cannot read the status, but only an answer (not a network error) makes
+      // the browser give up: the orchestrator is up and said no.
+      if (refused) text = `the orchestrator refused the feed (too many watchers, or its store is failing) · ${text}`;
       if (retryAt !== null) text += ` · next try in ${duration(Math.max(0, retryAt - Date.now()) + 999)}`;
     }
     setText(el.connectionDetail, text);
@@ -178,6 +186,7 @@
     es.addEventListener("open", () => {
       if (source !== es) return;
       backoffMs = BACKOFF_MIN_MS;
+      refused = false;
       setConnection("live");
       refreshStatus();
     });
@@ -187,6 +196,7 @@
         // A non-200 answer (429 too many watchers, 503): the browser gives up for good.
         es.close();
         source = null;
+        refused = true;
         const wait = backoffMs;
         backoffMs = Math.min(backoffMs * 2, BACKOFF_MAX_MS);
         retryAt = Date.now() + wait;
@@ -195,6 +205,7 @@
       } else {
         // A network error or the end of the stream: the browser retries by itself and resumes
         // with Last-Event-ID.
+        refused = false;
         setConnection("disconnected");
       }
       refreshStatus();
@@ -235,6 +246,7 @@
   }
 
   function applySnapshot(records) {
+    haveState = true;
     const next = new Map();
     for (const r of records) {
       const record = obj(r);
