@@ -241,9 +241,9 @@ async function dashboard(browser) {
   for (const part of ['.url', '.version', '.age', '.last-ping', '.expires', '.health[data-status="passing"]']) {
     if ((await row.locator(part).count()) !== 1) fail(`${instance(billing1.id)} has no single ${part}`);
   }
-  const shownUrl = (await row.locator('.url').innerText()).trim();
+  const shownUrl = (await row.locator('.url').textContent()).trim();
   if (shownUrl !== 'http://billing-1.internal:8080') fail(`.url shows ${JSON.stringify(shownUrl)}`);
-  const shownVersion = (await row.locator('.version').innerText()).trim();
+  const shownVersion = (await row.locator('.version').textContent()).trim();
   if (shownVersion !== '1.4.2') fail(`.version shows ${JSON.stringify(shownVersion)}`);
 
   await shoot(page, 'desktop');
@@ -284,7 +284,9 @@ async function dashboard(browser) {
   // A display name is text, never markup: nothing it carries is parsed or run.
   const evil = '<img id=xss-name src=x onerror=window.__xss=1>';
   const xss = await registerAndSee(page, 'http://xss.internal:1', { display_name: evil, version: '<b id=xss-version>1</b>' });
-  const shown = await page.locator(service(evil)).innerText()
+  // textContent, not innerText: a section below the fold is not laid out (content-visibility:
+  // auto), and innerText of content the browser skipped is empty.
+  const shown = await page.locator(service(evil)).textContent()
     .catch(() => fail(`no ${service(evil)}: the display name is not the section's data-name as given`));
   if (!shown.includes(evil)) fail(`the display name is not shown as text: ${JSON.stringify(shown)}`);
   const injected = await page.evaluate(() => ({

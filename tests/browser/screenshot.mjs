@@ -3,9 +3,10 @@
 //   cargo run -p servicekit-orchestrator --example demo &
 //   node tests/browser/screenshot.mjs http://127.0.0.1:9000 docs/dashboard.png
 //
-// So that the timeline shows more than the first snapshot, it registers one more instance of
-// the demo's "Service A", reports it `warning` on a ping, and deregisters it again
-// after the picture, leaving the demo as it found it. tests/dashboard_browser.rs runs it
+// So that the timeline shows more than the first snapshot, it registers one more service,
+// "Service C" (no server behind it, and not the one the demo's consumer calls), reports it
+// `warning` on a ping, and deregisters it again after the picture, leaving the demo as it
+// found it. tests/dashboard_browser.rs runs it
 // against its own orchestrator, so the command keeps working.
 
 import { chromium } from 'playwright-core';
@@ -42,7 +43,7 @@ try {
   await page.waitForSelector('body[data-connection=live]', { timeout: 10_000 });
   const registered = await call('POST', '/services/$register', {
     url: 'http://127.0.0.1:18080',
-    info: { display_name: 'Service A', version: '0.3.0-rc.1' },
+    info: { display_name: 'Service C', version: '0.3.0-rc.1' },
   });
   extra = registered.id;
   await call('PUT', `/services/${extra}/$ping`, { status: 'warning', output: 'slow: p99 840 ms' });
