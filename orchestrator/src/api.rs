@@ -394,15 +394,17 @@ impl Route {
             "/openapi.json" => {
                 return Some(Route::Asset(Some(openapi::document()), "/openapi.json"))
             }
-            p => {
-                if let Some(name) = p.strip_prefix("/ui/") {
-                    return Some(Route::Asset(dashboard::file(name), "/ui/{file}"));
-                }
-                if let Some(name) = p.strip_prefix("/docs/") {
+            // The registry's routes first: pings are the hot path.
+            p => match p.strip_prefix("/services/") {
+                Some(rest) => rest,
+                None => {
+                    if let Some(name) = p.strip_prefix("/ui/") {
+                        return Some(Route::Asset(dashboard::file(name), "/ui/{file}"));
+                    }
+                    let name = p.strip_prefix("/docs/")?;
                     return Some(Route::Asset(openapi::file(name), "/docs/{file}"));
                 }
-                p.strip_prefix("/services/")?
-            }
+            },
         };
         let mut parts = rest.split('/');
         let first = parts.next()?;

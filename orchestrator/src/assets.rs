@@ -26,8 +26,8 @@ pub struct Asset {
     name: &'static str,
     content_type: &'static str,
     bytes: &'static [u8],
-    /// The `Content-Security-Policy` of an HTML page; `None` for the files it loads.
-    policy: Option<&'static str>,
+    /// An HTML page, served with [`PAGE_POLICY`]; else a file a page loads.
+    page: bool,
     etag: OnceLock<HeaderValue>,
 }
 
@@ -42,18 +42,18 @@ impl Asset {
             name,
             content_type,
             bytes,
-            policy: None,
+            page: false,
             etag: OnceLock::new(),
         }
     }
 
-    /// An HTML page, served with `policy` as its `Content-Security-Policy`.
-    pub const fn page(name: &'static str, bytes: &'static [u8], policy: &'static str) -> Self {
+    /// An HTML page, served with [`PAGE_POLICY`] as its `Content-Security-Policy`.
+    pub const fn page(name: &'static str, bytes: &'static [u8]) -> Self {
         Asset {
             name,
             content_type: "text/html; charset=utf-8",
             bytes,
-            policy: Some(policy),
+            page: true,
             etag: OnceLock::new(),
         }
     }
@@ -106,10 +106,10 @@ impl Asset {
         headers.insert(ETAG, etag.clone());
         headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
         headers.insert(X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
-        if let Some(policy) = self.policy {
+        if self.page {
             headers.insert(
                 http::header::CONTENT_SECURITY_POLICY,
-                HeaderValue::from_static(policy),
+                HeaderValue::from_static(PAGE_POLICY),
             );
             headers.insert(
                 http::header::REFERRER_POLICY,
@@ -176,7 +176,7 @@ pub fn accepts_html(request: &HeaderMap) -> bool {
 mod tests {
     use super::*;
 
-    static PAGE: Asset = Asset::page("index.html", b"<!doctype html>", "default-src 'self'");
+    static PAGE: Asset = Asset::page("index.html", b"<!doctype html>");
 
     fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
         let mut map = HeaderMap::new();
@@ -192,10 +192,7 @@ mod tests {
         assert_eq!(response.status(), StatusCode::OK);
         let h = response.headers();
         assert_eq!(h[CONTENT_TYPE], "text/html; charset=utf-8");
-        assert_eq!(
-            h[http::header::CONTENT_SECURITY_POLICY],
-            "default-src 'self'"
-        );
+        assert_eq!(h[http::header::CONTENT_SECURITY_POLICY], PAGE_POLICY);
         assert_eq!(h[CACHE_CONTROL], "no-cache");
         assert_eq!(h[X_CONTENT_TYPE_OPTIONS], "nosniff");
         assert!(h[ETAG]

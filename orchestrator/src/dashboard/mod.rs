@@ -5,10 +5,10 @@
 //! `GET /services`, `/health` and `/metrics`); it never asks for or holds a key, so it is
 //! read-only whatever keys the orchestrator is configured with. Design notes: `docs/dashboard.md`.
 
-use crate::assets::{Asset, PAGE_POLICY};
+use crate::assets::Asset;
 
 /// `GET /ui`.
-pub static PAGE: Asset = Asset::page("ui", include_bytes!("index.html"), PAGE_POLICY);
+pub static PAGE: Asset = Asset::page("ui", include_bytes!("index.html"));
 
 static FILES: [Asset; 3] = [
     Asset::file(

@@ -7,16 +7,10 @@
 
 use std::sync::OnceLock;
 
-use crate::assets::{self, Asset};
+use crate::assets::Asset;
 
 /// The document as written; `info.version` is set to this build's version when served.
 const DOCUMENT: &[u8] = include_bytes!("openapi.json");
-
-/// Swagger UI draws icons from `data:` images in its style sheet, and the styles it sets on
-/// elements go through the DOM (`element.style`), which `style-src` does not govern: it runs
-/// under the same strict policy as the dashboard (checked in headless Chromium: no violation
-/// while every operation, schema and the authorize dialog are opened and requests executed).
-const POLICY: &str = assets::PAGE_POLICY;
 
 /// `GET /openapi.json`.
 pub fn document() -> &'static Asset {
@@ -39,8 +33,12 @@ fn versioned(document: &[u8]) -> Option<Vec<u8>> {
     serde_json::to_vec(&doc).ok()
 }
 
-/// `GET /docs`.
-pub static PAGE: Asset = Asset::page("docs", include_bytes!("swagger-ui/index.html"), POLICY);
+/// `GET /docs`. Swagger UI draws icons from `data:` images in its style sheet, and the styles
+/// it sets on elements go through the DOM (`element.style`), which `style-src` does not
+/// govern: it runs under the pages' strict [`crate::assets::PAGE_POLICY`] (checked in headless
+/// Chromium: no violation while every operation, schema and the authorize dialog are opened
+/// and requests executed).
+pub static PAGE: Asset = Asset::page("docs", include_bytes!("swagger-ui/index.html"));
 
 static FILES: [Asset; 4] = [
     Asset::file(
