@@ -137,8 +137,6 @@
   let retryAt = null;
   /** Whether the last attempt got an answer that was not a feed (429 at --max-watchers, 503). */
   let refused = false;
-  /** Whether a snapshot ever arrived: before that there is no state to show. */
-  let haveState = false;
 
   function setConnection(state) {
     if (state === "disconnected" && el.body.dataset.connection !== "disconnected") {
@@ -154,7 +152,7 @@
   function showDetail() {
     let text = "";
     if (disconnectedSince !== null) {
-      const shown = haveState ? "showing the last known state" : "nothing to show yet";
+      const shown = haveSnapshot ? "showing the last known state" : "nothing to show yet";
       text = `${shown} · for ${duration(Date.now() - disconnectedSince)}`;
       // An EventSource cannot read the status, but only an answer (not a network error) makes
       // the browser give up: the orchestrator is up and said no.
@@ -246,7 +244,6 @@
   }
 
   function applySnapshot(records) {
-    haveState = true;
     const next = new Map();
     for (const r of records) {
       const record = obj(r);
@@ -363,17 +360,13 @@
       const fresh = obj(r);
       const known = instances.get(str(fresh.id));
       if (!known) continue;
-      const ping0 = parseTime(known.last_ping_at);
-      const ping1 = parseTime(fresh.last_ping_at);
-      if (ping1 !== null && (ping0 === null || ping1 > ping0)) {
-        known.last_ping_at = fresh.last_ping_at;
-        changed = true;
-      }
-      const exp0 = parseTime(known.expires_at);
-      const exp1 = parseTime(fresh.expires_at);
-      if (exp1 !== null && (exp0 === null || exp1 > exp0)) {
-        known.expires_at = fresh.expires_at;
-        changed = true;
+      for (const field of ["last_ping_at", "expires_at"]) {
+        const before = parseTime(known[field]);
+        const after = parseTime(fresh[field]);
+        if (after !== null && (before === null || after > before)) {
+          known[field] = fresh[field];
+          changed = true;
+        }
       }
       const h0 = healthOf(known);
       const h1 = healthOf(fresh);
@@ -599,7 +592,6 @@
       } else {
         text = "in " + duration(left + 999);
         // "soon": less than a quarter of the TTL (as of the last ping) left.
-        const pinged = parseTime(record.last_ping_at);
         const ttl = pinged === null ? 20000 : expires - pinged;
         if (left < Math.max(1000, ttl / 4)) state = "soon";
       }
