@@ -6,6 +6,8 @@
 //! `target/dashboard-screenshots/`. The README's screenshot script (`tests/browser/
 //! screenshot.mjs`) runs here too, so its command stays true.
 
+mod support;
+
 use std::ffi::OsStr;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -16,6 +18,9 @@ use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use support::free_port;
+use support::process::{orchestrator_binary, profile_dir};
+
 /// The whole run, browser included: a hang fails the test instead of stalling CI.
 const BOUND: Duration = Duration::from_secs(120);
 /// Short, so an unpinged registration expires while the page watches.
@@ -23,15 +28,6 @@ const TTL_SECONDS: u64 = 3;
 const CHROMIUM: &str = "/usr/bin/chromium";
 const HOW_TO_FIX: &str = "run scripts/test, which installs node, npm and Debian's chromium \
     (.ci/install-deps) and the browser test's packages (`npm ci` in tests/browser)";
-
-/// target/debug/deps/<this test> → target/debug.
-fn profile_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("test path");
-    exe.parent()
-        .and_then(|deps| deps.parent())
-        .map(Path::to_path_buf)
-        .expect("target dir")
-}
 
 fn browser_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("browser")
@@ -57,24 +53,12 @@ fn require_tools() {
     );
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
 /// The orchestrator binary on `addr`, its output appended to `log`; killed when dropped.
 struct Orchestrator(Child);
 
 impl Orchestrator {
     fn start(addr: &str, log: &Path) -> Orchestrator {
-        let binary = profile_dir().join("orchestrator");
-        assert!(
-            binary.exists(),
-            "{} is missing: build the binaries first (`cargo build --bins`, as scripts/test does)",
-            binary.display()
-        );
+        let binary = orchestrator_binary();
         let out = File::options()
             .create(true)
             .append(true)

@@ -3,12 +3,11 @@
 
 mod support;
 
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::process::{example, Process};
+use support::process::{example, orchestrator_binary, Process};
 use support::*;
 
 /// Commands run elsewhere, with where.
@@ -64,21 +63,6 @@ fn readme_commands() -> Vec<String> {
         }
     }
     commands
-}
-
-fn orchestrator_binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("test path");
-    let path = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .map(|profile| profile.join("orchestrator"))
-        .expect("target dir");
-    assert!(
-        path.exists(),
-        "{} is missing: build the binaries first (`cargo build --bins`, as scripts/test does)",
-        path.display()
-    );
-    path
 }
 
 /// `cargo run -p servicekit-orchestrator` without cargo: the built binary, on `bind`.

@@ -7,16 +7,30 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+/// The build's profile directory: target/<profile>/deps/<this test> → target/<profile>.
+pub fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    exe.parent()
+        .and_then(|deps| deps.parent())
+        .map(PathBuf::from)
+        .expect("target directory")
+}
+
+/// The orchestrator binary, built by `scripts/test` (`cargo build --bins`).
+pub fn orchestrator_binary() -> PathBuf {
+    let path = profile_dir().join("orchestrator");
+    assert!(
+        path.exists(),
+        "{} is missing: build the binaries first (`cargo build --bins`, as scripts/test does)",
+        path.display()
+    );
+    path
+}
+
 /// A command for the example `name`, with every servicekit variable of the test's own
 /// environment removed and its output piped.
 pub fn example(name: &str) -> Command {
-    // target/<profile>/deps/<this test> → target/<profile>/examples/<name>
-    let exe = std::env::current_exe().expect("test binary path");
-    let path: PathBuf = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .map(|profile| profile.join("examples").join(name))
-        .expect("target directory");
+    let path = profile_dir().join("examples").join(name);
     assert!(
         path.exists(),
         "{} is missing: build the examples first (`cargo build --examples --features \
