@@ -1,9 +1,11 @@
 //! The orchestrator on a real local Valkey Cluster (six nodes: three masters, three replicas):
 //! replicas sharing it (whatever one writes, the others read), surviving the loss of any
-//! node, seeds included, and slots moving between masters under load.
+//! node, seeds included, slots moving between masters under load, and the first reads of a
+//! moved slot.
 
 mod support;
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -12,6 +14,7 @@ use http::Method;
 
 use serde_json::Value;
 use servicekit_orchestrator::config::Config;
+use servicekit_orchestrator::store::LIST_BATCH;
 use support::cluster::ValkeyCluster;
 use support::http::{Api, Reply};
 use support::replicas::{Replicas, SEEDS};
@@ -346,6 +349,61 @@ async fn slots_move_between_masters_under_load_without_a_lost_request() {
             assert_eq!(api.get(&format!("/services/{id}")).await.status, 404);
         }
     }
+    replicas.shutdown().await;
+}
+
+/// A slot moved behind the replicas' backs (by valkey-cli, so every replica's slot map is
+/// stale): the first read of it through each replica is answered in full. Red without the
+/// store's resend of redirected reads: the record answered 503 "Too many redirections", the
+/// page too, and the streamed list was cut off after its first part.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_reads_of_a_moved_slot_are_answered_in_full() {
+    let cluster = ValkeyCluster::new();
+    let (replicas, _) = Replicas::on_cluster(&cluster, &SEEDS, Config::for_tests()).await;
+    // More records than the first part of a streamed list, all registered through replica 0.
+    let mut ids = Vec::new();
+    for n in 0..LIST_BATCH + 100 {
+        let url = format!("http://stale-{n}:8000");
+        ids.push(register_via(&replicas.api(0), &url, "stale", None).await.1);
+    }
+    ids.sort();
+    // A record's slot is its id's hash tag's: the last three characters (keys.rs).
+    let slot_of = |id: &str| fred::util::redis_keyslot(format!("{{{}}}", &id[23..]).as_bytes());
+    let all_slot = fred::util::redis_keyslot(b"{all}");
+    let first_part: HashSet<u16> = ids[..LIST_BATCH].iter().map(|id| slot_of(id)).collect();
+    let moved = ids
+        .iter()
+        .rev()
+        .find(|id| !first_part.contains(&slot_of(id)) && slot_of(id) != all_slot)
+        .expect("an id after the first part, alone in its slot");
+    let slot = slot_of(moved);
+    let from = cluster.master_of_slot(slot);
+    let to = cluster
+        .masters()
+        .into_iter()
+        .find(|&m| m != from)
+        .expect("another master");
+    let keys =
+        tokio::task::block_in_place(|| cluster.migrate_slot(slot, from, to, 1_000, Duration::ZERO));
+    assert!(keys > 0, "slot {slot} held no key");
+
+    // Each replica's first read of the slot: a record, a page, a streamed list.
+    let record = replicas.api(0).get(&format!("/services/{moved}")).await;
+    assert_eq!(record.status, 200, "{record:?}");
+    assert_eq!(id_of(&record.json()), *moved);
+    let page = replicas.api(1).get("/services?limit=1000").await;
+    assert_eq!(page.status, 200, "{page:?}");
+    assert_eq!(page.json::<Value>()["count"], ids.len());
+    let streamed = replicas
+        .api(2)
+        .try_get("/services")
+        .await
+        .unwrap_or_else(|e| panic!("the streamed list was cut off: {e}"));
+    assert_eq!(streamed.status, 200, "{streamed:?}");
+    let streamed: servicekit::protocol::ListResponse = streamed.json();
+    let mut listed: Vec<String> = streamed.services.iter().map(|s| s.id.to_string()).collect();
+    listed.sort();
+    assert_eq!(listed, ids);
     replicas.shutdown().await;
 }
 

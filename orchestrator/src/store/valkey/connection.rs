@@ -31,6 +31,10 @@ const FORCED_RECONNECT_WAIT: Duration = Duration::from_secs(30);
 /// How long a cluster master may take to answer the health check's `CLUSTER INFO`: well
 /// inside the API's 2 s bound on the whole check.
 const MASTER_CHECK_TIMEOUT: Duration = Duration::from_millis(1_000);
+/// How often a read refused by a Cluster redirection is sent in all, and the pause before its
+/// first resend (doubling after each): about 1.6 s in all, for an ASK to outlast a slot moving.
+const READ_ATTEMPTS: u32 = 7;
+const READ_RESEND_PAUSE: Duration = Duration::from_millis(25);
 /// Idle time before TCP keepalive probes start, and their interval.
 const KEEPALIVE_IDLE: Duration = Duration::from_secs(15);
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
@@ -205,6 +209,29 @@ impl ValkeyStore {
             Err(_) => {}
         }
         r.map_err(map_err)
+    }
+
+    /// [`Self::note`] for a command that only reads, sent again while a Cluster redirection
+    /// refuses it (up to [`READ_ATTEMPTS`]). The client follows none itself
+    /// (`max_redirections = 0`), so a refused command did not run; a MOVED has already
+    /// refreshed the slot map, and an ASK lasts until its slot has moved. Without this, the
+    /// first read of a moved slot fails, and a streamed listing is cut off mid-body.
+    pub(super) async fn read<T, F, Fut>(&self, mut send: F) -> Result<T, StoreError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, FredError>>,
+    {
+        let mut pause = READ_RESEND_PAUSE;
+        for _ in 1..READ_ATTEMPTS {
+            match send().await {
+                Err(e) if redirected(&e) => {
+                    tokio::time::sleep(pause).await;
+                    pause *= 2;
+                }
+                outcome => return self.note(outcome),
+            }
+        }
+        self.note(send().await)
     }
 
     fn timed_out(&self) {
@@ -428,6 +455,12 @@ pub(super) fn no_answer(e: &FredError) -> bool {
         e.kind(),
         ErrorKind::Timeout | ErrorKind::IO | ErrorKind::Canceled
     )
+}
+
+/// Whether `e` is a Cluster redirection (MOVED or ASK) the client refused to follow: the
+/// command did not run. fred reports it as a routing error ("Too many redirections.").
+fn redirected(e: &FredError) -> bool {
+    matches!(e.kind(), ErrorKind::Routing)
 }
 
 /// Checks that a command was queued in a pipeline.

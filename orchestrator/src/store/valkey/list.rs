@@ -15,7 +15,6 @@ use fred::types::Value;
 use servicekit::protocol::ServiceRecord;
 use ulid::Ulid;
 
-use super::connection::queue;
 use super::index::BATCH;
 use super::record::record_from_value;
 use super::ValkeyStore;
@@ -42,7 +41,8 @@ impl ValkeyStore {
         after: Option<Ulid>,
     ) -> Result<ValkeyListing, StoreError> {
         let (index, mut candidates) = if let Some(url) = &filter.url {
-            let id: Option<String> = self.note(self.client.get(self.keys.url(url)).await)?;
+            let key = self.keys.url(url);
+            let id: Option<String> = self.read(|| self.client.get(&key)).await?;
             let id = id.as_deref().and_then(|s| Ulid::from_string(s).ok());
             (None, id.map(|id| (id, 0.0)).into_iter().collect())
         } else {
@@ -70,11 +70,9 @@ impl ValkeyStore {
     /// The members of `index` that are ids, with their scores. Members that are not ids are
     /// not ours to interpret: they are dropped in the background so they cannot pile up.
     async fn read_ids(&self, index: &str) -> Result<Vec<(Ulid, f64)>, StoreError> {
-        let entries: Vec<(String, f64)> = self.note(
-            self.client
-                .zrange(index, 0, -1, None, false, None, true)
-                .await,
-        )?;
+        let entries: Vec<(String, f64)> = self
+            .read(|| self.client.zrange(index, 0, -1, None, false, None, true))
+            .await?;
         let mut ids = Vec::with_capacity(entries.len());
         let mut junk = Vec::new();
         for (member, score) in entries {
@@ -112,11 +110,16 @@ impl ValkeyStore {
 
     /// Fetches the records of `ids` in one pipelined round trip; missing ones are `None`.
     async fn fetch(&self, ids: &[(Ulid, f64)]) -> Result<Vec<Option<ServiceRecord>>, StoreError> {
-        let pipeline = self.client.pipeline();
-        for (id, _) in ids {
-            queue(pipeline.get::<(), _>(self.keys.svc(*id)).await)?;
-        }
-        let replies: Vec<Value> = self.note(pipeline.all().await)?;
+        let keys: Vec<String> = ids.iter().map(|(id, _)| self.keys.svc(*id)).collect();
+        let replies: Vec<Value> = self
+            .read(|| async {
+                let pipeline = self.client.pipeline();
+                for key in &keys {
+                    pipeline.get::<(), _>(key).await?;
+                }
+                pipeline.all().await
+            })
+            .await?;
         if replies.len() != ids.len() {
             return Err(StoreError::Corrupt(format!(
                 "pipeline of {} GET answered {} replies",

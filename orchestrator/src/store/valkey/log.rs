@@ -263,15 +263,13 @@ impl ValkeyStore {
         after: Cursor,
         limit: usize,
     ) -> Result<Option<(LogState, Vec<Value>)>, StoreError> {
-        let reply = self.note(
-            LOG_READ
-                .run(
-                    &self.client,
-                    vec![self.keys.events()],
-                    vec![after.to_string(), limit.to_string()],
-                )
-                .await,
-        )?;
+        let (keys, args) = (
+            vec![self.keys.events()],
+            vec![after.to_string(), limit.to_string()],
+        );
+        let reply = self
+            .read(|| LOG_READ.run(&self.client, keys.clone(), args.clone()))
+            .await?;
         if reply.is_null() {
             return Ok(None);
         }

@@ -601,7 +601,8 @@ impl Store for ValkeyStore {
     }
 
     async fn get(&self, id: Ulid) -> Result<Option<ServiceRecord>, StoreError> {
-        let reply: Value = self.note(self.client.get(self.keys.svc(id)).await)?;
+        let key = self.keys.svc(id);
+        let reply: Value = self.read(|| self.client.get(&key)).await?;
         record_from_value(id, &reply)
     }
 
@@ -698,7 +699,8 @@ impl Store for ValkeyStore {
     }
 
     async fn count(&self) -> Result<u64, StoreError> {
-        self.note(self.client.zcard(self.keys.all_idx()).await)
+        let key = self.keys.all_idx();
+        self.read(|| self.client.zcard(&key)).await
     }
 
     fn reconnects(&self) -> Option<prometheus_client::metrics::counter::Counter> {
