@@ -458,7 +458,8 @@ pub(super) fn no_answer(e: &FredError) -> bool {
 }
 
 /// Whether `e` is a Cluster redirection (MOVED or ASK) the client refused to follow: the
-/// command did not run. fred reports it as a routing error ("Too many redirections.").
+/// command did not run. fred reports it as a routing error ("Too many redirections."); its
+/// other routing errors (no connection for the slot) also come before anything was sent.
 fn redirected(e: &FredError) -> bool {
     matches!(e.kind(), ErrorKind::Routing)
 }
