@@ -1,11 +1,13 @@
 //! The README's first command, `cargo run -p servicekit-orchestrator --example demo`, run as
 //! the built example binary (`orchestrator/examples/demo.rs`; every workspace member's
 //! examples land in `target/<profile>/examples/`): both services register, the registry is
-//! printed, the consumer's first call is answered by Service A, Ctrl-C stops the consumer with
-//! no failed call, deregisters the services and exits 0.
+//! printed, the consumer's first call is answered by Service A, Ctrl-C (sent while the consumer
+//! is still starting) stops the consumer with no failed call, deregisters the services and
+//! exits 0.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
+use std::sync::mpsc::RecvTimeoutError;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -47,7 +49,12 @@ fn demo_registers_two_services_and_cleans_up_on_ctrl_c() {
             match rx.recv_timeout(left) {
                 Ok(line) if line.starts_with(prefix) => return line[prefix.len()..].to_owned(),
                 Ok(_) => continue,
-                Err(_) => panic!("the demo printed no line starting with {prefix:?}"),
+                Err(RecvTimeoutError::Timeout) => {
+                    panic!("the demo printed no line starting with {prefix:?} within 60 s")
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    panic!("the demo's output ended (it exited) before a line starting with {prefix:?}")
+                }
             }
         }
     };
@@ -62,6 +69,13 @@ fn demo_registers_two_services_and_cleans_up_on_ctrl_c() {
         .collect();
     names.sort_unstable();
     assert_eq!(names, ["Service A", "Service B"]);
+    // Ctrl-C at once, while the consumer is still starting: a Ctrl-C at any time after the
+    // demo started stops it cleanly (once it has started), never half-way.
+    let sent = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(sent.success());
     let answer = next_with("consumer: Service A answered ");
     assert!(
         answer.starts_with("200 OK from http://127.0.0.1:"),
@@ -71,12 +85,6 @@ fn demo_registers_two_services_and_cleans_up_on_ctrl_c() {
         answer.contains("\"display_name\":\"Service A\""),
         "{answer}"
     );
-
-    let sent = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(sent.success());
     let summary = next_with("consumer: requests=");
     assert!(
         summary.ends_with(" failed=0"),

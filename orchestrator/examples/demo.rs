@@ -38,6 +38,9 @@ async fn main() -> Result<(), Box<dyn Error>> {
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
+    // Installed before anything starts, so that a Ctrl-C while the demo is starting is not
+    // lost (nor kills it half-way): it stops cleanly as soon as it has started.
+    let shutdown = servicekit::signal::shutdown_signal()?;
 
     let mut config = Config::for_tests();
     config.bind = std::env::var("DEMO_ORCHESTRATOR_BIND")
@@ -107,7 +110,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
          Ctrl-C to stop."
     );
 
-    servicekit::signal::shutdown_signal()?.await;
+    shutdown.await;
     // The consumer first, so that it does not count the services' shutdown as failures.
     let _ = consumer_stop.send(true);
     let (requests, failed) = consumer.await?;
