@@ -11,7 +11,6 @@ mod support;
 use std::ffi::OsStr;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
@@ -19,7 +18,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use support::free_port;
-use support::process::{orchestrator_binary, profile_dir};
+use support::process::{orchestrator_binary, profile_dir, wait_exit, Listening};
 
 /// The whole run, browser included: a hang fails the test instead of stalling CI.
 const BOUND: Duration = Duration::from_secs(120);
@@ -53,75 +52,33 @@ fn require_tools() {
     );
 }
 
-/// The orchestrator binary on `addr`, its output appended to `log`; killed when dropped.
-struct Orchestrator(Child);
-
-impl Orchestrator {
-    fn start(addr: &str, log: &Path) -> Orchestrator {
-        let binary = orchestrator_binary();
-        let out = File::options()
-            .create(true)
-            .append(true)
-            .open(log)
-            .expect("orchestrator log");
-        let err = out.try_clone().expect("orchestrator log");
-        let mut cmd = Command::new(binary);
-        cmd.args(["--bind", addr, "--ttl-seconds", &TTL_SECONDS.to_string()])
-            .env("LOG_FORMAT", "pretty")
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err);
-        for var in [
-            "VALKEY_URL",
-            "ORCHESTRATOR_REGISTRATION_KEY",
-            "ORCHESTRATOR_ADMIN_KEY",
-            "ORCHESTRATOR_REQUIRE_LEASE",
-            "ORCHESTRATOR_PUBLIC_URL",
-            "ORCHESTRATOR_TLS_CERT",
-            "ORCHESTRATOR_TLS_KEY",
-            "RUST_LOG",
-        ] {
-            cmd.env_remove(var);
-        }
-        let mut child = Orchestrator(cmd.spawn().expect("orchestrator starts"));
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while TcpStream::connect(addr).is_err() {
-            if let Some(status) = child.0.try_wait().expect("wait") {
-                panic!("the orchestrator exited ({status}): see {}", log.display());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the orchestrator did not listen on {addr}: see {}",
-                log.display()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        child
+/// The orchestrator binary on `addr`, its output appended to `log`.
+fn start_orchestrator(addr: &str, log: &Path) -> Listening {
+    let out = File::options()
+        .create(true)
+        .append(true)
+        .open(log)
+        .expect("orchestrator log");
+    let err = out.try_clone().expect("orchestrator log");
+    let mut cmd = Command::new(orchestrator_binary());
+    cmd.args(["--bind", addr, "--ttl-seconds", &TTL_SECONDS.to_string()])
+        .env("LOG_FORMAT", "pretty")
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err);
+    for var in [
+        "VALKEY_URL",
+        "ORCHESTRATOR_REGISTRATION_KEY",
+        "ORCHESTRATOR_ADMIN_KEY",
+        "ORCHESTRATOR_REQUIRE_LEASE",
+        "ORCHESTRATOR_PUBLIC_URL",
+        "ORCHESTRATOR_TLS_CERT",
+        "ORCHESTRATOR_TLS_KEY",
+        "RUST_LOG",
+    ] {
+        cmd.env_remove(var);
     }
-
-    /// SIGTERM, as a deployment stops it, and its exit awaited (killed after 10 s).
-    fn stop(mut self) {
-        let term = Command::new("kill")
-            .args(["-TERM", &self.0.id().to_string()])
-            .status()
-            .expect("kill");
-        assert!(term.success(), "kill -TERM {}", self.0.id());
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while self.0.try_wait().expect("wait").is_none() {
-            assert!(
-                Instant::now() < deadline,
-                "the orchestrator did not exit within 10 s of SIGTERM"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Orchestrator {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+    Listening::start(cmd, addr, &format!("see {}", log.display()))
 }
 
 /// `kill -KILL -- -<group>`: every process of the group.
@@ -245,16 +202,8 @@ impl Script {
             output.push(line);
         }
         // Its output ended: node is exiting.
-        let status = loop {
-            if let Some(status) = run.child.try_wait().expect("wait") {
-                break status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "node closed its output but did not exit"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        };
+        let left = deadline.saturating_duration_since(Instant::now());
+        let status = wait_exit(&mut run.child, left);
         (run, status, output)
     }
 }
@@ -267,7 +216,7 @@ fn the_dashboard_works_in_a_real_browser() {
     let _ = std::fs::remove_file(&orchestrator_log);
 
     let addr = format!("127.0.0.1:{}", free_port());
-    let mut orchestrator = Some(Orchestrator::start(&addr, &orchestrator_log));
+    let mut orchestrator = Some(start_orchestrator(&addr, &orchestrator_log));
     let started = Instant::now();
     let base = format!("http://{addr}");
     let ttl = TTL_SECONDS.to_string();
@@ -285,12 +234,12 @@ fn the_dashboard_works_in_a_real_browser() {
         |line| match line {
             "@stop" => {
                 if let Some(o) = orchestrator.take() {
-                    o.stop();
+                    o.stop(Duration::from_secs(10));
                 }
                 Some("ok")
             }
             "@start" => {
-                orchestrator = Some(Orchestrator::start(&addr, &orchestrator_log));
+                orchestrator = Some(start_orchestrator(&addr, &orchestrator_log));
                 Some("ok")
             }
             _ => {
@@ -323,7 +272,7 @@ fn the_readme_screenshot_script_takes_a_picture() {
     let _ = std::fs::remove_file(&out);
     let log = target_dir().join("dashboard-screenshot-orchestrator.log");
     let addr = format!("127.0.0.1:{}", free_port());
-    let _orchestrator = Orchestrator::start(&addr, &log);
+    let _orchestrator = start_orchestrator(&addr, &log);
 
     let base = format!("http://{addr}");
     let (mut script, status, output) = Script::run(

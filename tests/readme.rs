@@ -3,11 +3,11 @@
 
 mod support;
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::process::{example, orchestrator_binary, Process};
+use support::process::{example, orchestrator_binary, Listening, Process};
 use support::*;
 
 /// Commands run elsewhere, with where.
@@ -66,36 +66,16 @@ fn readme_commands() -> Vec<String> {
 }
 
 /// `cargo run -p servicekit-orchestrator` without cargo: the built binary, on `bind`.
-struct Orchestrator(Child);
-
-impl Orchestrator {
-    fn start(bind: &str, valkey_url: Option<&str>) -> Orchestrator {
-        let mut cmd = Command::new(orchestrator_binary());
-        cmd.env("ORCHESTRATOR_BIND", bind)
-            .env_remove("VALKEY_URL")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        if let Some(url) = valkey_url {
-            cmd.env("VALKEY_URL", url);
-        }
-        let child = cmd.spawn().expect("orchestrator starts");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(bind).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "orchestrator did not listen on {bind}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Orchestrator(child)
+fn start_orchestrator(bind: &str, valkey_url: Option<&str>) -> Listening {
+    let mut cmd = Command::new(orchestrator_binary());
+    cmd.env("ORCHESTRATOR_BIND", bind)
+        .env_remove("VALKEY_URL")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    if let Some(url) = valkey_url {
+        cmd.env("VALKEY_URL", url);
     }
-}
-
-impl Drop for Orchestrator {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+    Listening::start(cmd, bind, "its output is not kept")
 }
 
 /// Runs a README command with the README's address replaced by the test's.
@@ -133,7 +113,7 @@ fn every_readme_command_is_run_somewhere() {
 #[test]
 fn the_try_it_commands_work() {
     let addr = format!("127.0.0.1:{}", free_port());
-    let _orch = Orchestrator::start(&addr, None);
+    let _orch = start_orchestrator(&addr, None);
     let curls: Vec<String> = readme_commands()
         .into_iter()
         .filter(|c| c.starts_with("curl ") && !c.contains("health"))
@@ -166,7 +146,7 @@ fn until_json(command: &str, addr: &str, what: &str, ok: impl Fn(&Value) -> bool
 #[test]
 fn the_health_commands_work() {
     let addr = format!("127.0.0.1:{}", free_port());
-    let _orch = Orchestrator::start(&addr, None);
+    let _orch = start_orchestrator(&addr, None);
     let commands = readme_commands();
     let service = commands
         .iter()
@@ -220,7 +200,7 @@ fn the_valkey_command_uses_valkey() {
         .expect("url")
         .replace("127.0.0.1:6379", &format!("127.0.0.1:{}", valkey.port()));
     let addr = format!("127.0.0.1:{}", free_port());
-    let _orch = Orchestrator::start(&addr, Some(&url));
+    let _orch = start_orchestrator(&addr, Some(&url));
     let health: Value =
         serde_json::from_str(&sh(&format!("curl -s {addr}/health"), &addr)).expect("health JSON");
     assert_eq!(health["status"], "healthy");

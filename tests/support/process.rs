@@ -27,6 +27,42 @@ pub fn orchestrator_binary() -> PathBuf {
     path
 }
 
+/// A server process started from `cmd` and listening on `addr`; killed when dropped.
+pub struct Listening(Child);
+
+impl Listening {
+    /// Starts `cmd` and waits (20 s at most) until `addr` takes connections; `log` is where
+    /// a failure message sends the reader.
+    pub fn start(mut cmd: Command, addr: &str, log: &str) -> Listening {
+        let mut server = Listening(cmd.spawn().expect("server starts"));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(addr).is_err() {
+            if let Some(status) = server.0.try_wait().expect("wait") {
+                panic!("the server exited ({status}): {log}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the server did not listen on {addr}: {log}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        server
+    }
+
+    /// SIGTERM, as a deployment stops it, and its exit awaited (killed after `within`).
+    pub fn stop(mut self, within: Duration) -> ExitStatus {
+        sigterm(&self.0);
+        wait_exit(&mut self.0, within)
+    }
+}
+
+impl Drop for Listening {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// A command for the example `name`, with every servicekit variable of the test's own
 /// environment removed and its output piped.
 pub fn example(name: &str) -> Command {
@@ -82,7 +118,7 @@ pub fn wait_exit(child: &mut Child, within: Duration) -> ExitStatus {
         }
         if Instant::now() > deadline {
             let _ = child.kill();
-            panic!("the example did not exit within {within:?}");
+            panic!("the process did not exit within {within:?}");
         }
         std::thread::sleep(Duration::from_millis(20));
     }
