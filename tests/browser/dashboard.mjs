@@ -245,6 +245,15 @@ async function dashboard(browser) {
   if (shownUrl !== 'http://billing-1.internal:8080') fail(`.url shows ${JSON.stringify(shownUrl)}`);
   const shownVersion = (await row.locator('.version').textContent()).trim();
   if (shownVersion !== '1.4.2') fail(`.version shows ${JSON.stringify(shownVersion)}`);
+  // Pings make no watch event: the page's poll of the list moves the expiry (its title is the
+  // time, redrawn only when the record changed).
+  const expiresTitle = () => row.locator('.expires').getAttribute('title');
+  const firstExpiry = await expiresTitle();
+  await page.waitForFunction(
+    ([selector, before]) => document.querySelector(selector)?.getAttribute('title') !== before,
+    [`${instance(billing1.id)} .expires`, firstExpiry],
+    { timeout: 10_000 },
+  ).catch(async () => fail(`the pinged ${instance(billing1.id)} still expires at ${JSON.stringify(await expiresTitle())} after 10 s`));
 
   await shoot(page, 'desktop');
   const background = (p) => p.evaluate(() => getComputedStyle(document.body).backgroundColor);

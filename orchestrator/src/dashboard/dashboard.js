@@ -358,20 +358,28 @@
     let changed = false;
     for (const r of records) {
       const fresh = obj(r);
-      const known = instances.get(str(fresh.id));
+      const id = str(fresh.id);
+      const known = instances.get(id);
       if (!known) continue;
+      // A changed record is a new object, so that render() redraws only the rows whose
+      // record is not the one they show.
+      let next = null;
       for (const field of ["last_ping_at", "expires_at"]) {
         const before = parseTime(known[field]);
         const after = parseTime(fresh[field]);
         if (after !== null && (before === null || after > before)) {
-          known[field] = fresh[field];
-          changed = true;
+          next = next || Object.assign({}, known);
+          next[field] = fresh[field];
         }
       }
       const h0 = healthOf(known);
       const h1 = healthOf(fresh);
       if (h0.status === h1.status && h0.output !== h1.output) {
-        known.health = Object.assign({}, obj(known.health), { output: h1.output });
+        next = next || Object.assign({}, known);
+        next.health = Object.assign({}, obj(known.health), { output: h1.output });
+      }
+      if (next) {
+        instances.set(id, next);
         changed = true;
       }
     }
@@ -497,9 +505,9 @@
     }, 0);
   }
 
-  function matches(record) {
+  function matches(record, name) {
     if (terms.length === 0) return true;
-    const hay = [displayName(record), str(record.url), version(record), str(record.id)]
+    const hay = [name, str(record.url), version(record), str(record.id)]
       .join("\n")
       .toLowerCase();
     return terms.every((t) => hay.includes(t));
@@ -602,10 +610,12 @@
 
   function render() {
     const byName = new Map();
+    const allNames = new Set();
     let shown = 0;
     for (const record of instances.values()) {
-      if (!matches(record)) continue;
       const name = displayName(record);
+      allNames.add(name);
+      if (!matches(record, name)) continue;
       if (!byName.has(name)) byName.set(name, []);
       byName.get(name).push(record);
       shown += 1;
@@ -642,8 +652,11 @@
           row = buildRow(record.id);
           group.rows.set(record.id, row);
         }
-        row.record = record;
-        fillRow(row, record);
+        // The clock's cells move in tick(); the rest only when the record changed.
+        if (row.record !== record) {
+          row.record = record;
+          fillRow(row, record);
+        }
         health[healthOf(record).status] += 1;
         const want = prevRow ? prevRow.tr.nextSibling : group.tbody.firstChild;
         if (want !== row.tr) group.tbody.insertBefore(row.tr, want);
@@ -662,7 +675,7 @@
     }
 
     const total = instances.size;
-    const totalNames = new Set([...instances.values()].map(displayName)).size;
+    const totalNames = allNames.size;
     setText(el.totals, haveSnapshot
       ? `${totalNames} ${totalNames === 1 ? "service" : "services"}, ${total} ${total === 1 ? "instance" : "instances"}` +
         (terms.length ? ` · ${shown} shown` : "")
