@@ -11,12 +11,11 @@ import { execFile } from 'node:child_process';
 import { mkdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
-import { chromium } from 'playwright-core';
+import { chromium, launch } from './chromium.mjs';
 
 const BASE = required('ORCHESTRATOR_URL').replace(/\/$/, '');
 const SHOTS = required('SCREENSHOT_DIR');
 const TTL_SECONDS = Number(required('TTL_SECONDS'));
-const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
 /** The issue's requirement: a registration shows on the page within a second. */
 const APPEARS_WITHIN_MS = 1000;
 
@@ -354,16 +353,7 @@ async function docs(browser) {
 
 async function main() {
   mkdirSync(SHOTS, { recursive: true });
-  const server = await chromium.launchServer({
-    executablePath: CHROMIUM,
-    headless: true,
-    // Headless in a container as root; nothing from the network but the orchestrator.
-    args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking',
-      '--disable-component-update', '--disable-sync'],
-  });
-  // Chromium leads its own process group (playwright starts it detached): the test kills that
-  // group too when it has to kill this script.
-  log(`@browser-pid ${server.process().pid}`);
+  const server = await launch();
   try {
     const browser = await chromium.connect(server.wsEndpoint());
     try {

@@ -9,7 +9,7 @@
 // found it. tests/dashboard_browser.rs runs it
 // against its own orchestrator, so the command keeps working.
 
-import { chromium } from 'playwright-core';
+import { chromium, launch } from './chromium.mjs';
 
 const [base, out] = process.argv.slice(2).map((a, i) => (i === 0 ? a.replace(/\/$/, '') : a));
 if (!base || !out) {
@@ -27,14 +27,7 @@ async function call(method, path, body) {
   return response.json();
 }
 
-const server = await chromium.launchServer({
-  executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
-  headless: true,
-  args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
-    '--disable-background-networking', '--disable-component-update', '--disable-sync'],
-});
-// Chromium leads its own process group: tests/dashboard_browser.rs kills it if this hangs.
-console.log(`@browser-pid ${server.process().pid}`);
+const server = await launch();
 const browser = await chromium.connect(server.wsEndpoint());
 let extra;
 try {
