@@ -171,12 +171,18 @@
   /** Whether the feed was closed because the tab is hidden (see HIDDEN_RELEASE_MS). */
   let released = false;
 
-  function connect() {
+  /** Closes the feed and cancels a pending retry. */
+  function stopFeed() {
     clearTimeout(retryTimer);
     retryTimer = null;
     retryAt = null;
-    if (released) return;
     if (source) source.close();
+    source = null;
+  }
+
+  function connect() {
+    stopFeed();
+    if (released) return;
     // A new EventSource cannot send Last-Event-ID, so this one starts with a snapshot; the
     // browser's own reconnects (after a network error) do send it and resume.
     const es = new EventSource("services?watch=true");
@@ -726,11 +732,7 @@
     releaseTimer = null;
     if (!document.hidden) return;
     released = true;
-    clearTimeout(retryTimer);
-    retryTimer = null;
-    retryAt = null;
-    if (source) source.close();
-    source = null;
+    stopFeed();
   }
 
   el.filter.addEventListener("input", () => setFilter(el.filter.value, false));
